@@ -1,0 +1,58 @@
+# moelang: one Snakemake DAG from text to results. Run it with `make run` (README), or
+#   snakemake --configfile config/config.yaml          (the default profile gives the cores)
+# Every stage is a rule in workflow/rules/<stage>.smk that calls `python -m moelang <stage>`.
+import json
+import os
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+from moelang import config as mcfg
+from moelang.errors import ConfigError
+
+min_version("9.0")
+
+# Without --configfile the embedded default runs; with it, only the user's file counts (no silent
+# merge with the default's keys).
+if not config:
+    configfile: "config/config.yaml"
+
+# Our own check first: it names the offending key in one line. Then Snakemake's validator, which
+# accepts whatever ours accepts and fills the same defaults.
+try:
+    mcfg.validate(config)
+except ConfigError as error:
+    sys.stderr.write(f"moelang: error: {error}\n")
+    raise SystemExit(2)
+validate(config, "workflow/schemas/config.schema.yaml")
+
+# Jobs run the moelang of the Python that runs Snakemake (the project's .venv), not whatever
+# `python` comes first on the caller's PATH.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+MOELANG = "python -m moelang"
+LANGUAGES = mcfg.all_languages(config)
+
+
+wildcard_constraints:
+    lang="[a-z]{2,3}",
+
+
+def kept_languages(wildcards=None):
+    """Languages whose corpus is big enough (decided by the corpus_summary checkpoint)."""
+    with open(checkpoints.corpus_summary.get().output.languages, encoding="utf-8") as f:
+        return json.load(f)["kept"]
+
+
+include: "workflow/rules/corpus.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/overlap.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/corpus/summary.parquet",
+        "results/corpus/parallel.parquet",
+        lambda w: expand("results/tokens/{lang}.parquet", lang=kept_languages()),
+        "results/overlap/overlap.parquet",

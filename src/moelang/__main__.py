@@ -1,0 +1,5 @@
+import sys
+
+from moelang.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""``python -m moelang <stage> ...`` (also installed as ``moelang``).
+
+Each subcommand is one stage function. Options come either from the pipeline config
+(``--config config/config.yaml``, the way to run a stage by hand) or as the JSON object Snakemake
+passes (``--options``), which is exactly the config section that stage depends on.
+Bad input ends with one line, ``moelang: error: <problem>; <fix>``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from moelang import config as cfg
+from moelang.errors import MoelangError
+
+
+def _options(args, derive) -> dict:
+    if args.options is not None:
+        return cfg.from_json(args.options)
+    if args.config is not None:
+        return derive(cfg.load(args.config))
+    raise MoelangError("pass --config CONFIG.yaml (or --options JSON, as the workflow does)")
+
+
+def _add_option_source(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--config", help="pipeline config YAML (e.g. config/config.yaml)")
+    group.add_argument("--options", help="this stage's options as JSON (what the Snakemake rules pass)")
+
+
+def _lang_paths(values: list[str], what: str) -> dict[str, Path]:
+    """Files named <lang>.<suffix>: map language -> path, in the given order."""
+    out = {}
+    for value in values:
+        path = Path(value)
+        lang = path.name.split(".")[0]
+        cfg.check_lang(lang)
+        if not path.is_file():
+            raise MoelangError(f"{what}: '{path}' does not exist; run the stage that makes it first")
+        out[lang] = path
+    return out
+
+
+def cmd_corpus(args) -> None:
+    from moelang.corpus import build_corpus
+
+    lang = cfg.check_lang(args.lang)
+    options = _options(args, lambda c: cfg.corpus_options(c, lang))
+    build_corpus(lang, options, args.out, args.stats)
+
+
+def cmd_corpus_summary(args) -> None:
+    from moelang.corpus import summarize
+
+    languages = [cfg.check_lang(lang) for lang in args.languages.split(",") if lang]
+    summarize(args.stats, languages, args.out_table, args.out_languages)
+
+
+def cmd_parallel(args) -> None:
+    from moelang.corpus import build_parallel
+
+    build_parallel(_options(args, cfg.parallel_options), args.out)
+
+
+def cmd_tokenizer(args) -> None:
+    from moelang.tokenize import fetch_tokenizer, train_tokenizer
+
+    options = _options(args, cfg.tokenizer_options)
+    if options["type"] == "pretrained":
+        fetch_tokenizer(options, args.out)
+    else:
+        if not args.corpus:
+            raise MoelangError("tokenizer: training a tokenizer needs --corpus files (results/corpus/<lang>.parquet)")
+        train_tokenizer(_lang_paths(args.corpus, "tokenizer"), options, options["base_language"], args.out)
+
+
+def cmd_tokenize(args) -> None:
+    from moelang.tokenize import tokenize_corpus
+
+    if not Path(args.corpus).is_file():
+        raise MoelangError(f"tokenize: corpus file '{args.corpus}' does not exist; run the corpus stage first")
+    tokenize_corpus(args.corpus, args.tokenizer, args.out, args.freq, batch_size=args.batch_size)
+
+
+def cmd_overlap(args) -> None:
+    from moelang.overlap import run_overlap
+
+    run_overlap(_lang_paths(args.freq, "overlap"), args.out, args.plot, min_count=args.min_count)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moelang", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    p = sub.add_parser("corpus", help="one language's corpus with its train/heldout split")
+    p.add_argument("--lang", required=True)
+    _add_option_source(p)
+    p.add_argument("--out", required=True, help="results/corpus/<lang>.parquet")
+    p.add_argument("--stats", required=True, help="results/corpus/<lang>.stats.json")
+    p.set_defaults(func=cmd_corpus)
+
+    p = sub.add_parser("corpus-summary", help="gather corpus stats; decide the kept languages")
+    p.add_argument("--stats", nargs="+", required=True)
+    p.add_argument("--languages", required=True, help="comma-separated, in config order")
+    p.add_argument("--out-table", required=True)
+    p.add_argument("--out-languages", required=True)
+    p.set_defaults(func=cmd_corpus_summary)
+
+    p = sub.add_parser("parallel", help="the parallel table (one column per language)")
+    _add_option_source(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_parallel)
+
+    p = sub.add_parser("tokenizer", help="train the default BPE or save the model's tokenizer")
+    _add_option_source(p)
+    p.add_argument("--corpus", nargs="*", default=[], help="corpus files of the kept languages (train)")
+    p.add_argument("--out", required=True, help="tokenizer directory")
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("tokenize", help="token ids and frequencies of one language")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--freq", required=True)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("overlap", help="pairwise token-vocabulary overlap")
+    p.add_argument("--freq", nargs="+", required=True, help="results/tokens/<lang>.freq.parquet files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--plot", default=None)
+    p.add_argument("--min-count", type=int, default=1)
+    p.set_defaults(func=cmd_overlap)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from moelang.io import setup_logging
+
+    setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except MoelangError as exc:
+        print(f"moelang: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moelang: interrupted; outputs of the unfinished step were not written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Load and check the pipeline config; hand each stage its own options.
+
+The schema (``config.schema.yaml`` in this package; ``workflow/schemas/config.schema.yaml`` links to
+it) is the single definition of every key and its default. :func:`validate` fills the defaults and
+turns the first schema violation into one line that names the key, what is wrong and how to fix it,
+so a wrong config fails in the first second, before any stage starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import best_match
+
+from moelang.errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+LANG_PATTERN = re.compile(r"^[a-z]{2,3}$")
+
+
+def load_schema() -> dict:
+    with open(SCHEMA_PATH, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _validator_with_defaults():
+    # The jsonschema FAQ recipe, the same one snakemake.utils.validate uses: defaults are filled in
+    # while validating, so nested sections that are absent get all their defaults.
+    base = Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for prop, subschema in properties.items():
+                if isinstance(subschema, dict) and "default" in subschema:
+                    instance.setdefault(prop, copy.deepcopy(subschema["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(base, {"properties": set_defaults})
+
+
+def _key_path(error) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def _describe(error) -> str:
+    # For anyOf/oneOf/allOf-with-if the innermost error says what is actually wrong.
+    while error.context:
+        error = best_match(error.context)
+    key = _key_path(error)
+    if error.validator == "additionalProperties":
+        return f"config key '{key}': {error.message}; remove it or fix its spelling (see config/README.md)"
+    if error.validator == "required":
+        return f"config key '{key}': {error.message}; add it (see config/README.md)"
+    if error.validator in ("pattern", "propertyNames") and error.schema.get("pattern") == LANG_PATTERN.pattern:
+        return (f"config key '{key}': {error.instance!r} is not a language code; use an ISO 639-1/639-3 "
+                f"code of 2-3 lower-case letters such as 'en' or 'yue'")
+    return f"config key '{key}': {error.message}; fix the value (see config/README.md)"
+
+
+def validate(config: dict) -> dict:
+    """Fill defaults into ``config`` (in place), check it and return it.
+
+    Raises :class:`ConfigError` with one line naming the offending key.
+    """
+    if not isinstance(config, dict):
+        raise ConfigError("the config must be a YAML mapping (key: value); see config/config.yaml")
+    validator = _validator_with_defaults()(load_schema())
+    error = best_match(validator.iter_errors(config))
+    if error is not None:
+        raise ConfigError(_describe(error))
+    _check_semantics(config)
+    return config
+
+
+def _check_semantics(config: dict) -> None:
+    """Rules that a JSON schema cannot express."""
+    langs = config["languages"]
+    hr = langs["high_resource"]
+    for target, parent in langs["targets"].items():
+        if target in hr:
+            raise ConfigError(f"config key 'languages.targets.{target}': '{target}' is also a high-resource "
+                              f"language; a language is either high-resource or a target, not both")
+        if parent not in hr:
+            raise ConfigError(f"config key 'languages.targets.{target}': parent '{parent}' is not in "
+                              f"languages.high_resource {hr}; add it there or choose another parent")
+    if langs["base"] not in hr:
+        raise ConfigError(f"config key 'languages.base': '{langs['base']}' is not in languages.high_resource {hr}; "
+                          f"the base model's main language must be one of them")
+    all_langs = set(all_languages(config))
+    for lang in config["corpus"]["sources"]:
+        if lang not in all_langs:
+            raise ConfigError(f"config key 'corpus.sources.{lang}': '{lang}' is not a configured language; "
+                              f"add it to languages.high_resource or languages.targets, or remove the source")
+    par = config["corpus"]["parallel"]
+    if par["source"] == "aligned" and len(par["files"]) < 2:
+        raise ConfigError("config key 'corpus.parallel.files': the 'aligned' parallel source needs a file for at "
+                          "least two languages (language: path)")
+    tok = config["tokenizer"]
+    if tok["type"] == "pretrained" and not tok["name_or_path"]:
+        raise ConfigError("config key 'tokenizer.name_or_path': a pretrained tokenizer needs a hub id or a local "
+                          "directory; set it, or use tokenizer.type: train")
+
+
+def load(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read a YAML config file, apply ``overrides`` (a nested dict merged on top) and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file "
+                          f"(the default is config/config.yaml)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
+    if overrides:
+        config = merge(config, overrides)
+    return validate(config)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def all_languages(config: dict) -> list[str]:
+    """High-resource languages first (config order), then targets (config order)."""
+    langs = config["languages"]
+    return list(langs["high_resource"]) + [t for t in langs["targets"] if t not in langs["high_resource"]]
+
+
+def check_lang(lang: str) -> str:
+    """Reject anything that is not a plain ISO 639 code before it reaches a path or a command line."""
+    if not isinstance(lang, str) or not LANG_PATTERN.match(lang):
+        raise ConfigError(f"'{lang}' is not a language code; use an ISO 639-1/639-3 code of 2-3 lower-case "
+                          f"letters such as 'en' or 'yue'")
+    return lang
+
+
+def source_for(config: dict, lang: str) -> dict:
+    """The corpus source of ``lang``: its own entry in corpus.sources, else corpus.default_source."""
+    corpus = config["corpus"]
+    source = corpus["sources"].get(lang, corpus["default_source"])
+    return copy.deepcopy(source)
+
+
+def corpus_options(config: dict, lang: str) -> dict:
+    """Everything the corpus stage needs for one language (and nothing else, so that changing another
+    stage's options does not make Snakemake redo this one)."""
+    corpus = config["corpus"]
+    return {
+        "source": source_for(config, lang),
+        "heldout_fraction": corpus["heldout_fraction"],
+        "split_salt": corpus["split_salt"],
+        "min_chars": corpus["min_chars"],
+        "min_doc_chars": corpus["min_doc_chars"],
+        "dedup": corpus["dedup"],
+        "builtin": corpus["builtin"],
+    }
+
+
+def parallel_options(config: dict) -> dict:
+    corpus = config["corpus"]
+    return {
+        "languages": all_languages(config),
+        "parallel": corpus["parallel"],
+        "builtin": corpus["builtin"],
+        "sources": {lang: source_for(config, lang) for lang in all_languages(config)},
+    }
+
+
+def to_json(options: dict) -> str:
+    """Stable JSON for a Snakemake ``params`` value (sorted keys: equal options, equal string)."""
+    return json.dumps(options, sort_keys=True, separators=(",", ":"))
+
+
+def from_json(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--options is not valid JSON ({exc.msg} at position {exc.pos}); pass a JSON object") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--options must be a JSON object")
+    return value
+
+
+def tokenizer_options(config: dict) -> dict:
+    return {**config["tokenizer"], "seed": config["seed"], "base_language": config["languages"]["base"]}

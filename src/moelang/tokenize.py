@@ -1,0 +1,190 @@
+"""Stage 2, tokenize: the model's tokenizer over every kept language's corpus.
+
+The tokenizer is either the model's own (``tokenizer.type: pretrained``: a hub id or a local
+directory, loaded with ``AutoTokenizer``; it must be a fast tokenizer) or, for the embedded default,
+a byte-level BPE trained here on an English-heavy mix of the corpus's train split
+(``tokenizer.type: train``). The mix mirrors a real English-centric model: all of the base
+language's train documents (``base_language_fraction``) and a small share of every other language's
+(``other_language_fraction``), so other languages fragment into shorter pieces and share byte-level
+tokens. Either way the result is saved as a ``transformers`` tokenizer directory
+(``results/tokenizer/``) that the model stages load with ``AutoTokenizer``.
+
+Encoding runs in the ``tokenizers`` Rust backend (``encode_batch_fast``, multi-threaded) over record
+batches streamed from the corpus Parquet file and written out batch by batch, so memory stays flat
+for corpora larger than RAM. Token ids are stored without special tokens; the training engine adds
+the end-of-text separator when it packs documents.
+
+Outputs
+-------
+``results/tokens/{lang}.parquet``
+    ``doc_id`` string, ``split`` string, ``input_ids`` list<int32>, ``n_tokens`` int32.
+``results/tokens/{lang}.freq.parquet``
+    ``token_id`` int32, ``count`` int64: occurrences over both splits, only types that occur,
+    sorted by ``token_id``.
+``results/tokenizer/``
+    ``save_pretrained`` directory; ``training_mix.json`` records the documents and characters per
+    language a trained BPE saw.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moelang.corpus import heldout_score
+from moelang.errors import MoelangError
+from moelang.io import atomic_dir, atomic_path, log, progress, write_json, write_table
+
+TOKENS_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("split", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("n_tokens", pa.int32()),
+    ]
+)
+FREQ_SCHEMA = pa.schema([("token_id", pa.int32()), ("count", pa.int64())])
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer: train a byte-level BPE, or fetch the model's
+# --------------------------------------------------------------------------------------------------
+
+def _mix_documents(corpus_paths: dict[str, Path], options: dict, base_language: str, counts: dict):
+    """Train-split documents of the tokenizer's training mix, language by language (sorted)."""
+    salt = f"tokenizer-mix:{options.get('seed', 0)}"
+    for lang in sorted(corpus_paths):
+        fraction = options["base_language_fraction"] if lang == base_language else options["other_language_fraction"]
+        n_docs = n_chars = 0
+        if fraction > 0:
+            pfile = pq.ParquetFile(corpus_paths[lang])
+            for batch in pfile.iter_batches(columns=["doc_id", "text", "split"], batch_size=8192):
+                for doc_id, text, split in zip(*(batch.column(i).to_pylist() for i in range(3))):
+                    if split == "train" and heldout_score(doc_id, salt) < fraction:
+                        n_docs += 1
+                        n_chars += len(text)
+                        yield text
+        counts[lang] = {"fraction": fraction, "n_docs": n_docs, "n_chars": n_chars}
+
+
+def train_tokenizer(corpus_paths: dict[str, str | Path], options: dict, base_language: str, out_dir: str | Path) -> dict:
+    """Train a byte-level BPE on the English-heavy mix and save it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus_paths = {lang: Path(p) for lang, p in corpus_paths.items()}
+    if base_language not in corpus_paths:
+        raise MoelangError(f"tokenizer: the base language '{base_language}' has no corpus (dropped or not configured); "
+                           f"a trained tokenizer needs it, fix languages.base or its corpus source")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=options["vocab_size"],
+        min_frequency=options["min_frequency"],
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    mix: dict = {}
+    log.info("tokenizer: training a byte-level BPE (vocab %d) on %s", options["vocab_size"], ", ".join(sorted(corpus_paths)))
+    tokenizer.train_from_iterator(_mix_documents(corpus_paths, options, base_language, mix), trainer=trainer)
+    total = sum(m["n_chars"] for m in mix.values()) or 1
+    for lang, m in mix.items():
+        m["char_share"] = round(m["n_chars"] / total, 4)
+    log.info("tokenizer: mix by characters: %s", ", ".join(f"{l} {m['char_share']:.1%}" for l, m in mix.items()))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=1_000_000,
+    )
+    with atomic_dir(out_dir) as tmp:
+        fast.save_pretrained(tmp)
+        write_json({"base_language": base_language, "vocab_size": tokenizer.get_vocab_size(), "languages": mix},
+                   Path(tmp) / "training_mix.json")
+    return mix
+
+
+def fetch_tokenizer(options: dict, out_dir: str | Path) -> None:
+    """Save the model's own tokenizer (hub id or local path) as the pipeline's tokenizer directory."""
+    from transformers import AutoTokenizer
+
+    name = options["name_or_path"]
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=options.get("revision"),
+                                            trust_remote_code=options.get("trust_remote_code", False))
+    except Exception as exc:  # hub/network/format errors all mean "cannot load it here"
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise MoelangError(f"tokenizer: cannot load '{name}' ({type(exc).__name__}: {first}); check the hub id or "
+                           f"local path in tokenizer.name_or_path and network access (HF_HUB_OFFLINE)") from None
+    if not getattr(tok, "is_fast", False):
+        raise MoelangError(f"tokenizer: '{name}' has no fast (Rust) tokenizer; moelang needs one for batched encoding "
+                           f"(convert it with transformers' convert_slow_tokenizer, or pick another tokenizer)")
+    with atomic_dir(out_dir) as tmp:
+        tok.save_pretrained(tmp)
+
+
+def load_backend(tokenizer_dir: str | Path):
+    """The Rust ``tokenizers.Tokenizer`` behind a saved transformers tokenizer directory."""
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise MoelangError(f"tokenize: '{path}' does not exist; run the tokenizer rule first (or point --tokenizer at "
+                           f"a directory saved by a fast transformers tokenizer)")
+    return Tokenizer.from_file(str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------------
+
+def encode_texts(backend, texts: list[str]) -> tuple[pa.ListArray, np.ndarray, np.ndarray]:
+    """Encode a batch; returns (list<int32> array, flat ids, per-document lengths)."""
+    encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+    ids = [enc.ids for enc in encodings]
+    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)), flat, lengths
+
+
+def tokenize_corpus(corpus_path: str | Path, tokenizer_dir: str | Path, out_tokens: str | Path,
+                    out_freq: str | Path, batch_size: int = 4096) -> dict:
+    """Tokenize one language's corpus file; returns {n_docs, n_tokens, n_types}."""
+    backend = load_backend(tokenizer_dir)
+    vocab_size = backend.get_vocab_size(with_added_tokens=True)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    pfile = pq.ParquetFile(corpus_path)
+    missing = {"doc_id", "split", "text"} - set(pfile.schema_arrow.names)
+    if missing:
+        raise MoelangError(f"tokenize: '{corpus_path}' lacks column(s) {sorted(missing)}; it is not a corpus file "
+                           f"(rerun the corpus stage)")
+    n_docs = n_tokens = 0
+    bar = progress(total=pfile.metadata.num_rows, desc=f"tokenize {Path(corpus_path).stem}", unit=" docs")
+    with atomic_path(out_tokens) as tmp, pq.ParquetWriter(tmp, TOKENS_SCHEMA, compression="zstd") as writer:
+        for batch in pfile.iter_batches(columns=["doc_id", "split", "text"], batch_size=batch_size):
+            input_ids, flat, lengths = encode_texts(backend, batch.column("text").to_pylist())
+            counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
+            writer.write_table(pa.table(
+                [batch.column("doc_id"), batch.column("split"), input_ids, pa.array(lengths)], schema=TOKENS_SCHEMA))
+            n_docs += batch.num_rows
+            n_tokens += int(lengths.sum())
+            bar.update(batch.num_rows)
+    bar.close()
+    nonzero = np.flatnonzero(counts)
+    write_table(pa.table({"token_id": pa.array(nonzero.astype(np.int32)), "count": pa.array(counts[nonzero])},
+                         schema=FREQ_SCHEMA), out_freq)
+    log.info("tokenize %s: %d docs, %d tokens, %d token types", Path(corpus_path).stem, n_docs, n_tokens, len(nonzero))
+    return {"n_docs": n_docs, "n_tokens": n_tokens, "n_types": int(len(nonzero))}
