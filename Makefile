@@ -1,0 +1,31 @@
+# The two commands of the README:
+#   make run    create .venv (first time) and run the whole pipeline on the embedded default, offline
+#   make test   create .venv (first time) and run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+# The default run and the tests never reach a model or dataset hub.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: env run test bench clean-results
+
+$(STAMP): pyproject.toml requirements/catalogs.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/catalogs.txt
+	touch $(STAMP)
+
+env: $(STAMP)
+
+run: $(STAMP)
+	$(OFFLINE) $(VENV)/bin/snakemake --workflow-profile workflow/profiles/default --configfile config/config.yaml
+
+test: $(STAMP)
+	$(OFFLINE) $(VENV)/bin/python -m pytest
+
+bench: $(STAMP)
+	$(OFFLINE) $(VENV)/bin/python benchmarks/tokenize_overlap.py
+
+clean-results:
+	rm -rf results/* .snakemake

@@ -1,0 +1,206 @@
+import gettext
+import importlib.metadata
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import base_options, write_lines
+from moelang import catalogs, corpus
+from moelang.errors import MoelangError
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+
+
+def sentences(n, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+
+
+def build(tmp_path, source, lang="es", **overrides):
+    options = base_options(source, **{"min_chars": 10, **overrides})
+    out, stats = tmp_path / f"{lang}.parquet", tmp_path / f"{lang}.stats.json"
+    result = corpus.build_corpus(lang, options, out, stats)
+    return result, (pq.read_table(out) if out.exists() else None), stats
+
+
+def test_split_is_a_pure_function_of_doc_id_and_salt():
+    ids = [f"doc-{i}" for i in range(20000)]
+    splits = [corpus.assign_split(d, "s", 0.1) for d in ids]
+    assert splits == [corpus.assign_split(d, "s", 0.1) for d in reversed(ids)][::-1]
+    share = splits.count("heldout") / len(ids)
+    assert 0.09 < share < 0.11  # binomial sd is 0.002
+    other_salt = [corpus.assign_split(d, "t", 0.1) for d in ids]
+    assert other_salt != splits
+    # growing the fraction only moves documents from train to heldout
+    bigger = [corpus.assign_split(d, "s", 0.3) for d in ids]
+    assert all(b == "heldout" for a, b in zip(splits, bigger) if a == "heldout")
+
+
+def test_txt_lines_schema_dedup_and_short_docs(tmp_path):
+    lines = sentences(300) + ["", "x", sentences(1)[0]]  # an empty line, a too-short doc, a duplicate
+    path = write_lines(tmp_path / "src" / "es.txt", lines)
+    stats, table, stats_path = build(tmp_path, {"type": "local", "path": str(path)}, min_doc_chars=2)
+    assert table.schema.equals(corpus.CORPUS_SCHEMA)
+    texts = table.column("text").to_pylist()
+    assert len(texts) == len(set(texts)) == stats.n_docs
+    assert stats.n_too_short == 2 and stats.n_duplicates == 300 - len(set(lines[:300])) + 1
+    assert set(table.column("split").to_pylist()) == {"train", "heldout"}
+    assert set(table.column("lang").to_pylist()) == {"es"}
+    assert stats.kept and json.loads(stats_path.read_text())["n_docs"] == stats.n_docs
+    assert stats.n_chars == sum(map(len, texts)) and stats.n_train + stats.n_heldout == stats.n_docs
+
+
+def test_split_of_a_document_does_not_depend_on_the_rest(tmp_path):
+    lines = sentences(400, seed=1)
+    a = write_lines(tmp_path / "a" / "es.txt", lines)
+    b = write_lines(tmp_path / "b" / "es.txt", lines[:200])
+    _, ta, _ = build(tmp_path / "oa", {"type": "local", "path": str(a)}, dedup=False)
+    _, tb, _ = build(tmp_path / "ob", {"type": "local", "path": str(b)}, dedup=False)
+    split_a = dict(zip(ta.column("doc_id").to_pylist(), ta.column("split").to_pylist()))
+    for doc_id, split in zip(tb.column("doc_id").to_pylist(), tb.column("split").to_pylist()):
+        assert split_a[doc_id] == split
+
+
+def test_paragraph_jsonl_and_parquet_sources(tmp_path):
+    paras = ["first paragraph\nstill first", "second one", "third   one  "]
+    (tmp_path / "p.txt").write_text("\n\n".join(paras), encoding="utf-8")
+    _, t, _ = build(tmp_path / "o1", {"type": "local", "path": str(tmp_path / "p.txt"), "txt_mode": "paragraph"})
+    assert t.column("text").to_pylist() == ["first paragraph\nstill first", "second one", "third one"]
+
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"content": s}) for s in ["uno dos", "tres"]), encoding="utf-8")
+    _, t, _ = build(tmp_path / "o2", {"type": "local", "path": str(tmp_path / "d.jsonl"), "text_column": "content"})
+    assert t.column("text").to_pylist() == ["uno dos", "tres"]
+
+    pq.write_table(pa.table({"body": ["cuatro cinco", None, "seis"]}), tmp_path / "d.parquet")
+    _, t, _ = build(tmp_path / "o3", {"type": "local", "path": str(tmp_path / "d.parquet"), "text_column": "body"})
+    assert t.column("text").to_pylist() == ["cuatro cinco", "seis"]
+
+
+def test_caps_stop_reading(tmp_path):
+    path = write_lines(tmp_path / "es.txt", sentences(500, seed=3))
+    stats, table, _ = build(tmp_path / "o", {"type": "local", "path": str(path), "max_docs": 50})
+    assert stats.n_docs == table.num_rows == 50
+    stats, table, _ = build(tmp_path / "o2", {"type": "local", "path": str(path), "max_chars": 1000})
+    assert 1000 <= stats.n_chars < 1000 + 200
+
+
+def test_too_little_text_is_reported_and_dropped_not_padded(tmp_path):
+    path = write_lines(tmp_path / "es.txt", sentences(20))
+    stats, table, stats_path = build(tmp_path / "o", {"type": "local", "path": str(path)}, min_chars=10**6)
+    assert not stats.kept and "too little text" in stats.reason
+    assert table.num_rows == 20  # the text that exists is kept for inspection, nothing is added
+    manifest = corpus.summarize([stats_path], ["es"], tmp_path / "summary.parquet", tmp_path / "languages.json")
+    assert manifest == {"kept": [], "dropped": {"es": stats.reason}}
+    summary = pq.read_table(tmp_path / "summary.parquet")
+    assert summary.schema.equals(corpus.STATS_SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "make_source, words",
+    [
+        (lambda d: {"type": "local", "path": str(d / "missing.txt")}, "does not exist"),
+        (lambda d: {"type": "local", "path": str(d / "*.nothing")}, "matches no file"),
+        (lambda d: {"type": "local", "path": str(d / "latin1.txt")}, "is not valid utf-8"),
+        (lambda d: {"type": "local", "path": str(d / "t.parquet"), "text_column": "text"}, "has no column 'text'"),
+        (lambda d: {"type": "local", "path": str(d / "t.jsonl"), "text_column": "text"}, "has no field 'text'"),
+        (lambda d: {"type": "local", "path": str(d / "t.csv")}, "cannot tell the format"),
+    ],
+)
+def test_bad_local_input_gives_one_line_and_writes_nothing(tmp_path, make_source, words):
+    (tmp_path / "latin1.txt").write_bytes("ni\xf1o peque\xf1o\n".encode("latin-1"))
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
+    (tmp_path / "t.jsonl").write_text('{"body": "x"}\n', encoding="utf-8")
+    (tmp_path / "t.csv").write_text("a,b\n", encoding="utf-8")
+    out = tmp_path / "out"
+    with pytest.raises(MoelangError) as info:
+        build(out, make_source(tmp_path))
+    message = str(info.value)
+    assert words in message and "'es'" in message and "\n" not in message
+    assert not list(out.glob("*")) if out.exists() else True
+
+
+def test_unreachable_hf_dataset_fails_clearly_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MoelangError) as info:
+        build(tmp_path, {"type": "hf", "dataset": "uonlp/CulturaX", "name": "es"})
+    assert "cannot load Hugging Face dataset 'uonlp/CulturaX'" in str(info.value)
+    assert "local mirror" in str(info.value)
+    assert not (tmp_path / "es.parquet").exists()
+
+
+# --- the built-in source, checked against the stdlib's own .mo reader --------------------------------------
+
+def django_es_catalog() -> dict:
+    dist = importlib.metadata.distribution("Django")
+    path = Path(dist.locate_file("django/conf/locale/es/LC_MESSAGES/django.mo"))
+    with open(path, "rb") as f:
+        return gettext.GNUTranslations(f)._catalog
+
+
+def test_builtin_translations_match_the_stdlib_gettext_reader():
+    harvest = catalogs.harvest(["Django"], {"es": ["es"]}, want_source_text=True)
+    checked = 0
+    for key, msgstr in django_es_catalog().items():
+        if not isinstance(key, str) or not key or "\x04" in key or "<" in key or "&" in key or "<" in msgstr:
+            continue
+        text = " ".join(msgstr.split())
+        if text == " ".join(key.split()) or not any(c.isalpha() for c in text):
+            continue
+        doc_id = catalogs.message_id(None, key)
+        assert harvest.source_text[doc_id] == " ".join(key.split())
+        assert harvest.translations["es"][doc_id] == text
+        checked += 1
+    assert checked > 200
+
+
+def test_builtin_corpus_and_parallel_table_line_up(tmp_path):
+    options = base_options({"type": "builtin"}, builtin={"packages": ["Django"], "english_prose": []})
+    stats = corpus.build_corpus("es", options, tmp_path / "es.parquet", tmp_path / "es.json")
+    assert stats.kept and stats.n_docs > 300
+    from moelang import config as cfg
+
+    config = cfg.validate({"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}},
+                           "corpus": {"builtin": {"packages": ["Django"]}}})
+    rows = corpus.build_parallel(cfg.parallel_options(config), tmp_path / "parallel.parquet")
+    par = pq.read_table(tmp_path / "parallel.parquet")
+    assert par.column_names == ["item_id", "origin", "en", "es", "ca"] and par.num_rows == rows
+    es_docs = dict(zip(*(pq.read_table(tmp_path / "es.parquet").column(c).to_pylist() for c in ("doc_id", "text"))))
+    catalog = django_es_catalog()
+    matched = 0
+    for item_id, en, es, ca in zip(*(par.column(c).to_pylist() for c in ("item_id", "en", "es", "ca"))):
+        assert sum(x is not None for x in (en, es, ca)) >= 2  # min_languages
+        # the corpus document and the parallel cell of one message are the same text, and (for messages
+        # without a context) the stdlib reads the same translation from the catalog
+        if es is not None and item_id in es_docs:
+            assert es_docs[item_id] == es
+        if es is not None and item_id == catalogs.message_id(None, en) and en in catalog:
+            assert " ".join(catalog[en].split()) == es
+            matched += 1
+    assert matched > 200
+
+
+def test_builtin_missing_package_is_a_clear_error(tmp_path):
+    options = base_options({"type": "builtin"}, builtin={"packages": ["no-such-package-xyz"]})
+    with pytest.raises(MoelangError, match="package 'no-such-package-xyz' is not installed"):
+        corpus.build_corpus("es", options, tmp_path / "es.parquet", tmp_path / "es.json")
+    assert not (tmp_path / "es.parquet").exists()
+
+
+def test_aligned_parallel_files(tmp_path):
+    write_lines(tmp_path / "en.txt", ["hello world", "good morning"])
+    write_lines(tmp_path / "es.txt", ["hola mundo", "buenos días"])
+    options = {"languages": ["en", "es"], "builtin": {}, "sources": {},
+               "parallel": {"source": "aligned", "min_languages": 2,
+                            "files": {"en": str(tmp_path / "en.txt"), "es": str(tmp_path / "es.txt")}}}
+    corpus.build_parallel(options, tmp_path / "p.parquet")
+    table = pq.read_table(tmp_path / "p.parquet")
+    assert table.column("es").to_pylist() == ["hola mundo", "buenos días"]
+    write_lines(tmp_path / "es.txt", ["hola mundo"])
+    with pytest.raises(MoelangError, match="different line counts"):
+        corpus.build_parallel(options, tmp_path / "p2.parquet")
+    assert not (tmp_path / "p2.parquet").exists()
