@@ -100,3 +100,39 @@ def test_encode_texts_offsets():
     array, flat, lengths = tokenize.encode_texts(backend, ["a b a", "", "b x"])
     assert array.to_pylist() == [[0, 1, 0], [], [1, 2]]
     assert flat.tolist() == [0, 1, 0, 1, 2] and lengths.tolist() == [3, 0, 2]
+
+
+def per_document(backend, texts):
+    return [backend.encode(t, add_special_tokens=False).ids for t in texts]
+
+
+def test_joined_encoding_is_exact_for_the_trained_bpe_even_with_odd_documents(small_corpora):
+    root, paths, _ = small_corpora
+    backend = tokenize.load_backend(root / "tokenizer")
+    texts = pq.read_table(paths["es"]).column("text").to_pylist()[:300]
+    odd = texts[:100] + ["", "a", " spaced ", "tail <|endoftext|> inside", "🙂 emoji", "x" * 500] + texts[100:]
+    for batch in (texts, odd):
+        encoder = tokenize.BatchEncoder(backend, docs_per_segment=16)
+        array, flat, lengths = encoder.encode(batch)
+        assert array.to_pylist() == per_document(backend, batch)
+        assert flat.tolist() == [i for ids in per_document(backend, batch) for i in ids]
+    assert encoder.joined  # the fast path was decided exact (the batch with the separator text fell back)
+    fresh = tokenize.BatchEncoder(backend, docs_per_segment=16)
+    fresh.encode(texts)
+    assert fresh.joined is True
+
+
+def test_joined_encoding_falls_back_where_it_would_not_be_exact():
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"▁a": 0, "▁b": 1, "a": 2, "b": 3, "▁": 4, "[UNK]": 5}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    # prepend_scheme "first": only the first section of the input gets the "▁" prefix, so a
+    # document after a separator would be encoded differently from the same document alone.
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.add_special_tokens([AddedToken("<sep>", special=True)])
+    texts = ["a b", "b a", "a", "b b"] * 10
+    encoder = tokenize.BatchEncoder(backend, docs_per_segment=4)
+    array, _, _ = encoder.encode(texts)
+    assert array.to_pylist() == per_document(backend, texts)
+    assert encoder.joined is False
