@@ -89,6 +89,13 @@ def test_caps_stop_reading(tmp_path):
     assert 1000 <= stats.n_chars < 1000 + 200
 
 
+def test_builtin_language_without_catalogs_is_dropped(tmp_path):
+    options = base_options({"type": "builtin"}, builtin={"packages": ["Sphinx"], "english_prose": []})
+    stats = corpus.build_corpus("zu", options, tmp_path / "zu.parquet", tmp_path / "zu.json")
+    assert not stats.kept and stats.n_docs == 0 and "no text" in stats.reason
+    assert pq.read_table(tmp_path / "zu.parquet").num_rows == 0
+
+
 def test_too_little_text_is_reported_and_dropped_not_padded(tmp_path):
     path = write_lines(tmp_path / "es.txt", sentences(20))
     stats, table, stats_path = build(tmp_path / "o", {"type": "local", "path": str(path)}, min_chars=10**6)
@@ -109,6 +116,7 @@ def test_too_little_text_is_reported_and_dropped_not_padded(tmp_path):
         (lambda d: {"type": "local", "path": str(d / "t.parquet"), "text_column": "text"}, "has no column 'text'"),
         (lambda d: {"type": "local", "path": str(d / "t.jsonl"), "text_column": "text"}, "has no field 'text'"),
         (lambda d: {"type": "local", "path": str(d / "t.csv")}, "cannot tell the format"),
+        (lambda d: {"type": "local", "path": str(d / "empty.txt")}, "gave no document with text"),
     ],
 )
 def test_bad_local_input_gives_one_line_and_writes_nothing(tmp_path, make_source, words):
@@ -116,6 +124,7 @@ def test_bad_local_input_gives_one_line_and_writes_nothing(tmp_path, make_source
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
     (tmp_path / "t.jsonl").write_text('{"body": "x"}\n', encoding="utf-8")
     (tmp_path / "t.csv").write_text("a,b\n", encoding="utf-8")
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
     out = tmp_path / "out"
     with pytest.raises(MoelangError) as info:
         build(out, make_source(tmp_path))

@@ -347,6 +347,10 @@ def build_corpus(lang: str, options: dict, out_path: str | Path, stats_path: str
                     log.info("corpus %s: reached the cap (max_docs=%s, max_chars=%s)", lang, *caps)
                     break
             flush()
+            if stats.n_docs == 0 and source["type"] != "builtin":
+                # A file or dataset the user chose that holds no text is a mistake, not a small language.
+                raise MoelangError(f"corpus for '{lang}': {stats.source} gave no document with text; point "
+                                   f"corpus.sources.{lang} at a source with text, or remove the language")
     if stats.n_docs == 0:
         stats.reason = "no text: the source gave no document"
     elif stats.n_chars < options["min_chars"]:
