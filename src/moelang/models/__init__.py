@@ -1,0 +1,7 @@
+"""Models: loading, family adapters, trainable subsets, parameter counts."""
+
+from moelang.models.adapters import FAMILIES, ModelAdapter, MoELayer, bake, train_only
+from moelang.models.loading import build_config, count_parameters, init_model, load_config, load_model
+
+__all__ = ["FAMILIES", "ModelAdapter", "MoELayer", "bake", "train_only", "build_config", "count_parameters",
+           "init_model", "load_config", "load_model"]

@@ -1,0 +1,242 @@
+"""One small interface over the model families: the only way later stages touch model internals.
+
+In transformers 5.x every MoE family stores a layer's experts as one module with fused 3-D tensors
+(``gate_up_proj``, ``down_proj``, expert index first) and calls it as
+``experts(hidden_states, top_k_index, top_k_weights)`` after its router has chosen. That call is
+where this module looks:
+
+* **experts actually used**: a forward pre-hook on the experts module sees ``top_k_index`` and
+  ``top_k_weights``, the real selection, also for DeepSeek-V3, whose grouped routing (top groups
+  first, then top-k inside them, with a score-correction bias) is *not* top-k of its router logits;
+* **MLP input**: a forward pre-hook on ``layer.mlp`` sees the hidden state after attention and the
+  post-attention norm, for MoE and dense layers alike;
+* **trainable subsets**: :func:`train_only` freezes everything, then makes chosen experts of
+  chosen layers trainable through a parametrization (``rows`` of the fused tensor come from a
+  small parameter holding just those experts), so AdamW's weight decay, which moves every element
+  of a parameter it is given, never touches a frozen expert. :func:`bake` folds the
+  parametrizations back into plain tensors before ``save_pretrained``.
+
+Families (``model.config.model_type``): see :data:`FAMILIES`. Anything else fails with a one-line
+error listing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from moelang.errors import MoelangError
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What differs between families, and nothing else."""
+
+    router_attr: str | None = "gate"  # attribute of layer.mlp holding the router (None: dense)
+    shared_attrs: tuple[str, ...] = ()  # always-on shared expert modules of layer.mlp
+    transposed: bool = False  # fused tensors stored [E, in, out] instead of [E, out, in]
+    expert_biases: tuple[str, ...] = ()  # per-expert bias tensors of the experts module
+    grouped_routing: bool = False  # selection is not top-k of the router logits
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "olmoe": FamilySpec(),
+    "qwen2_moe": FamilySpec(shared_attrs=("shared_expert", "shared_expert_gate")),
+    "qwen3_moe": FamilySpec(),
+    "mixtral": FamilySpec(),
+    "deepseek_v3": FamilySpec(shared_attrs=("shared_experts",), grouped_routing=True),
+    "gpt_oss": FamilySpec(router_attr="router", transposed=True,
+                          expert_biases=("gate_up_proj_bias", "down_proj_bias")),
+    # dense families, the starting point of upcycling (no MoE layer)
+    "llama": FamilySpec(router_attr=None),
+    "qwen2": FamilySpec(router_attr=None),
+}
+EXPERT_TENSORS = ("gate_up_proj", "down_proj")
+
+
+@dataclass
+class MoELayer:
+    """One MoE layer of a model, as the later stages see it."""
+
+    index: int  # position among the decoder layers
+    block: nn.Module  # layer.mlp
+    router: nn.Module
+    experts: nn.Module  # fused experts: gate_up_proj, down_proj (+ biases), expert index first
+    num_experts: int
+    top_k: int
+    shared: list[nn.Module] = field(default_factory=list)
+    transposed: bool = False
+
+    def expert_tensor_names(self, spec: FamilySpec) -> tuple[str, ...]:
+        return EXPERT_TENSORS + spec.expert_biases
+
+
+class ModelAdapter:
+    """The family-independent view of a causal LM (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in FAMILIES:
+            raise MoelangError(f"model family '{model_type}' is not supported; supported families: "
+                               f"{', '.join(sorted(FAMILIES))}")
+        self.model = model
+        self.family = model_type
+        self.spec = FAMILIES[model_type]
+        self.layers: list[nn.Module] = list(self._decoder_layers(model))
+        self.moe_layers: list[MoELayer] = [m for m in map(self._moe_layer, range(len(self.layers))) if m]
+
+    @staticmethod
+    def _decoder_layers(model) -> nn.ModuleList:
+        base = getattr(model, "model", model)
+        layers = getattr(base, "layers", None)
+        if layers is None:
+            raise MoelangError(f"{type(model).__name__} has no decoder layers at model.layers; it is not a supported "
+                               f"causal LM layout")
+        return layers
+
+    def _moe_layer(self, index: int) -> MoELayer | None:
+        mlp = self.layers[index].mlp
+        experts = getattr(mlp, "experts", None)
+        if self.spec.router_attr is None or experts is None:
+            return None  # a dense layer (a dense family, or DeepSeek's first_k_dense_replace layers)
+        router = getattr(mlp, self.spec.router_attr)
+        return MoELayer(
+            index=index,
+            block=mlp,
+            router=router,
+            experts=experts,
+            num_experts=int(experts.num_experts),
+            top_k=int(router.top_k),
+            shared=[getattr(mlp, a) for a in self.spec.shared_attrs if getattr(mlp, a, None) is not None],
+            transposed=self.spec.transposed,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def moe_layer(self, index: int) -> MoELayer:
+        for layer in self.moe_layers:
+            if layer.index == index:
+                return layer
+        raise MoelangError(f"layer {index} of this {self.family} model is not an MoE layer; MoE layers: "
+                           f"{[m.index for m in self.moe_layers]}")
+
+    def mlp_input_module(self, index: int) -> nn.Module:
+        """The module whose input is layer ``index``'s MLP input (post-attention, post-norm)."""
+        return self.layers[index].mlp
+
+    # ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def record_routing(self, callback) -> Iterator[None]:
+        """Call ``callback(layer_index, top_k_index, top_k_weights)`` with the experts each token
+        actually used, at every MoE layer, during forward passes inside the block. Tensors stay on
+        the model's device; they are the model's own (read, do not modify)."""
+        handles = []
+        for layer in self.moe_layers:
+            def hook(module, args, kwargs, index=layer.index):
+                names = ("hidden_states", "top_k_index", "top_k_weights")
+                values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+                callback(index, values["top_k_index"], values["top_k_weights"])
+
+            handles.append(layer.experts.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def capture_mlp_inputs(self, callback, layers: list[int] | None = None) -> Iterator[None]:
+        """Call ``callback(layer_index, hidden)`` with each chosen layer's MLP input
+        ([batch, seq, hidden]) during forward passes inside the block."""
+        handles = []
+        for index in layers if layers is not None else range(self.num_layers):
+            def hook(module, args, kwargs, index=index):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                callback(index, hidden)
+
+            handles.append(self.mlp_input_module(index).register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainable subsets
+# --------------------------------------------------------------------------------------------------
+
+class ExpertRows(nn.Module):
+    """Parametrization of a fused expert tensor: the rows (experts) in ``index`` come from the
+    trainable ``rows``; every other row is the frozen original."""
+
+    def __init__(self, original: torch.Tensor, index: list[int]):
+        super().__init__()
+        self.register_buffer("index", torch.tensor(sorted(index), dtype=torch.long, device=original.device))
+        self.rows = nn.Parameter(original.detach()[self.index].clone())
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return original.index_copy(0, self.index, self.rows.to(original.dtype))
+
+
+def train_only(adapter: ModelAdapter, experts: dict[int, list[int]] | None = None, routers: list[int] | None = None,
+               shared: list[int] | None = None, everything: bool = False) -> list[str]:
+    """Freeze the model, then make trainable: ``experts`` ({layer: [expert ids]}, only those rows of
+    the fused tensors), the routers of the ``routers`` layers and the shared experts of the
+    ``shared`` layers; or ``everything``. Returns the names of the trainable parameters."""
+    model = adapter.model
+    if everything:
+        model.requires_grad_(True)
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    for index, expert_ids in (experts or {}).items():
+        layer = adapter.moe_layer(index)
+        bad = [e for e in expert_ids if not 0 <= e < layer.num_experts]
+        if bad:
+            raise MoelangError(f"layer {index} has experts 0..{layer.num_experts - 1}; {bad} do not exist")
+        if not expert_ids:
+            continue
+        for name in layer.expert_tensor_names(adapter.spec):
+            if len(expert_ids) == layer.num_experts:
+                getattr(layer.experts, name).requires_grad_(True)
+                continue
+            parametrize.register_parametrization(layer.experts, name, ExpertRows(getattr(layer.experts, name), expert_ids),
+                                                 unsafe=True)
+            getattr(layer.experts.parametrizations, name).original.requires_grad_(False)
+    for index in routers or []:
+        adapter.moe_layer(index).router.requires_grad_(True)
+        # keep non-trainable router buffers (e.g. DeepSeek's correction bias) as they are
+    for index in shared or []:
+        for module in adapter.moe_layer(index).shared:
+            module.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def has_parametrizations(model: nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def bake(model: nn.Module) -> None:
+    """Fold every expert-rows parametrization into a plain parameter (before ``save_pretrained``)."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+
+
+def maybe_cached():
+    """``parametrize.cached()``: evaluate each parametrization once per forward (the eager experts
+    loop reads a fused tensor once per expert)."""
+    return parametrize.cached()

@@ -1,0 +1,136 @@
+"""Loading models by hub id or local path, building small ones from a config, counting parameters.
+
+* :func:`load_model`: ``AutoModelForCausalLM.from_pretrained`` with safetensors only,
+  ``trust_remote_code`` only when the config says so, dtype and device (or ``device_map`` for several
+  GPUs) from the config.
+* :func:`build_config` / :func:`init_model`: a model of any supported family from its
+  ``transformers`` config class (``AutoConfig.for_model``) with the tokenizer's vocabulary and
+  special tokens, seeded.
+* :func:`count_parameters`: total and trainable parameters of a model, or of a config on the meta
+  device (no weights, no memory): the trainable fraction of a method at the real OLMoE-1B-7B scale.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from moelang.errors import MoelangError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+KNOWN_CONFIGS = Path(__file__).with_name("known_configs")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise MoelangError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def load_model(name_or_path: str | Path, *, revision: str | None = None, dtype: str = "float32", device: str = "cpu",
+               device_map: str | dict | None = None, trust_remote_code: bool = False,
+               experts_implementation: str | None = None):
+    """A causal LM by hub id or local directory (safetensors weights only)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"revision": revision, "dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code,
+              "use_safetensors": True}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    except Exception as exc:  # hub, network, format and missing-safetensors errors all end here
+        raise MoelangError(f"cannot load model '{name_or_path}' ({type(exc).__name__}: {_first_line(exc)}); check the "
+                           f"hub id or directory, that it has safetensors weights, and network access "
+                           f"(HF_HUB_OFFLINE)") from None
+    if device_map is None:
+        model.to(device)
+    return model
+
+
+def load_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """A model's config from the hub or a directory; offline, the architecture of a few well-known
+    models ships with moelang (``known_configs/``)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        known = KNOWN_CONFIGS / (str(name_or_path).replace("/", "--") + ".json")
+        if known.is_file():
+            fields = {k: v for k, v in json.loads(known.read_text()).items() if not k.startswith("_")}
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        raise MoelangError(f"cannot load the config of '{name_or_path}' ({type(exc).__name__}: {_first_line(exc)}); "
+                           f"check the hub id or directory and network access") from None
+
+
+def build_config(architecture: dict, tokenizer=None):
+    """A transformers config from ``architecture`` (``model_type`` plus that config class's fields),
+    with the tokenizer's vocabulary size and special-token ids."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    fields = dict(architecture)
+    model_type = fields.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        raise MoelangError(f"model.architecture.model_type '{model_type}' is not a transformers model type; use e.g. "
+                           f"olmoe, qwen3_moe, mixtral")
+    if tokenizer is not None:
+        fields["vocab_size"] = len(tokenizer)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            fields[name] = getattr(tokenizer, name)
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (TypeError, ValueError) as exc:
+        raise MoelangError(f"model.architecture: {_first_line(exc)}; fix the architecture fields") from None
+
+
+def init_model(config, seed: int, dtype: str = "float32"):
+    """A randomly initialised model from ``config``; the same seed gives the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+    return model
+
+
+def count_parameters(model=None, config=None) -> dict:
+    """Total and trainable parameters (and per-expert size) of ``model``, or of ``config`` built on the
+    meta device. An expert-rows parametrization counts its full tensor once in the total and only
+    its trainable rows as trainable."""
+    from transformers import AutoModelForCausalLM
+
+    from moelang.models.adapters import ModelAdapter
+
+    if model is None:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    total = trainable = 0
+    for name, param in model.named_parameters():
+        is_rows = name.endswith(".rows") and ".parametrizations." in name
+        if not is_rows:
+            total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    counts = {"total": total, "trainable": trainable, "trainable_fraction": trainable / total if total else 0.0}
+    try:
+        adapter = ModelAdapter(model)
+    except MoelangError:
+        return counts
+    if adapter.moe_layers:
+        layer = adapter.moe_layers[0]
+        per_expert = sum(getattr(layer.experts, n).numel() for n in layer.expert_tensor_names(adapter.spec)) // layer.num_experts
+        counts.update({"per_expert": per_expert, "num_moe_layers": len(adapter.moe_layers),
+                       "num_experts": layer.num_experts, "top_k": layer.top_k})
+    return counts

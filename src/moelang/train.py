@@ -1,0 +1,426 @@
+"""The one training engine: pre-training, continual pre-training and every adaptation method.
+
+Causal-LM training on the token Parquet files of the tokenize stage:
+
+* **data**: each language's train documents, in a seeded order, joined with the end-of-text token
+  and cut into fixed-length windows (packing); every sequence of a batch comes from a language drawn
+  with the mixture weights; each language's windows are visited in a fresh seeded order every epoch;
+* **optimisation**: AdamW (betas, eps) with weight decay on the trainable matrices only (never on
+  norms, biases, or frozen tensors), cosine schedule with linear warm-up down to
+  ``min_lr_ratio`` x lr, gradient accumulation, clipping, the MoE load-balancing loss with its weight,
+  fp32 or bf16 autocast; through ``accelerate`` so the same loop runs under DDP/FSDP on clusters;
+* **checkpoints** every ``checkpoint_every`` steps in a state directory *outside* the stage's
+  outputs (Snakemake deletes a failed job's outputs): trainable tensors, optimizer, scheduler, RNG
+  states, data position, log. A killed run started again resumes from its last complete checkpoint and
+  ends with exactly the weights of an uninterrupted run (bit-identical on CPU);
+* **log**: one row per optimizer step in ``train_log.parquet`` (see :data:`LOG_SCHEMA`), a progress bar;
+* **exports** with ``save_pretrained`` (safetensors) at chosen steps, loadable by any later stage and by
+  lm-eval through ``AutoModelForCausalLM``.
+
+Checkpoints use safetensors for tensors and JSON for the rest: no pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+from moelang.errors import MoelangError
+from moelang.io import atomic_dir, log, progress, write_table
+from moelang.models.adapters import bake, has_parametrizations, maybe_cached
+
+LOG_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),  # optimizer steps done (1-based)
+        ("tokens", pa.int64()),  # tokens trained on so far (all processes)
+        ("loss", pa.float64()),  # language-modelling loss of the step (mean over micro-batches)
+        ("aux_loss", pa.float64()),  # load-balancing loss before its weight (NaN if the model has none)
+        ("lr", pa.float64()),
+        ("grad_norm", pa.float64()),  # before clipping
+        ("tokens_per_s", pa.float64()),
+    ]
+)
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    aux_loss_coef: float = 0.01
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    checkpoint_every: int = 0  # 0: no intermediate checkpoint
+    seed: int = 0
+    mixture: dict[str, float] = field(default_factory=dict)  # language -> weight (normalised)
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "TrainSettings":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(options) - known
+        if unknown:
+            raise MoelangError(f"training options: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(options)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.micro_batch_size * self.grad_accum
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+def _seed_for(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=8).digest(), "big")
+
+
+def packed_windows(token_file: str | Path, seq_len: int, eos_id: int, seed: int, split: str = "train") -> np.ndarray:
+    """[n_windows, seq_len] int64 windows of one language: its ``split`` documents in a seeded order,
+    each followed by ``eos_id``, concatenated and cut (the incomplete tail is dropped)."""
+    table = pq.read_table(token_file, columns=["split", "input_ids"])
+    mask = pa.compute.equal(table.column("split"), split)
+    ids = table.column("input_ids").filter(mask).combine_chunks()
+    if len(ids) == 0:
+        raise MoelangError(f"training data: '{token_file}' has no '{split}' documents; check the corpus split")
+    flat = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = ids.offsets.to_numpy()
+    order = np.random.default_rng(_seed_for("doc-order", seed, Path(token_file).name)).permutation(len(ids))
+    lengths = np.diff(offsets)[order]
+    starts = offsets[:-1][order]
+    # Vectorised gather: token t of the i-th document (new order) goes to out_start[i] + t, where each
+    # document is followed by one separator.
+    out_starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    token_doc = np.repeat(np.arange(len(order)), lengths)
+    within = np.arange(len(token_doc)) - np.repeat(np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    out = np.full(int((lengths + 1).sum()), eos_id, dtype=np.int64)
+    out[out_starts[token_doc] + within] = flat[starts[token_doc] + within]
+    n_windows = len(out) // seq_len
+    if n_windows == 0:
+        raise MoelangError(f"training data: '{token_file}' has {len(out)} tokens, fewer than one sequence of "
+                           f"{seq_len}; lower seq_len or add text")
+    return out[: n_windows * seq_len].reshape(n_windows, seq_len)
+
+
+class PackedStream:
+    """Batches of packed windows from a language mixture, with a resumable position."""
+
+    def __init__(self, token_files: dict[str, str | Path], mixture: dict[str, float], seq_len: int, eos_id: int,
+                 seed: int):
+        if not token_files:
+            raise MoelangError("training data: no token file given")
+        weights = {lang: float(mixture.get(lang, 1.0)) for lang in token_files} if mixture else \
+            {lang: 1.0 for lang in token_files}
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise MoelangError(f"training mixture {weights}: weights must be >= 0 and not all 0")
+        self.languages = sorted(token_files)
+        total = sum(weights.values())
+        self.probabilities = np.array([weights[lang] / total for lang in self.languages])
+        self.seed = seed
+        self.windows = {lang: packed_windows(token_files[lang], seq_len, eos_id, seed) for lang in self.languages}
+        self.rng = np.random.Generator(np.random.PCG64(_seed_for("mixture", seed)))
+        self.consumed = {lang: 0 for lang in self.languages}
+        self._perm_cache: dict[str, tuple[int, np.ndarray]] = {}
+        log.info("training data: %s", ", ".join(f"{l} {len(self.windows[l])} windows (p={p:.3f})"
+                                                 for l, p in zip(self.languages, self.probabilities)))
+
+    def _window(self, lang: str, j: int) -> np.ndarray:
+        windows = self.windows[lang]
+        epoch, i = divmod(j, len(windows))
+        cached = self._perm_cache.get(lang)
+        if cached is None or cached[0] != epoch:
+            perm = np.random.default_rng(_seed_for("epoch", self.seed, lang, epoch)).permutation(len(windows))
+            self._perm_cache[lang] = cached = (epoch, perm)
+        return windows[cached[1][i]]
+
+    def next_batch(self, n: int) -> tuple[torch.Tensor, list[str]]:
+        choices = self.rng.choice(len(self.languages), size=n, p=self.probabilities)
+        rows, langs = [], []
+        for c in choices:
+            lang = self.languages[c]
+            rows.append(self._window(lang, self.consumed[lang]))
+            self.consumed[lang] += 1
+            langs.append(lang)
+        return torch.from_numpy(np.stack(rows)), langs
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "consumed": dict(self.consumed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.consumed = {lang: int(state["consumed"].get(lang, 0)) for lang in self.languages}
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# --------------------------------------------------------------------------------------------------
+
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise MoelangError("training: no parameter is trainable; check the method's selection")
+    groups = [{"params": decay, "weight_decay": settings.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr, betas=settings.betas,
+                             eps=settings.eps, foreach=False)
+
+
+def lr_factor(step: int, settings: TrainSettings) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up, then cosine
+    from 1 down to ``min_lr_ratio`` at the last step."""
+    if settings.warmup_steps and step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    span = max(1, settings.steps - settings.warmup_steps - 1)
+    progress_ = min(1.0, (step - settings.warmup_steps) / span)
+    return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints (safetensors + JSON)
+# --------------------------------------------------------------------------------------------------
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, tokens: int, stream: PackedStream, log_rows: list[dict],
+                    settings: TrainSettings) -> None:
+    with atomic_dir(path) as tmp:
+        save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+        opt = optimizer.state_dict()
+        tensors = {f"{idx}.{key}": value.contiguous().cpu() for idx, state in opt["state"].items()
+                   for key, value in state.items() if torch.is_tensor(value)}
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda{i}"] = state
+        save_file(rng, str(tmp / "rng.safetensors"))
+        meta = {
+            "step": step,
+            "tokens": tokens,
+            "param_groups": opt["param_groups"],
+            "stream": stream.state_dict(),
+            "python_random": _jsonable(random.getstate()),
+            "settings": asdict(settings),
+        }
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        pq.write_table(pa.Table.from_pylist(log_rows, schema=LOG_SCHEMA), tmp / "train_log.parquet")
+
+
+def _jsonable(obj):
+    if isinstance(obj, tuple):
+        return [_jsonable(x) for x in obj]
+    return obj
+
+
+def _tuplify(obj):
+    if isinstance(obj, list):
+        return tuple(_tuplify(x) for x in obj)
+    return obj
+
+
+def latest_checkpoint(state_dir: Path) -> Path | None:
+    candidates = []
+    for path in state_dir.glob("step-*"):
+        if (path / "state.json").is_file():
+            try:
+                candidates.append((int(path.name.split("-", 1)[1]), path))
+            except ValueError:
+                continue
+    return max(candidates)[1] if candidates else None
+
+
+def load_checkpoint(path: Path, model, optimizer, stream: PackedStream, settings: TrainSettings) -> tuple[int, int, list[dict]]:
+    meta = json.loads((path / "state.json").read_text())
+    saved = {k: v for k, v in meta["settings"].items() if k not in ("checkpoint_every",)}
+    now = {k: v for k, v in asdict(settings).items() if k not in ("checkpoint_every",)}
+    if json.loads(json.dumps(saved)) != json.loads(json.dumps(now)):
+        diff = sorted(k for k in now if saved.get(k) != json.loads(json.dumps(now))[k])
+        raise MoelangError(f"checkpoint {path} was made with other training settings ({', '.join(diff)}); delete "
+                           f"{path.parent} to start over, or restore the settings to resume")
+    trainable = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))])
+    random.setstate(_tuplify(meta["python_random"]))
+    stream.load_state_dict(meta["stream"])
+    rows = pq.read_table(path / "train_log.parquet").to_pylist()
+    return meta["step"], meta["tokens"], rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+def export_model(model, tokenizer, out_dir: str | Path, extra_files: dict[str, Callable[[Path], None]] | None = None) -> None:
+    """``save_pretrained`` (safetensors) with the tokenizer; expert-rows parametrizations are baked in
+    a copy, so training can go on."""
+    target = model
+    if has_parametrizations(model):
+        target = copy.deepcopy(model)
+        bake(target)
+    with atomic_dir(out_dir) as tmp:
+        target.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    final_loss: float
+    resumed_from: int | None
+    seconds: float
+
+
+def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str | Path, *,
+          export_steps: dict[int, Callable[[torch.nn.Module], None]] | None = None,
+          keep_state: bool = False, stop_after: int | None = None, log_path: str | Path | None = None) -> TrainResult:
+    """Train ``model`` (its ``requires_grad`` flags say what trains) for ``settings.steps`` optimizer steps.
+
+    ``export_steps`` maps an optimizer step (0 = before training) to a function called with the model
+    after that step (for example :func:`export_model` into a checkpoint directory). ``stop_after``
+    ends the run after that many steps as if the job had been killed (tests). ``log_path`` receives
+    the step log as Parquet at every checkpoint and at the end.
+    """
+    from accelerate import Accelerator
+
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision="bf16" if settings.dtype == "bf16" else "no",
+                              cpu=not torch.cuda.is_available())
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    config = getattr(model, "config", None)
+    uses_aux = settings.aux_loss_coef > 0 and hasattr(config, "router_aux_loss_coef")
+    if config is not None and hasattr(config, "output_router_logits"):
+        config.output_router_logits = uses_aux
+        if uses_aux:
+            config.router_aux_loss_coef = settings.aux_loss_coef
+    optimizer = make_optimizer(model, settings)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    start_step, tokens, rows, resumed = 0, 0, [], None
+    checkpoint = latest_checkpoint(state_dir)
+    if checkpoint is not None:
+        start_step, tokens, rows = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, stream, settings)
+        resumed = start_step
+        log.info("training: resuming from %s (step %d of %d)", checkpoint, start_step, settings.steps)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", settings.lr)
+    # The lr of step s is a pure function of s, so a resumed run continues the same schedule.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings), last_epoch=start_step - 1)
+    exports = dict(export_steps or {})
+    if start_step == 0 and 0 in exports:
+        exports[0](accelerator.unwrap_model(model))
+
+    world = accelerator.num_processes
+    rank = accelerator.process_index
+    bar = progress(total=settings.steps, initial=start_step, desc="train", unit=" steps",
+                   disable=not accelerator.is_main_process or None)
+    started = time.perf_counter()
+    step = start_step
+    for step in range(start_step, settings.steps):
+        step_start = time.perf_counter()
+        lm_total, aux_total = 0.0, 0.0
+        for micro in range(settings.grad_accum):
+            batch, _ = stream.next_batch(settings.micro_batch_size * world)
+            batch = batch[rank::world].to(accelerator.device)
+            sync = micro == settings.grad_accum - 1
+            context = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
+            with context, maybe_cached(), accelerator.autocast():
+                out = model(input_ids=batch, labels=batch)
+                loss = out.loss
+                aux = getattr(out, "aux_loss", None)
+                lm = loss - settings.aux_loss_coef * aux if (uses_aux and aux is not None) else loss
+                accelerator.backward(loss / settings.grad_accum)
+            lm_total += float(lm.detach()) / settings.grad_accum
+            aux_total += float(aux.detach()) / settings.grad_accum if aux is not None else float("nan")
+        grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], settings.clip_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += settings.tokens_per_step * world
+        elapsed = time.perf_counter() - step_start
+        rows.append({"step": step + 1, "tokens": tokens, "loss": lm_total,
+                     "aux_loss": aux_total if uses_aux else float("nan"), "lr": lr,
+                     "grad_norm": float(grad_norm), "tokens_per_s": settings.tokens_per_step * world / elapsed})
+        bar.update(1)
+        bar.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{rows[-1]['tokens_per_s']:.0f}")
+        done = step + 1
+        if done in exports:
+            exports[done](accelerator.unwrap_model(model))
+        if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
+            if accelerator.is_main_process:
+                save_checkpoint(state_dir / f"step-{done}", accelerator.unwrap_model(model), optimizer, done, tokens,
+                                stream, rows, settings)
+                _prune(state_dir, keep=done)
+                if log_path:
+                    write_table(pa.Table.from_pylist(rows, schema=LOG_SCHEMA), log_path)
+        if stop_after is not None and done >= stop_after:
+            bar.close()
+            return TrainResult(done, tokens, lm_total, resumed, time.perf_counter() - started)
+    bar.close()
+    if log_path and accelerator.is_main_process:
+        write_table(pa.Table.from_pylist(rows, schema=LOG_SCHEMA), log_path)
+    if not keep_state and accelerator.is_main_process:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    final_loss = rows[-1]["loss"] if rows else float("nan")
+    return TrainResult(settings.steps, tokens, final_loss, resumed, time.perf_counter() - started)
+
+
+def _prune(state_dir: Path, keep: int) -> None:
+    for path in state_dir.glob("step-*"):
+        if path.name != f"step-{keep}":
+            shutil.rmtree(path, ignore_errors=True)
