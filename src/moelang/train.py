@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moelang.errors import MoelangError
-from moelang.io import atomic_dir, log, progress, write_table
+from moelang.io import atomic_dir, log, progress
 from moelang.models.adapters import bake, has_parametrizations, maybe_cached
 
 LOG_SCHEMA = pa.schema(
@@ -86,10 +86,6 @@ class TrainSettings:
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
         return cls(**values)
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.seq_len * self.micro_batch_size * self.grad_accum
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,17 +315,20 @@ class TrainResult:
     final_loss: float
     resumed_from: int | None
     seconds: float
+    log: list[dict]  # one row per step, LOG_SCHEMA
+
+    def log_table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.log, schema=LOG_SCHEMA)
 
 
 def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str | Path, *,
           export_steps: dict[int, Callable[[torch.nn.Module], None]] | None = None,
-          keep_state: bool = False, stop_after: int | None = None, log_path: str | Path | None = None) -> TrainResult:
+          keep_state: bool = False, stop_after: int | None = None) -> TrainResult:
     """Train ``model`` (its ``requires_grad`` flags say what trains) for ``settings.steps`` optimizer steps.
 
     ``export_steps`` maps an optimizer step (0 = before training) to a function called with the model
     after that step (for example :func:`export_model` into a checkpoint directory). ``stop_after``
-    ends the run after that many steps as if the job had been killed (tests). ``log_path`` receives
-    the step log as Parquet at every checkpoint and at the end.
+    ends the run after that many steps as if the job had been killed (tests).
     """
     from accelerate import Accelerator
 
@@ -372,10 +371,11 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
     step = start_step
     for step in range(start_step, settings.steps):
         step_start = time.perf_counter()
-        lm_total, aux_total = 0.0, 0.0
+        lm_total, aux_total, step_tokens = 0.0, 0.0, 0
         for micro in range(settings.grad_accum):
-            batch, _ = stream.next_batch(settings.micro_batch_size * world)
-            batch = batch[rank::world].to(accelerator.device)
+            global_batch, _ = stream.next_batch(settings.micro_batch_size * world)
+            step_tokens += global_batch.numel()
+            batch = global_batch[rank::world].to(accelerator.device)
             sync = micro == settings.grad_accum - 1
             context = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with context, maybe_cached(), accelerator.autocast():
@@ -391,11 +391,11 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += settings.tokens_per_step * world
+        tokens += step_tokens
         elapsed = time.perf_counter() - step_start
         rows.append({"step": step + 1, "tokens": tokens, "loss": lm_total,
                      "aux_loss": aux_total if uses_aux else float("nan"), "lr": lr,
-                     "grad_norm": float(grad_norm), "tokens_per_s": settings.tokens_per_step * world / elapsed})
+                     "grad_norm": float(grad_norm), "tokens_per_s": step_tokens / elapsed})
         bar.update(1)
         bar.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{rows[-1]['tokens_per_s']:.0f}")
         done = step + 1
@@ -406,18 +406,14 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
                 save_checkpoint(state_dir / f"step-{done}", accelerator.unwrap_model(model), optimizer, done, tokens,
                                 stream, rows, settings)
                 _prune(state_dir, keep=done)
-                if log_path:
-                    write_table(pa.Table.from_pylist(rows, schema=LOG_SCHEMA), log_path)
         if stop_after is not None and done >= stop_after:
             bar.close()
-            return TrainResult(done, tokens, lm_total, resumed, time.perf_counter() - started)
+            return TrainResult(done, tokens, lm_total, resumed, time.perf_counter() - started, rows)
     bar.close()
-    if log_path and accelerator.is_main_process:
-        write_table(pa.Table.from_pylist(rows, schema=LOG_SCHEMA), log_path)
     if not keep_state and accelerator.is_main_process:
         shutil.rmtree(state_dir, ignore_errors=True)
     final_loss = rows[-1]["loss"] if rows else float("nan")
-    return TrainResult(settings.steps, tokens, final_loss, resumed, time.perf_counter() - started)
+    return TrainResult(settings.steps, tokens, final_loss, resumed, time.perf_counter() - started, rows)
 
 
 def _prune(state_dir: Path, keep: int) -> None:
