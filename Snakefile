@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 from moelang import config as mcfg
@@ -47,6 +48,14 @@ def kept_languages(wildcards=None):
 include: "workflow/rules/corpus.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/overlap.smk"
+include: "workflow/rules/models.smk"
+
+
+def model_targets():
+    targets = ["results/models/base"] if BASE_MODEL["type"] == "train" else []
+    if config["model"]["cpt"]["enabled"]:
+        targets += [f"results/models/cpt/step-{step}" for step in CPT_STEPS] + ["results/models/cpt/train_log.parquet"]
+    return targets
 
 
 rule all:
@@ -56,3 +65,4 @@ rule all:
         "results/corpus/parallel.parquet",
         lambda w: expand("results/tokens/{lang}.parquet", lang=kept_languages()),
         "results/overlap/overlap.parquet",
+        model_targets(),

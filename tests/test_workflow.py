@@ -35,6 +35,15 @@ def tiny_run(tmp_path_factory):
             "sources": {"ca": {"type": "local", "path": str(ca)}},
         },
         "tokenizer": {"vocab_size": 500},
+        "model": {
+            "base": {"type": "train", "architecture": {
+                "model_type": "olmoe", "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+                "max_position_embeddings": 64}},
+            "pretrain": {"steps": 6, "seq_len": 32, "micro_batch_size": 4, "lr": 0.01},
+            "cpt": {"n_checkpoints": 3, "train": {"steps": 6, "seq_len": 32, "micro_batch_size": 4, "lr": 0.01,
+                                                  "checkpoint_every": 2}},
+        },
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     proc = snakemake(work)
@@ -65,6 +74,29 @@ def test_every_output_exists_with_its_schema(tiny_run):
     assert parallel.column_names == ["item_id", "origin", "en", "es", "ca"] and parallel.num_rows > 300
     assert (res / "overlap" / "overlap.png").stat().st_size > 1000
     assert (res / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_base_model_and_cpt_checkpoints_load_with_transformers(tiny_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moelang.train import LOG_SCHEMA
+
+    work, _ = tiny_run
+    models = work / "results" / "models"
+    base = AutoModelForCausalLM.from_pretrained(models / "base")
+    assert base.config.model_type == "olmoe" and base.config.num_experts == 4
+    assert AutoTokenizer.from_pretrained(models / "base").eos_token == "<|endoftext|>"
+    assert pq.read_table(models / "base" / "train_log.parquet").schema.equals(LOG_SCHEMA)
+    assert sorted(p.name for p in (models / "cpt").iterdir()) == ["step-0", "step-3", "step-6", "train_log.parquet"]
+    step0 = AutoModelForCausalLM.from_pretrained(models / "cpt" / "step-0").state_dict()
+    step6 = AutoModelForCausalLM.from_pretrained(models / "cpt" / "step-6").state_dict()
+    for name, value in base.state_dict().items():
+        assert torch.equal(step0[name], value), name  # step 0 is the English base model itself
+    assert any(not torch.equal(step6[n], v) for n, v in base.state_dict().items())
+    log = pq.read_table(models / "cpt" / "train_log.parquet")
+    assert log.column("step").to_pylist() == [1, 2, 3, 4, 5, 6]
+    assert not (work / "results" / "state" / "cpt").exists()  # resumable state is cleaned up on success
 
 
 def test_rerun_has_nothing_to_do(tiny_run):

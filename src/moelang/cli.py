@@ -92,6 +92,24 @@ def cmd_overlap(args) -> None:
     run_overlap(_lang_paths(args.freq, "overlap"), args.out, args.plot, min_count=args.min_count)
 
 
+def cmd_pretrain(args) -> None:
+    from moelang.basemodel import pretrain_base
+
+    options = _options(args, cfg.pretrain_options)
+    if options["base"]["type"] != "train":
+        raise MoelangError("pretrain: model.base.type is 'pretrained'; there is nothing to pre-train")
+    if not Path(args.tokens).is_file():
+        raise MoelangError(f"pretrain: token file '{args.tokens}' does not exist; run the tokenize stage first")
+    pretrain_base(args.tokens, args.tokenizer, options, args.out, args.state_dir)
+
+
+def cmd_cpt(args) -> None:
+    from moelang.basemodel import continual_pretrain
+
+    options = _options(args, cfg.cpt_options)
+    continual_pretrain(args.base, _lang_paths(args.tokens, "cpt"), options, args.out, args.state_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moelang", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -136,6 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None)
     p.add_argument("--min-count", type=int, default=1)
     p.set_defaults(func=cmd_overlap)
+
+    p = sub.add_parser("pretrain", help="train the English-centric base model from scratch")
+    _add_option_source(p)
+    p.add_argument("--tokens", required=True, help="results/tokens/<base language>.parquet")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--out", required=True, help="model directory (save_pretrained)")
+    p.add_argument("--state-dir", required=True, help="training state for resuming (removed on success)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("cpt", help="continual pre-training on a balanced language mix, with checkpoints")
+    _add_option_source(p)
+    p.add_argument("--base", required=True, help="base model directory or hub id")
+    p.add_argument("--tokens", nargs="+", required=True, help="results/tokens/<lang>.parquet of the mix")
+    p.add_argument("--out", required=True, help="directory receiving step-<N>/ checkpoints and train_log.parquet")
+    p.add_argument("--state-dir", required=True)
+    p.set_defaults(func=cmd_cpt)
     return parser
 
 

@@ -104,6 +104,14 @@ def _check_semantics(config: dict) -> None:
         raise ConfigError("config key 'corpus.parallel.files': the 'aligned' parallel source needs a file for at "
                           "least two languages (language: path)")
     tok = config["tokenizer"]
+    base = config["model"]["base"]
+    if base["type"] == "pretrained":
+        if tok["type"] != "pretrained":
+            raise ConfigError("config key 'tokenizer.type': a pretrained base model (model.base.type: pretrained) needs "
+                              "its own tokenizer; set tokenizer.type: pretrained")
+        if not tok["name_or_path"]:
+            tok["name_or_path"] = base["name_or_path"]
+            tok["revision"] = tok["revision"] or base.get("revision")
     if tok["type"] == "pretrained" and not tok["name_or_path"]:
         raise ConfigError("config key 'tokenizer.name_or_path': a pretrained tokenizer needs a hub id or a local "
                           "directory; set it, or use tokenizer.type: train")
@@ -200,3 +208,26 @@ def from_json(text: str) -> dict:
 
 def tokenizer_options(config: dict) -> dict:
     return {**config["tokenizer"], "seed": config["seed"], "base_language": config["languages"]["base"]}
+
+
+def checkpoint_steps(steps: int, n_checkpoints: int) -> list[int]:
+    """``n_checkpoints`` evenly spaced optimizer steps from 0 (the starting model) to ``steps``."""
+    return sorted({round(i * steps / (n_checkpoints - 1)) for i in range(n_checkpoints)})
+
+
+def model_options(config: dict) -> dict:
+    """What loading the base model needs."""
+    model = config["model"]
+    return {"base": model["base"], "dtype": model["dtype"], "device": model["device"],
+            "experts_implementation": model["experts_implementation"]}
+
+
+def pretrain_options(config: dict) -> dict:
+    return {**model_options(config), "train": config["model"]["pretrain"], "seed": config["seed"],
+            "language": config["languages"]["base"]}
+
+
+def cpt_options(config: dict) -> dict:
+    cpt = config["model"]["cpt"]
+    return {**model_options(config), "train": cpt["train"], "seed": config["seed"],
+            "steps": checkpoint_steps(cpt["train"]["steps"], cpt["n_checkpoints"])}

@@ -96,13 +96,13 @@ def build_config(architecture: dict, tokenizer=None):
         raise MoelangError(f"model.architecture: {_first_line(exc)}; fix the architecture fields") from None
 
 
-def init_model(config, seed: int, dtype: str = "float32"):
+def init_model(config, seed: int, dtype: str = "float32", experts_implementation: str | None = None):
     """A randomly initialised model from ``config``; the same seed gives the same weights."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
-    return model
+    kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), **kwargs)
 
 
 def count_parameters(model=None, config=None) -> dict:

@@ -1,0 +1,293 @@
+"""Training step: full training against training only two experts of the last two MoE layers, one run.
+
+    .venv/bin/python benchmarks/train_step.py [--steps 12] [--warmup 2]
+
+A ~18M-parameter OLMoE-family model (``transformers.OlmoeConfig``: vocab 8,000, hidden 256, expert
+intermediate 512, 4 layers, 4 heads, 8 experts, top-2; default experts implementation), randomly
+initialised with ``moelang.models.init_model`` (same seed for both variants), trained on a synthetic
+token Parquet file (``moelang.tokenize.TOKENS_SCHEMA``, random ids in [3, vocab)) through the
+project's own engine: ``moelang.train.PackedStream`` and ``moelang.train.train`` (AdamW, cosine
+schedule, load-balancing loss, clipping, fp32), seq_len 256, micro-batch 8, no gradient accumulation:
+
+* ``full``: every parameter trainable;
+* ``experts``: ``train_only(ModelAdapter(model), experts={L: [0, 1]}, routers=[L])`` for the last two
+  MoE layers L: experts 0 and 1 of those layers (expert-rows parametrizations) plus their routers;
+* ``last2_all`` (control): all experts and the routers of the same two layers: the same backward depth
+  as ``experts`` with 4x its trainable experts, so comparing the two separates "fewer experts train"
+  from "backward stops earlier".
+
+Throughput is the median of the engine's own per-step ``tokens_per_s`` (its log) after ``--warmup``
+steps. Each variant runs in its own subprocess (the script re-invokes itself with ``--variant``), so
+peak memory is that process's ``ru_maxrss`` (whole process: Python, torch, data, model, optimizer,
+activations). Writes ``benchmarks/results/train_step.json`` and the section of
+``benchmarks/RESULTS.md`` between its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+THREADS = 2
+DEFAULT_STEPS = 12
+DEFAULT_WARMUP = 2
+SEED = 0
+ARCHITECTURE = {
+    "vocab_size": 8000,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 512,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+SETTINGS = {"seq_len": 256, "micro_batch_size": 8, "grad_accum": 1, "dtype": "fp32", "seed": SEED}
+VARIANTS = ("full", "experts", "last2_all")  # last2_all: control, see the module docstring
+TRAINED_EXPERTS = [0, 1]
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def write_tokens(path: Path, n_tokens: int, vocab: int, seed: int) -> int:
+    """A token Parquet file of random documents (train split) with at least ``n_tokens`` tokens."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moelang.tokenize import TOKENS_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    docs, total = [], 0
+    while total < n_tokens:
+        n = int(rng.integers(64, 1024))
+        docs.append(rng.integers(3, vocab, size=n, dtype=np.int32))
+        total += n
+    table = pa.table(
+        {
+            "doc_id": pa.array([f"synthetic-{i}" for i in range(len(docs))], pa.string()),
+            "split": pa.array(["train"] * len(docs), pa.string()),
+            "input_ids": pa.array([d.tolist() for d in docs], pa.list_(pa.int32())),
+            "n_tokens": pa.array([len(d) for d in docs], pa.int32()),
+        },
+        schema=TOKENS_SCHEMA,
+    )
+    pq.write_table(table, path)
+    return total
+
+
+def run_variant(variant: str, steps: int, warmup: int) -> dict:
+    """One variant in this process: build, select, train ``steps`` steps; the measurements."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from transformers import OlmoeConfig
+
+    from moelang.models import ModelAdapter, count_parameters, init_model, train_only
+    from moelang.train import PackedStream, TrainSettings, train
+
+    config = OlmoeConfig(**ARCHITECTURE)
+    model = init_model(config, seed=SEED)
+    adapter = ModelAdapter(model)
+    last_two = [layer.index for layer in adapter.moe_layers[-2:]]
+    if variant == "experts":
+        trainable_names = train_only(adapter, experts={index: list(TRAINED_EXPERTS) for index in last_two},
+                                     routers=last_two)
+    elif variant == "last2_all":
+        trainable_names = train_only(adapter, experts={layer.index: list(range(layer.num_experts))
+                                                       for layer in adapter.moe_layers[-2:]}, routers=last_two)
+    else:
+        trainable_names = train_only(adapter, everything=True)
+    counts = count_parameters(model)
+    settings = TrainSettings(steps=steps, **SETTINGS)
+    rss_model = _rss_mib()
+
+    with tempfile.TemporaryDirectory(prefix="moelang-train-bench-") as tmp:
+        tmp = Path(tmp)
+        need = steps * settings.micro_batch_size * settings.seq_len
+        n_tokens = write_tokens(tmp / "xx.parquet", int(need * 1.2) + 4096, ARCHITECTURE["vocab_size"], SEED)
+        stream = PackedStream({"xx": tmp / "xx.parquet"}, {}, settings.seq_len, ARCHITECTURE["eos_token_id"], SEED)
+        start = time.perf_counter()
+        result = train(model, stream, settings, state_dir=tmp / "state")
+        seconds = time.perf_counter() - start
+    rss_peak = _rss_mib()
+
+    timed = [row["tokens_per_s"] for row in result.log[warmup:]]
+    return {
+        "variant": variant,
+        "experts_implementation": model.config._experts_implementation,
+        "layers_selected": None if variant == "full" else last_two,
+        "trainable_tensors": len(trainable_names),
+        "total_params": counts["total"],
+        "trainable_params": counts["trainable"],
+        "trainable_fraction": counts["trainable_fraction"],
+        "per_expert_params": counts.get("per_expert"),
+        "tokens_per_s": statistics.median(timed),
+        "tokens_per_s_min": min(timed),
+        "tokens_per_s_max": max(timed),
+        "tokens_per_s_warmup": [row["tokens_per_s"] for row in result.log[:warmup]],
+        "steps_run": result.steps,
+        "steps_timed": len(timed),
+        "tokens_per_step": settings.micro_batch_size * settings.seq_len * settings.grad_accum,
+        "train_seconds": seconds,
+        "final_loss": result.final_loss,
+        "synthetic_tokens": n_tokens,
+        "peak_rss_mib": rss_peak,
+        "rss_before_training_mib": rss_model,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def update_results_md(section: str) -> None:
+    path = HERE / "RESULTS.md"
+    start, end = "<!-- train_step:start -->", "<!-- train_step:end -->"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    block = f"{start}\n{section.strip()}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per variant")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="first steps left out of the median")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one variant, JSON out
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps <= args.warmup:
+        parser.error("--steps must be greater than --warmup")
+
+    if args.variant:
+        out = run_variant(args.variant, args.steps, args.warmup)
+        Path(args.result_file).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        return
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="moelang-train-bench-") as tmp:
+        for variant in VARIANTS:  # one after the other: the two cores belong to one run at a time
+            print(f"variant {variant}: {args.steps} steps ...", flush=True)
+            result_file = Path(tmp) / f"{variant}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--result-file", str(result_file)]
+            subprocess.run(cmd, check=True)
+            results[variant] = json.loads(result_file.read_text(encoding="utf-8"))
+            r = results[variant]
+            print(f"  {r['tokens_per_s']:,.0f} tokens/s (median of {r['steps_timed']}), "
+                  f"peak RSS {r['peak_rss_mib']:,.0f} MiB, trainable {r['trainable_params']:,}", flush=True)
+
+    full, experts, control = results["full"], results["experts"], results["last2_all"]
+    assert full["total_params"] == experts["total_params"] == control["total_params"]
+    command = ".venv/bin/python benchmarks/train_step.py"
+    if args.steps != DEFAULT_STEPS or args.warmup != DEFAULT_WARMUP:
+        command += f" --steps {args.steps} --warmup {args.warmup}"
+    per_variant_keys = ("tokens_per_s", "peak_rss_mib", "trainable_params", "trainable_fraction", "steps_timed")
+    layers = experts["layers_selected"]
+    result = {
+        "command": command,
+        "machine": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                    "torch_threads": THREADS},
+        "model": {"family": "olmoe (transformers.OlmoeConfig)", **ARCHITECTURE,
+                  "experts_implementation": full["experts_implementation"],
+                  "total_params": full["total_params"], "per_expert_params": full["per_expert_params"]},
+        "training": {**SETTINGS, "steps": args.steps, "warmup_steps_discarded": args.warmup,
+                     "tokens_per_step": full["tokens_per_step"],
+                     "engine": "moelang.train.train over moelang.train.PackedStream (synthetic tokens)"},
+        "full": {"description": "all parameters trainable", **{k: full[k] for k in per_variant_keys}},
+        "experts": {"description": f"experts {TRAINED_EXPERTS} + router of layers {layers} (train_only, expert-rows "
+                                   f"parametrizations)", **{k: experts[k] for k in per_variant_keys}},
+        "last2_all": {"description": f"control: all experts + router of layers {layers} (same backward depth as "
+                                     f"experts)", **{k: control[k] for k in per_variant_keys}},
+        "speedup_experts_vs_full": experts["tokens_per_s"] / full["tokens_per_s"],
+        "speedup_last2_all_vs_full": control["tokens_per_s"] / full["tokens_per_s"],
+        "speedup_experts_vs_last2_all": experts["tokens_per_s"] / control["tokens_per_s"],
+        "details": results,
+    }
+    out = HERE / "results" / "train_step.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {THREADS} torch threads, Python {platform.python_version()}"
+    a = ARCHITECTURE
+    rows = "\n".join(
+        f"| {name} | {what} | {r['trainable_params']:,} | {r['trainable_fraction']:.3f} | {r['tokens_per_s']:,.0f} "
+        f"| {r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f} | {r['peak_rss_mib']:,.0f} |"
+        for name, what, r in (
+            ("full", "everything", full),
+            ("experts", f"experts {TRAINED_EXPERTS} + router, layers {layers}", experts),
+            ("last2_all (control)", f"all {a['num_experts']} experts + router, layers {layers}", control),
+        ))
+    section = f"""
+## Training step (`benchmarks/train_step.py`)
+
+Command: `{command}` ({machine}; median of steps {args.warmup + 1}-{args.steps}, the first {args.warmup} left out).
+Model: OLMoE family from `OlmoeConfig` (vocab {a['vocab_size']:,}, hidden {a['hidden_size']}, expert intermediate
+{a['intermediate_size']}, {a['num_hidden_layers']} layers, {a['num_attention_heads']} heads, {a['num_experts']} experts,
+top-{a['num_experts_per_tok']}, `{full['experts_implementation']}` experts), **{full['total_params']:,}** parameters
+(`count_parameters`), fp32. Each step is `moelang.train.train` on a `PackedStream` of synthetic tokens:
+{SETTINGS['micro_batch_size']} x {SETTINGS['seq_len']} = {full['tokens_per_step']:,} tokens, AdamW, load-balancing loss.
+Each variant runs in its own process; peak RSS is that whole process (Python and torch included).
+
+| variant | trains | params trained | fraction | tokens/s (median) | range | peak RSS (MiB) |
+|---|---|---:|---:|---:|---:|---:|
+{rows}
+
+speedup_experts_vs_full = **{result['speedup_experts_vs_full']:.2f}x**
+(control: last2_all vs full {result['speedup_last2_all_vs_full']:.2f}x, experts vs last2_all {result['speedup_experts_vs_last2_all']:.2f}x).
+{explanation(result)}
+"""
+    update_results_md(section)
+    print(section)
+
+
+def explanation(result: dict) -> str:
+    """One or two sentences; the mechanism is stated only where the numbers agree with it."""
+    full, experts, control = result["full"], result["experts"], result["last2_all"]
+    speedup = result["speedup_experts_vs_full"]
+    same_depth = abs(result["speedup_experts_vs_last2_all"] - 1) <= 0.10
+    n_layers = result["model"]["num_hidden_layers"]
+    mem = experts["peak_rss_mib"] - full["peak_rss_mib"]
+    mem_text = f"Peak RSS is {abs(mem):,.0f} MiB {'lower' if mem < 0 else 'higher'} than full training."
+    if speedup > 1.10 and same_depth:
+        return (f"Training {experts['trainable_fraction']:.1%} of the parameters is {speedup:.2f}x faster, not "
+                f"{1 / experts['trainable_fraction']:.0f}x: the gain comes from backward stopping at the first "
+                f"trainable layer ({n_layers - 2} of {n_layers} layers skipped), not from training fewer experts "
+                f"(training all {result['model']['num_experts']} experts of the same layers runs at the same speed, "
+                f"{result['speedup_experts_vs_last2_all']:.2f}x): the fused expert matmul computes the whole tensor's "
+                f"weight gradient either way. {mem_text}")
+    if speedup > 1.10:
+        return (f"Training {experts['trainable_fraction']:.1%} of the parameters is {speedup:.2f}x faster; the "
+                f"control with all experts of the same layers trainable differs by "
+                f"{result['speedup_experts_vs_last2_all']:.2f}x, so backward depth alone does not explain it. "
+                f"{mem_text}")
+    return (f"Training {experts['trainable_fraction']:.1%} of the parameters is not faster here ({speedup:.2f}x). "
+            f"{mem_text}")
+
+
+if __name__ == "__main__":
+    main()

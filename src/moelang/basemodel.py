@@ -1,0 +1,85 @@
+"""Stage: the base model and its continual pre-training (CPT) checkpoints.
+
+On a cluster the base model is a hub id (the paper's ``allenai/OLMoE-1B-7B-0924``) and nothing is
+pre-trained. In the embedded default an **English-centric** tiny MoE of the OLMoE family is trained
+from scratch on the base language's train split (``model.pretrain``), as a real English-centric
+model is, and then **continually pre-trained** on a balanced mix of the kept high-resource
+languages (``model.cpt``). CPT keeps ``n_checkpoints`` evenly spaced exports, step 0 being the
+English model itself: the routing-dynamics analysis compares them.
+
+Outputs
+-------
+``results/models/base/``
+    ``save_pretrained`` directory (safetensors) with the tokenizer and ``train_log.parquet``
+    (:data:`moelang.train.LOG_SCHEMA`).
+``results/models/cpt/step-{N}/``
+    one ``save_pretrained`` directory per kept checkpoint, with the tokenizer.
+``results/models/cpt/train_log.parquet``
+    the CPT step log.
+Training state for resuming lives in ``results/state/<run>/`` (not an output: Snakemake would delete
+it with a failed job) and is removed when the run completes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moelang.io import log, write_table
+from moelang.models import build_config, init_model, load_model
+from moelang.train import PackedStream, TrainSettings, export_model, train
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _settings(options: dict, mixture: dict[str, float]) -> TrainSettings:
+    return TrainSettings.from_dict({**options["train"], "seed": options["seed"], "mixture": mixture})
+
+
+def pretrain_base(token_file: str | Path, tokenizer_dir: str | Path, options: dict, out_dir: str | Path,
+                  state_dir: str | Path) -> dict:
+    """Train the English-centric base model from scratch and export it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = build_config(options["base"]["architecture"], tokenizer)
+    model = init_model(config, seed=options["seed"], experts_implementation=options.get("experts_implementation"))
+    lang = options["language"]
+    settings = _settings(options, {lang: 1.0})
+    stream = PackedStream({lang: token_file}, {lang: 1.0}, settings.seq_len, tokenizer.eos_token_id, settings.seed)
+    log.info("pretrain: %s model, %.2fM parameters, %d steps on '%s'", config.model_type,
+             sum(p.numel() for p in model.parameters()) / 1e6, settings.steps, lang)
+    result = train(model, stream, settings, state_dir)
+    export_model(model, tokenizer, out_dir, {"train_log.parquet": lambda p: write_table(result.log_table(), p)})
+    log.info("pretrain: done, final loss %.3f, %d tokens in %.0f s", result.final_loss, result.tokens, result.seconds)
+    return {"final_loss": result.final_loss, "tokens": result.tokens}
+
+
+def continual_pretrain(base: str | Path, token_files: dict[str, str | Path], options: dict, out_root: str | Path,
+                       state_dir: str | Path) -> dict:
+    """Continue pre-training ``base`` on a balanced mix of ``token_files``; export the checkpoints."""
+    from transformers import AutoTokenizer
+
+    out_root = Path(out_root)
+    base_spec = options["base"]
+    revision = base_spec.get("revision") if base_spec.get("type") == "pretrained" else None
+    trust = bool(base_spec.get("trust_remote_code", False))
+    tokenizer = AutoTokenizer.from_pretrained(str(base), revision=revision, trust_remote_code=trust)
+    model = load_model(base, revision=revision, dtype=options["dtype"], device=_device(options["device"]),
+                       trust_remote_code=trust, experts_implementation=options.get("experts_implementation"))
+    mixture = {lang: 1.0 for lang in token_files}
+    settings = _settings(options, mixture)
+    stream = PackedStream(token_files, mixture, settings.seq_len, tokenizer.eos_token_id, settings.seed)
+    exports = {step: (lambda m, step=step: export_model(m, tokenizer, out_root / f"step-{step}"))
+               for step in options["steps"]}
+    log.info("cpt: %s on %s, %d steps, checkpoints at %s", base, ", ".join(sorted(token_files)), settings.steps,
+             options["steps"])
+    result = train(model, stream, settings, state_dir, export_steps=exports)
+    write_table(result.log_table(), out_root / "train_log.parquet")
+    log.info("cpt: done, final loss %.3f, %d tokens in %.0f s", result.final_loss, result.tokens, result.seconds)
+    return {"final_loss": result.final_loss, "tokens": result.tokens}

@@ -1,0 +1,55 @@
+# Stage: the base model and its continual pre-training. See src/moelang/basemodel.py.
+
+BASE_MODEL = config["model"]["base"]
+BASE_LANGUAGE = config["languages"]["base"]
+# A trained base is this workflow's output; a pretrained one is a hub id or a directory used as is.
+BASE_REF = "results/models/base" if BASE_MODEL["type"] == "train" else BASE_MODEL["name_or_path"]
+CPT_STEPS = mcfg.cpt_options(config)["steps"]
+
+
+def kept_high_resource_tokens(wildcards):
+    langs = [lang for lang in kept_languages() if lang in config["languages"]["high_resource"]]
+    return expand("results/tokens/{lang}.parquet", lang=langs)
+
+
+def base_language_tokens(wildcards):
+    if BASE_LANGUAGE not in kept_languages():
+        raise WorkflowError(f"moelang: the base language '{BASE_LANGUAGE}' was dropped by the corpus stage "
+                            f"(see results/corpus/languages.json); give it more text or change languages.base")
+    return f"results/tokens/{BASE_LANGUAGE}.parquet"
+
+
+if BASE_MODEL["type"] == "train":
+
+    rule pretrain_base:
+        input:
+            tokens=base_language_tokens,
+            tokenizer="results/tokenizer",
+        output:
+            directory("results/models/base"),
+        params:
+            options=lambda w: mcfg.to_json(mcfg.pretrain_options(config)),
+        threads: 2
+        log:
+            "results/logs/models/pretrain.log",
+        shell:
+            "OMP_NUM_THREADS={threads} {MOELANG} pretrain --options {params.options:q} --tokens {input.tokens:q}"
+            " --tokenizer {input.tokenizer:q} --out {output:q} --state-dir results/state/pretrain 2>&1 | tee {log:q}"
+
+
+rule cpt:
+    input:
+        base=[BASE_REF] if BASE_MODEL["type"] == "train" else [],
+        tokens=kept_high_resource_tokens,
+    output:
+        [directory(f"results/models/cpt/step-{step}") for step in CPT_STEPS],
+        log="results/models/cpt/train_log.parquet",
+    params:
+        options=lambda w: mcfg.to_json(mcfg.cpt_options(config)),
+        base=BASE_REF,
+    threads: 2
+    log:
+        "results/logs/models/cpt.log",
+    shell:
+        "OMP_NUM_THREADS={threads} {MOELANG} cpt --options {params.options:q} --base {params.base:q}"
+        " --tokens {input.tokens:q} --out results/models/cpt --state-dir results/state/cpt 2>&1 | tee {log:q}"
