@@ -22,6 +22,8 @@ it with a failed job) and is removed when the run completes.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -75,11 +77,21 @@ def continual_pretrain(base: str | Path, token_files: dict[str, str | Path], opt
     mixture = {lang: 1.0 for lang in token_files}
     settings = _settings(options, mixture)
     stream = PackedStream(token_files, mixture, settings.seq_len, tokenizer.eos_token_id, settings.seed)
-    exports = {step: (lambda m, step=step: export_model(m, tokenizer, out_root / f"step-{step}"))
+    # Exports are staged next to the training state, not in the outputs: if the job is killed, Snakemake
+    # deletes its outputs, and a resumed run cannot re-create an export of a step before its checkpoint.
+    staged = Path(f"{state_dir}.exports")
+    exports = {step: (lambda m, step=step: export_model(m, tokenizer, staged / f"step-{step}"))
                for step in options["steps"]}
     log.info("cpt: %s on %s, %d steps, checkpoints at %s", base, ", ".join(sorted(token_files)), settings.steps,
              options["steps"])
     result = train(model, stream, settings, state_dir, export_steps=exports)
+    out_root.mkdir(parents=True, exist_ok=True)
+    for step in options["steps"]:
+        target = out_root / f"step-{step}"
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staged / f"step-{step}", target)
+    shutil.rmtree(staged, ignore_errors=True)
     write_table(result.log_table(), out_root / "train_log.parquet")
     log.info("cpt: done, final loss %.3f, %d tokens in %.0f s", result.final_loss, result.tokens, result.seconds)
     return {"final_loss": result.final_loss, "tokens": result.tokens}
