@@ -19,8 +19,7 @@ def make_base(path):
     from transformers import PreTrainedTokenizerFast
 
     model = tiny_model("olmoe", seed=5)
-    vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
-    vocab[EOS_TOKEN], vocab[PAD_TOKEN] = 2, 0
+    vocab = {PAD_TOKEN: 0, "t1": 1, EOS_TOKEN: 2} | {f"t{i}": i for i in range(3, model.config.vocab_size)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t3")),
                                         eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
     model.save_pretrained(path)
