@@ -1,6 +1,6 @@
 """Training step: full training against training only two experts of the last two MoE layers, one run.
 
-    .venv/bin/python benchmarks/train_step.py [--steps 12] [--warmup 2]
+    .venv/bin/python benchmarks/train_step.py [--steps 30] [--warmup 2]
 
 A ~18M-parameter OLMoE-family model (``transformers.OlmoeConfig``: vocab 8,000, hidden 256, expert
 intermediate 512, 4 layers, 4 heads, 8 experts, top-2; default experts implementation), randomly
@@ -46,8 +46,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 THREADS = 2
-DEFAULT_STEPS = 12
+DEFAULT_STEPS = 30
 DEFAULT_WARMUP = 2
+CONTENDED_BELOW = 0.8  # a variant whose CPU/wall ratio is below this x THREADS shared its cores
 SEED = 0
 ARCHITECTURE = {
     "vocab_size": 8000,
@@ -123,17 +124,33 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
         trainable_names = train_only(adapter, everything=True)
     counts = count_parameters(model)
     settings = TrainSettings(steps=steps, **SETTINGS)
+    # Sanity check of the selection: what must stay frozen stays frozen, what trains moves.
+    last = adapter.moe_layer(last_two[-1]).experts
+    before = {"embeddings": model.get_input_embeddings().weight.detach().clone(),
+              "last_layer_gate_up": last.gate_up_proj.detach().clone()}
     rss_model = _rss_mib()
+    load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory(prefix="moelang-train-bench-") as tmp:
         tmp = Path(tmp)
         need = steps * settings.micro_batch_size * settings.seq_len
         n_tokens = write_tokens(tmp / "xx.parquet", int(need * 1.2) + 4096, ARCHITECTURE["vocab_size"], SEED)
         stream = PackedStream({"xx": tmp / "xx.parquet"}, {}, settings.seq_len, ARCHITECTURE["eos_token_id"], SEED)
-        start = time.perf_counter()
+        usage_start, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         result = train(model, stream, settings, state_dir=tmp / "state")
         seconds = time.perf_counter() - start
+        usage_end = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_seconds = (usage_end.ru_utime - usage_start.ru_utime) + (usage_end.ru_stime - usage_start.ru_stime)
     rss_peak = _rss_mib()
+    load_after = os.getloadavg()[0]
+    with torch.no_grad():
+        moved_embeddings = not torch.equal(before["embeddings"], model.get_input_embeddings().weight)
+        gate_up = last.gate_up_proj  # the parametrized (effective) tensor under train_only
+        moved_experts = [e for e in range(gate_up.shape[0])
+                         if not torch.equal(before["last_layer_gate_up"][e], gate_up[e])]
+    expected_experts = list(range(gate_up.shape[0])) if variant != "experts" else list(TRAINED_EXPERTS)
+    assert moved_experts == expected_experts, (variant, moved_experts, expected_experts)
+    assert moved_embeddings == (variant == "full"), (variant, moved_embeddings)
 
     timed = [row["tokens_per_s"] for row in result.log[warmup:]]
     return {
@@ -158,6 +175,12 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
         "peak_rss_mib": rss_peak,
         "rss_before_training_mib": rss_model,
         "torch_threads": torch.get_num_threads(),
+        "experts_updated_in_last_layer": moved_experts,
+        # 1-minute load average around the run: well above THREADS means another process shared the cores
+        "loadavg_1min_before": load_before,
+        "loadavg_1min_after": load_after,
+        # CPU seconds of this process per wall second of training: near THREADS on idle cores, lower when shared
+        "cpu_per_wall_s": cpu_seconds / seconds,
     }
 
 
@@ -199,7 +222,12 @@ def main() -> None:
             results[variant] = json.loads(result_file.read_text(encoding="utf-8"))
             r = results[variant]
             print(f"  {r['tokens_per_s']:,.0f} tokens/s (median of {r['steps_timed']}), "
-                  f"peak RSS {r['peak_rss_mib']:,.0f} MiB, trainable {r['trainable_params']:,}", flush=True)
+                  f"peak RSS {r['peak_rss_mib']:,.0f} MiB, trainable {r['trainable_params']:,}, "
+                  f"{r['cpu_per_wall_s']:.2f} CPU s per wall s", flush=True)
+    contended = [v for v, r in results.items() if r["cpu_per_wall_s"] < CONTENDED_BELOW * THREADS]
+    if contended:
+        print(f"WARNING: {', '.join(contended)} got less than {CONTENDED_BELOW:.0%} of {THREADS} cores (another "
+              f"process was running?): the throughputs are not comparable; run again on idle cores", file=sys.stderr)
 
     full, experts, control = results["full"], results["experts"], results["last2_all"]
     assert full["total_params"] == experts["total_params"] == control["total_params"]
@@ -223,6 +251,7 @@ def main() -> None:
                                    f"parametrizations)", **{k: experts[k] for k in per_variant_keys}},
         "last2_all": {"description": f"control: all experts + router of layers {layers} (same backward depth as "
                                      f"experts)", **{k: control[k] for k in per_variant_keys}},
+        "contended_variants": contended,
         "speedup_experts_vs_full": experts["tokens_per_s"] / full["tokens_per_s"],
         "speedup_last2_all_vs_full": control["tokens_per_s"] / full["tokens_per_s"],
         "speedup_experts_vs_last2_all": experts["tokens_per_s"] / control["tokens_per_s"],
@@ -234,6 +263,9 @@ def main() -> None:
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {THREADS} torch threads, Python {platform.python_version()}"
     a = ARCHITECTURE
+    model_text = (f"vocab {a['vocab_size']:,}, hidden {a['hidden_size']}, expert intermediate {a['intermediate_size']}, "
+                  f"{a['num_hidden_layers']} layers, {a['num_attention_heads']} heads, {a['num_experts']} experts, "
+                  f"top-{a['num_experts_per_tok']}, `{full['experts_implementation']}` experts")
     rows = "\n".join(
         f"| {name} | {what} | {r['trainable_params']:,} | {r['trainable_fraction']:.3f} | {r['tokens_per_s']:,.0f} "
         f"| {r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f} | {r['peak_rss_mib']:,.0f} |"
@@ -246,12 +278,9 @@ def main() -> None:
 ## Training step (`benchmarks/train_step.py`)
 
 Command: `{command}` ({machine}; median of steps {args.warmup + 1}-{args.steps}, the first {args.warmup} left out).
-Model: OLMoE family from `OlmoeConfig` (vocab {a['vocab_size']:,}, hidden {a['hidden_size']}, expert intermediate
-{a['intermediate_size']}, {a['num_hidden_layers']} layers, {a['num_attention_heads']} heads, {a['num_experts']} experts,
-top-{a['num_experts_per_tok']}, `{full['experts_implementation']}` experts), **{full['total_params']:,}** parameters
-(`count_parameters`), fp32. Each step is `moelang.train.train` on a `PackedStream` of synthetic tokens:
-{SETTINGS['micro_batch_size']} x {SETTINGS['seq_len']} = {full['tokens_per_step']:,} tokens, AdamW, load-balancing loss.
-Each variant runs in its own process; peak RSS is that whole process (Python and torch included).
+Model: OLMoE family from `OlmoeConfig`, {model_text}, **{full['total_params']:,}** parameters (`count_parameters`), fp32.
+Each step is `moelang.train.train` on a `PackedStream` of synthetic tokens ({SETTINGS['micro_batch_size']} x {SETTINGS['seq_len']} = {full['tokens_per_step']:,} tokens),
+AdamW, load-balancing loss. Each variant runs in its own process; peak RSS is that whole process (Python and torch included).
 
 | variant | trains | params trained | fraction | tokens/s (median) | range | peak RSS (MiB) |
 |---|---|---:|---:|---:|---:|---:|
@@ -259,10 +288,17 @@ Each variant runs in its own process; peak RSS is that whole process (Python and
 
 speedup_experts_vs_full = **{result['speedup_experts_vs_full']:.2f}x**
 (control: last2_all vs full {result['speedup_last2_all_vs_full']:.2f}x, experts vs last2_all {result['speedup_experts_vs_last2_all']:.2f}x).
-{explanation(result)}
+{explanation(result)}{contention_note(contended)}
 """
     update_results_md(section)
     print(section)
+
+
+def contention_note(contended: list[str]) -> str:
+    if not contended:
+        return ""
+    return (f"\n**Warning:** {', '.join(contended)} shared the cores with another process during the run (CPU/wall "
+            f"below {CONTENDED_BELOW:.0%} of {THREADS}); these numbers are not comparable.")
 
 
 def explanation(result: dict) -> str:
@@ -273,13 +309,15 @@ def explanation(result: dict) -> str:
     n_layers = result["model"]["num_hidden_layers"]
     mem = experts["peak_rss_mib"] - full["peak_rss_mib"]
     mem_text = f"Peak RSS is {abs(mem):,.0f} MiB {'lower' if mem < 0 else 'higher'} than full training."
+    if result["contended_variants"]:
+        return "Another process shared the cores during this run, so no conclusion is drawn from it."
     if speedup > 1.10 and same_depth:
-        return (f"Training {experts['trainable_fraction']:.1%} of the parameters is {speedup:.2f}x faster, not "
-                f"{1 / experts['trainable_fraction']:.0f}x: the gain comes from backward stopping at the first "
-                f"trainable layer ({n_layers - 2} of {n_layers} layers skipped), not from training fewer experts "
-                f"(training all {result['model']['num_experts']} experts of the same layers runs at the same speed, "
-                f"{result['speedup_experts_vs_last2_all']:.2f}x): the fused expert matmul computes the whole tensor's "
-                f"weight gradient either way. {mem_text}")
+        return (f"Training {experts['trainable_fraction']:.1%} of the parameters is {speedup:.2f}x faster, not the "
+                f"{1 / experts['trainable_fraction']:.0f}x the fraction would suggest: the gain comes from backward "
+                f"stopping at the first trainable layer ({n_layers - 2} of {n_layers} layers skipped), not from "
+                f"training fewer experts (the control training all {result['model']['num_experts']} experts of the "
+                f"same layers is as fast, experts/control {result['speedup_experts_vs_last2_all']:.2f}x), because the "
+                f"fused expert matmul computes the whole tensor's weight gradient either way. {mem_text}")
     if speedup > 1.10:
         return (f"Training {experts['trainable_fraction']:.1%} of the parameters is {speedup:.2f}x faster; the "
                 f"control with all experts of the same layers trainable differs by "

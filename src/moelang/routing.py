@@ -1,0 +1,252 @@
+"""Stage: routing profiles. Which experts each language's tokens use, per layer and checkpoint.
+
+For a model and each language, the held-out token ids are cut into chunks of at most ``seq_len``
+tokens, sorted by length (little padding), batched up to ``batch_tokens`` and run through the model.
+At every MoE layer the adapter reports the experts each token actually used (``top_k_index``) and
+their routing weights; per (layer, expert) the profiler adds up on the device
+
+* ``count``: how many tokens had the expert among their top-k,
+* ``weight_sum``: the routing weight those tokens gave it (the router probability mass it received),
+
+and ``n_tokens``, the tokens seen at that layer. Padding is never counted (its positions are masked
+out before the ``bincount``); nothing per token leaves the device, and there is no Python loop over
+tokens. Optionally, for chosen layers, ``(token_id, expert)`` counts relate routing to vocabulary.
+A per-language token budget (``routing.tokens_per_language``, the paper uses about 1M) caps the work.
+
+Outputs
+-------
+``results/routing/{model}/{lang}.parquet``
+    ``model`` string, ``checkpoint_step`` int64, ``lang`` string, ``layer`` int32 (decoder layer
+    index), ``expert`` int32, ``count`` int64, ``weight_sum`` float64, ``n_tokens`` int64; one row per
+    (MoE layer, expert).
+``results/routing/{model}/{lang}.tokens.parquet`` (only with ``routing.token_layers``)
+    ``model``, ``checkpoint_step``, ``lang``, ``layer``, ``token_id`` int32, ``expert`` int32,
+    ``count`` int64; only non-zero counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from moelang.errors import MoelangError
+from moelang.io import log, progress, write_table
+
+PROFILE_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("checkpoint_step", pa.int64()),
+        ("lang", pa.string()),
+        ("layer", pa.int32()),
+        ("expert", pa.int32()),
+        ("count", pa.int64()),
+        ("weight_sum", pa.float64()),
+        ("n_tokens", pa.int64()),
+    ]
+)
+TOKEN_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("checkpoint_step", pa.int64()),
+        ("lang", pa.string()),
+        ("layer", pa.int32()),
+        ("token_id", pa.int32()),
+        ("expert", pa.int32()),
+        ("count", pa.int64()),
+    ]
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input: held-out chunks, batched by length
+# --------------------------------------------------------------------------------------------------
+
+def heldout_chunks(token_file: str | Path, seq_len: int, token_budget: int | None, split: str = "heldout") -> list[np.ndarray]:
+    """The ``split`` documents of a token file cut into chunks of at most ``seq_len`` tokens, in file
+    order, until ``token_budget`` tokens (the last chunk is cut to fit)."""
+    table = pq.read_table(token_file, columns=["split", "input_ids"])
+    ids = table.column("input_ids").filter(pc.equal(table.column("split"), split)).combine_chunks()
+    if len(ids) == 0:
+        raise MoelangError(f"routing: '{token_file}' has no '{split}' documents; check the corpus split")
+    flat = ids.flatten().to_numpy(zero_copy_only=False)
+    offsets = ids.offsets.to_numpy()
+    chunks, total = [], 0
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        for s in range(start, end, seq_len):
+            piece = flat[s:min(end, s + seq_len)]
+            if token_budget is not None and total + len(piece) > token_budget:
+                piece = piece[: token_budget - total]
+            if len(piece):
+                chunks.append(piece)
+                total += len(piece)
+            if token_budget is not None and total >= token_budget:
+                return chunks
+    return chunks
+
+
+def length_batches(chunks: list[np.ndarray], batch_tokens: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) batches of similar-length chunks, at most ``batch_tokens`` padded
+    tokens each (a single longer chunk still forms its own batch)."""
+    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i]))
+    batches, current = [], []
+    for i in order:
+        width = len(chunks[i])  # sorted ascending: the newest chunk is the widest
+        if current and (len(current) + 1) * width > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    out = []
+    for members in batches:
+        width = max(len(chunks[i]) for i in members)
+        ids = np.full((len(members), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(members), width), dtype=np.int64)
+        for row, i in enumerate(members):
+            ids[row, : len(chunks[i])] = chunks[i]
+            mask[row, : len(chunks[i])] = 1
+        out.append((torch.from_numpy(ids), torch.from_numpy(mask)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Profiler
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class RoutingCounts:
+    """Per-layer accumulators, on the model's device."""
+
+    layers: list[int]
+    num_experts: int
+    counts: torch.Tensor  # [n_layers, E] int64
+    weight_sums: torch.Tensor  # [n_layers, E] float64
+    n_tokens: torch.Tensor  # [n_layers] int64
+    token_counts: dict[int, torch.Tensor]  # layer -> [V * E] int64 (flattened token_id * E + expert)
+
+
+class RoutingProfiler:
+    """Accumulates routing statistics over forward passes (see the module docstring)."""
+
+    def __init__(self, adapter, token_layers: list[int] | None = None, vocab_size: int | None = None):
+        if not adapter.is_moe:
+            raise MoelangError(f"routing: this {adapter.family} model has no MoE layer to profile")
+        self.adapter = adapter
+        device = next(adapter.model.parameters()).device
+        layers = [m.index for m in adapter.moe_layers]
+        sizes = {m.num_experts for m in adapter.moe_layers}
+        if len(sizes) != 1:
+            raise MoelangError(f"routing: MoE layers have different expert counts {sorted(sizes)}; not supported")
+        self.num_experts = sizes.pop()
+        self.row = {layer: i for i, layer in enumerate(layers)}
+        bad = [layer for layer in token_layers or [] if layer not in self.row]
+        if bad:
+            raise MoelangError(f"routing.token_layers {bad} are not MoE layers of this model (MoE layers: {layers})")
+        self.vocab_size = vocab_size or adapter.model.config.vocab_size
+        e = self.num_experts
+        self.state = RoutingCounts(
+            layers=layers,
+            num_experts=e,
+            counts=torch.zeros(len(layers), e, dtype=torch.int64, device=device),
+            weight_sums=torch.zeros(len(layers), e, dtype=torch.float64, device=device),
+            n_tokens=torch.zeros(len(layers), dtype=torch.int64, device=device),
+            token_counts={layer: torch.zeros(self.vocab_size * e, dtype=torch.int64, device=device)
+                          for layer in token_layers or []},
+        )
+        self._valid: torch.Tensor | None = None  # flattened attention mask of the current batch
+        self._token_ids: torch.Tensor | None = None
+
+    def _record(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        valid = self._valid
+        index = top_k_index[valid]  # [n_valid, k]; padding rows dropped
+        e, row = self.num_experts, self.row[layer]
+        flat = index.reshape(-1)
+        self.state.counts[row] += torch.bincount(flat, minlength=e)[:e]
+        self.state.weight_sums[row].index_add_(0, flat, top_k_weights[valid].reshape(-1).to(torch.float64))
+        self.state.n_tokens[row] += index.shape[0]
+        if layer in self.state.token_counts:
+            token = self._token_ids[valid].unsqueeze(-1).expand_as(index)
+            self.state.token_counts[layer] += torch.bincount((token * e + index).reshape(-1),
+                                                             minlength=self.vocab_size * e)[: self.vocab_size * e]
+
+    @torch.no_grad()
+    def run(self, batches, desc: str = "routing") -> None:
+        model = self.adapter.model
+        device = next(model.parameters()).device
+        with self.adapter.record_routing(self._record):
+            for input_ids, attention_mask in progress(batches, desc=desc, unit=" batches"):
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                self._valid = attention_mask.reshape(-1).bool()
+                self._token_ids = input_ids.reshape(-1)
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        self._valid = self._token_ids = None
+
+    def table(self, model_name: str, checkpoint_step: int, lang: str) -> pa.Table:
+        s = self.state
+        n_layers, e = s.counts.shape
+        counts = s.counts.cpu().numpy()
+        weights = s.weight_sums.cpu().numpy()
+        tokens = s.n_tokens.cpu().numpy()
+        return pa.table({
+            "model": [model_name] * (n_layers * e),
+            "checkpoint_step": np.full(n_layers * e, checkpoint_step, dtype=np.int64),
+            "lang": [lang] * (n_layers * e),
+            "layer": np.repeat(np.array(s.layers, dtype=np.int32), e),
+            "expert": np.tile(np.arange(e, dtype=np.int32), n_layers),
+            "count": counts.reshape(-1),
+            "weight_sum": weights.reshape(-1),
+            "n_tokens": np.repeat(tokens, e),
+        }, schema=PROFILE_SCHEMA)
+
+    def token_table(self, model_name: str, checkpoint_step: int, lang: str) -> pa.Table:
+        parts = []
+        e = self.num_experts
+        for layer, flat in sorted(self.state.token_counts.items()):
+            values = flat.cpu().numpy()
+            nonzero = np.flatnonzero(values)
+            parts.append(pa.table({
+                "model": [model_name] * len(nonzero),
+                "checkpoint_step": np.full(len(nonzero), checkpoint_step, dtype=np.int64),
+                "lang": [lang] * len(nonzero),
+                "layer": np.full(len(nonzero), layer, dtype=np.int32),
+                "token_id": (nonzero // e).astype(np.int32),
+                "expert": (nonzero % e).astype(np.int32),
+                "count": values[nonzero],
+            }, schema=TOKEN_SCHEMA))
+        return pa.concat_tables(parts) if parts else TOKEN_SCHEMA.empty_table()
+
+
+def profile_model(model_ref: str | Path, token_files: dict[str, str | Path], options: dict, out_dir: str | Path,
+                  model_name: str, checkpoint_step: int) -> None:
+    """Profile one model on every language; writes ``{out_dir}/{lang}.parquet`` (and token tables)."""
+    from moelang.models import ModelAdapter, load_model
+
+    model = load_model(model_ref, dtype=options.get("dtype", "float32"), device=_device(options.get("device", "auto")),
+                       trust_remote_code=options.get("trust_remote_code", False),
+                       revision=options.get("revision"))
+    model.eval()
+    adapter = ModelAdapter(model)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    token_layers = options.get("token_layers") or []
+    for lang, token_file in token_files.items():
+        chunks = heldout_chunks(token_file, options["seq_len"], options.get("tokens_per_language"))
+        batches = length_batches(chunks, options["batch_tokens"], pad_id)
+        profiler = RoutingProfiler(adapter, token_layers=token_layers)
+        profiler.run(batches, desc=f"routing {model_name} {lang}")
+        write_table(profiler.table(model_name, checkpoint_step, lang), Path(out_dir) / f"{lang}.parquet")
+        if token_layers:
+            write_table(profiler.token_table(model_name, checkpoint_step, lang), Path(out_dir) / f"{lang}.tokens.parquet")
+        log.info("routing %s %s: %d tokens over %d MoE layers", model_name, lang,
+                 int(profiler.state.n_tokens[0]), len(profiler.state.layers))
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
