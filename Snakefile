@@ -49,6 +49,7 @@ include: "workflow/rules/corpus.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/overlap.smk"
 include: "workflow/rules/models.smk"
+include: "workflow/rules/routing.smk"
 
 
 def model_targets():
@@ -66,3 +67,4 @@ rule all:
         lambda w: expand("results/tokens/{lang}.parquet", lang=kept_languages()),
         "results/overlap/overlap.parquet",
         model_targets(),
+        "results/routing/selected_experts.json",

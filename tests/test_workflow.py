@@ -99,6 +99,25 @@ def test_base_model_and_cpt_checkpoints_load_with_transformers(tiny_run):
     assert not (work / "results" / "state" / "cpt").exists()  # resumable state is cleaned up on success
 
 
+def test_routing_profiles_metrics_and_selection(tiny_run):
+    from moelang.routing import PROFILE_SCHEMA
+
+    work, _ = tiny_run
+    res = work / "results" / "routing"
+    assert sorted(p.name for p in res.iterdir() if p.name.startswith("cpt")) == ["cpt-step0", "cpt-step3", "cpt-step6"]
+    profile = pq.read_table(res / "cpt-step6" / "es.parquet")
+    assert profile.schema.equals(PROFILE_SCHEMA)
+    assert set(profile.column("checkpoint_step").to_pylist()) == {6} and profile.num_rows == 2 * 4  # layers x experts
+    assert not (res / "cpt-step6" / "ca.parquet").exists()  # dropped language
+    spec = pl.read_parquet(res / "metrics" / "specialization.parquet")
+    assert spec.height == 3 * 2 and spec["score"].is_between(0, 1).all()
+    assert pl.read_parquet(res / "metrics" / "jsd.parquet").height == 3 * 2  # one pair (en, es) per layer
+    selected = json.loads((res / "selected_experts.json").read_text())
+    assert set(selected) == set()  # the only target (ca) was dropped
+    for name in ("entropy", "jsd_dynamics", "jsd_heatmap", "specialization", "jsd_overlap"):
+        assert (res / "metrics" / f"{name}.png").stat().st_size > 1000
+
+
 def test_rerun_has_nothing_to_do(tiny_run):
     work, _ = tiny_run
     proc = snakemake(work, "--dry-run")

@@ -110,6 +110,29 @@ def cmd_cpt(args) -> None:
     continual_pretrain(args.base, _lang_paths(args.tokens, "cpt"), options, args.out, args.state_dir)
 
 
+def cmd_profile(args) -> None:
+    from moelang.routing import profile_model
+
+    if args.options is not None:
+        options = cfg.from_json(args.options)
+    elif args.config is not None:
+        options = cfg.routing_options(cfg.load(args.config), args.name)
+    else:
+        raise MoelangError("pass --config CONFIG.yaml --name MODEL (or --options JSON, as the workflow does)")
+    profile_model(options["ref"], _lang_paths(args.tokens, "routing"), options, args.out, options["model"],
+                  options["checkpoint_step"])
+
+
+def cmd_routing_metrics(args) -> None:
+    from moelang.routing_metrics import run_metrics
+
+    options = _options(args, cfg.routing_metrics_options)
+    missing = [p for p in args.profiles + [args.overlap] if not Path(p).is_file()]
+    if missing:
+        raise MoelangError(f"routing metrics: {missing[0]} does not exist; run the profile and overlap stages first")
+    run_metrics(args.profiles, args.overlap, options, args.out, args.selected)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moelang", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -170,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory receiving step-<N>/ checkpoints and train_log.parquet")
     p.add_argument("--state-dir", required=True)
     p.set_defaults(func=cmd_cpt)
+
+    p = sub.add_parser("profile-routing", help="per (layer, expert) routing counts of one model, per language")
+    _add_option_source(p)
+    p.add_argument("--name", help="with --config: the model to profile (e.g. cpt-step800)")
+    p.add_argument("--tokens", nargs="+", required=True, help="results/tokens/<lang>.parquet files")
+    p.add_argument("--out", required=True, help="directory receiving <lang>.parquet")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("routing-metrics", help="entropy, JSD, specialisation, expert selection, plots")
+    _add_option_source(p)
+    p.add_argument("--profiles", nargs="+", required=True, help="results/routing/<model>/<lang>.parquet files")
+    p.add_argument("--overlap", required=True, help="results/overlap/overlap.parquet")
+    p.add_argument("--out", required=True, help="results/routing/metrics")
+    p.add_argument("--selected", required=True, help="results/routing/selected_experts.json")
+    p.set_defaults(func=cmd_routing_metrics)
     return parser
 
 

@@ -231,3 +231,29 @@ def cpt_options(config: dict) -> dict:
     cpt = config["model"]["cpt"]
     return {**model_options(config), "train": cpt["train"], "seed": config["seed"],
             "steps": checkpoint_steps(cpt["train"]["steps"], cpt["n_checkpoints"])}
+
+
+def profiled_models(config: dict) -> dict[str, dict]:
+    """Models whose routing is profiled: name -> {"ref": path or hub id, "model": name in the tables,
+    "checkpoint_step": int}. The CPT checkpoints (step 0 is the base model), or the base model alone
+    when CPT is off."""
+    base = config["model"]["base"]
+    base_ref = "results/models/base" if base["type"] == "train" else base["name_or_path"]
+    if config["model"]["cpt"]["enabled"]:
+        return {f"cpt-step{step}": {"ref": f"results/models/cpt/step-{step}", "model": "cpt", "checkpoint_step": step}
+                for step in cpt_options(config)["steps"]}
+    return {"base": {"ref": base_ref, "model": "base", "checkpoint_step": 0}}
+
+
+def routing_options(config: dict, name: str) -> dict:
+    entry = profiled_models(config)[name]
+    base = config["model"]["base"]
+    return {**config["routing"], **entry, "dtype": config["model"]["dtype"], "device": config["model"]["device"],
+            "trust_remote_code": base.get("trust_remote_code", False) if base["type"] == "pretrained" else False,
+            "revision": base.get("revision") if base["type"] == "pretrained" and entry["model"] == "base" else None}
+
+
+def routing_metrics_options(config: dict) -> dict:
+    langs = config["languages"]
+    return {**config["routing"], "languages": all_languages(config), "base_language": langs["base"],
+            "high_resource": langs["high_resource"], "targets": langs["targets"], "seed": config["seed"]}

@@ -1,0 +1,211 @@
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import entropy as scipy_entropy
+from sklearn.metrics import mutual_info_score
+
+from families import MOE_FAMILIES, tiny_model
+from moelang import routing_metrics as rm
+from moelang.models import ModelAdapter
+from moelang.routing import PROFILE_SCHEMA, RoutingProfiler, heldout_chunks, length_batches, profile_model
+from test_train import write_tokens
+
+# ---------------------------------------------------------------------------------------------------
+# metrics against independent computations
+
+
+def test_entropy_and_jsd_equal_scipy():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = rng.integers(0, 50, 16), rng.integers(0, 50, 16)
+        a[0] += 1
+        b[1] += 1
+        assert rm.entropy(a) == pytest.approx(scipy_entropy(a / a.sum()))
+        assert rm.jsd(a, b) == pytest.approx(jensenshannon(a / a.sum(), b / b.sum()) ** 2, abs=1e-12)
+    assert rm.jsd([1, 0], [0, 1]) == pytest.approx(np.log(2))
+    assert rm.entropy([5, 5, 5, 5]) == pytest.approx(np.log(4))
+
+
+def test_specialization_on_hand_made_tables():
+    assert rm.specialization([[10, 10, 0, 0], [0, 0, 7, 7]]) == pytest.approx(1.0)  # experts identify the language
+    assert rm.specialization([[10, 20, 30], [1, 2, 3]]) == pytest.approx(0.0, abs=1e-12)  # independent
+    assert np.isnan(rm.specialization([[1, 2, 3]]))
+    rng = np.random.default_rng(1)
+    table = rng.integers(0, 40, (4, 8)) + 1
+    # independent: sklearn's mutual information (nats) over the expanded (language, expert) labels
+    langs = np.repeat(np.arange(4), table.sum(axis=1))
+    experts = np.concatenate([np.repeat(np.arange(8), row) for row in table])
+    mi_bits = mutual_info_score(langs, experts) / np.log(2)
+    h_bits = scipy_entropy(table.sum(axis=1), base=2)
+    assert rm.specialization(table) == pytest.approx(mi_bits / h_bits, rel=1e-9)
+
+
+def test_expert_selection_by_activation_gap_and_mean_share():
+    shares = {"en": np.array([0.50, 0.20, 0.10, 0.10, 0.10]),
+              "es": np.array([0.10, 0.195, 0.40, 0.20, 0.105]),
+              "ru": np.array([0.10, 0.20, 0.10, 0.35, 0.25])}
+    out = rm.select_experts(shares, alpha=0.01, shared_k=2)
+    # top language and gap to the second: e0 en .30, e1 en/ru tie .20 (gap 0), e2 es .20, e3 ru .15, e4 ru .145
+    assert out["specific"] == {"en": [0], "es": [2], "ru": [3, 4]}
+    # mean shares: e0 .233, e1 .198, e2 .2, e3 .217, e4 .152 -> top 2: e0, e3
+    assert out["shared"] == [0, 3]
+    per = {r["expert"]: r for r in out["per_expert"]}
+    assert per[1]["specific_lang"] is None and per[1]["gap"] == pytest.approx(0.0)
+    assert rm.top_by_gap(shares, "es", 2) == [1, 2]  # gaps of es: -.4, -.005, .3, -.15, -.145
+
+
+def test_jsd_overlap_correlation_matches_scipy():
+    import polars as pl
+    from scipy import stats
+
+    jsd = pl.DataFrame({"model": ["m"] * 3, "checkpoint_step": [0] * 3, "layer": [3] * 3,
+                        "lang_a": ["aa", "aa", "bb"], "lang_b": ["bb", "cc", "cc"], "jsd": [0.1, 0.3, 0.2]})
+    overlap = pl.DataFrame({"lang_a": ["aa", "aa", "bb"], "lang_b": ["bb", "cc", "cc"], "measure": ["jaccard"] * 3,
+                            "value": [0.9, 0.2, 0.5]})
+    out = rm.jsd_overlap_table(jsd, overlap, layer=None)
+    assert out["n_pairs"].to_list() == [3]
+    assert out["pearson_r"][0] == pytest.approx(stats.pearsonr([0.9, 0.2, 0.5], [0.1, 0.3, 0.2])[0])
+    assert out["spearman_r"][0] == pytest.approx(-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the profiler against a brute-force count from output_router_logits
+
+
+def grouped_topk(logits, router):
+    """DeepSeek-V3's selection, recomputed from its router logits: top groups first, then top-k inside."""
+    scores = logits.sigmoid() + router.e_score_correction_bias
+    groups = scores.view(-1, router.num_group, router.num_experts // router.num_group)
+    group_scores = groups.topk(2, dim=-1).values.sum(-1)
+    keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(router.topk_group, dim=-1).indices, 1)
+    mask = keep.unsqueeze(-1).expand_as(groups).reshape(scores.shape).bool()
+    return scores.masked_fill(~mask, float("-inf")).topk(router.top_k, dim=-1).indices
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_profiler_counts_equal_a_brute_force_count(family):
+    model = tiny_model(family).eval()
+    adapter = ModelAdapter(model)
+    if family == "deepseek_v3":
+        for layer in adapter.moe_layers:
+            layer.router.e_score_correction_bias.copy_(torch.randn(layer.num_experts) * 0.5)
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(3, model.config.vocab_size, n) for n in (9, 4, 13, 7)]
+    profiler = RoutingProfiler(adapter)
+    profiler.run(length_batches(chunks, batch_tokens=30, pad_id=0))  # padded batches
+    brute = {layer.index: Counter() for layer in adapter.moe_layers}
+    with torch.no_grad():
+        for chunk in chunks:  # one unpadded sequence at a time
+            out = model(input_ids=torch.tensor(chunk)[None], output_router_logits=True)
+            for k, layer in enumerate(adapter.moe_layers):
+                logits = out.router_logits[k]
+                chosen = grouped_topk(logits, layer.router) if family == "deepseek_v3" \
+                    else logits.topk(layer.top_k, dim=-1).indices
+                brute[layer.index].update(chosen.reshape(-1).tolist())
+    table = profiler.table("m", 0, "xx")
+    assert table.schema.equals(PROFILE_SCHEMA)
+    for layer in adapter.moe_layers:
+        rows = [r for r in table.to_pylist() if r["layer"] == layer.index]
+        assert [r["count"] for r in rows] == [brute[layer.index][e] for e in range(layer.num_experts)]
+        assert {r["n_tokens"] for r in rows} == {sum(map(len, chunks))}  # padding never counted
+
+
+def test_weight_sums_are_the_router_probability_mass():
+    model = tiny_model("olmoe").eval()
+    adapter = ModelAdapter(model)
+    chunk = np.arange(3, 40)
+    profiler = RoutingProfiler(adapter)
+    profiler.run(length_batches([chunk], batch_tokens=64, pad_id=0))
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(chunk)[None], output_router_logits=True)
+    for k, layer in enumerate(adapter.moe_layers):
+        probs = out.router_logits[k].softmax(-1)
+        top = probs.topk(layer.top_k, dim=-1)
+        expect = torch.zeros(layer.num_experts, dtype=torch.float64).index_add_(
+            0, top.indices.reshape(-1), top.values.reshape(-1).double())
+        got = profiler.state.weight_sums[k]
+        assert torch.allclose(got, expect, atol=1e-5)
+
+
+def test_chunks_respect_the_budget_and_the_split(tmp_path):
+    path = write_tokens(tmp_path / "t.parquet", [[5] * 10, [6] * 3, [7] * 8], splits=["heldout", "train", "heldout"])
+    chunks = heldout_chunks(path, seq_len=4, token_budget=None)
+    assert [c.tolist() for c in chunks] == [[5] * 4, [5] * 4, [5] * 2, [7] * 4, [7] * 4]
+    assert sum(map(len, heldout_chunks(path, seq_len=4, token_budget=11))) == 11
+    batches = length_batches(chunks, batch_tokens=8, pad_id=0)
+    assert sum(int(mask.sum()) for _, mask in batches) == 18
+    assert all(ids.numel() <= 8 for ids, _ in batches)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a model with planted language structure
+
+
+def planted_model(seed=0):
+    """Tiny OLMoE whose residual stream is the token embedding at every layer (attention and expert
+    outputs zeroed). Tokens 3..49 belong to 'en', 50..96 to 'es'; their embeddings are a language
+    direction plus noise orthogonal to both directions. Early routers only see the noise; the last
+    layer's router maps 'en' to experts {0, 1} and 'es' to {2, 3}."""
+    model = tiny_model("olmoe", seed=seed)
+    hidden = model.config.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=g))
+    u_en, u_es, noise_basis = basis[:, 0], basis[:, 1], basis[:, 2:]
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        noise = torch.randn(emb.shape[0], hidden - 2, generator=g) @ noise_basis.T
+        emb.copy_(noise)
+        emb[3:50] += 4 * u_en
+        emb[50:] += 4 * u_es
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.experts.down_proj.zero_()
+            router = layer.mlp.gate.weight
+            router.copy_(torch.randn(router.shape, generator=g) @ noise_basis @ noise_basis.T)
+        last = layers[-1].mlp.gate.weight
+        last[0] += 20 * u_en
+        last[1] += 19 * u_en
+        last[2] += 20 * u_es
+        last[3] += 19 * u_es
+    return model
+
+
+def test_profiler_and_metrics_find_planted_language_structure(tmp_path):
+    model = planted_model()
+    model.save_pretrained(tmp_path / "planted")
+    rng = np.random.default_rng(0)
+    docs = {"en": [rng.integers(3, 50, rng.integers(5, 40)).tolist() for _ in range(80)],
+            "es": [rng.integers(50, 97, rng.integers(5, 40)).tolist() for _ in range(80)]}
+    files = {lang: write_tokens(tmp_path / f"{lang}.parquet", d, splits=["heldout"] * len(d)) for lang, d in docs.items()}
+    options = {"seq_len": 16, "batch_tokens": 64, "tokens_per_language": None, "device": "cpu", "token_layers": [1]}
+    profile_model(tmp_path / "planted", files, options, tmp_path / "routing", "planted", 7)
+    profiles = [tmp_path / "routing" / "en.parquet", tmp_path / "routing" / "es.parquet"]
+    tokens = pq.read_table(tmp_path / "routing" / "en.tokens.parquet").to_pylist()
+    assert {r["layer"] for r in tokens} == {1} and {r["expert"] for r in tokens} <= {0, 1}
+    assert all(3 <= r["token_id"] < 50 for r in tokens)
+
+    import polars as pl
+
+    overlap = pl.DataFrame({"lang_a": ["en", "en", "es", "es"], "lang_b": ["en", "es", "en", "es"],
+                            "measure": ["jaccard"] * 4, "value": [1.0, 0.0, 0.0, 1.0]})
+    overlap.write_parquet(tmp_path / "overlap.parquet")
+    opts = {"languages": ["en", "es", "ca"], "base_language": "en", "high_resource": ["en", "es"],
+            "targets": {"ca": "es"}, "seed": 0, "final_layers": 1, "alpha": 0.01, "shared_k": 0, "top_n": 2}
+    rm.run_metrics(profiles, tmp_path / "overlap.parquet", opts, tmp_path / "metrics", tmp_path / "selected.json")
+    spec = pl.read_parquet(tmp_path / "metrics" / "specialization.parquet").sort("layer")
+    assert spec["score"].to_list()[-1] == pytest.approx(1.0)
+    assert spec["score"].to_list()[0] < 0.05
+    selected = json.loads((tmp_path / "selected.json").read_text())
+    assert selected["ca"]["seft"] == {"1": [2, 3]}
+    assert selected["ca"]["ssft"] == {"1": [2, 3]}
+    assert selected["ca"]["seft_top2"] == {"1": [2, 3]}
+    for name in ("entropy", "jsd_dynamics", "jsd_heatmap", "specialization", "jsd_overlap"):
+        assert (tmp_path / "metrics" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    experts = pl.read_parquet(tmp_path / "metrics" / "experts.parquet")
+    assert experts.filter(pl.col("specific_lang") == "en")["expert"].to_list() == [0, 1]

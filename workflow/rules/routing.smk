@@ -1,0 +1,55 @@
+# Stage: routing profiles and routing metrics. See src/moelang/routing.py and routing_metrics.py.
+
+PROFILED = mcfg.profiled_models(config)
+
+
+def kept_tokens(wildcards):
+    return expand("results/tokens/{lang}.parquet", lang=kept_languages())
+
+
+def profiled_model_input(wildcards):
+    ref = PROFILED[wildcards.model]["ref"]
+    return [ref] if ref.startswith("results/") else []
+
+
+rule profile_routing:
+    input:
+        model=profiled_model_input,
+        tokens=kept_tokens,
+    output:
+        directory("results/routing/{model}"),
+    wildcard_constraints:
+        model="|".join(PROFILED),
+    params:
+        options=lambda w: mcfg.to_json(mcfg.routing_options(config, w.model)),
+    threads: 2
+    log:
+        "results/logs/routing/{model}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} {MOELANG} profile-routing --options {params.options:q} --tokens {input.tokens:q}"
+        " --out {output:q} 2>&1 | tee {log:q}"
+
+
+def routing_profiles(wildcards):
+    return [f"results/routing/{name}/{lang}.parquet" for name in PROFILED for lang in kept_languages()]
+
+
+rule routing_metrics:
+    input:
+        profiles=lambda w: expand("results/routing/{model}", model=list(PROFILED)),
+        overlap="results/overlap/overlap.parquet",
+        corpus_summary="results/corpus/summary.parquet",  # the checkpoint that decides the languages
+    output:
+        tables=expand("results/routing/metrics/{name}.parquet",
+                      name=["entropy", "jsd", "jsd_mean", "specialization", "jsd_overlap", "experts"]),
+        plots=expand("results/routing/metrics/{name}.png",
+                     name=["entropy", "jsd_dynamics", "jsd_heatmap", "specialization", "jsd_overlap"]),
+        selected="results/routing/selected_experts.json",
+    params:
+        options=lambda w: mcfg.to_json(mcfg.routing_metrics_options(config)),
+        profiles=routing_profiles,
+    log:
+        "results/logs/routing/metrics.log",
+    shell:
+        "{MOELANG} routing-metrics --options {params.options:q} --profiles {params.profiles:q}"
+        " --overlap {input.overlap:q} --out results/routing/metrics --selected {output.selected:q} 2>&1 | tee {log:q}"
