@@ -181,26 +181,32 @@ def test_profiler_and_metrics_find_planted_language_structure(tmp_path):
     model.save_pretrained(tmp_path / "planted")
     rng = np.random.default_rng(0)
     docs = {"en": [rng.integers(3, 50, rng.integers(5, 40)).tolist() for _ in range(80)],
-            "es": [rng.integers(50, 97, rng.integers(5, 40)).tolist() for _ in range(80)]}
+            "es": [rng.integers(50, 97, rng.integers(5, 40)).tolist() for _ in range(80)],
+            "ca": [rng.integers(50, 97, rng.integers(5, 40)).tolist() for _ in range(20)]}  # a target, via its parent
     files = {lang: write_tokens(tmp_path / f"{lang}.parquet", d, splits=["heldout"] * len(d)) for lang, d in docs.items()}
     options = {"seq_len": 16, "batch_tokens": 64, "tokens_per_language": None, "device": "cpu", "token_layers": [1]}
     profile_model(tmp_path / "planted", files, options, tmp_path / "routing", "planted", 7)
-    profiles = [tmp_path / "routing" / "en.parquet", tmp_path / "routing" / "es.parquet"]
+    profiles = [tmp_path / "routing" / f"{lang}.parquet" for lang in ("en", "es", "ca")]
     tokens = pq.read_table(tmp_path / "routing" / "en.tokens.parquet").to_pylist()
     assert {r["layer"] for r in tokens} == {1} and {r["expert"] for r in tokens} <= {0, 1}
     assert all(3 <= r["token_id"] < 50 for r in tokens)
 
     import polars as pl
 
-    overlap = pl.DataFrame({"lang_a": ["en", "en", "es", "es"], "lang_b": ["en", "es", "en", "es"],
-                            "measure": ["jaccard"] * 4, "value": [1.0, 0.0, 0.0, 1.0]})
+    overlap = pl.DataFrame({"lang_a": ["en", "en", "es"], "lang_b": ["es", "ca", "ca"],
+                            "measure": ["jaccard"] * 3, "value": [0.0, 0.0, 0.8]})
     overlap.write_parquet(tmp_path / "overlap.parquet")
     opts = {"languages": ["en", "es", "ca"], "base_language": "en", "high_resource": ["en", "es"],
             "targets": {"ca": "es"}, "seed": 0, "final_layers": 1, "alpha": 0.01, "shared_k": 0, "top_n": 2}
     rm.run_metrics(profiles, tmp_path / "overlap.parquet", opts, tmp_path / "metrics", tmp_path / "selected.json")
+    # over en, es, ca the last layer separates en from {es, ca}: I(L;E) = H(en vs rest) < H(L)
     spec = pl.read_parquet(tmp_path / "metrics" / "specialization.parquet").sort("layer")
-    assert spec["score"].to_list()[-1] == pytest.approx(1.0)
     assert spec["score"].to_list()[0] < 0.05
+    last = pl.read_parquet(tmp_path / "routing" / "en.parquet").filter(pl.col("layer") == 1)
+    assert last.filter(pl.col("count") > 0)["expert"].to_list() == [0, 1]
+    two = rm.metric_tables(pl.concat([pl.read_parquet(p) for p in profiles[:2]]), ["en", "es"])["specialization"]
+    assert two.sort("layer")["score"].to_list()[-1] == pytest.approx(1.0)
+    assert two.sort("layer")["score"].to_list()[0] < 0.05
     selected = json.loads((tmp_path / "selected.json").read_text())
     assert selected["ca"]["seft"] == {"1": [2, 3]}
     assert selected["ca"]["ssft"] == {"1": [2, 3]}
