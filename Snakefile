@@ -50,6 +50,7 @@ include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/overlap.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/routing.smk"
+include: "workflow/rules/similarity.smk"
 
 
 def model_targets():
@@ -68,3 +69,4 @@ rule all:
         "results/overlap/overlap.parquet",
         model_targets(),
         "results/routing/selected_experts.json",
+        "results/allocation/plan.json",

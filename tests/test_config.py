@@ -9,7 +9,8 @@ from moelang.errors import ConfigError
 
 
 def minimal(**extra):
-    return {"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}}, **extra}
+    return {"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}}, "allocation": {"new_experts": 4},
+            **extra}
 
 
 def test_defaults_are_filled_from_the_schema():
@@ -51,6 +52,10 @@ def test_embedded_default_config_is_valid(repo):
         (minimal(languages={"high_resource": ["en", "es"], "targets": {"es": "en"}}), "languages.targets.es", "both"),
         (minimal(corpus={"sources": {"de": {"type": "builtin"}}}), "corpus.sources.de", "not a configured language"),
         (minimal(tokenizer={"type": "pretrained"}), "tokenizer.name_or_path", "hub id"),
+        (minimal(allocation={}), "allocation", "exactly one budget"),
+        (minimal(allocation={"delta": 5, "new_experts": 4}), "allocation", "exactly one budget"),
+        (minimal(similarity={"model": "cpt-step7"}), "similarity.model", "not a profiled model"),
+        (minimal(model={"base": {"type": "pretrained", "name_or_path": "x/y"}}), "tokenizer.type", "own tokenizer"),
         ({}, "(top level)", "languages"),
     ],
 )

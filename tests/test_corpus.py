@@ -174,6 +174,7 @@ def test_builtin_corpus_and_parallel_table_line_up(tmp_path):
     from moelang import config as cfg
 
     config = cfg.validate({"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}},
+                           "allocation": {"new_experts": 4},
                            "corpus": {"builtin": {"packages": ["Django"]}}})
     rows = corpus.build_parallel(cfg.parallel_options(config), tmp_path / "parallel.parquet")
     par = pq.read_table(tmp_path / "parallel.parquet")

@@ -26,13 +26,18 @@ def snakemake(workdir: Path, *extra: str, timeout: int = 600) -> subprocess.Comp
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("dag")
-    ca = write_lines(work / "data" / "ca.txt", ["el gat menja peix", "la casa és gran"])
+    words = "el gat menja peix la casa és gran però avui plou molt al carrer de la ciutat".split()
+    rng = __import__("random").Random(0)
+    ca = write_lines(work / "data" / "ca.txt", [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+                                                for _ in range(400)])
+    gl = write_lines(work / "data" / "gl.txt", ["o gato come peixe", "a casa é grande"])
     config = {
-        "languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}},
+        "languages": {"high_resource": ["en", "es"], "targets": {"ca": "es", "gl": "es"}},
+        "allocation": {"new_experts": 3},
         "corpus": {
             "min_chars": 2000,
             "builtin": {"packages": ["Django"], "english_prose": []},
-            "sources": {"ca": {"type": "local", "path": str(ca)}},
+            "sources": {"ca": {"type": "local", "path": str(ca)}, "gl": {"type": "local", "path": str(gl)}},
         },
         "tokenizer": {"vocab_size": 500},
         "model": {
@@ -55,23 +60,23 @@ def test_every_output_exists_with_its_schema(tiny_run):
     work, _ = tiny_run
     res = work / "results"
     manifest = json.loads((res / "corpus" / "languages.json").read_text())
-    assert manifest["kept"] == ["en", "es"]
-    assert "too little text" in manifest["dropped"]["ca"]
-    for lang in ["en", "es", "ca"]:
+    assert manifest["kept"] == ["en", "es", "ca"]
+    assert "too little text" in manifest["dropped"]["gl"]
+    for lang in ["en", "es", "ca", "gl"]:
         assert pq.read_schema(res / "corpus" / f"{lang}.parquet").equals(corpus.CORPUS_SCHEMA)
     summary = pq.read_table(res / "corpus" / "summary.parquet")
     assert summary.schema.equals(corpus.STATS_SCHEMA)
-    assert summary.column("lang").to_pylist() == ["en", "es", "ca"]
-    assert summary.column("kept").to_pylist() == [True, True, False]
-    for lang in ["en", "es"]:
+    assert summary.column("lang").to_pylist() == ["en", "es", "ca", "gl"]
+    assert summary.column("kept").to_pylist() == [True, True, True, False]
+    for lang in ["en", "es", "ca"]:
         assert pq.read_schema(res / "tokens" / f"{lang}.parquet").equals(tokenize.TOKENS_SCHEMA)
         assert pq.read_schema(res / "tokens" / f"{lang}.freq.parquet").equals(tokenize.FREQ_SCHEMA)
-    assert not (res / "tokens" / "ca.parquet").exists()  # dropped languages go no further
+    assert not (res / "tokens" / "gl.parquet").exists()  # dropped languages go no further
     table = pl.read_parquet(res / "overlap" / "overlap.parquet")
     assert table.schema == pl.Schema(overlap.OVERLAP_SCHEMA)
-    assert table.height == 2 * 2 * len(overlap.MEASURES)
+    assert table.height == 3 * 3 * len(overlap.MEASURES)
     parallel = pq.read_table(res / "corpus" / "parallel.parquet")
-    assert parallel.column_names == ["item_id", "origin", "en", "es", "ca"] and parallel.num_rows > 300
+    assert parallel.column_names == ["item_id", "origin", "en", "es", "ca", "gl"] and parallel.num_rows > 300
     assert (res / "overlap" / "overlap.png").stat().st_size > 1000
     assert (res / "tokenizer" / "tokenizer.json").is_file()
 
@@ -108,14 +113,35 @@ def test_routing_profiles_metrics_and_selection(tiny_run):
     profile = pq.read_table(res / "cpt-step6" / "es.parquet")
     assert profile.schema.equals(PROFILE_SCHEMA)
     assert set(profile.column("checkpoint_step").to_pylist()) == {6} and profile.num_rows == 2 * 4  # layers x experts
-    assert not (res / "cpt-step6" / "ca.parquet").exists()  # dropped language
+    assert not (res / "cpt-step6" / "gl.parquet").exists()  # dropped language
     spec = pl.read_parquet(res / "metrics" / "specialization.parquet")
     assert spec.height == 3 * 2 and spec["score"].is_between(0, 1).all()
-    assert pl.read_parquet(res / "metrics" / "jsd.parquet").height == 3 * 2  # one pair (en, es) per layer
+    assert pl.read_parquet(res / "metrics" / "jsd.parquet").height == 3 * 2 * 3  # 3 checkpoints x 2 layers x 3 pairs
     selected = json.loads((res / "selected_experts.json").read_text())
-    assert set(selected) == set()  # the only target (ca) was dropped
+    assert set(selected) == {"ca"}  # gl was dropped
+    assert set(selected["ca"]) == {"ssft", "seft", "seft_top20", "random"}
+    assert set(selected["ca"]["ssft"]) == {"0", "1"}  # the final 2 MoE layers
     for name in ("entropy", "jsd_dynamics", "jsd_heatmap", "specialization", "jsd_overlap"):
         assert (res / "metrics" / f"{name}.png").stat().st_size > 1000
+
+
+def test_similarity_and_allocation_plan(tiny_run):
+    from moelang.similarity import SIMILARITY_SCHEMA
+
+    work, _ = tiny_run
+    sim = pl.read_parquet(work / "results" / "similarity" / "cpt-step6.parquet")
+    assert sim.schema == pl.Schema(SIMILARITY_SCHEMA)
+    assert sim.height == 2 * 6  # 2 layers x (3 languages: 3 pairs + 3 diagonal)
+    assert sim.filter(pl.col("lang_a") == pl.col("lang_b"))["similarity"].is_between(0, 1.0000001).all()
+    plan = json.loads((work / "results" / "allocation" / "plan.json").read_text())
+    assert set(plan) == {"layermoe", "uniform", "increasing", "routing", "_meta"}
+    for method in ("layermoe", "uniform", "increasing", "routing"):
+        assert sum(plan[method]["new_experts_per_layer"]) == 3, method
+        assert min(plan[method]["new_experts_per_layer"]) >= 1
+    assert plan["_meta"]["old"] == ["en", "es"] and plan["_meta"]["new"] == ["ca"]
+    assert plan["_meta"]["counts_existing"] is False  # an MoE base: N_i counts new experts only
+    table = pl.read_parquet(work / "results" / "allocation" / "plan.parquet")
+    assert table.columns == ["method", "layer", "score", "experts", "new_experts", "classifier"]
 
 
 def test_rerun_has_nothing_to_do(tiny_run):

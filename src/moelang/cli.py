@@ -133,6 +133,42 @@ def cmd_routing_metrics(args) -> None:
     run_metrics(args.profiles, args.overlap, options, args.out, args.selected)
 
 
+def cmd_similarity(args) -> None:
+    from moelang.similarity import run_similarity
+
+    options = _options(args, cfg.similarity_options)
+    run_similarity(options["ref"], _lang_paths(args.tokens, "similarity"), options, args.out, args.plot,
+                   options["name"], parallel_path=args.parallel)
+
+
+def _codes(text: str | None, what: str) -> list[str] | None:
+    if text is None:
+        return None
+    codes = [cfg.check_lang(code.strip()) for code in text.split(",") if code.strip()]
+    if not codes:
+        raise MoelangError(f"allocate: {what} is empty; pass comma-separated language codes")
+    return codes
+
+
+def cmd_allocate(args) -> None:
+    from moelang.allocation import run_allocation
+
+    if not Path(args.similarity).is_file():
+        raise MoelangError(f"allocate: similarity table '{args.similarity}' does not exist; run the similarity stage first")
+    if args.options is not None:
+        options = cfg.from_json(args.options)
+    else:
+        options = {"old": _codes(args.old, "--old"), "new": _codes(args.new, "--new"), "delta": args.delta,
+                   "new_experts": args.new_experts, "existing": args.existing,
+                   "counts_existing": not args.new_only, "classifier_layers": args.classifier_layers,
+                   "routing_weight": args.routing_weight}
+        if options["old"] is None or options["new"] is None:
+            raise MoelangError("allocate: pass --old and --new language lists (or --options JSON)")
+        if (args.delta is None) == (args.new_experts is None):
+            raise MoelangError("allocate: pass exactly one budget, --delta or --new-experts")
+    run_allocation(args.similarity, options, args.out, args.specialization)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moelang", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -208,6 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results/routing/metrics")
     p.add_argument("--selected", required=True, help="results/routing/selected_experts.json")
     p.set_defaults(func=cmd_routing_metrics)
+
+    p = sub.add_parser("similarity", help="per-layer cross-lingual similarity of one model's MLP inputs")
+    _add_option_source(p)
+    p.add_argument("--tokens", nargs="+", required=True, help="results/tokens/<lang>.parquet files")
+    p.add_argument("--parallel", default=None, help="results/corpus/parallel.parquet (method: parallel)")
+    p.add_argument("--out", required=True, help="results/similarity/<model>.parquet")
+    p.add_argument("--plot", default=None, help="results/similarity/<model>.png")
+    p.set_defaults(func=cmd_similarity)
+
+    p = sub.add_parser("allocate", help="LayerMoE's new experts per layer (and baselines) from a similarity table")
+    p.add_argument("--options", help="the allocation options as JSON (what the workflow passes)")
+    p.add_argument("--similarity", required=True, help="similarity table (results/similarity/<model>.parquet)")
+    p.add_argument("--old", help="old languages, comma-separated (e.g. en,es,zh)")
+    p.add_argument("--new", help="new languages, comma-separated (e.g. el,hu,tr)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--delta", type=float, help="LayerMoE's delta")
+    budget.add_argument("--new-experts", type=int, help="total new experts (the delta is searched)")
+    p.add_argument("--existing", type=int, default=1, help="experts a layer has already (1: a dense FFN)")
+    p.add_argument("--new-only", action="store_true", help="N_i counts only new experts, not the existing ones")
+    p.add_argument("--classifier-layers", type=int, default=None, help="router-classifier layers (default: paper)")
+    p.add_argument("--specialization", default=None, help="routing specialisation table for the routing method")
+    p.add_argument("--routing-weight", type=float, default=1.0)
+    p.add_argument("--out", required=True, help="directory receiving plan.json, plan.parquet, plan.png")
+    p.set_defaults(func=cmd_allocate)
     return parser
 
 

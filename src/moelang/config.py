@@ -112,6 +112,13 @@ def _check_semantics(config: dict) -> None:
         if not tok["name_or_path"]:
             tok["name_or_path"] = base["name_or_path"]
             tok["revision"] = tok["revision"] or base.get("revision")
+    alloc = config["allocation"]
+    if (alloc["delta"] is None) == (alloc["new_experts"] is None):
+        raise ConfigError("config key 'allocation': give exactly one budget, allocation.delta or allocation.new_experts")
+    sim_model = config["similarity"]["model"]
+    if sim_model is not None and sim_model not in profiled_models(config):
+        raise ConfigError(f"config key 'similarity.model': '{sim_model}' is not a profiled model; use one of "
+                          f"{', '.join(profiled_models(config))}")
     if tok["type"] == "pretrained" and not tok["name_or_path"]:
         raise ConfigError("config key 'tokenizer.name_or_path': a pretrained tokenizer needs a hub id or a local "
                           "directory; set it, or use tokenizer.type: train")
@@ -257,3 +264,29 @@ def routing_metrics_options(config: dict) -> dict:
     langs = config["languages"]
     return {**config["routing"], "languages": all_languages(config), "base_language": langs["base"],
             "high_resource": langs["high_resource"], "targets": langs["targets"], "seed": config["seed"]}
+
+
+def similarity_model(config: dict) -> str:
+    """The profiled model whose layer similarity drives the allocation (default: the last one)."""
+    return config["similarity"]["model"] or list(profiled_models(config))[-1]
+
+
+def similarity_options(config: dict) -> dict:
+    name = similarity_model(config)
+    entry = profiled_models(config)[name]
+    base = config["model"]["base"]
+    pretrained = base["type"] == "pretrained"
+    return {**config["similarity"], **entry, "name": name, "dtype": config["model"]["dtype"],
+            "device": config["model"]["device"],
+            "trust_remote_code": base.get("trust_remote_code", False) if pretrained else False,
+            "revision": base.get("revision") if pretrained and entry["model"] == "base" else None}
+
+
+def allocation_options(config: dict, kept: list[str]) -> dict:
+    langs = config["languages"]
+    alloc = config["allocation"]
+    entry = profiled_models(config)[similarity_model(config)]
+    return {**alloc,
+            "old": alloc["old"] or [l for l in langs["high_resource"] if l in kept],
+            "new": alloc["new"] or [l for l in langs["targets"] if l in kept],
+            "model": entry["model"], "checkpoint_step": entry["checkpoint_step"], "model_ref": entry["ref"]}

@@ -1,0 +1,209 @@
+"""Stage: per-layer cross-lingual representation similarity (section B of the science notes).
+
+At every decoder layer the adapter hands over the MLP input (the hidden state after attention and
+its norm), for dense and MoE layers alike. Two ways to compare languages:
+
+``tokens`` (LayerMoE's definition, the default)
+    similarity of languages a and b at a layer = the mean cosine over *all* pairs of their tokens'
+    MLP inputs (``routing``-style held-out chunks, padding excluded, up to ``tokens_per_language``
+    per language). Since mean_{u in A, v in B} cos(u, v) = (mean_A u/|u|) . (mean_B v/|v|), only the
+    running sum of unit vectors per (language, layer) is kept: exact, O(N d) time, O(d) memory; the
+    N x N matrix is never built.
+``parallel``
+    the parallel table's translations: each sentence's MLP inputs mean-pooled into one vector per
+    layer, the cosine of a sentence and its translation, averaged over the items both languages have.
+
+Output ``results/similarity/{model}.parquet``: ``model`` string, ``layer`` int32, ``lang_a`` string,
+``lang_b`` string (a before b in config order; a = b gives the within-language mean cosine),
+``similarity`` float64, ``n_tokens_a`` int64, ``n_tokens_b`` int64 (tokens behind each side); and
+``results/similarity/{model}.png``, similarity per layer for every pair.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from moelang.errors import MoelangError
+from moelang.io import atomic_path, log, progress, save_figure
+
+SIMILARITY_SCHEMA = {"model": pl.String, "layer": pl.Int32, "lang_a": pl.String, "lang_b": pl.String,
+                     "similarity": pl.Float64, "n_tokens_a": pl.Int64, "n_tokens_b": pl.Int64}
+
+
+def mean_pair_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean cosine over all pairs of rows of ``x`` and ``y``, in O((n + m) d)."""
+    ux = torch.nn.functional.normalize(x.double(), dim=-1).mean(0)
+    uy = torch.nn.functional.normalize(y.double(), dim=-1).mean(0)
+    return float(ux @ uy)
+
+
+class UnitSums:
+    """Per layer: the sum of unit-normalised MLP inputs of valid tokens, and their number."""
+
+    def __init__(self, num_layers: int, hidden: int, device):
+        self.sums = torch.zeros(num_layers, hidden, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_layers, dtype=torch.int64, device=device)
+        self.valid: torch.Tensor | None = None
+
+    def add(self, layer: int, hidden: torch.Tensor) -> None:
+        vectors = hidden.reshape(-1, hidden.shape[-1])[self.valid]
+        self.sums[layer] += torch.nn.functional.normalize(vectors.double(), dim=-1).sum(0)
+        self.counts[layer] += vectors.shape[0]
+
+    def means(self) -> torch.Tensor:
+        return self.sums / self.counts.clamp(min=1).unsqueeze(-1).double()
+
+
+@torch.no_grad()
+def token_unit_means(adapter, batches, desc: str) -> tuple[torch.Tensor, int]:
+    """[num_layers, hidden] mean unit MLP-input vectors over the batches' valid tokens."""
+    model = adapter.model
+    device = next(model.parameters()).device
+    sums = UnitSums(adapter.num_layers, model.config.hidden_size, device)
+    with adapter.capture_mlp_inputs(sums.add):
+        for ids, mask in progress(batches, desc=desc, unit=" batches"):
+            ids, mask = ids.to(device), mask.to(device)
+            sums.valid = mask.reshape(-1).bool()
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return sums.means().cpu(), int(sums.counts[0])
+
+
+@torch.no_grad()
+def sentence_vectors(adapter, tokenizer, sentences: list[str], batch_size: int = 32, desc: str = "sentences") -> torch.Tensor:
+    """[num_layers, n_sentences, hidden]: each sentence's MLP inputs mean-pooled over its tokens."""
+    model = adapter.model
+    device = next(model.parameters()).device
+    out = torch.zeros(adapter.num_layers, len(sentences), model.config.hidden_size, dtype=torch.float64)
+    state = {}
+
+    def pool(layer, hidden):
+        mask = state["mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out[layer, state["rows"]] = pooled.double().cpu()
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with adapter.capture_mlp_inputs(pool):
+        for start in progress(range(0, len(sentences), batch_size), desc=desc, unit=" batches"):
+            chunk = sentences[start:start + batch_size]
+            encoded = [tokenizer(s, add_special_tokens=False)["input_ids"] or [pad] for s in chunk]
+            width = max(map(len, encoded))
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, seq in enumerate(encoded):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            state["mask"], state["rows"] = mask.to(device), slice(start, start + len(chunk))
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    return out
+
+
+def _pairs(languages: list[str]):
+    for i, a in enumerate(languages):
+        for b in languages[i:]:
+            yield a, b
+
+
+def token_similarity(adapter, token_files: dict[str, str | Path], options: dict, model_name: str) -> pl.DataFrame:
+    from moelang.routing import heldout_chunks, length_batches
+
+    pad = adapter.model.config.pad_token_id if adapter.model.config.pad_token_id is not None else 0
+    means, counts = {}, {}
+    for lang, path in token_files.items():
+        chunks = heldout_chunks(path, options["seq_len"], options.get("tokens_per_language"))
+        batches = length_batches(chunks, options["batch_tokens"], pad)
+        means[lang], counts[lang] = token_unit_means(adapter, batches, f"similarity {model_name} {lang}")
+    rows = []
+    for a, b in _pairs(list(token_files)):
+        sims = (means[a] * means[b]).sum(-1)
+        for layer in range(adapter.num_layers):
+            rows.append((model_name, layer, a, b, float(sims[layer]), counts[a], counts[b]))
+    return pl.DataFrame(rows, schema=SIMILARITY_SCHEMA, orient="row")
+
+
+def parallel_similarity(adapter, tokenizer, parallel_path: str | Path, languages: list[str], options: dict,
+                        model_name: str) -> pl.DataFrame:
+    table = pl.read_parquet(parallel_path)
+    langs = [lang for lang in languages if lang in table.columns]
+    if len(langs) < 2:
+        raise MoelangError(f"similarity: the parallel table has columns for {langs} only; the parallel variant needs "
+                           f"at least two of the languages (set corpus.parallel, or similarity.method: tokens)")
+    limit = options.get("max_parallel_items")
+    vectors, present, n_tokens = {}, {}, {}
+    for lang in langs:
+        column = table[lang]
+        keep = column.is_not_null().to_numpy()
+        texts = column.filter(column.is_not_null()).to_list()
+        if limit:
+            idx = np.flatnonzero(keep)[:limit]
+            keep = np.zeros_like(keep)
+            keep[idx] = True
+            texts = texts[:limit]
+        present[lang] = keep
+        vectors[lang] = np.full((adapter.num_layers, len(keep), adapter.model.config.hidden_size), np.nan)
+        pooled = sentence_vectors(adapter, tokenizer, texts, desc=f"similarity {model_name} {lang}").numpy()
+        vectors[lang][:, keep] = pooled
+        n_tokens[lang] = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    rows = []
+    for a, b in _pairs(langs):
+        both = present[a] & present[b]
+        if not both.any():
+            continue
+        va = vectors[a][:, both]
+        vb = vectors[b][:, both]
+        cos = (va * vb).sum(-1) / (np.linalg.norm(va, axis=-1) * np.linalg.norm(vb, axis=-1)).clip(min=1e-12)
+        for layer in range(adapter.num_layers):
+            rows.append((model_name, layer, a, b, float(cos[layer].mean()), n_tokens[a], n_tokens[b]))
+    return pl.DataFrame(rows, schema=SIMILARITY_SCHEMA, orient="row")
+
+
+def plot_similarity(table: pl.DataFrame, path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    pairs = table.filter(pl.col("lang_a") != pl.col("lang_b"))
+    for (a, b), part in pairs.group_by(["lang_a", "lang_b"], maintain_order=True):
+        part = part.sort("layer")
+        ax.plot(part["layer"], part["similarity"], alpha=0.35, linewidth=1)
+    mean = pairs.group_by("layer").agg(pl.col("similarity").mean()).sort("layer")
+    ax.plot(mean["layer"], mean["similarity"], "k-o", linewidth=2.5, label="mean over language pairs")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("cross-lingual similarity (mean cosine)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def run_similarity(model_ref: str | Path, token_files: dict[str, str | Path], options: dict, out_table: str | Path,
+                   out_plot: str | Path | None, model_name: str, parallel_path: str | Path | None = None) -> pl.DataFrame:
+    from transformers import AutoTokenizer
+
+    from moelang.models import ModelAdapter, load_model
+    from moelang.routing import _device
+
+    model = load_model(model_ref, dtype=options.get("dtype", "float32"), device=_device(options.get("device", "auto")),
+                       trust_remote_code=options.get("trust_remote_code", False), revision=options.get("revision"))
+    model.eval()
+    adapter = ModelAdapter(model)
+    if options.get("method", "tokens") == "parallel":
+        if parallel_path is None:
+            raise MoelangError("similarity: the parallel method needs --parallel results/corpus/parallel.parquet")
+        tokenizer = AutoTokenizer.from_pretrained(str(model_ref), revision=options.get("revision"),
+                                                  trust_remote_code=options.get("trust_remote_code", False))
+        table = parallel_similarity(adapter, tokenizer, parallel_path, list(token_files), options, model_name)
+    else:
+        table = token_similarity(adapter, token_files, options, model_name)
+    with atomic_path(out_table) as tmp:
+        table.write_parquet(tmp, compression="zstd")
+    if out_plot:
+        plot_similarity(table, out_plot, f"Cross-lingual similarity per layer ({model_name}, {options.get('method', 'tokens')})")
+    off = table.filter(pl.col("lang_a") != pl.col("lang_b")).group_by("layer").agg(pl.col("similarity").mean()).sort("layer")
+    log.info("similarity %s: mean over pairs by layer: %s", model_name,
+             ", ".join(f"{l}: {s:.3f}" for l, s in off.iter_rows()))
+    return table
