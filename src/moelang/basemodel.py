@@ -26,17 +26,9 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from moelang.io import log, write_table
-from moelang.models import build_config, init_model, load_model
+from moelang.models import build_config, init_model, load_model, resolve_device
 from moelang.train import PackedStream, TrainSettings, export_model, train
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _settings(options: dict, mixture: dict[str, float]) -> TrainSettings:
@@ -72,7 +64,7 @@ def continual_pretrain(base: str | Path, token_files: dict[str, str | Path], opt
     revision = base_spec.get("revision") if base_spec.get("type") == "pretrained" else None
     trust = bool(base_spec.get("trust_remote_code", False))
     tokenizer = AutoTokenizer.from_pretrained(str(base), revision=revision, trust_remote_code=trust)
-    model = load_model(base, revision=revision, dtype=options["dtype"], device=_device(options["device"]),
+    model = load_model(base, revision=revision, dtype=options["dtype"], device=resolve_device(options["device"]),
                        trust_remote_code=trust, experts_implementation=options.get("experts_implementation"))
     mixture = {lang: 1.0 for lang in token_files}
     settings = _settings(options, mixture)

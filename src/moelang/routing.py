@@ -225,9 +225,9 @@ class RoutingProfiler:
 def profile_model(model_ref: str | Path, token_files: dict[str, str | Path], options: dict, out_dir: str | Path,
                   model_name: str, checkpoint_step: int) -> None:
     """Profile one model on every language; writes ``{out_dir}/{lang}.parquet`` (and token tables)."""
-    from moelang.models import ModelAdapter, load_model
+    from moelang.models import ModelAdapter, load_model, resolve_device
 
-    model = load_model(model_ref, dtype=options.get("dtype", "float32"), device=_device(options.get("device", "auto")),
+    model = load_model(model_ref, dtype=options.get("dtype", "float32"), device=resolve_device(options.get("device", "auto")),
                        trust_remote_code=options.get("trust_remote_code", False),
                        revision=options.get("revision"))
     model.eval()
@@ -244,9 +244,3 @@ def profile_model(model_ref: str | Path, token_files: dict[str, str | Path], opt
             write_table(profiler.token_table(model_name, checkpoint_step, lang), Path(out_dir) / f"{lang}.tokens.parquet")
         log.info("routing %s %s: %d tokens over %d MoE layers", model_name, lang,
                  int(profiler.state.n_tokens[0]), len(profiler.state.layers))
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name

@@ -184,10 +184,9 @@ def run_similarity(model_ref: str | Path, token_files: dict[str, str | Path], op
                    out_plot: str | Path | None, model_name: str, parallel_path: str | Path | None = None) -> pl.DataFrame:
     from transformers import AutoTokenizer
 
-    from moelang.models import ModelAdapter, load_model
-    from moelang.routing import _device
+    from moelang.models import ModelAdapter, load_model, resolve_device
 
-    model = load_model(model_ref, dtype=options.get("dtype", "float32"), device=_device(options.get("device", "auto")),
+    model = load_model(model_ref, dtype=options.get("dtype", "float32"), device=resolve_device(options.get("device", "auto")),
                        trust_remote_code=options.get("trust_remote_code", False), revision=options.get("revision"))
     model.eval()
     adapter = ModelAdapter(model)

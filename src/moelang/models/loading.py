@@ -31,6 +31,13 @@ def torch_dtype(name: str) -> torch.dtype:
         raise MoelangError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}") from None
 
 
+def resolve_device(name: str) -> str:
+    """``auto``: CUDA when available, else the CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
