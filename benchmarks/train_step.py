@@ -303,7 +303,7 @@ def contention_note(contended: list[str]) -> str:
 
 def explanation(result: dict) -> str:
     """One or two sentences; the mechanism is stated only where the numbers agree with it."""
-    full, experts, control = result["full"], result["experts"], result["last2_all"]
+    full, experts = result["full"], result["experts"]
     speedup = result["speedup_experts_vs_full"]
     same_depth = abs(result["speedup_experts_vs_last2_all"] - 1) <= 0.10
     n_layers = result["model"]["num_hidden_layers"]

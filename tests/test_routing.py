@@ -163,7 +163,7 @@ def planted_model(seed=0):
         emb[3:50] += 4 * u_en
         emb[50:] += 4 * u_es
         layers = model.model.layers
-        for i, layer in enumerate(layers):
+        for layer in layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.experts.down_proj.zero_()
             router = layer.mlp.gate.weight

@@ -9,8 +9,6 @@ Bad input ends with one line, ``moelang: error: <problem>; <fix>``, and exit sta
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 from pathlib import Path
 

@@ -12,7 +12,6 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator, validators

@@ -47,11 +47,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import logging
-import os
 import re
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 

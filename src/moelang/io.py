@@ -94,8 +94,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def progress(iterable=None, **kwargs):
-    """tqdm with the project's defaults (stderr, off when stderr is not a terminal and the
-    environment asks for quiet output through TQDM_DISABLE)."""
+    """A tqdm bar on stderr with the project's defaults (``TQDM_DISABLE=1`` turns bars off)."""
     from tqdm.auto import tqdm
 
     kwargs.setdefault("dynamic_ncols", True)

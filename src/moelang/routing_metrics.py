@@ -35,7 +35,6 @@ Plots: ``entropy.png``, ``jsd_dynamics.png``, ``jsd_heatmap.png``, ``specializat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -168,7 +168,7 @@ def plot_similarity(table: pl.DataFrame, path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     pairs = table.filter(pl.col("lang_a") != pl.col("lang_b"))
-    for (a, b), part in pairs.group_by(["lang_a", "lang_b"], maintain_order=True):
+    for _, part in pairs.group_by(["lang_a", "lang_b"], maintain_order=True):
         part = part.sort("layer")
         ax.plot(part["layer"], part["similarity"], alpha=0.35, linewidth=1)
     mean = pairs.group_by("layer").agg(pl.col("similarity").mean()).sort("layer")

@@ -97,7 +97,7 @@ def train_tokenizer(corpus_paths: dict[str, str | Path], options: dict, base_lan
     log.info("tokenizer: training a byte-level BPE (vocab %d) on %s", options["vocab_size"], ", ".join(sorted(corpus_paths)))
     tokenizer.train_from_iterator(_mix_documents(corpus_paths, options, base_language, mix), trainer=trainer)
     total = sum(m["n_chars"] for m in mix.values()) or 1
-    for lang, m in mix.items():
+    for m in mix.values():
         m["char_share"] = round(m["n_chars"] / total, 4)
     log.info("tokenizer: mix by characters: %s", ", ".join(f"{l} {m['char_share']:.1%}" for l, m in mix.items()))
     fast = PreTrainedTokenizerFast(

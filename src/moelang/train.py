@@ -178,7 +178,7 @@ class PackedStream:
 
 def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
         (decay if param.ndim >= 2 else no_decay).append(param)
@@ -366,7 +366,8 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
     world = accelerator.num_processes
     rank = accelerator.process_index
     bar = progress(total=settings.steps, initial=start_step, desc="train", unit=" steps",
-                   disable=not accelerator.is_main_process or None)
+                   disable=not accelerator.is_main_process)
+    log_every = max(1, settings.steps // 20)  # a log line every 5%, for logs that are not a terminal
     started = time.perf_counter()
     step = start_step
     for step in range(start_step, settings.steps):
@@ -399,6 +400,10 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
         bar.update(1)
         bar.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{rows[-1]['tokens_per_s']:.0f}")
         done = step + 1
+        if accelerator.is_main_process and (done % log_every == 0 or done == settings.steps):
+            rate = (done - start_step) / (time.perf_counter() - started)
+            log.info("train: step %d/%d, loss %.3f, lr %.2e, %.0f tokens/s, about %.0f s left", done, settings.steps,
+                     lm_total, lr, rows[-1]["tokens_per_s"], (settings.steps - done) / rate)
         if done in exports:
             exports[done](accelerator.unwrap_model(model))
         if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
