@@ -3,6 +3,7 @@
 # Every stage is a rule in workflow/rules/<stage>.smk that calls `python -m moelang <stage>`.
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -51,6 +52,7 @@ include: "workflow/rules/overlap.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/routing.smk"
 include: "workflow/rules/similarity.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 def model_targets():
@@ -70,3 +72,4 @@ rule all:
         model_targets(),
         "results/routing/selected_experts.json",
         "results/allocation/plan.json",
+        "results/eval/results.parquet",

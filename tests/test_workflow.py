@@ -34,6 +34,7 @@ def tiny_run(tmp_path_factory):
     config = {
         "languages": {"high_resource": ["en", "es"], "targets": {"ca": "es", "gl": "es"}},
         "allocation": {"new_experts": 3},
+        "evaluation": {"max_items": 20, "min_items": 5, "belebele_shots": 1, "batch_size": 8, "max_words": 12},
         "corpus": {
             "min_chars": 2000,
             "builtin": {"packages": ["Django"], "english_prose": []},
@@ -44,7 +45,7 @@ def tiny_run(tmp_path_factory):
             "base": {"type": "train", "architecture": {
                 "model_type": "olmoe", "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2,
                 "num_attention_heads": 2, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
-                "max_position_embeddings": 64}},
+                "max_position_embeddings": 256}},
             "pretrain": {"steps": 6, "seq_len": 32, "micro_batch_size": 4, "lr": 0.01},
             "cpt": {"n_checkpoints": 3, "train": {"steps": 6, "seq_len": 32, "micro_batch_size": 4, "lr": 0.01,
                                                   "checkpoint_every": 2}},
@@ -142,6 +143,23 @@ def test_similarity_and_allocation_plan(tiny_run):
     assert plan["_meta"]["counts_existing"] is False  # an MoE base: N_i counts new experts only
     table = pl.read_parquet(work / "results" / "allocation" / "plan.parquet")
     assert table.columns == ["method", "layer", "score", "experts", "new_experts", "classifier"]
+
+
+def test_every_model_is_evaluated_into_one_table(tiny_run):
+    from moelang.evaluate import RESULTS_SCHEMA
+
+    work, _ = tiny_run
+    table = pl.read_parquet(work / "results" / "eval" / "results.parquet")
+    assert table.schema == pl.Schema(RESULTS_SCHEMA)
+    assert sorted(table["model"].unique()) == ["cpt-step0", "cpt-step3", "cpt-step6"]
+    assert set(table["method"]) == {"base", "cpt"}
+    ppl = table.filter(pl.col("metric") == "perplexity")
+    assert sorted(ppl["lang"].unique()) == ["ca", "en", "es"] and (ppl["value"] > 1).all()
+    blimp = table.filter(pl.col("task").str.starts_with("moelang_synthetic_blimp") & (pl.col("metric") == "acc"))
+    assert blimp.height >= 3 and blimp["value"].is_between(0, 1).all() and (blimp["n_items"] > 0).all()
+    raw = json.loads((work / "results" / "eval" / "cpt-step6" / "synthetic_blimp.json").read_text())
+    assert "results" in raw and all(name.startswith("moelang_synthetic_blimp_") for name in raw["results"])
+    assert "| cpt-step6 | cpt |" in (work / "results" / "eval" / "summary.md").read_text()
 
 
 def test_rerun_has_nothing_to_do(tiny_run):

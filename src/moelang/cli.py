@@ -9,6 +9,7 @@ Bad input ends with one line, ``moelang: error: <problem>; <fix>``, and exit sta
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -167,6 +168,35 @@ def cmd_allocate(args) -> None:
     run_allocation(args.similarity, options, args.out, args.specialization)
 
 
+def cmd_eval_tasks(args) -> None:
+    from moelang.evaluate import build_tasks
+
+    options = _options(args, cfg.evaluation_options)
+    build_tasks(_lang_paths(args.corpus, "evaluation"), options, args.out)
+
+
+def cmd_evaluate(args) -> None:
+    from moelang.evaluate import evaluate_model
+
+    if args.options is not None:
+        options = cfg.from_json(args.options)
+    elif args.config is not None:
+        options = cfg.evaluation_options(cfg.load(args.config), args.name)
+    else:
+        raise MoelangError("pass --config CONFIG.yaml --name MODEL (or --options JSON, as the workflow does)")
+    tasks = json.loads((Path(args.tasks) / "tasks.json").read_text()) if args.tasks else {}
+    tokens = _lang_paths(args.tokens, "evaluation") if args.tokens else {}
+    evaluate_model(options["ref"], args.family, tasks, args.tasks, tokens, options, args.out)
+
+
+def cmd_eval_summary(args) -> None:
+    from moelang.evaluate import summarize
+
+    options = cfg.from_json(args.options)
+    summarize(args.eval_dir, options["models"], args.tasks, options["families"], options["high_resource"],
+              options["targets"], options.get("base_model"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moelang", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -266,6 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing-weight", type=float, default=1.0)
     p.add_argument("--out", required=True, help="directory receiving plan.json, plan.parquet, plan.png")
     p.set_defaults(func=cmd_allocate)
+
+    p = sub.add_parser("eval-tasks", help="local lm-eval tasks (synthetic or mirrored) and their YAMLs")
+    _add_option_source(p)
+    p.add_argument("--corpus", nargs="+", required=True, help="results/corpus/<lang>.parquet of the kept languages")
+    p.add_argument("--out", required=True, help="results/eval/tasks")
+    p.set_defaults(func=cmd_eval_tasks)
+
+    p = sub.add_parser("evaluate", help="one model on one task family (or perplexity)")
+    _add_option_source(p)
+    p.add_argument("--name", help="with --config: the model to evaluate")
+    p.add_argument("--family", required=True, help="synthetic_blimp, synthetic_belebele, multiblimp, belebele, perplexity")
+    p.add_argument("--tasks", default=None, help="results/eval/tasks")
+    p.add_argument("--tokens", nargs="*", default=[], help="results/tokens/<lang>.parquet (perplexity)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("eval-summary", help="one results table and summary.md")
+    p.add_argument("--options", required=True)
+    p.add_argument("--eval-dir", required=True)
+    p.add_argument("--tasks", required=True)
+    p.set_defaults(func=cmd_eval_summary)
     return parser
 
 

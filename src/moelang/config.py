@@ -289,3 +289,27 @@ def allocation_options(config: dict, kept: list[str]) -> dict:
             "old": alloc["old"] or [l for l in langs["high_resource"] if l in kept],
             "new": alloc["new"] or [l for l in langs["targets"] if l in kept],
             "model": entry["model"], "checkpoint_step": entry["checkpoint_step"], "model_ref": entry["ref"]}
+
+
+def evaluated_models(config: dict) -> dict[str, dict]:
+    """name -> {"ref", "method", "trainable_fraction"}: the profiled models (step 0 is the base
+    model, method ``base``; later CPT checkpoints, method ``cpt``) and ``evaluation.models``."""
+    out = {}
+    for name, entry in profiled_models(config).items():
+        method = "base" if entry["checkpoint_step"] == 0 else entry["model"]
+        out[name] = {"ref": entry["ref"], "method": method, "trainable_fraction": 1.0 if method == "cpt" else None}
+    for name, entry in config["evaluation"]["models"].items():
+        out[name] = {"ref": entry["ref"], "method": entry["method"], "trainable_fraction": entry.get("trainable_fraction")}
+    return out
+
+
+def evaluation_options(config: dict, name: str | None = None) -> dict:
+    base = config["model"]["base"]
+    pretrained = base["type"] == "pretrained"
+    options = {**config["evaluation"], "seed": config["seed"], "dtype": config["model"]["dtype"],
+               "device": config["model"]["device"],
+               "trust_remote_code": base.get("trust_remote_code", False) if pretrained else False}
+    options.pop("models")
+    if name is not None:
+        options["ref"] = evaluated_models(config)[name]["ref"]
+    return options

@@ -1,0 +1,86 @@
+# Stage: evaluation (lm-eval tasks, perplexity, one results table). See src/moelang/evaluate.py.
+
+EVALUATED = mcfg.evaluated_models(config)
+EVAL_FAMILIES = list(config["evaluation"]["tasks"])
+
+
+def evaluated_model_input(wildcards):
+    ref = EVALUATED[wildcards.model]["ref"]
+    return [ref] if ref.startswith("results/") else []
+
+
+rule eval_tasks:
+    input:
+        lambda w: expand("results/corpus/{lang}.parquet", lang=kept_languages()),
+    output:
+        directory("results/eval/tasks"),
+    params:
+        options=lambda w: mcfg.to_json(mcfg.evaluation_options(config)),
+    log:
+        "results/logs/eval/tasks.log",
+    shell:
+        "{MOELANG} eval-tasks --options {params.options:q} --corpus {input:q} --out {output:q} 2>&1 | tee {log:q}"
+
+
+rule evaluate_tasks:
+    input:
+        model=evaluated_model_input,
+        tasks="results/eval/tasks",
+    output:
+        "results/eval/{model}/{family}.json",
+    wildcard_constraints:
+        model="|".join(map(re.escape, EVALUATED)),
+        family="|".join(EVAL_FAMILIES) if EVAL_FAMILIES else "^$",
+    params:
+        options=lambda w: mcfg.to_json(mcfg.evaluation_options(config, w.model)),
+    threads: 2
+    log:
+        "results/logs/eval/{model}.{family}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} {MOELANG} evaluate --options {params.options:q} --family {wildcards.family:q}"
+        " --tasks {input.tasks:q} --out {output:q} 2>&1 | tee {log:q}"
+
+
+rule evaluate_perplexity:
+    input:
+        model=evaluated_model_input,
+        tokens=kept_tokens,
+    output:
+        "results/eval/{model}/perplexity.parquet",
+    wildcard_constraints:
+        model="|".join(map(re.escape, EVALUATED)),
+    params:
+        options=lambda w: mcfg.to_json(mcfg.evaluation_options(config, w.model)),
+    threads: 2
+    log:
+        "results/logs/eval/{model}.perplexity.log",
+    shell:
+        "OMP_NUM_THREADS={threads} {MOELANG} evaluate --options {params.options:q} --family perplexity"
+        " --tokens {input.tokens:q} --out {output:q} 2>&1 | tee {log:q}"
+
+
+def eval_outputs(wildcards=None):
+    files = [f"results/eval/{name}/{family}.json" for name in EVALUATED for family in EVAL_FAMILIES]
+    if config["evaluation"]["perplexity"]:
+        files += [f"results/eval/{name}/perplexity.parquet" for name in EVALUATED]
+    return files
+
+
+rule eval_summary:
+    input:
+        results=eval_outputs(),
+        tasks="results/eval/tasks",
+    output:
+        table="results/eval/results.parquet",
+        summary="results/eval/summary.md",
+    params:
+        options=lambda w: mcfg.to_json({
+            "models": EVALUATED, "families": EVAL_FAMILIES,
+            "high_resource": config["languages"]["high_resource"],
+            "targets": list(config["languages"]["targets"]),
+            "base_model": next((n for n, e in EVALUATED.items() if e["method"] == "base"), None)}),
+    log:
+        "results/logs/eval/summary.log",
+    shell:
+        "{MOELANG} eval-summary --options {params.options:q} --eval-dir results/eval --tasks {input.tasks:q}"
+        " 2>&1 | tee {log:q}"
