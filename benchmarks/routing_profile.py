@@ -25,16 +25,17 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from _results import update_results_md  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -87,18 +88,6 @@ def naive(model, windows, top_k):
             chosen = logits.topk(top_k, dim=-1).indices
             counters.setdefault(layer, Counter()).update(chosen.reshape(-1).tolist())
     return counters
-
-
-def update_results_md(section: str) -> None:
-    path = HERE / "RESULTS.md"
-    start, end = "<!-- routing_profile:start -->", "<!-- routing_profile:end -->"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    block = f"{start}\n{section.strip()}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def main() -> None:
@@ -175,7 +164,7 @@ adds on top of the same forward pass (host copies of the selected ids, `Counter`
 next to it, so no profiler can be 3x faster than it here; the gap opens where the forward pass is
 cheap (a GPU), which this machine cannot measure.
 """
-    update_results_md(section)
+    update_results_md("routing_profile", section)
     print(section)
 
 

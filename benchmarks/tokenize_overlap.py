@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -32,10 +31,12 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from _results import update_results_md  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from moelang import config as cfg  # noqa: E402
@@ -92,18 +93,6 @@ def raw_encode_batch(texts_by_lang, backend):
         for i in range(0, len(texts), BATCH_SIZE):
             n_tokens += sum(len(e) for e in backend.encode_batch(texts[i:i + BATCH_SIZE], add_special_tokens=False))
     return n_tokens
-
-
-def update_results_md(section: str) -> None:
-    path = HERE / "RESULTS.md"
-    start, end = "<!-- tokenize_overlap:start -->", "<!-- tokenize_overlap:end -->"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    block = f"{start}\n{section.strip()}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def main() -> None:
@@ -176,7 +165,7 @@ fraction_of_encode_batch = **{result['fraction_of_encode_batch']:.2f}** (target 
 The naive way is only {result['naive_over_encode_batch']:.1f}x slower than raw `encode_batch` itself: most of its time
 is the Rust BPE that every path runs, so on {os.cpu_count()} cores no path built on it can reach 10x here.
 """
-    update_results_md(section)
+    update_results_md("tokenize_overlap", section)
     print(section)
 
 

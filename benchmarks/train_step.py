@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -41,9 +40,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from _results import update_results_md  # noqa: E402
 
 THREADS = 2
 DEFAULT_STEPS = 30
@@ -184,18 +186,6 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
     }
 
 
-def update_results_md(section: str) -> None:
-    path = HERE / "RESULTS.md"
-    start, end = "<!-- train_step:start -->", "<!-- train_step:end -->"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    block = f"{start}\n{section.strip()}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per variant")
@@ -290,7 +280,7 @@ speedup_experts_vs_full = **{result['speedup_experts_vs_full']:.2f}x**
 (control: last2_all vs full {result['speedup_last2_all_vs_full']:.2f}x, experts vs last2_all {result['speedup_experts_vs_last2_all']:.2f}x).
 {explanation(result)}{contention_note(contended)}
 """
-    update_results_md(section)
+    update_results_md("train_step", section)
     print(section)
 
 

@@ -287,18 +287,19 @@ def plot_entropy(ent: pl.DataFrame, path, base_language: str) -> None:
     save_figure(fig, path)
 
 
-def plot_jsd_dynamics(means: pl.DataFrame, path) -> None:
+def plot_per_checkpoint(frame: pl.DataFrame, column: str, path, ylabel: str, title: str) -> None:
+    """``column`` against the layer, one line per checkpoint."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    frame = means.filter(pl.col("languages") == "all")
     steps = sorted(frame["checkpoint_step"].unique().to_list())
     colors = _steps_cmap(steps)
     for step in steps:
         part = frame.filter(pl.col("checkpoint_step") == step).sort("layer")
-        ax.plot(part["layer"], part["mean_jsd"], "-o", color=colors[step], label=f"step {step}")
+        ax.plot(part["layer"], part[column], "-o", color=colors[step], label=f"step {step}")
     ax.set_xlabel("layer")
-    ax.set_ylabel("mean pairwise JSD (nats)")
-    ax.set_title("Routing divergence between languages across checkpoints")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
@@ -324,22 +325,6 @@ def plot_jsd_heatmap(jsd_table: pl.DataFrame, path, languages: list[str]) -> Non
                     color="white" if grid[i, j] < grid.max() * 0.6 else "black")
     ax.set_title(f"Routing JSD, layer {layer}, step {last_step}")
     fig.colorbar(image, ax=ax, shrink=0.8, label="JSD (nats)")
-    save_figure(fig, path)
-
-
-def plot_specialization(spec: pl.DataFrame, path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    steps = sorted(spec["checkpoint_step"].unique().to_list())
-    colors = _steps_cmap(steps)
-    for step in steps:
-        part = spec.filter(pl.col("checkpoint_step") == step).sort("layer")
-        ax.plot(part["layer"], part["score"], "-o", color=colors[step], label=f"step {step}")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("I(L; E) / H(L)")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Language specialisation of routing per layer")
-    ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
@@ -395,9 +380,11 @@ def run_metrics(profile_paths: list[str | Path], overlap_path: str | Path, optio
             table.write_parquet(tmp, compression="zstd")
     write_json(selected, selected_path)
     plot_entropy(tables["entropy"], out_dir / "entropy.png", base)
-    plot_jsd_dynamics(tables["jsd_mean"], out_dir / "jsd_dynamics.png")
+    plot_per_checkpoint(tables["jsd_mean"].filter(pl.col("languages") == "all"), "mean_jsd", out_dir / "jsd_dynamics.png",
+                        "mean pairwise JSD (nats)", "Routing divergence between languages across checkpoints")
     plot_jsd_heatmap(tables["jsd"], out_dir / "jsd_heatmap.png", languages)
-    plot_specialization(tables["specialization"], out_dir / "specialization.png")
+    plot_per_checkpoint(tables["specialization"], "score", out_dir / "specialization.png", "I(L; E) / H(L)",
+                        "Language specialisation of routing per layer")
     plot_jsd_overlap(tables["jsd"], overlap, tables["jsd_overlap"], out_dir / "jsd_overlap.png")
     spec = tables["specialization"].filter(pl.col("checkpoint_step") == step).sort("layer")
     log.info("routing metrics: specialisation by layer at step %d: %s", step,
