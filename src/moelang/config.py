@@ -118,6 +118,10 @@ def _check_semantics(config: dict) -> None:
     if sim_model is not None and sim_model not in profiled_models(config):
         raise ConfigError(f"config key 'similarity.model': '{sim_model}' is not a profiled model; use one of "
                           f"{', '.join(profiled_models(config))}")
+    unknown = sorted(set(config["resources"]) - set(STAGE_RESOURCES) - {"default", "gpus"})
+    if unknown:
+        raise ConfigError(f"config key 'resources.{unknown[0]}': not a rule of the workflow; use one of "
+                          f"{', '.join(sorted(STAGE_RESOURCES))}, or 'default'")
     if tok["type"] == "pretrained" and not tok["name_or_path"]:
         raise ConfigError("config key 'tokenizer.name_or_path': a pretrained tokenizer needs a hub id or a local "
                           "directory; set it, or use tokenizer.type: train")
@@ -313,3 +317,36 @@ def evaluation_options(config: dict, name: str | None = None) -> dict:
     if name is not None:
         options["ref"] = evaluated_models(config)[name]["ref"]
     return options
+
+
+# Sensible SLURM resources per rule (overridden by the config's `resources` section): data stages
+# on CPUs, model stages on one GPU, continual pre-training on a whole node's GPUs.
+STAGE_RESOURCES: dict[str, dict] = {
+    "corpus": {"runtime": 240, "mem_mb": 8000},
+    "corpus_summary": {"runtime": 10, "mem_mb": 2000},
+    "parallel": {"runtime": 60, "mem_mb": 8000},
+    "tokenizer": {"runtime": 120, "mem_mb": 16000},
+    "tokenize": {"runtime": 240, "mem_mb": 8000},
+    "overlap": {"runtime": 30, "mem_mb": 8000},
+    "pretrain_base": {"runtime": 720, "mem_mb": 32000, "gpu": 1},
+    "cpt": {"runtime": 2880, "mem_mb": 256000, "gpu": 8},
+    "profile_routing": {"runtime": 240, "mem_mb": 64000, "gpu": 1},
+    "routing_metrics": {"runtime": 30, "mem_mb": 8000},
+    "layer_similarity": {"runtime": 240, "mem_mb": 64000, "gpu": 1},
+    "allocate_experts": {"runtime": 10, "mem_mb": 2000},
+    "eval_tasks": {"runtime": 30, "mem_mb": 8000},
+    "evaluate_tasks": {"runtime": 480, "mem_mb": 64000, "gpu": 1},
+    "evaluate_perplexity": {"runtime": 240, "mem_mb": 64000, "gpu": 1},
+    "eval_summary": {"runtime": 10, "mem_mb": 4000},
+}
+RESOURCE_KEYS = ("slurm_partition", "slurm_account", "runtime", "mem_mb", "cpus_per_task", "gpu", "slurm_extra")
+
+
+def rule_resources(config: dict, rule: str) -> dict:
+    """Resources of one rule: the stage default, then ``resources.default``, then ``resources.<rule>``;
+    on a machine without GPUs (the embedded default) ``resources.gpus: false`` drops GPU requests."""
+    section = config.get("resources", {})
+    merged = {**STAGE_RESOURCES.get(rule, {}), **section.get("default", {}), **section.get(rule, {})}
+    if not section.get("gpus", True):
+        merged.pop("gpu", None)
+    return {k: v for k, v in merged.items() if v is not None}

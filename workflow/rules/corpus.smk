@@ -2,6 +2,8 @@
 
 
 rule corpus:
+    resources:
+        **mcfg.rule_resources(config, "corpus"),
     output:
         parquet="results/corpus/{lang}.parquet",
         stats="results/corpus/{lang}.stats.json",
@@ -15,6 +17,8 @@ rule corpus:
 
 
 checkpoint corpus_summary:
+    resources:
+        **mcfg.rule_resources(config, "corpus_summary"),
     input:
         expand("results/corpus/{lang}.stats.json", lang=LANGUAGES),
     output:
@@ -30,6 +34,8 @@ checkpoint corpus_summary:
 
 
 rule parallel:
+    resources:
+        **mcfg.rule_resources(config, "parallel"),
     output:
         "results/corpus/parallel.parquet",
     params:

@@ -10,6 +10,8 @@ def evaluated_model_input(wildcards):
 
 
 rule eval_tasks:
+    resources:
+        **mcfg.rule_resources(config, "eval_tasks"),
     input:
         lambda w: expand("results/corpus/{lang}.parquet", lang=kept_languages()),
     output:
@@ -23,6 +25,8 @@ rule eval_tasks:
 
 
 rule evaluate_tasks:
+    resources:
+        **mcfg.rule_resources(config, "evaluate_tasks"),
     input:
         model=evaluated_model_input,
         tasks="results/eval/tasks",
@@ -42,6 +46,8 @@ rule evaluate_tasks:
 
 
 rule evaluate_perplexity:
+    resources:
+        **mcfg.rule_resources(config, "evaluate_perplexity"),
     input:
         model=evaluated_model_input,
         tokens=kept_tokens,
@@ -67,6 +73,8 @@ def eval_outputs(wildcards=None):
 
 
 rule eval_summary:
+    resources:
+        **mcfg.rule_resources(config, "eval_summary"),
     input:
         results=eval_outputs(),
         tasks="results/eval/tasks",

@@ -22,6 +22,8 @@ def base_language_tokens(wildcards):
 if BASE_MODEL["type"] == "train":
 
     rule pretrain_base:
+        resources:
+            **mcfg.rule_resources(config, "pretrain_base"),
         input:
             tokens=base_language_tokens,
             tokenizer="results/tokenizer",
@@ -38,6 +40,8 @@ if BASE_MODEL["type"] == "train":
 
 
 rule cpt:
+    resources:
+        **mcfg.rule_resources(config, "cpt"),
     input:
         base=[BASE_REF] if BASE_MODEL["type"] == "train" else [],
         tokens=kept_high_resource_tokens,

@@ -2,6 +2,8 @@
 
 
 rule overlap:
+    resources:
+        **mcfg.rule_resources(config, "overlap"),
     input:
         lambda w: expand("results/tokens/{lang}.freq.parquet", lang=kept_languages()),
     output:

@@ -13,6 +13,8 @@ def profiled_model_input(wildcards):
 
 
 rule profile_routing:
+    resources:
+        **mcfg.rule_resources(config, "profile_routing"),
     input:
         model=profiled_model_input,
         tokens=kept_tokens,
@@ -35,6 +37,8 @@ def routing_profiles(wildcards):
 
 
 rule routing_metrics:
+    resources:
+        **mcfg.rule_resources(config, "routing_metrics"),
     input:
         profiles=lambda w: expand("results/routing/{model}", model=list(PROFILED)),
         overlap="results/overlap/overlap.parquet",

@@ -9,6 +9,8 @@ def tokenizer_inputs(wildcards):
 
 
 rule tokenizer:
+    resources:
+        **mcfg.rule_resources(config, "tokenizer"),
     input:
         corpus=tokenizer_inputs,
         languages="results/corpus/languages.json",
@@ -24,6 +26,8 @@ rule tokenizer:
 
 
 rule tokenize:
+    resources:
+        **mcfg.rule_resources(config, "tokenize"),
     input:
         corpus="results/corpus/{lang}.parquet",
         tokenizer="results/tokenizer",
