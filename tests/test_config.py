@@ -94,3 +94,17 @@ def test_cli_rejects_a_language_code_that_could_reach_a_path(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "is not a language code" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_rule_resources_merge_stage_defaults_and_config():
+    config = cfg.validate(minimal(resources={"default": {"slurm_partition": "gpu", "runtime": 30},
+                                             "cpt": {"gpu": 4, "slurm_extra": "--gres=gpu:a100:4"}}))
+    assert cfg.rule_resources(config, "cpt") == {"runtime": 30, "mem_mb": 256000, "gpu": 4, "slurm_partition": "gpu",
+                                                 "slurm_extra": "--gres=gpu:a100:4"}
+    assert cfg.rule_resources(config, "overlap") == {"runtime": 30, "mem_mb": 8000, "slurm_partition": "gpu"}
+    cpu_only = cfg.validate(minimal(resources={"gpus": False}))
+    assert "gpu" not in cfg.rule_resources(cpu_only, "pretrain_base")
+    with pytest.raises(ConfigError, match="'resources.tokenise': not a rule"):
+        cfg.validate(minimal(resources={"tokenise": {"mem_mb": 10}}))
+    with pytest.raises(ConfigError, match="resources.cpt.slurm_extra"):
+        cfg.validate(minimal(resources={"cpt": {"slurm_extra": "--gres=gpu:1; rm -rf /"}}))
