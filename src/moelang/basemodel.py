@@ -31,6 +31,13 @@ from moelang.models import build_config, init_model, load_model, resolve_device
 from moelang.train import PackedStream, TrainSettings, export_model, train
 
 
+def _is_main_process() -> bool:
+    """True in a single process, and in the first of several (accelerate launch / torchrun)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def _settings(options: dict, mixture: dict[str, float]) -> TrainSettings:
     return TrainSettings.from_dict({**options["train"], "seed": options["seed"], "mixture": mixture})
 
@@ -49,7 +56,8 @@ def pretrain_base(token_file: str | Path, tokenizer_dir: str | Path, options: di
     log.info("pretrain: %s model, %.2fM parameters, %d steps on '%s'", config.model_type,
              sum(p.numel() for p in model.parameters()) / 1e6, settings.steps, lang)
     result = train(model, stream, settings, state_dir)
-    export_model(model, tokenizer, out_dir, {"train_log.parquet": lambda p: write_table(result.log_table(), p)})
+    if _is_main_process():
+        export_model(model, tokenizer, out_dir, {"train_log.parquet": lambda p: write_table(result.log_table(), p)})
     log.info("pretrain: done, final loss %.3f, %d tokens in %.0f s", result.final_loss, result.tokens, result.seconds)
     return {"final_loss": result.final_loss, "tokens": result.tokens}
 
@@ -77,6 +85,8 @@ def continual_pretrain(base: str | Path, token_files: dict[str, str | Path], opt
     log.info("cpt: %s on %s, %d steps, checkpoints at %s", base, ", ".join(sorted(token_files)), settings.steps,
              options["steps"])
     result = train(model, stream, settings, state_dir, export_steps=exports)
+    if not _is_main_process():
+        return {"final_loss": result.final_loss, "tokens": result.tokens}
     out_root.mkdir(parents=True, exist_ok=True)
     for step in options["steps"]:
         target = out_root / f"step-{step}"

@@ -350,3 +350,12 @@ def rule_resources(config: dict, rule: str) -> dict:
     if not section.get("gpus", True):
         merged.pop("gpu", None)
     return {k: v for k, v in merged.items() if v is not None}
+
+
+def launcher(config: dict, rule: str) -> str:
+    """The command that starts a training rule: ``python -m moelang`` on one device, torchrun with
+    one process per GPU (DDP through accelerate) when the rule has several."""
+    gpus = int(rule_resources(config, rule).get("gpu") or 0)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus} -m moelang"
+    return "python -m moelang"

@@ -361,7 +361,7 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings), last_epoch=start_step - 1)
     exports = dict(export_steps or {})
     if start_step == 0 and 0 in exports:
-        exports[0](accelerator.unwrap_model(model))
+        _export(accelerator, model, exports[0])
 
     world = accelerator.num_processes
     rank = accelerator.process_index
@@ -393,6 +393,9 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += step_tokens
+        if world > 1:  # the logged losses are means over every process's tokens, not the main one's share
+            lm_total, aux_total = (float(v) for v in accelerator.reduce(
+                torch.tensor([lm_total, aux_total], device=accelerator.device), reduction="mean"))
         elapsed = time.perf_counter() - step_start
         rows.append({"step": step + 1, "tokens": tokens, "loss": lm_total,
                      "aux_loss": aux_total if uses_aux else float("nan"), "lr": lr,
@@ -405,20 +408,29 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
             log.info("train: step %d/%d, loss %.3f, lr %.2e, %.0f tokens/s, about %.0f s left", done, settings.steps,
                      lm_total, lr, rows[-1]["tokens_per_s"], (settings.steps - done) / rate)
         if done in exports:
-            exports[done](accelerator.unwrap_model(model))
+            _export(accelerator, model, exports[done])
         if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
             if accelerator.is_main_process:
                 save_checkpoint(state_dir / f"step-{done}", accelerator.unwrap_model(model), optimizer, done, tokens,
                                 stream, rows, settings)
                 _prune(state_dir, keep=done)
+            accelerator.wait_for_everyone()
         if stop_after is not None and done >= stop_after:
             bar.close()
             return TrainResult(done, tokens, lm_total, resumed, time.perf_counter() - started, rows)
     bar.close()
+    accelerator.wait_for_everyone()
     if not keep_state and accelerator.is_main_process:
         shutil.rmtree(state_dir, ignore_errors=True)
     final_loss = rows[-1]["loss"] if rows else float("nan")
     return TrainResult(settings.steps, tokens, final_loss, resumed, time.perf_counter() - started, rows)
+
+
+def _export(accelerator, model, export: Callable) -> None:
+    """Exports are written once, by the main process, while the others wait."""
+    if accelerator.is_main_process:
+        export(accelerator.unwrap_model(model))
+    accelerator.wait_for_everyone()
 
 
 def _prune(state_dir: Path, keep: int) -> None:

@@ -31,11 +31,12 @@ if BASE_MODEL["type"] == "train":
             directory("results/models/base"),
         params:
             options=lambda w: mcfg.to_json(mcfg.pretrain_options(config)),
+            launcher=mcfg.launcher(config, "pretrain_base"),
         threads: 2
         log:
             "results/logs/models/pretrain.log",
         shell:
-            "OMP_NUM_THREADS={threads} {MOELANG} pretrain --options {params.options:q} --tokens {input.tokens:q}"
+            "OMP_NUM_THREADS={threads} {params.launcher} pretrain --options {params.options:q} --tokens {input.tokens:q}"
             " --tokenizer {input.tokenizer:q} --out {output:q} --state-dir results/state/pretrain 2>&1 | tee {log:q}"
 
 
@@ -50,10 +51,11 @@ rule cpt:
         log="results/models/cpt/train_log.parquet",
     params:
         options=lambda w: mcfg.to_json(mcfg.cpt_options(config)),
+        launcher=mcfg.launcher(config, "cpt"),
         base=BASE_REF,
     threads: 2
     log:
         "results/logs/models/cpt.log",
     shell:
-        "OMP_NUM_THREADS={threads} {MOELANG} cpt --options {params.options:q} --base {params.base:q}"
+        "OMP_NUM_THREADS={threads} {params.launcher} cpt --options {params.options:q} --base {params.base:q}"
         " --tokens {input.tokens:q} --out results/models/cpt --state-dir results/state/cpt 2>&1 | tee {log:q}"
