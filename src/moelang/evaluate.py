@@ -271,10 +271,8 @@ def collect(eval_dir: str | Path, models: dict[str, dict], tasks: dict, families
     rows = []
     for name, entry in models.items():
         for family in families:
-            path = eval_dir / name / f"{family}.json"
-            results = json.loads(path.read_text()).get("results", {})
-            data = json.loads(path.read_text())
-            for task, metrics in results.items():
+            data = json.loads((eval_dir / name / f"{family}.json").read_text())
+            for task, metrics in data.get("results", {}).items():
                 if task not in tasks:
                     continue
                 n_items = (data.get("n-samples", {}).get(task) or {}).get("effective")
