@@ -1,5 +1,6 @@
 # moelang: one Snakemake DAG from text to results. Run it with `make run` (README), or
-#   snakemake --configfile config/config.yaml          (the default profile gives the cores)
+#   snakemake --workflow-profile workflow/profiles/default --configfile config/config.yaml
+#   snakemake --profile workflow/profiles/slurm --configfile config/olmoe-m7.yaml      (SLURM)
 # Every stage is a rule in workflow/rules/<stage>.smk that calls `python -m moelang <stage>`.
 import json
 import os

@@ -247,12 +247,16 @@ def profiled_models(config: dict) -> dict[str, dict]:
     """Models whose routing is profiled: name -> {"ref": path or hub id, "model": name in the tables,
     "checkpoint_step": int}. The CPT checkpoints (step 0 is the base model), or the base model alone
     when CPT is off."""
-    base = config["model"]["base"]
-    base_ref = "results/models/base" if base["type"] == "train" else base["name_or_path"]
     if config["model"]["cpt"]["enabled"]:
         return {f"cpt-step{step}": {"ref": f"results/models/cpt/step-{step}", "model": "cpt", "checkpoint_step": step}
                 for step in cpt_options(config)["steps"]}
-    return {"base": {"ref": base_ref, "model": "base", "checkpoint_step": 0}}
+    return {"base": {"ref": base_ref(config), "model": "base", "checkpoint_step": 0}}
+
+
+def base_ref(config: dict) -> str:
+    """The base model: this workflow's pre-trained output, or the configured hub id / directory."""
+    base = config["model"]["base"]
+    return "results/models/base" if base["type"] == "train" else base["name_or_path"]
 
 
 def routing_options(config: dict, name: str) -> dict:

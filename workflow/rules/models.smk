@@ -3,7 +3,7 @@
 BASE_MODEL = config["model"]["base"]
 BASE_LANGUAGE = config["languages"]["base"]
 # A trained base is this workflow's output; a pretrained one is a hub id or a directory used as is.
-BASE_REF = "results/models/base" if BASE_MODEL["type"] == "train" else BASE_MODEL["name_or_path"]
+BASE_REF = mcfg.base_ref(config)
 CPT_STEPS = mcfg.cpt_options(config)["steps"]
 
 
