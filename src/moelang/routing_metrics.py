@@ -262,6 +262,13 @@ def _plt():
     return plt
 
 
+def _integer_layers(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _steps_cmap(steps):
     plt = _plt()
     cmap = plt.get_cmap("viridis")
@@ -280,7 +287,7 @@ def plot_entropy(ent: pl.DataFrame, path, base_language: str) -> None:
         if base.height:
             ax.plot(base["layer"], base["entropy"], "-o", color=colors[step], label=f"step {step}: {base_language}")
         ax.plot(rest["layer"], rest["entropy"], "--s", color=colors[step], label=f"step {step}: mean of others")
-    ax.set_xlabel("layer")
+    _integer_layers(ax)
     ax.set_ylabel("routing entropy (nats)")
     ax.set_title("Routing entropy per layer")
     ax.legend(fontsize=7, ncol=2)
@@ -296,7 +303,7 @@ def plot_per_checkpoint(frame: pl.DataFrame, column: str, path, ylabel: str, tit
     for step in steps:
         part = frame.filter(pl.col("checkpoint_step") == step).sort("layer")
         ax.plot(part["layer"], part[column], "-o", color=colors[step], label=f"step {step}")
-    ax.set_xlabel("layer")
+    _integer_layers(ax)
     ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
     ax.set_title(title)

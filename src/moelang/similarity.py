@@ -173,7 +173,10 @@ def plot_similarity(table: pl.DataFrame, path, title: str) -> None:
         ax.plot(part["layer"], part["similarity"], alpha=0.35, linewidth=1)
     mean = pairs.group_by("layer").agg(pl.col("similarity").mean()).sort("layer")
     ax.plot(mean["layer"], mean["similarity"], "k-o", linewidth=2.5, label="mean over language pairs")
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cross-lingual similarity (mean cosine)")
     ax.set_title(title)
     ax.legend(fontsize=8)
