@@ -108,3 +108,15 @@ def test_rule_resources_merge_stage_defaults_and_config():
         cfg.validate(minimal(resources={"tokenise": {"mem_mb": 10}}))
     with pytest.raises(ConfigError, match="resources.cpt.slurm_extra"):
         cfg.validate(minimal(resources={"cpt": {"slurm_extra": "--gres=gpu:1; rm -rf /"}}))
+
+
+def test_paper_config_uses_the_pretrained_base_as_step_zero(repo):
+    config = cfg.load(repo / "config" / "olmoe-m7.yaml")
+    assert 0 not in cfg.cpt_options(config)["steps"]  # a 7B base is not copied into results/
+    models = cfg.profiled_models(config)
+    assert models["cpt-step0"]["ref"] == "allenai/OLMoE-1B-7B-0924"
+    assert list(models)[-1] == "cpt-step16700" and len(models) == 8
+    assert cfg.evaluated_models(config)["cpt-step0"]["method"] == "base"
+    assert config["tokenizer"]["name_or_path"] == "allenai/OLMoE-1B-7B-0924"
+    default = cfg.load(repo / "config" / "config.yaml")
+    assert cfg.cpt_options(default)["steps"] == [0, 200, 400, 600, 800]

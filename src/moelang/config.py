@@ -238,9 +238,13 @@ def pretrain_options(config: dict) -> dict:
 
 
 def cpt_options(config: dict) -> dict:
+    """CPT's settings; ``steps`` are the exported checkpoints. Step 0 (the starting model) is exported
+    only for a base this workflow trained: a pretrained base is used from where it is, not copied."""
     cpt = config["model"]["cpt"]
-    return {**model_options(config), "train": cpt["train"], "seed": config["seed"],
-            "steps": checkpoint_steps(cpt["train"]["steps"], cpt["n_checkpoints"])}
+    steps = checkpoint_steps(cpt["train"]["steps"], cpt["n_checkpoints"])
+    if config["model"]["base"]["type"] == "pretrained":
+        steps = [step for step in steps if step > 0]
+    return {**model_options(config), "train": cpt["train"], "seed": config["seed"], "steps": steps}
 
 
 def profiled_models(config: dict) -> dict[str, dict]:
@@ -248,9 +252,18 @@ def profiled_models(config: dict) -> dict[str, dict]:
     "checkpoint_step": int}. The CPT checkpoints (step 0 is the base model), or the base model alone
     when CPT is off."""
     if config["model"]["cpt"]["enabled"]:
-        return {f"cpt-step{step}": {"ref": f"results/models/cpt/step-{step}", "model": "cpt", "checkpoint_step": step}
-                for step in cpt_options(config)["steps"]}
+        models = {f"cpt-step{step}": {"ref": f"results/models/cpt/step-{step}", "model": "cpt", "checkpoint_step": step}
+                  for step in cpt_options(config)["steps"]}
+        if "cpt-step0" not in models:  # a pretrained base: step 0 is the base model itself
+            models = {"cpt-step0": {"ref": base_ref(config), "model": "cpt", "checkpoint_step": 0}} | models
+        return models
     return {"base": {"ref": base_ref(config), "model": "base", "checkpoint_step": 0}}
+
+
+def _revision_for(config: dict, ref: str) -> str | None:
+    """The hub revision applies to the pretrained base itself, not to checkpoints made from it."""
+    base = config["model"]["base"]
+    return base.get("revision") if base["type"] == "pretrained" and ref == base["name_or_path"] else None
 
 
 def base_ref(config: dict) -> str:
@@ -264,7 +277,7 @@ def routing_options(config: dict, name: str) -> dict:
     base = config["model"]["base"]
     return {**config["routing"], **entry, "dtype": config["model"]["dtype"], "device": config["model"]["device"],
             "trust_remote_code": base.get("trust_remote_code", False) if base["type"] == "pretrained" else False,
-            "revision": base.get("revision") if base["type"] == "pretrained" and entry["model"] == "base" else None}
+            "revision": _revision_for(config, entry["ref"])}
 
 
 def routing_metrics_options(config: dict) -> dict:
@@ -286,7 +299,7 @@ def similarity_options(config: dict) -> dict:
     return {**config["similarity"], **entry, "name": name, "dtype": config["model"]["dtype"],
             "device": config["model"]["device"],
             "trust_remote_code": base.get("trust_remote_code", False) if pretrained else False,
-            "revision": base.get("revision") if pretrained and entry["model"] == "base" else None}
+            "revision": _revision_for(config, entry["ref"])}
 
 
 def allocation_options(config: dict, kept: list[str]) -> dict:
@@ -320,6 +333,7 @@ def evaluation_options(config: dict, name: str | None = None) -> dict:
     options.pop("models")
     if name is not None:
         options["ref"] = evaluated_models(config)[name]["ref"]
+        options["revision"] = _revision_for(config, options["ref"])
     return options
 
 
