@@ -215,3 +215,25 @@ def test_profiler_and_metrics_find_planted_language_structure(tmp_path):
         assert (tmp_path / "metrics" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     experts = pl.read_parquet(tmp_path / "metrics" / "experts.parquet")
     assert experts.filter(pl.col("specific_lang") == "en")["expert"].to_list() == [0, 1]
+
+
+def test_sharded_profiles_add_up_to_the_whole(tmp_path):
+    from moelang.routing import merge_profiles
+
+    model = tiny_model("olmoe").eval()
+    model.save_pretrained(tmp_path / "m")
+    rng = np.random.default_rng(3)
+    path = write_tokens(tmp_path / "es.parquet", [rng.integers(3, 97, rng.integers(5, 60)).tolist() for _ in range(40)],
+                        splits=["heldout"] * 40)
+    base = {"seq_len": 16, "batch_tokens": 64, "tokens_per_language": 700, "device": "cpu"}
+    profile_model(tmp_path / "m", {"es": path}, base, tmp_path / "whole", "m", 0)
+    for i in range(3):
+        profile_model(tmp_path / "m", {"es": path}, {**base, "shard": [i, 3]}, tmp_path / f"s{i}", "m", 0)
+    merged = merge_profiles([tmp_path / f"s{i}" / "es.parquet" for i in range(3)])
+    whole = pq.read_table(tmp_path / "whole" / "es.parquet")
+    assert merged.schema.equals(PROFILE_SCHEMA)
+    for column in ("layer", "expert", "count", "n_tokens"):
+        assert merged.column(column).to_pylist() == whole.column(column).to_pylist(), column
+    # weights come from fp32 forward passes over differently composed batches: equal to fp32 precision
+    assert np.allclose(merged.column("weight_sum").to_numpy(), whole.column("weight_sum").to_numpy(), rtol=1e-6)
+    assert whole.column("n_tokens")[0].as_py() == 700

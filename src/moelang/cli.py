@@ -118,8 +118,24 @@ def cmd_profile(args) -> None:
         options = cfg.routing_options(cfg.load(args.config), args.name)
     else:
         raise MoelangError("pass --config CONFIG.yaml --name MODEL (or --options JSON, as the workflow does)")
+    if args.shard:
+        try:
+            index, count = (int(x) for x in args.shard.split("/"))
+        except ValueError:
+            raise MoelangError(f"profile-routing: --shard '{args.shard}' is not I/N (e.g. 0/4)") from None
+        options["shard"] = [index, count]
     profile_model(options["ref"], _lang_paths(args.tokens, "routing"), options, args.out, options["model"],
                   options["checkpoint_step"])
+
+
+def cmd_merge_routing(args) -> None:
+    from moelang.io import write_table
+    from moelang.routing import merge_profiles
+
+    missing = [p for p in args.profiles if not Path(p).is_file()]
+    if missing:
+        raise MoelangError(f"merge-routing: {missing[0]} does not exist; profile every shard first")
+    write_table(merge_profiles(args.profiles), args.out)
 
 
 def cmd_routing_metrics(args) -> None:
@@ -263,7 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="with --config: the model to profile (e.g. cpt-step800)")
     p.add_argument("--tokens", nargs="+", required=True, help="results/tokens/<lang>.parquet files")
     p.add_argument("--out", required=True, help="directory receiving <lang>.parquet")
+    p.add_argument("--shard", default=None, help="I/N: profile the I-th of N interleaved shards of the tokens")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("merge-routing", help="add up routing profiles of token shards")
+    p.add_argument("--profiles", nargs="+", required=True, help="the shards' <lang>.parquet files")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge_routing)
 
     p = sub.add_parser("routing-metrics", help="entropy, JSD, specialisation, expert selection, plots")
     _add_option_source(p)

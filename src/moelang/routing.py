@@ -67,9 +67,15 @@ TOKEN_SCHEMA = pa.schema(
 # Input: held-out chunks, batched by length
 # --------------------------------------------------------------------------------------------------
 
-def heldout_chunks(token_file: str | Path, seq_len: int, token_budget: int | None, split: str = "heldout") -> list[np.ndarray]:
+def heldout_chunks(token_file: str | Path, seq_len: int, token_budget: int | None, split: str = "heldout",
+                   shard: tuple[int, int] = (0, 1)) -> list[np.ndarray]:
     """The ``split`` documents of a token file cut into chunks of at most ``seq_len`` tokens, in file
-    order, until ``token_budget`` tokens (the last chunk is cut to fit)."""
+    order, until ``token_budget`` tokens (the last chunk is cut to fit). ``shard = (i, n)`` keeps every
+    n-th chunk from the i-th: the n shards together are exactly the unsharded chunks, so profiles of
+    the shards, made in separate jobs, add up (:func:`merge_profiles`)."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise MoelangError(f"routing: shard {index}/{count} does not exist; use i/n with 0 <= i < n")
     table = pq.read_table(token_file, columns=["split", "input_ids"])
     ids = table.column("input_ids").filter(pc.equal(table.column("split"), split)).combine_chunks()
     if len(ids) == 0:
@@ -86,8 +92,8 @@ def heldout_chunks(token_file: str | Path, seq_len: int, token_budget: int | Non
                 chunks.append(piece)
                 total += len(piece)
             if token_budget is not None and total >= token_budget:
-                return chunks
-    return chunks
+                return chunks[index::count]
+    return chunks[index::count]
 
 
 def length_batches(chunks: list[np.ndarray], batch_tokens: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -234,8 +240,9 @@ def profile_model(model_ref: str | Path, token_files: dict[str, str | Path], opt
     adapter = ModelAdapter(model)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     token_layers = options.get("token_layers") or []
+    shard = tuple(options.get("shard") or (0, 1))
     for lang, token_file in token_files.items():
-        chunks = heldout_chunks(token_file, options["seq_len"], options.get("tokens_per_language"))
+        chunks = heldout_chunks(token_file, options["seq_len"], options.get("tokens_per_language"), shard=shard)
         batches = length_batches(chunks, options["batch_tokens"], pad_id)
         profiler = RoutingProfiler(adapter, token_layers=token_layers)
         profiler.run(batches, desc=f"routing {model_name} {lang}")
@@ -244,3 +251,13 @@ def profile_model(model_ref: str | Path, token_files: dict[str, str | Path], opt
             write_table(profiler.token_table(model_name, checkpoint_step, lang), Path(out_dir) / f"{lang}.tokens.parquet")
         log.info("routing %s %s: %d tokens over %d MoE layers", model_name, lang,
                  int(profiler.state.n_tokens[0]), len(profiler.state.layers))
+
+
+def merge_profiles(paths: list[str | Path]) -> pa.Table:
+    """Add up profiles of the same (model, checkpoint, language) made on shards of its tokens."""
+    import polars as pl
+
+    keys = ["model", "checkpoint_step", "lang", "layer", "expert"]
+    frame = pl.concat([pl.read_parquet(p) for p in paths])
+    merged = frame.group_by(keys, maintain_order=True).agg(pl.col("count", "weight_sum", "n_tokens").sum()).sort(keys)
+    return merged.to_arrow().cast(PROFILE_SCHEMA)
