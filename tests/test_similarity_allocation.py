@@ -67,7 +67,7 @@ def test_parallel_variant_on_a_hand_made_example():
     en_es = sims.filter((pl.col("lang_a") == "en") & (pl.col("lang_b") == "es"))
     assert en_es["similarity"].to_numpy() == pytest.approx(1.0)
     # independent: pooled vectors, cosine per item, mean over the 3 items en and ca share
-    vec = {lang: sentence_vectors(adapter, tok, table[lang].drop_nulls().to_list()) for lang in ("en", "ca")}
+    vec = {lang: sentence_vectors(adapter, tok, table[lang].drop_nulls().to_list())[0] for lang in ("en", "ca")}
     cos = torch.nn.functional.cosine_similarity(vec["en"], vec["ca"], dim=-1).mean(-1)
     got = sims.filter((pl.col("lang_a") == "en") & (pl.col("lang_b") == "ca")).sort("layer")["similarity"].to_numpy()
     assert got == pytest.approx(cos.numpy(), rel=1e-9)

@@ -238,11 +238,9 @@ def evaluate_model(model_ref: str, family: str, tasks: dict, task_dir: str | Pat
     """One (model, task family) job: the harness's JSON, or the perplexity table."""
     from transformers import AutoTokenizer
 
-    from moelang.models import load_model, resolve_device
+    from moelang.models import load_for_inference
 
-    model = load_model(model_ref, dtype=options.get("dtype", "float32"), device=resolve_device(options.get("device", "auto")),
-                       trust_remote_code=options.get("trust_remote_code", False), revision=options.get("revision"))
-    model.eval()
+    model = load_for_inference(model_ref, options)
     tokenizer = AutoTokenizer.from_pretrained(str(model_ref), revision=options.get("revision"),
                                               trust_remote_code=options.get("trust_remote_code", False))
     if family == "perplexity":

@@ -78,12 +78,6 @@ def save_figure(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
-def check_schema(table: pa.Table, schema: pa.Schema, what: str) -> None:
-    """Raise if ``table`` does not have exactly ``schema``'s fields and types (used on inputs)."""
-    if not table.schema.equals(schema, check_metadata=False):
-        raise ValueError(f"{what}: schema {table.schema} does not match the documented {schema}")
-
-
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

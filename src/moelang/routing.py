@@ -231,12 +231,9 @@ class RoutingProfiler:
 def profile_model(model_ref: str | Path, token_files: dict[str, str | Path], options: dict, out_dir: str | Path,
                   model_name: str, checkpoint_step: int) -> None:
     """Profile one model on every language; writes ``{out_dir}/{lang}.parquet`` (and token tables)."""
-    from moelang.models import ModelAdapter, load_model, resolve_device
+    from moelang.models import ModelAdapter, load_for_inference
 
-    model = load_model(model_ref, dtype=options.get("dtype", "float32"), device=resolve_device(options.get("device", "auto")),
-                       trust_remote_code=options.get("trust_remote_code", False),
-                       revision=options.get("revision"))
-    model.eval()
+    model = load_for_inference(model_ref, options)
     adapter = ModelAdapter(model)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     token_layers = options.get("token_layers") or []

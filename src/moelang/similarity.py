@@ -73,8 +73,10 @@ def token_unit_means(adapter, batches, desc: str) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def sentence_vectors(adapter, tokenizer, sentences: list[str], batch_size: int = 32, desc: str = "sentences") -> torch.Tensor:
-    """[num_layers, n_sentences, hidden]: each sentence's MLP inputs mean-pooled over its tokens."""
+def sentence_vectors(adapter, tokenizer, sentences: list[str], batch_size: int = 32,
+                     desc: str = "sentences") -> tuple[torch.Tensor, int]:
+    """([num_layers, n_sentences, hidden], tokens): each sentence's MLP inputs mean-pooled over its
+    tokens, and how many tokens the sentences have."""
     model = adapter.model
     device = next(model.parameters()).device
     out = torch.zeros(adapter.num_layers, len(sentences), model.config.hidden_size, dtype=torch.float64)
@@ -86,10 +88,12 @@ def sentence_vectors(adapter, tokenizer, sentences: list[str], batch_size: int =
         out[layer, state["rows"]] = pooled.double().cpu()
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n_tokens = 0
     with adapter.capture_mlp_inputs(pool):
         for start in progress(range(0, len(sentences), batch_size), desc=desc, unit=" batches"):
             chunk = sentences[start:start + batch_size]
             encoded = [tokenizer(s, add_special_tokens=False)["input_ids"] or [pad] for s in chunk]
+            n_tokens += sum(map(len, encoded))
             width = max(map(len, encoded))
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -98,7 +102,7 @@ def sentence_vectors(adapter, tokenizer, sentences: list[str], batch_size: int =
                 mask[row, : len(seq)] = 1
             state["mask"], state["rows"] = mask.to(device), slice(start, start + len(chunk))
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    return out
+    return out, n_tokens
 
 
 def _pairs(languages: list[str]):
@@ -144,9 +148,8 @@ def parallel_similarity(adapter, tokenizer, parallel_path: str | Path, languages
             texts = texts[:limit]
         present[lang] = keep
         vectors[lang] = np.full((adapter.num_layers, len(keep), adapter.model.config.hidden_size), np.nan)
-        pooled = sentence_vectors(adapter, tokenizer, texts, desc=f"similarity {model_name} {lang}").numpy()
-        vectors[lang][:, keep] = pooled
-        n_tokens[lang] = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        pooled, n_tokens[lang] = sentence_vectors(adapter, tokenizer, texts, desc=f"similarity {model_name} {lang}")
+        vectors[lang][:, keep] = pooled.numpy()
     rows = []
     for a, b in _pairs(langs):
         both = present[a] & present[b]
@@ -187,11 +190,9 @@ def run_similarity(model_ref: str | Path, token_files: dict[str, str | Path], op
                    out_plot: str | Path | None, model_name: str, parallel_path: str | Path | None = None) -> pl.DataFrame:
     from transformers import AutoTokenizer
 
-    from moelang.models import ModelAdapter, load_model, resolve_device
+    from moelang.models import ModelAdapter, load_for_inference
 
-    model = load_model(model_ref, dtype=options.get("dtype", "float32"), device=resolve_device(options.get("device", "auto")),
-                       trust_remote_code=options.get("trust_remote_code", False), revision=options.get("revision"))
-    model.eval()
+    model = load_for_inference(model_ref, options)
     adapter = ModelAdapter(model)
     if options.get("method", "tokens") == "parallel":
         if parallel_path is None:

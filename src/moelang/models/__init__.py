@@ -1,8 +1,8 @@
 """Models: loading, family adapters, trainable subsets, parameter counts."""
 
 from moelang.models.adapters import FAMILIES, ModelAdapter, MoELayer, bake, train_only
-from moelang.models.loading import (build_config, count_parameters, init_model, load_config, load_model,
-                                    resolve_device)
+from moelang.models.loading import (build_config, count_parameters, init_model, load_config, load_for_inference,
+                                    load_model, resolve_device)
 
 __all__ = ["FAMILIES", "ModelAdapter", "MoELayer", "bake", "train_only", "build_config", "count_parameters",
-           "init_model", "load_config", "load_model", "resolve_device"]
+           "init_model", "load_config", "load_for_inference", "load_model", "resolve_device"]

@@ -66,6 +66,15 @@ def load_model(name_or_path: str | Path, *, revision: str | None = None, dtype: 
     return model
 
 
+def load_for_inference(model_ref: str | Path, options: dict):
+    """A model for the analysis and evaluation stages, in eval mode, with the stage's dtype, device,
+    revision and ``trust_remote_code`` options."""
+    model = load_model(model_ref, dtype=options.get("dtype", "float32"),
+                       device=resolve_device(options.get("device", "auto")),
+                       trust_remote_code=options.get("trust_remote_code", False), revision=options.get("revision"))
+    return model.eval()
+
+
 def load_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
     """A model's config from the hub or a directory; offline, the architecture of a few well-known
     models ships with moelang (``known_configs/``)."""
