@@ -214,3 +214,58 @@ def test_aligned_parallel_files(tmp_path):
     with pytest.raises(MoelangError, match="different line counts"):
         corpus.build_parallel(options, tmp_path / "p2.parquet")
     assert not (tmp_path / "p2.parquet").exists()
+
+
+def _sharded(tmp_path, options, count, lang="es"):
+    parts, stats = [], []
+    for i in range(count):
+        parts.append(tmp_path / f"part{i}.parquet")
+        stats.append(tmp_path / f"part{i}.json")
+        corpus.build_corpus_shard(lang, options, (i, count), parts[-1], stats[-1])
+    result = corpus.gather_corpus(lang, options, parts, stats, tmp_path / "gathered.parquet", tmp_path / "gathered.json")
+    return result, pq.read_table(tmp_path / "gathered.parquet"), parts
+
+
+@pytest.mark.parametrize("n_files,count", [(1, 3), (4, 2), (5, 3)])
+def test_sharded_corpus_gathers_to_exactly_the_one_job_corpus(tmp_path, n_files, count):
+    # duplicates inside and across files and shards, short lines, several files (sharded by file when
+    # there are enough of them, by record otherwise)
+    lines = sentences(400, seed=5)
+    lines += lines[:60] + ["", "x", "  "] + lines[100:130]
+    chunks = [lines[i::n_files] for i in range(n_files)]
+    for i, chunk in enumerate(chunks):
+        write_lines(tmp_path / "src" / f"f{i}.txt", chunk)
+    options = base_options({"type": "local", "path": str(tmp_path / "src")}, min_chars=10, min_doc_chars=2)
+    one, one_table, _ = build(tmp_path / "one", {"type": "local", "path": str(tmp_path / "src")}, min_doc_chars=2)
+    result, table, parts = _sharded(tmp_path, options, count)
+    assert table.schema.equals(corpus.CORPUS_SCHEMA)
+    assert table.to_pylist() == one_table.to_pylist()  # same rows, same order
+    assert json.loads((tmp_path / "gathered.json").read_text()) == json.loads((tmp_path / "one" / "es.stats.json").read_text())
+    assert result.n_duplicates == one.n_duplicates > 60 and result.n_too_short == one.n_too_short > 0
+    sizes = [pq.read_metadata(p).num_rows for p in parts]
+    assert all(size > 0 for size in sizes) and sum(sizes) >= table.num_rows  # parts only deduplicate within
+    assert pq.read_schema(parts[0]).equals(corpus.SHARD_SCHEMA)
+
+
+def test_sharded_builtin_corpus_equals_one_job(tmp_path):
+    options = base_options({"type": "builtin"}, min_chars=10, builtin={"packages": ["Django"], "english_prose": []})
+    one = corpus.build_corpus("es", options, tmp_path / "one.parquet", tmp_path / "one.json")
+    result, table, _ = _sharded(tmp_path, options, 2)
+    assert table.to_pylist() == pq.read_table(tmp_path / "one.parquet").to_pylist()
+    assert result.n_docs == one.n_docs > 100 and result.kept
+
+
+def test_shard_caps_apply_per_part_and_empty_sources_still_fail(tmp_path):
+    write_lines(tmp_path / "src.txt", sentences(300, seed=9))
+    capped = base_options({"type": "local", "path": str(tmp_path / "src.txt"), "max_docs": 50}, min_chars=10)
+    result, table, parts = _sharded(tmp_path, capped, 3)
+    assert [pq.read_metadata(p).num_rows for p in parts] == [17, 17, 17]  # ceil(50 / 3) each
+    assert table.num_rows == result.n_docs == 51
+    write_lines(tmp_path / "empty.txt", ["", " "])
+    empty = base_options({"type": "local", "path": str(tmp_path / "empty.txt")}, min_chars=10)
+    (tmp_path / "e").mkdir()
+    with pytest.raises(MoelangError, match="gave no document with text"):
+        _sharded(tmp_path / "e", empty, 2)
+    assert not (tmp_path / "e" / "gathered.parquet").exists()  # nothing half-written
+    with pytest.raises(MoelangError, match="shard 3/3 does not exist"):
+        corpus.build_corpus_shard("es", capped, (3, 3), tmp_path / "x.parquet", tmp_path / "x.json")

@@ -10,6 +10,7 @@ from scipy.stats import entropy as scipy_entropy
 from sklearn.metrics import mutual_info_score
 
 from families import MOE_FAMILIES, tiny_model
+from moelang.errors import MoelangError
 from moelang import routing_metrics as rm
 from moelang.models import ModelAdapter
 from moelang.routing import PROFILE_SCHEMA, RoutingProfiler, heldout_chunks, length_batches, profile_model
@@ -218,22 +219,34 @@ def test_profiler_and_metrics_find_planted_language_structure(tmp_path):
 
 
 def test_sharded_profiles_add_up_to_the_whole(tmp_path):
-    from moelang.routing import merge_profiles
+    from moelang.routing import TOKEN_SCHEMA, merge_profile_dirs
 
     model = tiny_model("olmoe").eval()
     model.save_pretrained(tmp_path / "m")
     rng = np.random.default_rng(3)
-    path = write_tokens(tmp_path / "es.parquet", [rng.integers(3, 97, rng.integers(5, 60)).tolist() for _ in range(40)],
-                        splits=["heldout"] * 40)
-    base = {"seq_len": 16, "batch_tokens": 64, "tokens_per_language": 700, "device": "cpu"}
-    profile_model(tmp_path / "m", {"es": path}, base, tmp_path / "whole", "m", 0)
+    tokens = {lang: write_tokens(tmp_path / f"{lang}.parquet",
+                                 [rng.integers(3, 97, rng.integers(5, 60)).tolist() for _ in range(40)],
+                                 splits=["heldout"] * 40) for lang in ("es", "ca")}
+    base = {"seq_len": 16, "batch_tokens": 64, "tokens_per_language": 700, "device": "cpu", "token_layers": [1]}
+    profile_model(tmp_path / "m", tokens, base, tmp_path / "whole", "m", 0)
     for i in range(3):
-        profile_model(tmp_path / "m", {"es": path}, {**base, "shard": [i, 3]}, tmp_path / f"s{i}", "m", 0)
-    merged = merge_profiles([tmp_path / f"s{i}" / "es.parquet" for i in range(3)])
-    whole = pq.read_table(tmp_path / "whole" / "es.parquet")
-    assert merged.schema.equals(PROFILE_SCHEMA)
-    for column in ("layer", "expert", "count", "n_tokens"):
-        assert merged.column(column).to_pylist() == whole.column(column).to_pylist(), column
-    # weights come from fp32 forward passes over differently composed batches: equal to fp32 precision
-    assert np.allclose(merged.column("weight_sum").to_numpy(), whole.column("weight_sum").to_numpy(), rtol=1e-6)
-    assert whole.column("n_tokens")[0].as_py() == 700
+        profile_model(tmp_path / "m", tokens, {**base, "shard": [i, 3]}, tmp_path / f"s{i}", "m", 0)
+    names = merge_profile_dirs([tmp_path / f"s{i}" for i in range(3)], tmp_path / "merged")
+    assert names == ["ca.parquet", "ca.tokens.parquet", "es.parquet", "es.tokens.parquet"]
+    for lang in ("es", "ca"):
+        merged = pq.read_table(tmp_path / "merged" / f"{lang}.parquet")
+        whole = pq.read_table(tmp_path / "whole" / f"{lang}.parquet")
+        assert merged.schema.equals(PROFILE_SCHEMA)
+        for column in ("layer", "expert", "count", "n_tokens"):
+            assert merged.column(column).to_pylist() == whole.column(column).to_pylist(), column
+        # weights come from fp32 forward passes over differently composed batches: equal to fp32 precision
+        assert np.allclose(merged.column("weight_sum").to_numpy(), whole.column("weight_sum").to_numpy(), rtol=1e-6)
+        assert whole.column("n_tokens")[0].as_py() == 700
+        merged_tokens = pq.read_table(tmp_path / "merged" / f"{lang}.tokens.parquet")
+        assert merged_tokens.schema.equals(TOKEN_SCHEMA)
+        assert merged_tokens.equals(pq.read_table(tmp_path / "whole" / f"{lang}.tokens.parquet").sort_by(
+            [(name, "ascending") for name in ("model", "checkpoint_step", "lang", "layer", "token_id", "expert")]))
+    (tmp_path / "s2" / "ca.tokens.parquet").unlink()
+    with pytest.raises(MoelangError, match="the shards must profile the same languages"):
+        merge_profile_dirs([tmp_path / f"s{i}" for i in range(3)], tmp_path / "again")
+    assert not (tmp_path / "again").exists()

@@ -135,3 +135,36 @@ def test_joined_encoding_falls_back_where_it_would_not_be_exact():
     array, _, _ = encoder.encode(texts)
     assert array.to_pylist() == per_document(backend, texts)
     assert encoder.joined is False
+
+
+@pytest.mark.parametrize("count", [2, 3, 7])
+def test_token_shards_gather_to_exactly_the_one_job_files(small_corpora, tmp_path, count):
+    root, paths, _ = small_corpora
+    # a corpus in many small row groups, so shard boundaries fall inside and between groups
+    small_groups = tmp_path / "es.parquet"
+    pq.write_table(pq.read_table(paths["es"]), small_groups, row_group_size=37)
+    one = tokenize.tokenize_corpus(small_groups, root / "tokenizer", tmp_path / "one.parquet", tmp_path / "one.freq.parquet")
+    tokens, freqs = [], []
+    for i in range(count):
+        tokens.append(tmp_path / f"{i}.parquet")
+        freqs.append(tmp_path / f"{i}.freq.parquet")
+        tokenize.tokenize_corpus(small_groups, root / "tokenizer", tokens[-1], freqs[-1], batch_size=50, shard=(i, count))
+    sizes = [pq.read_metadata(p).num_rows for p in tokens]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == one["n_docs"]
+    gathered = tokenize.gather_tokens(tokens, freqs, tmp_path / "all.parquet", tmp_path / "all.freq.parquet")
+    assert gathered["n_docs"] == one["n_docs"]
+    assert pq.read_table(tmp_path / "all.parquet").equals(pq.read_table(tmp_path / "one.parquet"))
+    assert pq.read_table(tmp_path / "all.freq.parquet").equals(pq.read_table(tmp_path / "one.freq.parquet"))
+    # and the counts are those of the ids themselves (an independent count)
+    ids = Counter(i for row in pq.read_table(tmp_path / "all.parquet").column("input_ids").to_pylist() for i in row)
+    freq = pq.read_table(tmp_path / "all.freq.parquet").to_pydict()
+    assert dict(zip(freq["token_id"], freq["count"])) == dict(ids)
+
+
+def test_gather_refuses_mismatched_shards(small_corpora, tmp_path):
+    root, paths, _ = small_corpora
+    with pytest.raises(MoelangError, match="2 token shards but 1 frequency"):
+        tokenize.gather_tokens([paths["es"], paths["es"]], [paths["es"]], tmp_path / "a", tmp_path / "b")
+    with pytest.raises(MoelangError, match="is not a token file"):
+        tokenize.gather_tokens([paths["es"]], [paths["es"]], tmp_path / "a", tmp_path / "b")
+    assert not (tmp_path / "a").exists()

@@ -38,9 +38,11 @@ def tiny_run(tmp_path_factory):
         "corpus": {
             "min_chars": 2000,
             "builtin": {"packages": ["Django"], "english_prose": []},
-            "sources": {"ca": {"type": "local", "path": str(ca)}, "gl": {"type": "local", "path": str(gl)}},
+            "sources": {"ca": {"type": "local", "path": str(ca), "shards": 2}, "gl": {"type": "local", "path": str(gl)}},
         },
         "tokenizer": {"vocab_size": 500},
+        "tokenize": {"shards": 2},
+        "routing": {"shards": 2},
         "model": {
             "base": {"type": "train", "architecture": {
                 "model_type": "olmoe", "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2,
@@ -160,6 +162,36 @@ def test_every_model_is_evaluated_into_one_table(tiny_run):
     raw = json.loads((work / "results" / "eval" / "cpt-step6" / "synthetic_blimp.json").read_text())
     assert "results" in raw and all(name.startswith("moelang_synthetic_blimp_") for name in raw["results"])
     assert "| cpt-step6 | cpt |" in (work / "results" / "eval" / "summary.md").read_text()
+
+
+def test_sharded_jobs_give_what_one_job_gives(tiny_run, tmp_path):
+    from moelang import config as cfg
+    from moelang.routing import profile_model
+
+    work, proc = tiny_run
+    res = work / "results"
+    config = cfg.load(work / "config.yaml")
+    log = proc.stdout + proc.stderr
+    for rule in ("corpus_shard", "corpus_gather", "tokenize_shard", "tokenize_gather", "profile_routing_shard",
+                 "merge_routing"):
+        assert f"rule {rule}:" in log, rule
+    # ca's corpus came from 2 shards; es's tokens from 2 row ranges; every profile from 2 chunk shards
+    corpus.build_corpus("ca", cfg.corpus_options(config, "ca"), tmp_path / "ca.parquet", tmp_path / "ca.json")
+    assert pq.read_table(res / "corpus" / "ca.parquet").equals(pq.read_table(tmp_path / "ca.parquet"))
+    assert json.loads((res / "corpus" / "ca.stats.json").read_text()) == json.loads((tmp_path / "ca.json").read_text())
+    tokenize.tokenize_corpus(res / "corpus" / "es.parquet", res / "tokenizer", tmp_path / "es.parquet",
+                             tmp_path / "es.freq.parquet")
+    assert pq.read_table(res / "tokens" / "es.parquet").equals(pq.read_table(tmp_path / "es.parquet"))
+    assert pq.read_table(res / "tokens" / "es.freq.parquet").equals(pq.read_table(tmp_path / "es.freq.parquet"))
+    options = cfg.routing_options(config, "cpt-step6")
+    profile_model(res / "models" / "cpt" / "step-6", {"es": res / "tokens" / "es.parquet"}, options,
+                  tmp_path / "routing", "cpt", 6)
+    whole = pq.read_table(tmp_path / "routing" / "es.parquet")
+    merged = pq.read_table(res / "routing" / "cpt-step6" / "es.parquet")
+    assert merged.column("count").to_pylist() == whole.column("count").to_pylist()
+    assert merged.column("n_tokens").to_pylist() == whole.column("n_tokens").to_pylist()
+    # the parts were temporary
+    assert not any(p.is_file() for stage in ("corpus", "tokens", "routing") for p in (res / stage / "shards").rglob("*"))
 
 
 def test_rerun_has_nothing_to_do(tiny_run):

@@ -44,12 +44,47 @@ def _lang_paths(values: list[str], what: str) -> dict[str, Path]:
     return out
 
 
+def _shard(text: str | None, command: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N), checked; None -> (0, 1), the whole input."""
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise MoelangError(f"{command}: --shard '{text}' is not I/N (e.g. 0/4)") from None
+    if not 0 <= index < count:
+        raise MoelangError(f"{command}: --shard {text} does not exist; use I/N with 0 <= I < N")
+    return index, count
+
+
+def _existing(paths: list[str], command: str, what: str) -> list[str]:
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise MoelangError(f"{command}: {missing[0]} does not exist; run every {what} job first")
+    return paths
+
+
 def cmd_corpus(args) -> None:
-    from moelang.corpus import build_corpus
+    from moelang.corpus import build_corpus, build_corpus_shard
 
     lang = cfg.check_lang(args.lang)
     options = _options(args, lambda c: cfg.corpus_options(c, lang))
-    build_corpus(lang, options, args.out, args.stats)
+    shard = _shard(args.shard, "corpus")
+    if shard[1] > 1:
+        build_corpus_shard(lang, options, shard, args.out, args.stats)
+    else:
+        build_corpus(lang, options, args.out, args.stats)
+
+
+def cmd_corpus_gather(args) -> None:
+    from moelang.corpus import gather_corpus
+
+    lang = cfg.check_lang(args.lang)
+    options = _options(args, lambda c: cfg.corpus_options(c, lang))
+    if len(args.shards) != len(args.shard_stats):
+        raise MoelangError("corpus-gather: pass one --shard-stats file per --shards file, in the same order")
+    gather_corpus(lang, options, _existing(args.shards, "corpus-gather", "corpus shard"),
+                  _existing(args.shard_stats, "corpus-gather", "corpus shard"), args.out, args.stats)
 
 
 def cmd_corpus_summary(args) -> None:
@@ -82,7 +117,15 @@ def cmd_tokenize(args) -> None:
 
     if not Path(args.corpus).is_file():
         raise MoelangError(f"tokenize: corpus file '{args.corpus}' does not exist; run the corpus stage first")
-    tokenize_corpus(args.corpus, args.tokenizer, args.out, args.freq, batch_size=args.batch_size)
+    tokenize_corpus(args.corpus, args.tokenizer, args.out, args.freq, batch_size=args.batch_size,
+                    shard=_shard(args.shard, "tokenize"))
+
+
+def cmd_tokenize_gather(args) -> None:
+    from moelang.tokenize import gather_tokens
+
+    gather_tokens(_existing(args.tokens, "tokenize-gather", "tokenize shard"),
+                  _existing(args.freqs, "tokenize-gather", "tokenize shard"), args.out, args.freq)
 
 
 def cmd_overlap(args) -> None:
@@ -118,24 +161,17 @@ def cmd_profile(args) -> None:
         options = cfg.routing_options(cfg.load(args.config), args.name)
     else:
         raise MoelangError("pass --config CONFIG.yaml --name MODEL (or --options JSON, as the workflow does)")
-    if args.shard:
-        try:
-            index, count = (int(x) for x in args.shard.split("/"))
-        except ValueError:
-            raise MoelangError(f"profile-routing: --shard '{args.shard}' is not I/N (e.g. 0/4)") from None
-        options["shard"] = [index, count]
+    shard = _shard(args.shard, "profile-routing")
+    if shard[1] > 1:
+        options["shard"] = list(shard)
     profile_model(options["ref"], _lang_paths(args.tokens, "routing"), options, args.out, options["model"],
                   options["checkpoint_step"])
 
 
 def cmd_merge_routing(args) -> None:
-    from moelang.io import write_table
-    from moelang.routing import merge_profiles
+    from moelang.routing import merge_profile_dirs
 
-    missing = [p for p in args.profiles if not Path(p).is_file()]
-    if missing:
-        raise MoelangError(f"merge-routing: {missing[0]} does not exist; profile every shard first")
-    write_table(merge_profiles(args.profiles), args.out)
+    merge_profile_dirs(_existing(args.shards, "merge-routing", "profile-routing shard"), args.out)
 
 
 def cmd_routing_metrics(args) -> None:
@@ -223,7 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_source(p)
     p.add_argument("--out", required=True, help="results/corpus/<lang>.parquet")
     p.add_argument("--stats", required=True, help="results/corpus/<lang>.stats.json")
+    p.add_argument("--shard", default=None, help="I/N: write the I-th of N parts of the source (see corpus-gather)")
     p.set_defaults(func=cmd_corpus)
+
+    p = sub.add_parser("corpus-gather", help="merge one language's corpus shards in source order")
+    p.add_argument("--lang", required=True)
+    _add_option_source(p)
+    p.add_argument("--shards", nargs="+", required=True, help="the shards' parquet files, in shard order")
+    p.add_argument("--shard-stats", nargs="+", required=True, help="the shards' stats files, same order")
+    p.add_argument("--out", required=True, help="results/corpus/<lang>.parquet")
+    p.add_argument("--stats", required=True, help="results/corpus/<lang>.stats.json")
+    p.set_defaults(func=cmd_corpus_gather)
 
     p = sub.add_parser("corpus-summary", help="gather corpus stats; decide the kept languages")
     p.add_argument("--stats", nargs="+", required=True)
@@ -249,7 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--freq", required=True)
     p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--shard", default=None, help="I/N: tokenize the I-th of N contiguous row ranges")
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("tokenize-gather", help="join one language's token shards and add up their frequencies")
+    p.add_argument("--tokens", nargs="+", required=True, help="the shards' token files, in shard order")
+    p.add_argument("--freqs", nargs="+", required=True, help="the shards' frequency files")
+    p.add_argument("--out", required=True, help="results/tokens/<lang>.parquet")
+    p.add_argument("--freq", required=True, help="results/tokens/<lang>.freq.parquet")
+    p.set_defaults(func=cmd_tokenize_gather)
 
     p = sub.add_parser("overlap", help="pairwise token-vocabulary overlap")
     p.add_argument("--freq", nargs="+", required=True, help="results/tokens/<lang>.freq.parquet files")
@@ -282,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, help="I/N: profile the I-th of N interleaved shards of the tokens")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("merge-routing", help="add up routing profiles of token shards")
-    p.add_argument("--profiles", nargs="+", required=True, help="the shards' <lang>.parquet files")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("merge-routing", help="add up one model's routing profiles made on token shards")
+    p.add_argument("--shards", nargs="+", required=True, help="the shards' output directories")
+    p.add_argument("--out", required=True, help="results/routing/<model>")
     p.set_defaults(func=cmd_merge_routing)
 
     p = sub.add_parser("routing-metrics", help="entropy, JSD, specialisation, expert selection, plots")

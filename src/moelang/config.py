@@ -17,7 +17,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
-from moelang.errors import ConfigError
+from moelang.errors import ConfigError, MoelangError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 LANG_PATTERN = re.compile(r"^[a-z]{2,3}$")
@@ -191,6 +191,11 @@ def corpus_options(config: dict, lang: str) -> dict:
     }
 
 
+def corpus_shards(config: dict, lang: str) -> int:
+    """Corpus jobs for ``lang``: its source's ``shards``, else ``corpus.shards``."""
+    return int(source_for(config, lang).get("shards") or config["corpus"]["shards"])
+
+
 def parallel_options(config: dict) -> dict:
     corpus = config["corpus"]
     return {
@@ -282,7 +287,9 @@ def routing_options(config: dict, name: str) -> dict:
 
 def routing_metrics_options(config: dict) -> dict:
     langs = config["languages"]
-    return {**config["routing"], "languages": all_languages(config), "base_language": langs["base"],
+    # how the profiles were split into jobs does not change them: not an option of the metrics
+    routing = {k: v for k, v in config["routing"].items() if k != "shards"}
+    return {**routing, "languages": all_languages(config), "base_language": langs["base"],
             "high_resource": langs["high_resource"], "targets": langs["targets"], "seed": config["seed"]}
 
 
@@ -341,14 +348,20 @@ def evaluation_options(config: dict, name: str | None = None) -> dict:
 # on CPUs, model stages on one GPU, continual pre-training on a whole node's GPUs.
 STAGE_RESOURCES: dict[str, dict] = {
     "corpus": {"runtime": 240, "mem_mb": 8000},
+    "corpus_shard": {"runtime": 240, "mem_mb": 8000},
+    "corpus_gather": {"runtime": 120, "mem_mb": 8000},
     "corpus_summary": {"runtime": 10, "mem_mb": 2000},
     "parallel": {"runtime": 60, "mem_mb": 8000},
     "tokenizer": {"runtime": 120, "mem_mb": 16000},
     "tokenize": {"runtime": 240, "mem_mb": 8000},
+    "tokenize_shard": {"runtime": 240, "mem_mb": 8000},
+    "tokenize_gather": {"runtime": 60, "mem_mb": 8000},
     "overlap": {"runtime": 30, "mem_mb": 8000},
     "pretrain_base": {"runtime": 720, "mem_mb": 32000, "gpu": 1},
     "cpt": {"runtime": 2880, "mem_mb": 256000, "gpu": 8},
     "profile_routing": {"runtime": 240, "mem_mb": 64000, "gpu": 1},
+    "profile_routing_shard": {"runtime": 240, "mem_mb": 64000, "gpu": 1},
+    "merge_routing": {"runtime": 30, "mem_mb": 8000},
     "routing_metrics": {"runtime": 30, "mem_mb": 8000},
     "layer_similarity": {"runtime": 240, "mem_mb": 64000, "gpu": 1},
     "allocate_experts": {"runtime": 10, "mem_mb": 2000},
@@ -358,6 +371,36 @@ STAGE_RESOURCES: dict[str, dict] = {
     "eval_summary": {"runtime": 10, "mem_mb": 4000},
 }
 RESOURCE_KEYS = ("slurm_partition", "slurm_account", "runtime", "mem_mb", "cpus_per_task", "gpu", "slurm_extra")
+
+# The Apptainer image each rule runs in with `--software-deployment-method apptainer`, by stage
+# family (containers/<family>.def; which image is the config's `containers.<family>`): the data
+# stages need no torch, the model stages need torch with CUDA, evaluation adds lm-eval. Same keys
+# as STAGE_RESOURCES (tests/test_containers.py checks both against the rules).
+CONTAINER_FAMILIES = ("data", "model", "eval")
+RULE_CONTAINER_FAMILY: dict[str, str] = {
+    "corpus": "data",
+    "corpus_shard": "data",
+    "corpus_gather": "data",
+    "corpus_summary": "data",
+    "parallel": "data",
+    "tokenizer": "data",
+    "tokenize": "data",
+    "tokenize_shard": "data",
+    "tokenize_gather": "data",
+    "overlap": "data",
+    "pretrain_base": "model",
+    "cpt": "model",
+    "profile_routing": "model",
+    "profile_routing_shard": "model",
+    "merge_routing": "model",
+    "routing_metrics": "model",
+    "layer_similarity": "model",
+    "allocate_experts": "model",
+    "eval_tasks": "eval",
+    "evaluate_tasks": "eval",
+    "evaluate_perplexity": "eval",
+    "eval_summary": "eval",
+}
 
 
 def rule_resources(config: dict, rule: str) -> dict:
@@ -377,3 +420,30 @@ def launcher(config: dict, rule: str) -> str:
     if gpus > 1:
         return f"torchrun --standalone --nproc_per_node {gpus} -m moelang"
     return "python -m moelang"
+
+
+def rule_container(config: dict, rule: str) -> str:
+    """The image ``rule`` runs in under ``--software-deployment-method apptainer``: the config's
+    ``containers.<family>`` (a .sif file, or a docker://, oras:// or library:// URI)."""
+    family = RULE_CONTAINER_FAMILY.get(rule)
+    if family is None:
+        raise MoelangError(f"rule '{rule}' has no container family; add it to RULE_CONTAINER_FAMILY in "
+                           f"src/moelang/config.py with one of {', '.join(CONTAINER_FAMILIES)}")
+    image = config.get("containers", {}).get(family)
+    if not image:
+        raise ConfigError(f"config key 'containers.{family}': no image for the {family} stages; set it to a .sif "
+                          f"file or a docker:// or oras:// URI (default: containers/{family}.sif)")
+    return image
+
+
+def missing_container_images(config: dict, root: str | Path = ".") -> list[str]:
+    """One line per configured image that is a local file (no ``scheme://``) missing under ``root``.
+    Only a run with ``--sdm apptainer`` needs them; checking before any job starts turns a failure of
+    every job into one message that says how to build the image."""
+    missing = []
+    for family in CONTAINER_FAMILIES:
+        image = config.get("containers", {}).get(family)
+        if image and "://" not in image and not (Path(root) / image).is_file():
+            missing.append(f"config key 'containers.{family}': image '{image}' does not exist; build it with "
+                           f"containers/build.sh {family}, or set containers.{family} to a docker:// or oras:// URI")
+    return missing

@@ -36,6 +36,12 @@ Outputs
     One row per configured language with the stats columns above.
 ``results/corpus/languages.json``
     ``{"kept": [...], "dropped": {lang: reason}}``: the languages later stages use.
+``results/corpus/shards/{lang}/{i}.parquet``, ``{i}.stats.json`` (``shards`` > 1)
+    a part of the source (every N-th file, or every N-th record when there are fewer files than
+    shards; a contiguous block of a streamed dataset's files): the corpus schema plus ``position``
+    int64, the document's place in the source. The gather job merges the parts by position and
+    deduplicates across them, so without caps it writes exactly what one job would have written;
+    a cap (``max_docs``, ``max_chars``) applies to each part as ``ceil(cap / N)``.
 ``results/corpus/parallel.parquet``
     ``item_id`` string, ``origin`` string (package/catalog or file), then one string column per
     language (null where that language lacks the item); a row needs ``parallel.min_languages``
@@ -46,6 +52,8 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import heapq
+import itertools
 import json
 import re
 import unicodedata
@@ -69,8 +77,13 @@ CORPUS_SCHEMA = pa.schema(
         ("split", pa.string()),
     ]
 )
+# A corpus shard keeps each document's position in the source, so the gather restores source order.
+SHARD_SCHEMA = CORPUS_SCHEMA.append(pa.field("position", pa.int64()))
 SPLITS = ("train", "heldout")
 WRITE_BATCH = 8192
+
+Shard = tuple[int, int]  # (index, count): the index-th of count parts of a source
+Document = tuple[int, str, str]  # (position in the source, doc_id, raw text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,17 +104,29 @@ def assign_split(doc_id: str, salt: str, heldout_fraction: float) -> str:
 # Sources: each yields (doc_id, text) pairs in a deterministic order
 # --------------------------------------------------------------------------------------------------
 
-def builtin_documents(lang: str, source: dict, builtin: dict) -> Iterator[tuple[str, str]]:
+# A document's position in its source, as one sortable int64: (file or part) << 40 | record. Shards
+# keep positions, so their gather restores the source order exactly.
+POSITION_BITS = 40
+
+
+def _position(part: int, record: int) -> int:
+    return (part << POSITION_BITS) | record
+
+
+def builtin_documents(lang: str, source: dict, builtin: dict, shard: Shard = (0, 1)) -> Iterator[Document]:
     if lang == catalogs.SOURCE_LANGUAGE:
         # The catalogs' source language: every message id is an English document, with the same id
         # as the translations of that message, so the split lines up across languages.
         harvest = catalogs.harvest(builtin["packages"], {}, want_source_text=True)
-        yield from harvest.source_text.items()
-        if "pydoc_topics" in builtin.get("english_prose", []):
-            yield from catalogs.pydoc_prose()
+        pairs = itertools.chain(harvest.source_text.items(),
+                                catalogs.pydoc_prose() if "pydoc_topics" in builtin.get("english_prose", []) else ())
     else:
         harvest = catalogs.harvest(builtin["packages"], {lang: source.get("locales") or [lang]}, want_source_text=False)
-        yield from harvest.translations[lang].items()
+        pairs = harvest.translations[lang].items()
+    index, count = shard
+    for record, (doc_id, text) in enumerate(pairs):
+        if record % count == index:
+            yield _position(0, record), doc_id, text
 
 
 def _expand_paths(pattern: str, lang: str) -> list[Path]:
@@ -144,49 +169,63 @@ def _read_text_file(path: Path, encoding: str, lang: str) -> str:
         raise MoelangError(f"corpus for '{lang}': unknown encoding '{encoding}'; fix corpus.sources.{lang}.encoding") from None
 
 
-def local_documents(lang: str, source: dict) -> Iterator[tuple[str, str]]:
+def local_documents(lang: str, source: dict, shard: Shard = (0, 1)) -> Iterator[Document]:
+    """Documents of local files. With several shards, a shard takes every N-th file when there are at
+    least N files (each job reads only its files), else every N-th record of all files."""
     files = _expand_paths(source["path"], lang)
+    index, count = shard
+    by_file = count > 1 and len(files) >= count
+    record = 0
+    for file_index, path in enumerate(files):
+        if by_file and file_index % count != index:
+            continue
+        for i, (doc_id, text) in enumerate(_file_documents(path, lang, source)):
+            if by_file or record % count == index:
+                yield _position(file_index, i), doc_id, text
+            record += 1
+
+
+def _file_documents(path: Path, lang: str, source: dict) -> Iterator[tuple[str, str]]:
     column = source.get("text_column", "text")
-    for path in files:
-        fmt = _file_format(path, source.get("format", "auto"), lang)
-        stem = path.name
-        if fmt == "txt":
-            content = _read_text_file(path, source.get("encoding", "utf-8"), lang)
-            if source.get("txt_mode", "line") == "paragraph":
-                pieces = re.split(r"\n\s*\n", content)
-            else:
-                pieces = content.splitlines()
-            for i, piece in enumerate(pieces):
-                yield f"{stem}:{i}", piece
-        elif fmt == "jsonl":
-            content = _read_text_file(path, source.get("encoding", "utf-8"), lang)
-            for i, line in enumerate(content.splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise MoelangError(f"corpus for '{lang}': '{path}' line {i + 1} is not valid JSON ({exc.msg}); "
-                                       f"fix the file (one JSON object per line)") from None
-                if not isinstance(record, dict) or column not in record:
-                    raise MoelangError(f"corpus for '{lang}': '{path}' line {i + 1} has no field '{column}'; "
-                                       f"set corpus.sources.{lang}.text_column to the field holding the text")
-                yield f"{stem}:{i}", _as_text(record[column], lang, path)
-        else:  # parquet
+    fmt = _file_format(path, source.get("format", "auto"), lang)
+    stem = path.name
+    if fmt == "txt":
+        content = _read_text_file(path, source.get("encoding", "utf-8"), lang)
+        if source.get("txt_mode", "line") == "paragraph":
+            pieces = re.split(r"\n\s*\n", content)
+        else:
+            pieces = content.splitlines()
+        for i, piece in enumerate(pieces):
+            yield f"{stem}:{i}", piece
+    elif fmt == "jsonl":
+        content = _read_text_file(path, source.get("encoding", "utf-8"), lang)
+        for i, line in enumerate(content.splitlines()):
+            if not line.strip():
+                continue
             try:
-                pfile = pq.ParquetFile(path)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise MoelangError(f"corpus for '{lang}': '{path}' is not a readable Parquet file ({exc}); "
-                                   f"check the file or its format setting") from None
-            names = pfile.schema_arrow.names
-            if column not in names:
-                raise MoelangError(f"corpus for '{lang}': '{path}' has no column '{column}' (columns: {', '.join(names)}); "
-                                   f"set corpus.sources.{lang}.text_column")
-            i = 0
-            for batch in pfile.iter_batches(columns=[column], batch_size=WRITE_BATCH):
-                for value in batch.column(0).to_pylist():
-                    yield f"{stem}:{i}", _as_text(value, lang, path)
-                    i += 1
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MoelangError(f"corpus for '{lang}': '{path}' line {i + 1} is not valid JSON ({exc.msg}); "
+                                   f"fix the file (one JSON object per line)") from None
+            if not isinstance(record, dict) or column not in record:
+                raise MoelangError(f"corpus for '{lang}': '{path}' line {i + 1} has no field '{column}'; "
+                                   f"set corpus.sources.{lang}.text_column to the field holding the text")
+            yield f"{stem}:{i}", _as_text(record[column], lang, path)
+    else:  # parquet
+        try:
+            pfile = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise MoelangError(f"corpus for '{lang}': '{path}' is not a readable Parquet file ({exc}); "
+                               f"check the file or its format setting") from None
+        names = pfile.schema_arrow.names
+        if column not in names:
+            raise MoelangError(f"corpus for '{lang}': '{path}' has no column '{column}' (columns: {', '.join(names)}); "
+                               f"set corpus.sources.{lang}.text_column")
+        i = 0
+        for batch in pfile.iter_batches(columns=[column], batch_size=WRITE_BATCH):
+            for value in batch.column(0).to_pylist():
+                yield f"{stem}:{i}", _as_text(value, lang, path)
+                i += 1
 
 
 def _as_text(value, lang: str, path) -> str:
@@ -198,7 +237,11 @@ def _as_text(value, lang: str, path) -> str:
     return value
 
 
-def hf_documents(lang: str, source: dict) -> Iterator[tuple[str, str]]:
+def hf_documents(lang: str, source: dict, shard: Shard = (0, 1)) -> Iterator[Document]:
+    """Documents of a streamed dataset. With several shards, a shard streams a contiguous block of the
+    dataset's files when it has at least N of them (``IterableDataset.shard``), else every N-th record
+    of the whole stream. Without ``id_column``, ids are the record's index in the stream (in a file
+    block: ``{dataset}:{i}/{N}:{index}``, so they then depend on the shard count)."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - declared dependency
@@ -222,14 +265,26 @@ def hf_documents(lang: str, source: dict) -> Iterator[tuple[str, str]]:
             f"(corpus.sources.{lang}.type: local)") from None
     column = source.get("text_column", "text")
     id_column = source.get("id_column")
+    index, count = shard
+    by_files = count > 1 and ds.num_shards >= count
+    if by_files:
+        ds = ds.shard(num_shards=count, index=index, contiguous=True)
+    elif count > 1:
+        log.warning("corpus %s: dataset %s has %d file(s), fewer than %d shards: every shard streams all of it "
+                    "and keeps every %d-th record", lang, where, ds.num_shards, count, count)
     for i, record in enumerate(ds):
         if i == 0:
             missing = [c for c in (column, id_column) if c and c not in record]
             if missing:
                 raise MoelangError(f"corpus for '{lang}': dataset {where} has no column '{missing[0]}' "
                                    f"(columns: {', '.join(record)}); set corpus.sources.{lang}.text_column/id_column")
-        doc_id = str(record[id_column]) if id_column else f"{dataset_id}:{i}"
-        yield doc_id, _as_text(record[column], lang, dataset_id)
+        if not by_files and i % count != index:
+            continue
+        if id_column:
+            doc_id = str(record[id_column])
+        else:
+            doc_id = f"{dataset_id}:{index}/{count}:{i}" if by_files else f"{dataset_id}:{i}"
+        yield _position(index if by_files else 0, i), doc_id, _as_text(record[column], lang, dataset_id)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,15 +331,15 @@ def _describe_source(source: dict) -> str:
     return f"hf {source['dataset']}" + (f"/{source['name']}" if source.get("name") else "")
 
 
-def documents(lang: str, options: dict) -> Iterator[tuple[str, str]]:
+def documents(lang: str, options: dict, shard: Shard = (0, 1)) -> Iterator[Document]:
     source = options["source"]
     kind = source.get("type")
     if kind == "builtin":
-        return builtin_documents(lang, source, options["builtin"])
+        return builtin_documents(lang, source, options["builtin"], shard)
     if kind == "local":
-        return local_documents(lang, source)
+        return local_documents(lang, source, shard)
     if kind == "hf":
-        return hf_documents(lang, source)
+        return hf_documents(lang, source, shard)
     raise MoelangError(f"corpus for '{lang}': unknown source type '{kind}'; use builtin, local or hf")
 
 
@@ -296,59 +351,63 @@ def normalise(text: str) -> str:
     return text.strip()
 
 
-def build_corpus(lang: str, options: dict, out_path: str | Path, stats_path: str | Path) -> CorpusStats:
-    """Write one language's corpus and its stats. Returns the stats (``kept`` says if it is usable)."""
-    check_lang(lang)
-    source = options["source"]
-    caps = (source.get("max_docs"), source.get("max_chars"))
-    stats = CorpusStats(lang=lang, source=_describe_source(source))
+def _text_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def _count(stats: CorpusStats, text: str, split: str) -> None:
+    stats.n_docs += 1
+    stats.n_chars += len(text)
+    stats.n_words += len(text.split())
+    if split == "train":
+        stats.n_train += 1
+    else:
+        stats.n_heldout += 1
+
+
+def _kept_documents(docs: Iterable[Document], options: dict, stats: CorpusStats, caps: tuple) -> Iterator[tuple]:
+    """Normalised, long enough and (``dedup``) first-seen documents as ``(doc_id, lang, text, split,
+    position)`` rows, counted into ``stats``, until a cap is reached."""
     salt, fraction = options["split_salt"], options["heldout_fraction"]
     seen: set[bytes] = set()
-    log.info("corpus %s: reading %s", lang, stats.source)
-    docs = documents(lang, options)  # errors in the source's set-up surface here, before any output
-    with atomic_path(out_path) as tmp:
-        with pq.ParquetWriter(tmp, CORPUS_SCHEMA, compression="zstd") as writer:
-            rows: dict[str, list] = {name: [] for name in CORPUS_SCHEMA.names}
+    for position, doc_id, raw in progress(docs, desc=f"corpus {stats.lang}", unit=" docs"):
+        text = normalise(raw)
+        if len(text) < options["min_doc_chars"]:
+            stats.n_too_short += 1
+            continue
+        if options["dedup"]:
+            key = _text_key(text)
+            if key in seen:
+                stats.n_duplicates += 1
+                continue
+            seen.add(key)
+        split = assign_split(doc_id, salt, fraction)
+        _count(stats, text, split)
+        yield doc_id, stats.lang, text, split, position
+        if (caps[0] and stats.n_docs >= caps[0]) or (caps[1] and stats.n_chars >= caps[1]):
+            log.info("corpus %s: reached the cap (max_docs=%s, max_chars=%s)", stats.lang, *caps)
+            return
 
-            def flush():
-                if rows["doc_id"]:
-                    writer.write_table(pa.table(rows, schema=CORPUS_SCHEMA))
-                    for values in rows.values():
-                        values.clear()
 
-            for doc_id, raw in progress(docs, desc=f"corpus {lang}", unit=" docs"):
-                text = normalise(raw)
-                if len(text) < options["min_doc_chars"]:
-                    stats.n_too_short += 1
-                    continue
-                if options["dedup"]:
-                    key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-                    if key in seen:
-                        stats.n_duplicates += 1
-                        continue
-                    seen.add(key)
-                split = assign_split(doc_id, salt, fraction)
-                rows["doc_id"].append(doc_id)
-                rows["lang"].append(lang)
-                rows["text"].append(text)
-                rows["split"].append(split)
-                stats.n_docs += 1
-                stats.n_chars += len(text)
-                stats.n_words += len(text.split())
-                if split == "train":
-                    stats.n_train += 1
-                else:
-                    stats.n_heldout += 1
-                if len(rows["doc_id"]) >= WRITE_BATCH:
-                    flush()
-                if (caps[0] and stats.n_docs >= caps[0]) or (caps[1] and stats.n_chars >= caps[1]):
-                    log.info("corpus %s: reached the cap (max_docs=%s, max_chars=%s)", lang, *caps)
-                    break
-            flush()
-            if stats.n_docs == 0 and source["type"] != "builtin":
-                # A file or dataset the user chose that holds no text is a mistake, not a small language.
-                raise MoelangError(f"corpus for '{lang}': {stats.source} gave no document with text; point "
-                                   f"corpus.sources.{lang} at a source with text, or remove the language")
+def _write_rows(rows: Iterable[tuple], path: Path, schema: pa.Schema) -> None:
+    """Write row tuples (in ``schema``'s column order, extra trailing values ignored) in batches."""
+    names = schema.names
+    rows = iter(rows)
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        while batch := list(itertools.islice(rows, WRITE_BATCH)):
+            columns = list(zip(*batch))
+            writer.write_table(pa.table({name: list(columns[i]) for i, name in enumerate(names)}, schema=schema))
+
+
+def _check_has_text(stats: CorpusStats, options: dict) -> None:
+    if stats.n_docs == 0 and options["source"]["type"] != "builtin":
+        # A file or dataset the user chose that holds no text is a mistake, not a small language.
+        raise MoelangError(f"corpus for '{stats.lang}': {stats.source} gave no document with text; point "
+                           f"corpus.sources.{stats.lang} at a source with text, or remove the language")
+
+
+def _finish(stats: CorpusStats, options: dict, stats_path: str | Path) -> CorpusStats:
+    """Decide whether the language is kept, log it and write its stats."""
     if stats.n_docs == 0:
         stats.reason = "no text: the source gave no document"
     elif stats.n_chars < options["min_chars"]:
@@ -358,12 +417,86 @@ def build_corpus(lang: str, options: dict, out_path: str | Path, stats_path: str
     else:
         stats.kept = True
     if stats.kept:
-        log.info("corpus %s: %d docs (%d train, %d heldout), %d chars, %d words", lang, stats.n_docs,
+        log.info("corpus %s: %d docs (%d train, %d heldout), %d chars, %d words", stats.lang, stats.n_docs,
                  stats.n_train, stats.n_heldout, stats.n_chars, stats.n_words)
     else:
-        log.warning("corpus %s: DROPPED, %s", lang, stats.reason)
+        log.warning("corpus %s: DROPPED, %s", stats.lang, stats.reason)
     write_json(asdict(stats), stats_path)
     return stats
+
+
+def build_corpus(lang: str, options: dict, out_path: str | Path, stats_path: str | Path) -> CorpusStats:
+    """Write one language's corpus and its stats. Returns the stats (``kept`` says if it is usable)."""
+    check_lang(lang)
+    source = options["source"]
+    stats = CorpusStats(lang=lang, source=_describe_source(source))
+    log.info("corpus %s: reading %s", lang, stats.source)
+    docs = documents(lang, options)
+    with atomic_path(out_path) as tmp:  # a source error leaves no output behind
+        _write_rows(_kept_documents(docs, options, stats, (source.get("max_docs"), source.get("max_chars"))),
+                    tmp, CORPUS_SCHEMA)
+        _check_has_text(stats, options)
+    return _finish(stats, options, stats_path)
+
+
+def build_corpus_shard(lang: str, options: dict, shard: Shard, out_path: str | Path, stats_path: str | Path) -> CorpusStats:
+    """Write the ``shard``-th part of one language's corpus (:data:`SHARD_SCHEMA`, deduplicated within
+    the part) and its counts; :func:`gather_corpus` merges the parts. A cap applies to each part as
+    ``ceil(cap / count)``."""
+    check_lang(lang)
+    index, count = shard
+    if not 0 <= index < count:
+        raise MoelangError(f"corpus for '{lang}': shard {index}/{count} does not exist; use I/N with 0 <= I < N")
+    source = options["source"]
+    stats = CorpusStats(lang=lang, source=_describe_source(source), reason=f"shard {index}/{count}")
+    caps = tuple(-(-cap // count) if cap else cap for cap in (source.get("max_docs"), source.get("max_chars")))
+    log.info("corpus %s: reading part %d of %d of %s", lang, index + 1, count, stats.source)
+    docs = documents(lang, options, shard)
+    with atomic_path(out_path) as tmp:
+        _write_rows(_kept_documents(docs, options, stats, caps), tmp, SHARD_SCHEMA)
+    write_json(asdict(stats), stats_path)
+    return stats
+
+
+def _shard_rows(path: Path) -> Iterator[tuple]:
+    pfile = pq.ParquetFile(path)
+    if pfile.schema_arrow.names != SHARD_SCHEMA.names:
+        raise MoelangError(f"corpus gather: '{path}' is not a corpus shard (columns {pfile.schema_arrow.names}); "
+                           f"rerun the corpus shard jobs")
+    for batch in pfile.iter_batches(batch_size=WRITE_BATCH):
+        yield from zip(*(batch.column(name).to_pylist() for name in SHARD_SCHEMA.names))
+
+
+def gather_corpus(lang: str, options: dict, shard_paths: list[str | Path], shard_stats: list[str | Path],
+                  out_path: str | Path, stats_path: str | Path) -> CorpusStats:
+    """Merge a language's shards in source order into its corpus file and stats. Deduplication across
+    shards keeps the first document in source order, so without caps the result is the file one job
+    would have written."""
+    check_lang(lang)
+    stats = CorpusStats(lang=lang, source=_describe_source(options["source"]))
+    for path in shard_stats:
+        part = json.loads(Path(path).read_text(encoding="utf-8"))
+        stats.n_too_short += part["n_too_short"]
+        stats.n_duplicates += part["n_duplicates"]
+    seen: set[bytes] = set()
+
+    def merged():
+        streams = [_shard_rows(Path(p)) for p in shard_paths]
+        for row in progress(heapq.merge(*streams, key=lambda r: r[4]), desc=f"gather {lang}", unit=" docs"):
+            if options["dedup"]:
+                key = _text_key(row[2])
+                if key in seen:
+                    stats.n_duplicates += 1
+                    continue
+                seen.add(key)
+            _count(stats, row[2], row[3])
+            yield row
+
+    log.info("corpus %s: gathering %d shards", lang, len(shard_paths))
+    with atomic_path(out_path) as tmp:
+        _write_rows(merged(), tmp, CORPUS_SCHEMA)
+        _check_has_text(stats, options)
+    return _finish(stats, options, stats_path)
 
 
 def summarize(stats_paths: Iterable[str | Path], languages: list[str], out_table: str | Path, out_languages: str | Path) -> dict:

@@ -22,6 +22,9 @@ Outputs
 ``results/routing/{model}/{lang}.tokens.parquet`` (only with ``routing.token_layers``)
     ``model``, ``checkpoint_step``, ``lang``, ``layer``, ``token_id`` int32, ``expert`` int32,
     ``count`` int64; only non-zero counts.
+``results/routing/shards/{model}/{i}/`` (``routing.shards`` > 1)
+    the same files for every N-th held-out chunk from the i-th; the merge job adds them up per row,
+    giving exactly the unsharded counts (weight sums up to float addition order).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 
 from moelang.errors import MoelangError
-from moelang.io import log, progress, write_table
+from moelang.io import atomic_dir, log, progress, write_table
 
 PROFILE_SCHEMA = pa.schema(
     [
@@ -251,10 +254,32 @@ def profile_model(model_ref: str | Path, token_files: dict[str, str | Path], opt
 
 
 def merge_profiles(paths: list[str | Path]) -> pa.Table:
-    """Add up profiles of the same (model, checkpoint, language) made on shards of its tokens."""
+    """Add up profiles (or token tables) of the same (model, checkpoint, language) made on shards of
+    its tokens."""
     import polars as pl
 
-    keys = ["model", "checkpoint_step", "lang", "layer", "expert"]
     frame = pl.concat([pl.read_parquet(p) for p in paths])
-    merged = frame.group_by(keys, maintain_order=True).agg(pl.col("count", "weight_sum", "n_tokens").sum()).sort(keys)
-    return merged.to_arrow().cast(PROFILE_SCHEMA)
+    schema = TOKEN_SCHEMA if "token_id" in frame.columns else PROFILE_SCHEMA
+    sums = [name for name in ("count", "weight_sum", "n_tokens") if name in schema.names]
+    keys = [name for name in schema.names if name not in sums]
+    merged = frame.group_by(keys, maintain_order=True).agg(pl.col(*sums).sum()).sort(keys)
+    return merged.select(schema.names).to_arrow().cast(schema)
+
+
+def merge_profile_dirs(shard_dirs: list[str | Path], out_dir: str | Path) -> list[str]:
+    """Merge the shard directories of one model (each holding ``<lang>.parquet`` and maybe
+    ``<lang>.tokens.parquet``) into ``out_dir``, file by file; returns the merged file names."""
+    shard_dirs = [Path(d) for d in shard_dirs]
+    names = sorted(p.name for p in shard_dirs[0].glob("*.parquet"))
+    if not names:
+        raise MoelangError(f"merge-routing: '{shard_dirs[0]}' holds no profile; rerun its profile-routing shard job")
+    for directory in shard_dirs[1:]:
+        other = sorted(p.name for p in directory.glob("*.parquet"))
+        if other != names:
+            raise MoelangError(f"merge-routing: '{directory}' holds {other}, '{shard_dirs[0]}' holds {names}; "
+                               f"the shards must profile the same languages (rerun them with one config)")
+    with atomic_dir(out_dir) as tmp:
+        for name in progress(names, desc="merge routing", unit=" files"):
+            write_table(merge_profiles([d / name for d in shard_dirs]), tmp / name)
+    log.info("merge-routing: %d files from %d shards into %s", len(names), len(shard_dirs), out_dir)
+    return names

@@ -24,6 +24,9 @@ Outputs
 ``results/tokenizer/``
     ``save_pretrained`` directory; ``training_mix.json`` records the documents and characters per
     language a trained BPE saw.
+``results/tokens/shards/{lang}/{i}.parquet``, ``{i}.freq.parquet`` (``tokenize.shards`` > 1)
+    the same two schemas for the i-th contiguous row range of the corpus; the gather job concatenates
+    them in order and adds up the counts, giving exactly the unsharded files.
 """
 
 from __future__ import annotations
@@ -231,9 +234,37 @@ def encode_texts(backend, texts: list[str]) -> tuple[pa.ListArray, np.ndarray, n
     return BatchEncoder(backend).encode(texts)
 
 
+def _row_range_batches(pfile: pq.ParquetFile, start: int, stop: int, columns: list[str], batch_size: int):
+    """Record batches of rows [start, stop) of a Parquet file, reading only the row groups they touch."""
+    offset = 0
+    for group in range(pfile.metadata.num_row_groups):
+        n = pfile.metadata.row_group(group).num_rows
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            for batch in pfile.iter_batches(batch_size=batch_size, row_groups=[group], columns=columns):
+                # batch rows are offset .. offset + num_rows of the file
+                take_lo, take_hi = max(lo - offset, 0), min(hi - offset, batch.num_rows)
+                if take_lo < take_hi:
+                    yield batch.slice(take_lo, take_hi - take_lo)
+                offset += batch.num_rows
+        else:
+            offset += n
+        if offset >= stop:
+            return
+
+
+def shard_rows(n_rows: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """Rows [start, stop) of the ``index``-th of ``count`` contiguous, near-equal parts of ``n_rows``."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise MoelangError(f"tokenize: shard {index}/{count} does not exist; use I/N with 0 <= I < N")
+    return n_rows * index // count, n_rows * (index + 1) // count
+
+
 def tokenize_corpus(corpus_path: str | Path, tokenizer_dir: str | Path, out_tokens: str | Path,
-                    out_freq: str | Path, batch_size: int = 4096) -> dict:
-    """Tokenize one language's corpus file; returns {n_docs, n_tokens, n_types}."""
+                    out_freq: str | Path, batch_size: int = 4096, shard: tuple[int, int] = (0, 1)) -> dict:
+    """Tokenize one language's corpus file, or (``shard = (i, n)``) the i-th of n contiguous row ranges
+    of it, which :func:`gather_tokens` joins back; returns {n_docs, n_tokens, n_types}."""
     backend = load_backend(tokenizer_dir)
     encoder = BatchEncoder(backend)
     vocab_size = backend.get_vocab_size(with_added_tokens=True)
@@ -243,10 +274,12 @@ def tokenize_corpus(corpus_path: str | Path, tokenizer_dir: str | Path, out_toke
     if missing:
         raise MoelangError(f"tokenize: '{corpus_path}' lacks column(s) {sorted(missing)}; it is not a corpus file "
                            f"(rerun the corpus stage)")
+    start, stop = shard_rows(pfile.metadata.num_rows, shard)
+    name = Path(corpus_path).stem + (f" {shard[0]}/{shard[1]}" if shard[1] > 1 else "")
     n_docs = n_tokens = 0
-    bar = progress(total=pfile.metadata.num_rows, desc=f"tokenize {Path(corpus_path).stem}", unit=" docs")
+    bar = progress(total=stop - start, desc=f"tokenize {name}", unit=" docs")
     with atomic_path(out_tokens) as tmp, pq.ParquetWriter(tmp, TOKENS_SCHEMA, compression="zstd") as writer:
-        for batch in pfile.iter_batches(columns=["doc_id", "split", "text"], batch_size=batch_size):
+        for batch in _row_range_batches(pfile, start, stop, ["doc_id", "split", "text"], batch_size):
             input_ids, flat, lengths = encoder.encode(batch.column("text").to_pylist())
             counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
             writer.write_table(pa.table(
@@ -255,8 +288,37 @@ def tokenize_corpus(corpus_path: str | Path, tokenizer_dir: str | Path, out_toke
             n_tokens += int(lengths.sum())
             bar.update(batch.num_rows)
     bar.close()
+    _write_freq(counts, out_freq)
+    log.info("tokenize %s: %d docs, %d tokens, %d token types", name, n_docs, n_tokens, int(np.count_nonzero(counts)))
+    return {"n_docs": n_docs, "n_tokens": n_tokens, "n_types": int(np.count_nonzero(counts))}
+
+
+def _write_freq(counts: np.ndarray, out_freq: str | Path) -> None:
     nonzero = np.flatnonzero(counts)
     write_table(pa.table({"token_id": pa.array(nonzero.astype(np.int32)), "count": pa.array(counts[nonzero])},
                          schema=FREQ_SCHEMA), out_freq)
-    log.info("tokenize %s: %d docs, %d tokens, %d token types", Path(corpus_path).stem, n_docs, n_tokens, len(nonzero))
-    return {"n_docs": n_docs, "n_tokens": n_tokens, "n_types": int(len(nonzero))}
+
+
+def gather_tokens(token_shards: list[str | Path], freq_shards: list[str | Path], out_tokens: str | Path,
+                  out_freq: str | Path) -> dict:
+    """Join a language's token shards (in shard order) and add up their frequencies: the files one
+    :func:`tokenize_corpus` job over the whole corpus would have written."""
+    if len(token_shards) != len(freq_shards):
+        raise MoelangError(f"tokenize gather: {len(token_shards)} token shards but {len(freq_shards)} frequency "
+                           f"shards; pass one of each per shard")
+    n_docs = 0
+    with atomic_path(out_tokens) as tmp, pq.ParquetWriter(tmp, TOKENS_SCHEMA, compression="zstd") as writer:
+        for path in progress(token_shards, desc="gather tokens", unit=" shards"):
+            pfile = pq.ParquetFile(path)
+            if pfile.schema_arrow != TOKENS_SCHEMA:
+                raise MoelangError(f"tokenize gather: '{path}' is not a token file; rerun its tokenize shard job")
+            for batch in pfile.iter_batches():
+                writer.write_table(pa.Table.from_batches([batch], schema=TOKENS_SCHEMA))
+                n_docs += batch.num_rows
+    freq = pa.concat_tables([pq.read_table(p, schema=FREQ_SCHEMA) for p in freq_shards])
+    ids = freq.column("token_id").to_numpy()
+    counts = np.zeros(int(ids.max()) + 1 if len(ids) else 0, dtype=np.int64)
+    np.add.at(counts, ids, freq.column("count").to_numpy())
+    _write_freq(counts, out_freq)
+    log.info("tokenize gather: %d shards, %d docs, %d token types", len(token_shards), n_docs, int(np.count_nonzero(counts)))
+    return {"n_docs": n_docs, "n_types": int(np.count_nonzero(counts))}

@@ -1,19 +1,72 @@
 # Stage 1: corpus. See src/moelang/corpus.py for the sources and the output schemas.
 
 
-rule corpus:
-    resources:
-        **mcfg.rule_resources(config, "corpus"),
-    output:
-        parquet="results/corpus/{lang}.parquet",
-        stats="results/corpus/{lang}.stats.json",
-    params:
-        options=lambda w: mcfg.to_json(mcfg.corpus_options(config, w.lang)),
-    log:
-        "results/logs/corpus/{lang}.log",
-    shell:
-        "{MOELANG} corpus --lang {wildcards.lang:q} --options {params.options:q}"
-        " --out {output.parquet:q} --stats {output.stats:q} 2>&1 | tee {log:q}"
+CORPUS_SHARDS = {lang: mcfg.corpus_shards(config, lang) for lang in LANGUAGES}
+WHOLE_CORPUS = [lang for lang, n in CORPUS_SHARDS.items() if n == 1]
+SHARDED_CORPUS = [lang for lang, n in CORPUS_SHARDS.items() if n > 1]
+
+if WHOLE_CORPUS:
+
+    rule corpus:
+        resources:
+            **mcfg.rule_resources(config, "corpus"),
+        output:
+            parquet="results/corpus/{lang}.parquet",
+            stats="results/corpus/{lang}.stats.json",
+        wildcard_constraints:
+            lang="|".join(WHOLE_CORPUS),
+        params:
+            options=lambda w: mcfg.to_json(mcfg.corpus_options(config, w.lang)),
+        log:
+            "results/logs/corpus/{lang}.log",
+        shell:
+            "{MOELANG} corpus --lang {wildcards.lang:q} --options {params.options:q}"
+            " --out {output.parquet:q} --stats {output.stats:q} 2>&1 | tee {log:q}"
+
+
+if SHARDED_CORPUS:
+
+    # A large corpus in N jobs: each reads its part of the source, the gather merges them in
+    # source order (see src/moelang/corpus.py). The parts are temporary.
+    rule corpus_shard:
+        resources:
+            **mcfg.rule_resources(config, "corpus_shard"),
+        output:
+            parquet=temp("results/corpus/shards/{lang}/{shard}.parquet"),
+            stats=temp("results/corpus/shards/{lang}/{shard}.stats.json"),
+        wildcard_constraints:
+            lang="|".join(SHARDED_CORPUS),
+            shard=r"\d+",
+        params:
+            options=lambda w: mcfg.to_json(mcfg.corpus_options(config, w.lang)),
+            shard=lambda w: f"{w.shard}/{CORPUS_SHARDS[w.lang]}",
+        log:
+            "results/logs/corpus/{lang}.{shard}.log",
+        shell:
+            "{MOELANG} corpus --lang {wildcards.lang:q} --options {params.options:q} --shard {params.shard:q}"
+            " --out {output.parquet:q} --stats {output.stats:q} 2>&1 | tee {log:q}"
+
+    rule corpus_gather:
+        resources:
+            **mcfg.rule_resources(config, "corpus_gather"),
+        input:
+            parquet=lambda w: expand("results/corpus/shards/{lang}/{shard}.parquet", lang=w.lang,
+                                     shard=range(CORPUS_SHARDS[w.lang])),
+            stats=lambda w: expand("results/corpus/shards/{lang}/{shard}.stats.json", lang=w.lang,
+                                   shard=range(CORPUS_SHARDS[w.lang])),
+        output:
+            parquet="results/corpus/{lang}.parquet",
+            stats="results/corpus/{lang}.stats.json",
+        wildcard_constraints:
+            lang="|".join(SHARDED_CORPUS),
+        params:
+            options=lambda w: mcfg.to_json(mcfg.corpus_options(config, w.lang)),
+        log:
+            "results/logs/corpus/{lang}.gather.log",
+        shell:
+            "{MOELANG} corpus-gather --lang {wildcards.lang:q} --options {params.options:q}"
+            " --shards {input.parquet:q} --shard-stats {input.stats:q}"
+            " --out {output.parquet:q} --stats {output.stats:q} 2>&1 | tee {log:q}"
 
 
 checkpoint corpus_summary:

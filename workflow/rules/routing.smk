@@ -12,24 +12,67 @@ def profiled_model_input(wildcards):
     return [ref] if ref.startswith("results/") else []
 
 
-rule profile_routing:
-    resources:
-        **mcfg.rule_resources(config, "profile_routing"),
-    input:
-        model=profiled_model_input,
-        tokens=kept_tokens,
-    output:
-        directory("results/routing/{model}"),
-    wildcard_constraints:
-        model="|".join(PROFILED),
-    params:
-        options=lambda w: mcfg.to_json(mcfg.routing_options(config, w.model)),
-    threads: 2
-    log:
-        "results/logs/routing/{model}.log",
-    shell:
-        "OMP_NUM_THREADS={threads} {MOELANG} profile-routing --options {params.options:q} --tokens {input.tokens:q}"
-        " --out {output:q} 2>&1 | tee {log:q}"
+ROUTING_SHARDS = config["routing"]["shards"]
+
+if ROUTING_SHARDS == 1:
+
+    rule profile_routing:
+        resources:
+            **mcfg.rule_resources(config, "profile_routing"),
+        input:
+            model=profiled_model_input,
+            tokens=kept_tokens,
+        output:
+            directory("results/routing/{model}"),
+        wildcard_constraints:
+            model="|".join(PROFILED),
+        params:
+            options=lambda w: mcfg.to_json(mcfg.routing_options(config, w.model)),
+        threads: 2
+        log:
+            "results/logs/routing/{model}.log",
+        shell:
+            "OMP_NUM_THREADS={threads} {MOELANG} profile-routing --options {params.options:q} --tokens {input.tokens:q}"
+            " --out {output:q} 2>&1 | tee {log:q}"
+
+else:
+
+    # One model's held-out chunks in N jobs (every N-th chunk from the i-th); the merge adds up the
+    # counts, exactly the unsharded profile. The parts are temporary.
+    rule profile_routing_shard:
+        resources:
+            **mcfg.rule_resources(config, "profile_routing_shard"),
+        input:
+            model=profiled_model_input,
+            tokens=kept_tokens,
+        output:
+            temp(directory("results/routing/shards/{model}/{shard}")),
+        wildcard_constraints:
+            model="|".join(PROFILED),
+            shard=r"\d+",
+        params:
+            options=lambda w: mcfg.to_json(mcfg.routing_options(config, w.model)),
+            shard=lambda w: f"{w.shard}/{ROUTING_SHARDS}",
+        threads: 2
+        log:
+            "results/logs/routing/{model}.{shard}.log",
+        shell:
+            "OMP_NUM_THREADS={threads} {MOELANG} profile-routing --options {params.options:q} --tokens {input.tokens:q}"
+            " --shard {params.shard:q} --out {output:q} 2>&1 | tee {log:q}"
+
+    rule merge_routing:
+        resources:
+            **mcfg.rule_resources(config, "merge_routing"),
+        input:
+            expand("results/routing/shards/{{model}}/{shard}", shard=range(ROUTING_SHARDS)),
+        output:
+            directory("results/routing/{model}"),
+        wildcard_constraints:
+            model="|".join(PROFILED),
+        log:
+            "results/logs/routing/{model}.merge.log",
+        shell:
+            "{MOELANG} merge-routing --shards {input:q} --out {output:q} 2>&1 | tee {log:q}"
 
 
 def routing_profiles(wildcards):

@@ -25,20 +25,65 @@ rule tokenizer:
         " --out {output:q} 2>&1 | tee {log:q}"
 
 
-rule tokenize:
-    resources:
-        **mcfg.rule_resources(config, "tokenize"),
-    input:
-        corpus="results/corpus/{lang}.parquet",
-        tokenizer="results/tokenizer",
-    output:
-        tokens="results/tokens/{lang}.parquet",
-        freq="results/tokens/{lang}.freq.parquet",
-    params:
-        batch_size=config["tokenize"]["batch_size"],
-    threads: 2
-    log:
-        "results/logs/tokenize/{lang}.log",
-    shell:
-        "RAYON_NUM_THREADS={threads} {MOELANG} tokenize --corpus {input.corpus:q} --tokenizer {input.tokenizer:q}"
-        " --out {output.tokens:q} --freq {output.freq:q} --batch-size {params.batch_size} 2>&1 | tee {log:q}"
+TOKENIZE_SHARDS = config["tokenize"]["shards"]
+
+if TOKENIZE_SHARDS == 1:
+
+    rule tokenize:
+        resources:
+            **mcfg.rule_resources(config, "tokenize"),
+        input:
+            corpus="results/corpus/{lang}.parquet",
+            tokenizer="results/tokenizer",
+        output:
+            tokens="results/tokens/{lang}.parquet",
+            freq="results/tokens/{lang}.freq.parquet",
+        params:
+            batch_size=config["tokenize"]["batch_size"],
+        threads: 2
+        log:
+            "results/logs/tokenize/{lang}.log",
+        shell:
+            "RAYON_NUM_THREADS={threads} {MOELANG} tokenize --corpus {input.corpus:q} --tokenizer {input.tokenizer:q}"
+            " --out {output.tokens:q} --freq {output.freq:q} --batch-size {params.batch_size} 2>&1 | tee {log:q}"
+
+else:
+
+    # Each job tokenizes a contiguous row range of the corpus; the gather joins them in order and adds
+    # up the frequencies (exactly the unsharded files). The parts are temporary.
+    rule tokenize_shard:
+        resources:
+            **mcfg.rule_resources(config, "tokenize_shard"),
+        input:
+            corpus="results/corpus/{lang}.parquet",
+            tokenizer="results/tokenizer",
+        output:
+            tokens=temp("results/tokens/shards/{lang}/{shard}.parquet"),
+            freq=temp("results/tokens/shards/{lang}/{shard}.freq.parquet"),
+        wildcard_constraints:
+            shard=r"\d+",
+        params:
+            batch_size=config["tokenize"]["batch_size"],
+            shard=lambda w: f"{w.shard}/{TOKENIZE_SHARDS}",
+        threads: 2
+        log:
+            "results/logs/tokenize/{lang}.{shard}.log",
+        shell:
+            "RAYON_NUM_THREADS={threads} {MOELANG} tokenize --corpus {input.corpus:q} --tokenizer {input.tokenizer:q}"
+            " --shard {params.shard:q} --out {output.tokens:q} --freq {output.freq:q}"
+            " --batch-size {params.batch_size} 2>&1 | tee {log:q}"
+
+    rule tokenize_gather:
+        resources:
+            **mcfg.rule_resources(config, "tokenize_gather"),
+        input:
+            tokens=expand("results/tokens/shards/{{lang}}/{shard}.parquet", shard=range(TOKENIZE_SHARDS)),
+            freq=expand("results/tokens/shards/{{lang}}/{shard}.freq.parquet", shard=range(TOKENIZE_SHARDS)),
+        output:
+            tokens="results/tokens/{lang}.parquet",
+            freq="results/tokens/{lang}.freq.parquet",
+        log:
+            "results/logs/tokenize/{lang}.gather.log",
+        shell:
+            "{MOELANG} tokenize-gather --tokens {input.tokens:q} --freqs {input.freq:q}"
+            " --out {output.tokens:q} --freq {output.freq:q} 2>&1 | tee {log:q}"
