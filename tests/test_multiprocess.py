@@ -1,32 +1,47 @@
 """The training engine under torchrun with 2 CPU processes (gloo): the launch path of multi-GPU rules.
 
 Two processes with half the micro-batch each see the same global batches as one process, and DDP
-averages their gradients: the weights must match the single-process run up to float reduction order.
+averages their gradients (FSDP reduce-scatters them onto the shards): the weights must match the
+single-process run up to float reduction order.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from moelang import config as cfg
 from test_resume_cli import make_base
 from test_train import patterned_docs, write_tokens
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+WORKER = Path(__file__).with_name("torchrun_train.py")
 
 
-def options(micro_batch_size):
-    # no load-balancing loss: it is not linear in the batch, so per-process halves would differ
+def options(micro_batch_size, parallelism="ddp"):
+    # no load-balancing loss: it is not linear in the batch, so per-process halves would differ;
+    # two micro-batches per step (gradient sync skipped on the first) and a clip norm below the
+    # gradient norm, so that accumulation and clipping of sharded gradients are exercised
     return {"base": {"type": "train"}, "dtype": "float32", "device": "cpu", "experts_implementation": None, "seed": 0,
             "steps": [0, 12], "train": {"steps": 12, "seq_len": 16, "micro_batch_size": micro_batch_size, "lr": 0.005,
-                                        "aux_loss_coef": 0.0, "checkpoint_every": 5}}
+                                        "grad_accum": 2, "clip_norm": 0.5, "aux_loss_coef": 0.0, "checkpoint_every": 5,
+                                        "parallelism": parallelism}}
+
+
+def torchrun(*args, nproc=2):
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), *map(str, args)],
+                          capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
-def test_two_process_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(tmp_path, parallelism):
     from transformers import AutoModelForCausalLM
 
     make_base(tmp_path / "base")
@@ -37,23 +52,84 @@ def test_two_process_ddp_equals_one_process(tmp_path):
                           "--out", str(tmp_path / "one"), "--state-dir", str(tmp_path / "s1")],
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "moelang", "cpt",
-                          "--options", json.dumps(options(4)), *common, "--out", str(tmp_path / "two"),
-                          "--state-dir", str(tmp_path / "s2")], capture_output=True, text=True,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    two = torchrun("-m", "moelang", "cpt", "--options", json.dumps(options(4, parallelism)), *common,
+                   "--out", tmp_path / "two", "--state-dir", tmp_path / "s2")
     assert two.returncode == 0, two.stderr[-2000:]
+    assert not (tmp_path / "s2").exists()  # checkpoints at steps 5 and 10 were written, then removed
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "step-12").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "step-12").state_dict()
     start = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "step-0").state_dict()
+    start_two = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "step-0").state_dict()
+    assert all(torch.equal(start[k], start_two[k]) for k in start)
     moved = max(float((a[k] - start[k]).abs().max()) for k in a)
     gap = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert moved > 1e-3 and gap < 1e-4, (moved, gap)
-    import pyarrow.parquet as pq
 
     log_one = pq.read_table(tmp_path / "one" / "train_log.parquet").to_pylist()
     log_two = pq.read_table(tmp_path / "two" / "train_log.parquet").to_pylist()
     assert [r["tokens"] for r in log_one] == [r["tokens"] for r in log_two]
     assert [r["loss"] for r in log_one] == pytest.approx([r["loss"] for r in log_two], rel=1e-4)
+    assert [r["grad_norm"] for r in log_one] == pytest.approx([r["grad_norm"] for r in log_two], rel=1e-4)
+    assert max(r["grad_norm"] for r in log_one) > 0.5  # clipping took place
+
+
+# --------------------------------------------------------------------------------------------------
+# Resuming under FSDP: the engine under torchrun through tests/torchrun_train.py, which can stop a
+# run right after a checkpoint (stop_after) as a killed job would.
+# --------------------------------------------------------------------------------------------------
+
+def run_engine(tmp_path, name, parallelism, stop_after=None, state=None):
+    spec = {"tokens": {"en": str(tmp_path / "en.parquet"), "es": str(tmp_path / "es.parquet")},
+            "settings": {"steps": 12, "seq_len": 16, "micro_batch_size": 4, "grad_accum": 2, "lr": 0.005,
+                         "clip_norm": 0.5, "checkpoint_every": 5, "seed": 0, "mixture": {"en": 1, "es": 1},
+                         "parallelism": parallelism},
+            "state_dir": str(tmp_path / (state or f"state-{name}")), "out": str(tmp_path / name),
+            "stop_after": stop_after}
+    (tmp_path / f"{name}.spec.json").write_text(json.dumps(spec))
+    done = torchrun(WORKER, tmp_path / f"{name}.spec.json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((tmp_path / f"{name}.json").read_text()) if stop_after is None else None
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference(tmp_path_factory):
+    """Token files and an uninterrupted 2-process FSDP run (with the load-balancing loss)."""
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    write_tokens(tmp_path / "en.parquet", patterned_docs(300, 0))
+    write_tokens(tmp_path / "es.parquet", patterned_docs(300, 1))
+    result = run_engine(tmp_path, "whole", "fsdp")
+    return tmp_path, result, load_file(str(tmp_path / "whole" / "model.safetensors"))
+
+
+def strip(rows):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+def test_killed_fsdp_run_resumes_to_bit_identical_weights(fsdp_reference):
+    tmp_path, whole, weights = fsdp_reference
+    run_engine(tmp_path, "killed", "fsdp", stop_after=7)
+    assert (tmp_path / "state-killed" / "step-5" / "state.json").is_file()
+    assert not (tmp_path / "killed").exists()
+    resumed = run_engine(tmp_path, "killed", "fsdp")
+    assert resumed["resumed_from"] == 5
+    again = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    assert weights.keys() == again.keys()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert strip(whole["log"]) == strip(resumed["log"])
+    assert not (tmp_path / "state-killed").exists()
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+def test_a_ddp_checkpoint_resumes_under_fsdp(fsdp_reference):
+    # checkpoints hold whole tensors keyed by parameter name under either parallelism
+    tmp_path, whole, weights = fsdp_reference
+    run_engine(tmp_path, "ddp", "ddp", stop_after=7, state="state-mixed")
+    resumed = run_engine(tmp_path, "mixed", "fsdp", state="state-mixed")
+    assert resumed["resumed_from"] == 5
+    again = load_file(str(tmp_path / "mixed" / "model.safetensors"))
+    assert max(float((weights[k] - again[k]).abs().max()) for k in weights) < 1e-5
+    assert [r["loss"] for r in whole["log"]] == pytest.approx([r["loss"] for r in resumed["log"]], rel=1e-5)
 
 
 def test_launcher_uses_torchrun_for_several_gpus():

@@ -119,3 +119,22 @@ def test_loss_goes_down_and_the_log_has_its_schema(token_files, tmp_path):
     assert np.mean(losses[-5:]) < losses[0] - 1.0
     assert table.column("tokens").to_pylist()[-1] == 40 * 32 * 4
     assert all(a > 0 for a in table.column("aux_loss").to_pylist())
+
+
+def test_fsdp_with_a_trained_subset_is_refused(token_files, tmp_path):
+    model = tiny_model("olmoe", seed=3)
+    adapter = ModelAdapter(model)
+    train_only(adapter, experts={adapter.moe_layers[-1].index: [0, 6]})
+    stream = PackedStream(token_files, {}, seq_len=16, eos_id=EOS, seed=0)
+    with pytest.raises(MoelangError, match="set parallelism: ddp for partial training"):
+        train(model, stream, settings(parallelism="fsdp"), tmp_path / "s")
+
+
+def test_resume_with_another_process_count_is_refused(token_files, tmp_path):
+    import json
+
+    run(token_files, tmp_path / "s", False, stop_after=4)
+    meta = tmp_path / "s" / "step-3" / "state.json"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"processes": 2}))
+    with pytest.raises(MoelangError, match="made by 2 process\\(es\\), this run has 1; resume with 2"):
+        run(token_files, tmp_path / "s", False)

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 from moelang.io import log, write_table
-from moelang.models import build_config, init_model, load_model, resolve_device
+from moelang.models import build_config, init_model, load_model
 from moelang.train import PackedStream, TrainSettings, export_model, train
 
 
@@ -55,9 +55,19 @@ def pretrain_base(token_file: str | Path, tokenizer_dir: str | Path, options: di
     stream = PackedStream({lang: token_file}, {lang: 1.0}, settings.seq_len, tokenizer.eos_token_id, settings.seed)
     log.info("pretrain: %s model, %.2fM parameters, %d steps on '%s'", config.model_type,
              sum(p.numel() for p in model.parameters()) / 1e6, settings.steps, lang)
-    result = train(model, stream, settings, state_dir)
+    # Exported from inside the run, at its last step: under FSDP only the engine can gather the
+    # sharded weights. The log is complete only afterwards; the export is staged next to the
+    # training state (not in the outputs) and moved into place with the log.
+    staged = Path(f"{state_dir}.export")
+    result = train(model, stream, settings, state_dir,
+                   export_steps={settings.steps: lambda m, sd: export_model(m, tokenizer, staged, state_dict=sd)})
     if _is_main_process():
-        export_model(model, tokenizer, out_dir, {"train_log.parquet": lambda p: write_table(result.log_table(), p)})
+        write_table(result.log_table(), staged / "train_log.parquet")
+        out_dir = Path(out_dir)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, out_dir)
     log.info("pretrain: done, final loss %.3f, %d tokens in %.0f s", result.final_loss, result.tokens, result.seconds)
     return {"final_loss": result.final_loss, "tokens": result.tokens}
 
@@ -72,15 +82,18 @@ def continual_pretrain(base: str | Path, token_files: dict[str, str | Path], opt
     revision = base_spec.get("revision") if base_spec.get("type") == "pretrained" else None
     trust = bool(base_spec.get("trust_remote_code", False))
     tokenizer = AutoTokenizer.from_pretrained(str(base), revision=revision, trust_remote_code=trust)
-    model = load_model(base, revision=revision, dtype=options["dtype"], device=resolve_device(options["device"]),
-                       trust_remote_code=trust, experts_implementation=options.get("experts_implementation"))
+    # Loaded on the CPU: the training engine places it (each process's own GPU under DDP; under FSDP
+    # each process moves only its shard), whereas loading onto "cuda" would put every process's
+    # whole copy on the first GPU.
+    model = load_model(base, revision=revision, dtype=options["dtype"], device="cpu", trust_remote_code=trust,
+                       experts_implementation=options.get("experts_implementation"))
     mixture = {lang: 1.0 for lang in token_files}
     settings = _settings(options, mixture)
     stream = PackedStream(token_files, mixture, settings.seq_len, tokenizer.eos_token_id, settings.seed)
     # Exports are staged next to the training state, not in the outputs: if the job is killed, Snakemake
     # deletes its outputs, and a resumed run cannot re-create an export of a step before its checkpoint.
     staged = Path(f"{state_dir}.exports")
-    exports = {step: (lambda m, step=step: export_model(m, tokenizer, staged / f"step-{step}"))
+    exports = {step: (lambda m, sd, step=step: export_model(m, tokenizer, staged / f"step-{step}", state_dict=sd))
                for step in options["steps"]}
     log.info("cpt: %s on %s, %d steps, checkpoints at %s", base, ", ".join(sorted(token_files)), settings.steps,
              options["steps"])

@@ -8,11 +8,16 @@ Causal-LM training on the token Parquet files of the tokenize stage:
 * **optimisation**: AdamW (betas, eps) with weight decay on the trainable matrices only (never on
   norms, biases, or frozen tensors), cosine schedule with linear warm-up down to
   ``min_lr_ratio`` x lr, gradient accumulation, clipping, the MoE load-balancing loss with its weight,
-  fp32 or bf16 autocast; through ``accelerate`` so the same loop runs under DDP/FSDP on clusters;
+  fp32 or bf16 autocast;
+* **parallelism** under torchrun (one process per GPU): ``ddp`` (through ``accelerate``) replicates the
+  model and averages gradients; ``fsdp`` (PyTorch FSDP2, ``fully_shard`` per decoder layer, then the
+  root) shards parameters, gradients and optimizer state across the processes, for full training of
+  models whose replicas would not fit. One process: plain training either way;
 * **checkpoints** every ``checkpoint_every`` steps in a state directory *outside* the stage's
   outputs (Snakemake deletes a failed job's outputs): trainable tensors, optimizer, scheduler, RNG
   states, data position, log. A killed run started again resumes from its last complete checkpoint and
-  ends with exactly the weights of an uninterrupted run (bit-identical on CPU);
+  ends with exactly the weights of an uninterrupted run (bit-identical on CPU). Tensors are stored
+  whole and keyed by parameter name, under every parallelism: a checkpoint of one resumes under another;
 * **log**: one row per optimizer step in ``train_log.parquet`` (see :data:`LOG_SCHEMA`), a progress bar;
 * **exports** with ``save_pretrained`` (safetensors) at chosen steps, loadable by any later stage and by
   lm-eval through ``AutoModelForCausalLM``.
@@ -72,6 +77,7 @@ class TrainSettings:
     clip_norm: float = 1.0
     aux_loss_coef: float = 0.01
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    parallelism: str = "ddp"  # ddp | fsdp: how several processes share the work (one process: neither)
     checkpoint_every: int = 0  # 0: no intermediate checkpoint
     seed: int = 0
     mixture: dict[str, float] = field(default_factory=dict)  # language -> weight (normalised)
@@ -85,7 +91,16 @@ class TrainSettings:
         values = dict(options)
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
+        if values.get("parallelism", "ddp") not in PARALLELISMS:
+            raise MoelangError(f"training option parallelism: {values['parallelism']!r} is not one of "
+                               f"{', '.join(PARALLELISMS)}; fix the value")
         return cls(**values)
+
+
+PARALLELISMS = ("ddp", "fsdp")
+# Settings a checkpoint may be resumed under with another value: they change neither the result's
+# definition nor the checkpoint's content (tensors are stored whole under every parallelism).
+RESUMABLE_ACROSS = ("checkpoint_every", "parallelism")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,18 +219,42 @@ def lr_factor(step: int, settings: TrainSettings) -> float:
 # Checkpoints (safetensors + JSON)
 # --------------------------------------------------------------------------------------------------
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+def _state_options(sharded: bool, load: bool = False, **kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    if not sharded:  # the parameters themselves, no copy
+        return StateDictOptions(**kw)
+    if load:  # the first process reads the files and sends each tensor to the others, which keep their shard
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, **kw)
+    # whole tensors gathered on the CPU of the first process only, so that the others' memory stays flat
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, tokens: int, stream: PackedStream, log_rows: list[dict],
-                    settings: TrainSettings) -> None:
+def gather_state(model, optimizer, sharded: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Trainable tensors and optimizer state keyed by parameter name, as whole tensors.
+
+    Under FSDP this is a collective: every process must call it, and only the main process gets
+    the tensors (empty dicts elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    options = _state_options(sharded)
+    tensors = {k: v for k, v in get_model_state_dict(model, options=options).items() if k in trainable}
+    return tensors, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], optim_state: dict, step: int, tokens: int,
+                    stream: PackedStream, log_rows: list[dict], settings: TrainSettings, processes: int = 1) -> None:
+    """Write what :func:`gather_state` returned, with the rest of the run's state (main process only)."""
     with atomic_dir(path) as tmp:
-        save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-        opt = optimizer.state_dict()
-        tensors = {f"{idx}.{key}": value.contiguous().cpu() for idx, state in opt["state"].items()
-                   for key, value in state.items() if torch.is_tensor(value)}
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+        # "<parameter name>.<state key>": AdamW's keys (step, exp_avg, exp_avg_sq) have no dot
+        opt_tensors = {f"{name}.{key}": value.detach().contiguous().cpu() for name, state in optim_state["state"].items()
+                       for key, value in state.items() if torch.is_tensor(value)}
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -224,10 +263,11 @@ def save_checkpoint(path: Path, model, optimizer, step: int, tokens: int, stream
         meta = {
             "step": step,
             "tokens": tokens,
-            "param_groups": opt["param_groups"],
+            "param_groups": optim_state["param_groups"],  # "params": parameter names
             "stream": stream.state_dict(),
             "python_random": _jsonable(random.getstate()),
             "settings": asdict(settings),
+            "processes": processes,
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         pq.write_table(pa.Table.from_pylist(log_rows, schema=LOG_SCHEMA), tmp / "train_log.parquet")
@@ -256,25 +296,42 @@ def latest_checkpoint(state_dir: Path) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
-def load_checkpoint(path: Path, model, optimizer, stream: PackedStream, settings: TrainSettings) -> tuple[int, int, list[dict]]:
+def load_checkpoint(path: Path, model, optimizer, stream: PackedStream, settings: TrainSettings,
+                    sharded: bool = False, processes: int = 1) -> tuple[int, int, list[dict]]:
+    """Restore a checkpoint into ``model`` (unwrapped; FSDP-sharded when ``sharded``) and ``optimizer``.
+    Unsharded, every process reads the tensors; sharded, only the first one does (with 8 processes
+    on a node, 8 whole copies of a large model's weights and optimizer state would not fit in memory)
+    and the others receive their shards from it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     meta = json.loads((path / "state.json").read_text())
-    saved = {k: v for k, v in meta["settings"].items() if k not in ("checkpoint_every",)}
-    now = {k: v for k, v in asdict(settings).items() if k not in ("checkpoint_every",)}
-    if json.loads(json.dumps(saved)) != json.loads(json.dumps(now)):
-        diff = sorted(k for k in now if saved.get(k) != json.loads(json.dumps(now))[k])
+    saved = {k: v for k, v in meta["settings"].items() if k not in RESUMABLE_ACROSS}
+    now = json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k not in RESUMABLE_ACROSS}))
+    if json.loads(json.dumps(saved)) != now:
+        diff = sorted(k for k in now if saved.get(k) != now[k])
         raise MoelangError(f"checkpoint {path} was made with other training settings ({', '.join(diff)}); delete "
                            f"{path.parent} to start over, or restore the settings to resume")
-    trainable = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value)
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if any(not isinstance(name, str) for group in meta["param_groups"] for name in group["params"]):
+        raise MoelangError(f"checkpoint {path} keys its optimizer state by index (an older moelang); delete "
+                           f"{path.parent} to start over")
+    if meta.get("processes", 1) != processes:
+        # micro_batch_size is per process: another process count would change the global batch mid-run
+        raise MoelangError(f"checkpoint {path} was made by {meta.get('processes', 1)} process(es), this run has "
+                           f"{processes}; resume with {meta.get('processes', 1)}, or delete {path.parent} to start over")
+    reads = not sharded or dist.get_rank() == 0
+    # strict=False: only the trainable tensors are stored
+    set_model_state_dict(model, load_file(str(path / "trainable.safetensors")) if reads else {},
+                         options=_state_options(sharded, load=True, strict=False))
+    state: dict[str, dict] = {}
+    for key, value in (load_file(str(path / "optimizer.safetensors")) if reads else {}).items():
+        name, what = key.rsplit(".", 1)
+        state.setdefault(name, {})[what] = value
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": meta["param_groups"]} if reads else {},
+                             options=_state_options(sharded, load=True))
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
@@ -289,15 +346,20 @@ def load_checkpoint(path: Path, model, optimizer, stream: PackedStream, settings
 # Export
 # --------------------------------------------------------------------------------------------------
 
-def export_model(model, tokenizer, out_dir: str | Path, extra_files: dict[str, Callable[[Path], None]] | None = None) -> None:
+def export_model(model, tokenizer, out_dir: str | Path, extra_files: dict[str, Callable[[Path], None]] | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """``save_pretrained`` (safetensors) with the tokenizer; expert-rows parametrizations are baked in
-    a copy, so training can go on."""
+    a copy, so training can go on. ``state_dict``: the whole weights of an FSDP-sharded ``model``,
+    whose own parameters are only this process's shards (see :func:`train`'s ``export_steps``)."""
     target = model
     if has_parametrizations(model):
+        if state_dict is not None:  # train() refuses FSDP with a trained subset, so this is a caller's bug
+            raise MoelangError("export: a sharded model with expert-rows parametrizations cannot be baked; train it "
+                               "with parallelism: ddp")
         target = copy.deepcopy(model)
         bake(target)
     with atomic_dir(out_dir) as tmp:
-        target.save_pretrained(tmp, safe_serialization=True)
+        target.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, write in (extra_files or {}).items():
@@ -322,13 +384,16 @@ class TrainResult:
 
 
 def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str | Path, *,
-          export_steps: dict[int, Callable[[torch.nn.Module], None]] | None = None,
+          export_steps: dict[int, Callable[[torch.nn.Module, dict | None], None]] | None = None,
           keep_state: bool = False, stop_after: int | None = None) -> TrainResult:
     """Train ``model`` (its ``requires_grad`` flags say what trains) for ``settings.steps`` optimizer steps.
 
-    ``export_steps`` maps an optimizer step (0 = before training) to a function called with the model
-    after that step (for example :func:`export_model` into a checkpoint directory). ``stop_after``
-    ends the run after that many steps as if the job had been killed (tests).
+    ``export_steps`` maps an optimizer step (0 = before training) to a function called on the main
+    process as ``export(model, state_dict)`` after that step (for example :func:`export_model` into a
+    checkpoint directory): ``state_dict`` is ``None``, or under FSDP the whole weights (``model``'s
+    own parameters are then shards). ``stop_after`` ends the run after that many steps as if the job
+    had been killed (tests). Under FSDP with several processes ``model`` stays sharded afterwards:
+    export it through ``export_steps``.
     """
     from accelerate import Accelerator
 
@@ -345,26 +410,42 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
         config.output_router_logits = uses_aux
         if uses_aux:
             config.router_aux_loss_coef = settings.aux_loss_coef
-    optimizer = make_optimizer(model, settings)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    world = accelerator.num_processes
+    rank = accelerator.process_index
+    if settings.parallelism == "fsdp":
+        # Checked with one process too, so that a config that fails on the cluster fails on a laptop first.
+        _check_full_training(model)
+    sharded = settings.parallelism == "fsdp" and world > 1
+    if sharded:
+        _fully_shard(model, accelerator.device, world)
+        # The optimizer is built on the shards, so its state is sharded too; accelerate is not asked
+        # to prepare anything (its DDP wrapper must not see the model).
+        optimizer = make_optimizer(model, settings)
+        unwrapped, inner_optimizer = model, optimizer
+    else:
+        optimizer = make_optimizer(model, settings)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        unwrapped, inner_optimizer = accelerator.unwrap_model(model), optimizer.optimizer
     model.train()
 
+    # Before loading a checkpoint: its param groups have initial_lr (the scheduler's), and the FSDP
+    # optimizer loader fills in only the keys that the live groups already have.
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", settings.lr)
     start_step, tokens, rows, resumed = 0, 0, [], None
     checkpoint = latest_checkpoint(state_dir)
     if checkpoint is not None:
-        start_step, tokens, rows = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, stream, settings)
+        start_step, tokens, rows = load_checkpoint(checkpoint, unwrapped, inner_optimizer, stream, settings, sharded,
+                                               processes=world)
         resumed = start_step
         log.info("training: resuming from %s (step %d of %d)", checkpoint, start_step, settings.steps)
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", settings.lr)
     # The lr of step s is a pure function of s, so a resumed run continues the same schedule.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings), last_epoch=start_step - 1)
     exports = dict(export_steps or {})
     if start_step == 0 and 0 in exports:
-        _export(accelerator, model, exports[0])
+        _export(accelerator, unwrapped, exports[0], sharded)
 
-    world = accelerator.num_processes
-    rank = accelerator.process_index
+    trainable = [p for p in model.parameters() if p.requires_grad]
     bar = progress(total=settings.steps, initial=start_step, desc="train", unit=" steps",
                    disable=not accelerator.is_main_process)
     log_every = max(1, settings.steps // 20)  # a log line every 5%, for logs that are not a terminal
@@ -378,7 +459,11 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
             step_tokens += global_batch.numel()
             batch = global_batch[rank::world].to(accelerator.device)
             sync = micro == settings.grad_accum - 1
-            context = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
+            if sharded:  # FSDP2: accumulate unsharded local gradients, reduce-scatter on the last micro-batch
+                model.set_requires_gradient_sync(sync)
+                context = contextlib.nullcontext()
+            else:
+                context = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with context, maybe_cached(), accelerator.autocast():
                 out = model(input_ids=batch, labels=batch)
                 loss = out.loss
@@ -387,7 +472,11 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
                 accelerator.backward(loss / settings.grad_accum)
             lm_total += float(lm.detach()) / settings.grad_accum
             aux_total += float(aux.detach()) / settings.grad_accum if aux is not None else float("nan")
-        grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], settings.clip_norm)
+        if sharded:
+            # The gradients are DTensor shards: the norm is a partial sum until full_tensor() reduces it.
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, settings.clip_norm, foreach=False).full_tensor()
+        else:
+            grad_norm = accelerator.clip_grad_norm_(trainable, settings.clip_norm)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -408,11 +497,13 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
             log.info("train: step %d/%d, loss %.3f, lr %.2e, %.0f tokens/s, about %.0f s left", done, settings.steps,
                      lm_total, lr, rows[-1]["tokens_per_s"], (settings.steps - done) / rate)
         if done in exports:
-            _export(accelerator, model, exports[done])
+            _export(accelerator, unwrapped, exports[done], sharded)
         if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
+            if sharded or accelerator.is_main_process:  # the FSDP gather is a collective
+                tensors, optim_state = gather_state(unwrapped, inner_optimizer, sharded)
             if accelerator.is_main_process:
-                save_checkpoint(state_dir / f"step-{done}", accelerator.unwrap_model(model), optimizer, done, tokens,
-                                stream, rows, settings)
+                save_checkpoint(state_dir / f"step-{done}", tensors, optim_state, done, tokens, stream, rows, settings,
+                                processes=world)
                 _prune(state_dir, keep=done)
             accelerator.wait_for_everyone()
         if stop_after is not None and done >= stop_after:
@@ -426,10 +517,40 @@ def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str |
     return TrainResult(settings.steps, tokens, final_loss, resumed, time.perf_counter() - started, rows)
 
 
-def _export(accelerator, model, export: Callable) -> None:
-    """Exports are written once, by the main process, while the others wait."""
+def _check_full_training(model) -> None:
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen or has_parametrizations(model):
+        what = f"{len(frozen)} frozen parameter tensors" if frozen else "expert-rows parametrizations"
+        raise MoelangError(f"training: parallelism 'fsdp' is for full training, but this run trains a subset ({what}); "
+                           f"set parallelism: ddp for partial training")
+
+
+def _fully_shard(model, device: torch.device, world: int) -> None:
+    """FSDP2: one unit per decoder layer (its weights are gathered only while it runs), then the root
+    for the rest (embeddings, final norm, head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    # transformers names its repeated blocks in _no_split_modules (OlmoeDecoderLayer, ...)
+    block_types = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_types and m is not model]
+    if not blocks:
+        log.warning("training: %s names no decoder layer class (_no_split_modules); FSDP shards it as one unit, so "
+                    "each process gathers the whole model in every forward", type(model).__name__)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _export(accelerator, model, export: Callable, sharded: bool) -> None:
+    """Exports are written once, by the main process, while the others wait. Under FSDP every
+    process first takes part in gathering the whole weights."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=_state_options(True)) if sharded else None
     if accelerator.is_main_process:
-        export(accelerator.unwrap_model(model))
+        export(model, full)
     accelerator.wait_for_everyone()
 
 
