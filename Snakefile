@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
 from moelang import config as mcfg
@@ -31,8 +32,15 @@ except ConfigError as error:
 validate(config, "workflow/schemas/config.schema.yaml")
 
 # Jobs run the moelang of the Python that runs Snakemake (the project's .venv), not whatever
-# `python` comes first on the caller's PATH.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+# `python` comes first on the caller's PATH. Not with --sdm apptainer: there every job runs the
+# moelang installed in its stage's image (containers/), and the host venv's python, a link to a
+# host interpreter, must not come first on the PATH a job takes into its container.
+if DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method:
+    # A missing image fails every job of its family; say why once, before any job starts.
+    for problem in mcfg.missing_container_images(config):
+        sys.stderr.write(f"moelang: warning: {problem}\n")
+else:
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 MOELANG = "python -m moelang"
 LANGUAGES = mcfg.all_languages(config)
 

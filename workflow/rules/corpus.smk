@@ -10,6 +10,8 @@ if WHOLE_CORPUS:
     rule corpus:
         resources:
             **mcfg.rule_resources(config, "corpus"),
+        container:
+            mcfg.rule_container(config, "corpus")
         output:
             parquet="results/corpus/{lang}.parquet",
             stats="results/corpus/{lang}.stats.json",
@@ -31,6 +33,8 @@ if SHARDED_CORPUS:
     rule corpus_shard:
         resources:
             **mcfg.rule_resources(config, "corpus_shard"),
+        container:
+            mcfg.rule_container(config, "corpus_shard")
         output:
             parquet=temp("results/corpus/shards/{lang}/{shard}.parquet"),
             stats=temp("results/corpus/shards/{lang}/{shard}.stats.json"),
@@ -49,6 +53,8 @@ if SHARDED_CORPUS:
     rule corpus_gather:
         resources:
             **mcfg.rule_resources(config, "corpus_gather"),
+        container:
+            mcfg.rule_container(config, "corpus_gather")
         input:
             parquet=lambda w: expand("results/corpus/shards/{lang}/{shard}.parquet", lang=w.lang,
                                      shard=range(CORPUS_SHARDS[w.lang])),
@@ -72,6 +78,8 @@ if SHARDED_CORPUS:
 checkpoint corpus_summary:
     resources:
         **mcfg.rule_resources(config, "corpus_summary"),
+    container:
+        mcfg.rule_container(config, "corpus_summary")
     input:
         expand("results/corpus/{lang}.stats.json", lang=LANGUAGES),
     output:
@@ -89,6 +97,8 @@ checkpoint corpus_summary:
 rule parallel:
     resources:
         **mcfg.rule_resources(config, "parallel"),
+    container:
+        mcfg.rule_container(config, "parallel")
     output:
         "results/corpus/parallel.parquet",
     params:

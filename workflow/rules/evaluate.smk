@@ -12,6 +12,8 @@ def evaluated_model_input(wildcards):
 rule eval_tasks:
     resources:
         **mcfg.rule_resources(config, "eval_tasks"),
+    container:
+        mcfg.rule_container(config, "eval_tasks")
     input:
         lambda w: expand("results/corpus/{lang}.parquet", lang=kept_languages()),
     output:
@@ -27,6 +29,8 @@ rule eval_tasks:
 rule evaluate_tasks:
     resources:
         **mcfg.rule_resources(config, "evaluate_tasks"),
+    container:
+        mcfg.rule_container(config, "evaluate_tasks")
     input:
         model=evaluated_model_input,
         tasks="results/eval/tasks",
@@ -48,6 +52,8 @@ rule evaluate_tasks:
 rule evaluate_perplexity:
     resources:
         **mcfg.rule_resources(config, "evaluate_perplexity"),
+    container:
+        mcfg.rule_container(config, "evaluate_perplexity")
     input:
         model=evaluated_model_input,
         tokens=kept_tokens,
@@ -75,6 +81,8 @@ def eval_outputs(wildcards=None):
 rule eval_summary:
     resources:
         **mcfg.rule_resources(config, "eval_summary"),
+    container:
+        mcfg.rule_container(config, "eval_summary")
     input:
         results=eval_outputs(),
         tasks="results/eval/tasks",

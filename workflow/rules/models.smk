@@ -24,6 +24,8 @@ if BASE_MODEL["type"] == "train":
     rule pretrain_base:
         resources:
             **mcfg.rule_resources(config, "pretrain_base"),
+        container:
+            mcfg.rule_container(config, "pretrain_base")
         input:
             tokens=base_language_tokens,
             tokenizer="results/tokenizer",
@@ -43,6 +45,8 @@ if BASE_MODEL["type"] == "train":
 rule cpt:
     resources:
         **mcfg.rule_resources(config, "cpt"),
+    container:
+        mcfg.rule_container(config, "cpt")
     input:
         base=[BASE_REF] if BASE_MODEL["type"] == "train" else [],
         tokens=kept_high_resource_tokens,

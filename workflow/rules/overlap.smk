@@ -4,6 +4,8 @@
 rule overlap:
     resources:
         **mcfg.rule_resources(config, "overlap"),
+    container:
+        mcfg.rule_container(config, "overlap")
     input:
         lambda w: expand("results/tokens/{lang}.freq.parquet", lang=kept_languages()),
     output:

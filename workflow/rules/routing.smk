@@ -19,6 +19,8 @@ if ROUTING_SHARDS == 1:
     rule profile_routing:
         resources:
             **mcfg.rule_resources(config, "profile_routing"),
+        container:
+            mcfg.rule_container(config, "profile_routing")
         input:
             model=profiled_model_input,
             tokens=kept_tokens,
@@ -42,6 +44,8 @@ else:
     rule profile_routing_shard:
         resources:
             **mcfg.rule_resources(config, "profile_routing_shard"),
+        container:
+            mcfg.rule_container(config, "profile_routing_shard")
         input:
             model=profiled_model_input,
             tokens=kept_tokens,
@@ -63,6 +67,8 @@ else:
     rule merge_routing:
         resources:
             **mcfg.rule_resources(config, "merge_routing"),
+        container:
+            mcfg.rule_container(config, "merge_routing")
         input:
             expand("results/routing/shards/{{model}}/{shard}", shard=range(ROUTING_SHARDS)),
         output:
@@ -82,6 +88,8 @@ def routing_profiles(wildcards):
 rule routing_metrics:
     resources:
         **mcfg.rule_resources(config, "routing_metrics"),
+    container:
+        mcfg.rule_container(config, "routing_metrics")
     input:
         profiles=lambda w: expand("results/routing/{model}", model=list(PROFILED)),
         overlap="results/overlap/overlap.parquet",

@@ -6,6 +6,8 @@ SIMILARITY_MODEL = mcfg.similarity_model(config)
 rule layer_similarity:
     resources:
         **mcfg.rule_resources(config, "layer_similarity"),
+    container:
+        mcfg.rule_container(config, "layer_similarity")
     input:
         model=lambda w: [PROFILED[SIMILARITY_MODEL]["ref"]] if PROFILED[SIMILARITY_MODEL]["ref"].startswith("results/") else [],
         tokens=kept_tokens,
@@ -26,6 +28,8 @@ rule layer_similarity:
 rule allocate_experts:
     resources:
         **mcfg.rule_resources(config, "allocate_experts"),
+    container:
+        mcfg.rule_container(config, "allocate_experts")
     input:
         similarity=f"results/similarity/{SIMILARITY_MODEL}.parquet",
         specialization="results/routing/metrics/specialization.parquet",

@@ -11,6 +11,8 @@ def tokenizer_inputs(wildcards):
 rule tokenizer:
     resources:
         **mcfg.rule_resources(config, "tokenizer"),
+    container:
+        mcfg.rule_container(config, "tokenizer")
     input:
         corpus=tokenizer_inputs,
         languages="results/corpus/languages.json",
@@ -32,6 +34,8 @@ if TOKENIZE_SHARDS == 1:
     rule tokenize:
         resources:
             **mcfg.rule_resources(config, "tokenize"),
+        container:
+            mcfg.rule_container(config, "tokenize")
         input:
             corpus="results/corpus/{lang}.parquet",
             tokenizer="results/tokenizer",
@@ -54,6 +58,8 @@ else:
     rule tokenize_shard:
         resources:
             **mcfg.rule_resources(config, "tokenize_shard"),
+        container:
+            mcfg.rule_container(config, "tokenize_shard")
         input:
             corpus="results/corpus/{lang}.parquet",
             tokenizer="results/tokenizer",
@@ -76,6 +82,8 @@ else:
     rule tokenize_gather:
         resources:
             **mcfg.rule_resources(config, "tokenize_gather"),
+        container:
+            mcfg.rule_container(config, "tokenize_gather")
         input:
             tokens=expand("results/tokens/shards/{{lang}}/{shard}.parquet", shard=range(TOKENIZE_SHARDS)),
             freq=expand("results/tokens/shards/{{lang}}/{shard}.freq.parquet", shard=range(TOKENIZE_SHARDS)),
