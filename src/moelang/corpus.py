@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import heapq
 import itertools
 import json
 import re
@@ -61,6 +60,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -77,8 +77,9 @@ CORPUS_SCHEMA = pa.schema(
         ("split", pa.string()),
     ]
 )
-# A corpus shard keeps each document's position in the source, so the gather restores source order.
-SHARD_SCHEMA = CORPUS_SCHEMA.append(pa.field("position", pa.int64()))
+# A corpus shard keeps each document's position in the source, so the gather restores source order,
+# and the hash of its text (null without dedup), so the gather deduplicates without hashing again.
+SHARD_SCHEMA = CORPUS_SCHEMA.append(pa.field("position", pa.int64())).append(pa.field("text_key", pa.binary(16)))
 SPLITS = ("train", "heldout")
 WRITE_BATCH = 8192
 
@@ -355,19 +356,20 @@ def _text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def _count(stats: CorpusStats, text: str, split: str) -> None:
-    stats.n_docs += 1
-    stats.n_chars += len(text)
-    stats.n_words += len(text.split())
+def _count(stats: CorpusStats, text: str, split: str, sign: int = 1) -> None:
+    """Count a kept document into ``stats`` (``sign = -1``: take it out again)."""
+    stats.n_docs += sign
+    stats.n_chars += sign * len(text)
+    stats.n_words += sign * len(text.split())
     if split == "train":
-        stats.n_train += 1
+        stats.n_train += sign
     else:
-        stats.n_heldout += 1
+        stats.n_heldout += sign
 
 
 def _kept_documents(docs: Iterable[Document], options: dict, stats: CorpusStats, caps: tuple) -> Iterator[tuple]:
     """Normalised, long enough and (``dedup``) first-seen documents as ``(doc_id, lang, text, split,
-    position)`` rows, counted into ``stats``, until a cap is reached."""
+    position, text_key)`` rows, counted into ``stats``, until a cap is reached."""
     salt, fraction = options["split_salt"], options["heldout_fraction"]
     seen: set[bytes] = set()
     for position, doc_id, raw in progress(docs, desc=f"corpus {stats.lang}", unit=" docs"):
@@ -375,6 +377,7 @@ def _kept_documents(docs: Iterable[Document], options: dict, stats: CorpusStats,
         if len(text) < options["min_doc_chars"]:
             stats.n_too_short += 1
             continue
+        key = None
         if options["dedup"]:
             key = _text_key(text)
             if key in seen:
@@ -383,7 +386,7 @@ def _kept_documents(docs: Iterable[Document], options: dict, stats: CorpusStats,
             seen.add(key)
         split = assign_split(doc_id, salt, fraction)
         _count(stats, text, split)
-        yield doc_id, stats.lang, text, split, position
+        yield doc_id, stats.lang, text, split, position, key
         if (caps[0] and stats.n_docs >= caps[0]) or (caps[1] and stats.n_chars >= caps[1]):
             log.info("corpus %s: reached the cap (max_docs=%s, max_chars=%s)", stats.lang, *caps)
             return
@@ -458,13 +461,40 @@ def build_corpus_shard(lang: str, options: dict, shard: Shard, out_path: str | P
     return stats
 
 
-def _shard_rows(path: Path) -> Iterator[tuple]:
-    pfile = pq.ParquetFile(path)
-    if pfile.schema_arrow.names != SHARD_SCHEMA.names:
-        raise MoelangError(f"corpus gather: '{path}' is not a corpus shard (columns {pfile.schema_arrow.names}); "
-                           f"rerun the corpus shard jobs")
-    for batch in pfile.iter_batches(batch_size=WRITE_BATCH):
-        yield from zip(*(batch.column(name).to_pylist() for name in SHARD_SCHEMA.names))
+def _merged_tables(paths: list[Path]) -> Iterator[pa.Table]:
+    """The rows of every shard in position order, a table at a time. Each shard is sorted by
+    position, so every buffered row up to the smallest last-buffered position of the shards still
+    being read is final: one vectorised sort per round, memory bounded by one batch per shard."""
+    readers = []
+    for path in paths:
+        pfile = pq.ParquetFile(path)
+        if not pfile.schema_arrow.equals(SHARD_SCHEMA):
+            raise MoelangError(f"corpus gather: '{path}' is not a corpus shard (columns {pfile.schema_arrow.names}); "
+                               f"rerun the corpus shard jobs")
+        readers.append(pfile.iter_batches(batch_size=WRITE_BATCH))
+    buffers: list[pa.Table | None] = [None] * len(paths)
+    reading = [True] * len(paths)
+    while True:
+        for i, reader in enumerate(readers):
+            while reading[i] and (buffers[i] is None or buffers[i].num_rows == 0):
+                batch = next(reader, None)
+                if batch is None:
+                    reading[i] = False
+                else:
+                    buffers[i] = pa.Table.from_batches([batch])
+        live = [i for i, b in enumerate(buffers) if b is not None and b.num_rows]
+        if not live:
+            return
+        open_ends = [buffers[i]["position"][-1].as_py() for i in live if reading[i]]
+        horizon = min(open_ends) if open_ends else None
+        parts = []
+        for i in live:
+            take = buffers[i].num_rows if horizon is None else \
+                int(np.searchsorted(buffers[i]["position"].to_numpy(), horizon, side="right"))
+            parts.append(buffers[i].slice(0, take))
+            buffers[i] = buffers[i].slice(take)
+        table = pa.concat_tables(parts)
+        yield table.take(np.argsort(table["position"].to_numpy(), kind="stable"))
 
 
 def gather_corpus(lang: str, options: dict, shard_paths: list[str | Path], shard_stats: list[str | Path],
@@ -473,28 +503,33 @@ def gather_corpus(lang: str, options: dict, shard_paths: list[str | Path], shard
     shards keeps the first document in source order, so without caps the result is the file one job
     would have written."""
     check_lang(lang)
+    # The shards' counts, less those of the documents that turn out to repeat another shard's.
     stats = CorpusStats(lang=lang, source=_describe_source(options["source"]))
     for path in shard_stats:
         part = json.loads(Path(path).read_text(encoding="utf-8"))
-        stats.n_too_short += part["n_too_short"]
-        stats.n_duplicates += part["n_duplicates"]
+        for name in ("n_docs", "n_train", "n_heldout", "n_chars", "n_words", "n_duplicates", "n_too_short"):
+            setattr(stats, name, getattr(stats, name) + part[name])
     seen: set[bytes] = set()
-
-    def merged():
-        streams = [_shard_rows(Path(p)) for p in shard_paths]
-        for row in progress(heapq.merge(*streams, key=lambda r: r[4]), desc=f"gather {lang}", unit=" docs"):
-            if options["dedup"]:
-                key = _text_key(row[2])
-                if key in seen:
-                    stats.n_duplicates += 1
-                    continue
-                seen.add(key)
-            _count(stats, row[2], row[3])
-            yield row
-
-    log.info("corpus %s: gathering %d shards", lang, len(shard_paths))
+    paths = [Path(p) for p in shard_paths]
+    log.info("corpus %s: gathering %d shards", lang, len(paths))
+    bar = progress(total=sum(pq.read_metadata(p).num_rows for p in paths), desc=f"gather {lang}", unit=" docs")
     with atomic_path(out_path) as tmp:
-        _write_rows(merged(), tmp, CORPUS_SCHEMA)
+        with pq.ParquetWriter(tmp, CORPUS_SCHEMA, compression="zstd") as writer:
+            for table in _merged_tables(paths):
+                bar.update(table.num_rows)
+                if options["dedup"]:
+                    keep = []
+                    for key in table["text_key"].to_pylist():
+                        keep.append(key not in seen)
+                        seen.add(key)
+                    if not all(keep):
+                        dropped = table.filter(pa.array([not k for k in keep]))
+                        for text, split in zip(dropped["text"].to_pylist(), dropped["split"].to_pylist()):
+                            stats.n_duplicates += 1
+                            _count(stats, text, split, sign=-1)
+                        table = table.filter(pa.array(keep))
+                writer.write_table(table.select(CORPUS_SCHEMA.names))
+        bar.close()
         _check_has_text(stats, options)
     return _finish(stats, options, stats_path)
 
