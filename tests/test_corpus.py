@@ -269,3 +269,25 @@ def test_shard_caps_apply_per_part_and_empty_sources_still_fail(tmp_path):
     assert not (tmp_path / "e" / "gathered.parquet").exists()  # nothing half-written
     with pytest.raises(MoelangError, match="shard 3/3 does not exist"):
         corpus.build_corpus_shard("es", capped, (3, 3), tmp_path / "x.parquet", tmp_path / "x.json")
+
+
+def test_sharded_hf_source_reads_file_blocks_or_every_nth_record(tmp_path, monkeypatch):
+    # a local directory of Parquet files loads through datasets.load_dataset like a hub dataset
+    monkeypatch.chdir(tmp_path)
+    lines = sentences(400, seed=21)
+    for i in range(4):
+        (tmp_path / "mydata").mkdir(exist_ok=True)
+        pq.write_table(pa.table({"text": lines[i * 100:(i + 1) * 100]}), tmp_path / "mydata" / f"part-{i}.parquet")
+    source = {"type": "hf", "dataset": "mydata"}
+    options = base_options(source, min_chars=10)
+    one = corpus.build_corpus("es", options, tmp_path / "one.parquet", tmp_path / "one.json")
+    whole = pq.read_table(tmp_path / "one.parquet")
+    (tmp_path / "blocks").mkdir()
+    by_files, table, parts = _sharded(tmp_path / "blocks", options, 2)  # 4 files: 2 per job
+    assert table.column("text").to_pylist() == whole.column("text").to_pylist()
+    assert table.column("doc_id").to_pylist()[:2] == ["mydata:0/2:0", "mydata:0/2:1"]
+    assert pq.read_table(parts[1]).column("text")[0].as_py() == whole.column("text")[200].as_py()
+    assert by_files.n_docs == one.n_docs
+    (tmp_path / "records").mkdir()
+    by_record, table, _ = _sharded(tmp_path / "records", options, 8)  # more jobs than files: every 8th record
+    assert table.equals(whole) and by_record.n_docs == one.n_docs
