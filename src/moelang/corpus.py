@@ -39,7 +39,8 @@ Outputs
 ``results/corpus/shards/{lang}/{i}.parquet``, ``{i}.stats.json`` (``shards`` > 1)
     a part of the source (every N-th file, or every N-th record when there are fewer files than
     shards; a contiguous block of a streamed dataset's files): the corpus schema plus ``position``
-    int64, the document's place in the source. The gather job merges the parts by position and
+    int64, the document's place in the source, and ``text_key`` binary(16), the hash deduplication
+    uses (null without ``dedup``). The gather job merges the parts by position and
     deduplicates across them, so without caps it writes exactly what one job would have written;
     a cap (``max_docs``, ``max_chars``) applies to each part as ``ceil(cap / N)``.
 ``results/corpus/parallel.parquet``

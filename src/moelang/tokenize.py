@@ -288,15 +288,17 @@ def tokenize_corpus(corpus_path: str | Path, tokenizer_dir: str | Path, out_toke
             n_tokens += int(lengths.sum())
             bar.update(batch.num_rows)
     bar.close()
-    _write_freq(counts, out_freq)
-    log.info("tokenize %s: %d docs, %d tokens, %d token types", name, n_docs, n_tokens, int(np.count_nonzero(counts)))
-    return {"n_docs": n_docs, "n_tokens": n_tokens, "n_types": int(np.count_nonzero(counts))}
+    n_types = _write_freq(counts, out_freq)
+    log.info("tokenize %s: %d docs, %d tokens, %d token types", name, n_docs, n_tokens, n_types)
+    return {"n_docs": n_docs, "n_tokens": n_tokens, "n_types": n_types}
 
 
-def _write_freq(counts: np.ndarray, out_freq: str | Path) -> None:
+def _write_freq(counts: np.ndarray, out_freq: str | Path) -> int:
+    """Write the types that occur with their counts; returns how many there are."""
     nonzero = np.flatnonzero(counts)
     write_table(pa.table({"token_id": pa.array(nonzero.astype(np.int32)), "count": pa.array(counts[nonzero])},
                          schema=FREQ_SCHEMA), out_freq)
+    return len(nonzero)
 
 
 def gather_tokens(token_shards: list[str | Path], freq_shards: list[str | Path], out_tokens: str | Path,
@@ -319,6 +321,6 @@ def gather_tokens(token_shards: list[str | Path], freq_shards: list[str | Path],
     ids = freq.column("token_id").to_numpy()
     counts = np.zeros(int(ids.max()) + 1 if len(ids) else 0, dtype=np.int64)
     np.add.at(counts, ids, freq.column("count").to_numpy())
-    _write_freq(counts, out_freq)
-    log.info("tokenize gather: %d shards, %d docs, %d token types", len(token_shards), n_docs, int(np.count_nonzero(counts)))
-    return {"n_docs": n_docs, "n_types": int(np.count_nonzero(counts))}
+    n_types = _write_freq(counts, out_freq)
+    log.info("tokenize gather: %d shards, %d docs, %d token types", len(token_shards), n_docs, n_types)
+    return {"n_docs": n_docs, "n_types": n_types}
