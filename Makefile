@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements/catalogs.txt
 env: $(STAMP)
 
 run: $(STAMP)
-	$(OFFLINE) $(VENV)/bin/snakemake --workflow-profile workflow/profiles/default --configfile config/config.yaml
+	$(OFFLINE) $(VENV)/bin/snakemake --configfile config/config.yaml
 
 test: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/python -m pytest

@@ -18,7 +18,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 def snakemake(workdir: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
+        [SNAKEMAKE, "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir), "--cores", "2",
          "--configfile", str(workdir / "config.yaml"), *extra],
         capture_output=True, text=True, timeout=timeout)
 

@@ -22,11 +22,37 @@ import pyarrow.parquet as pq
 log = logging.getLogger("moelang")
 
 
+def clear_leftovers(path: str | Path) -> list[Path]:
+    """Remove what an earlier, killed writer of ``path`` left beside it (``.NAME.tmp-PID`` and
+    ``.NAME.old-PID`` of another process) and return what was removed.
+
+    A SIGKILL runs no ``finally``, so a killed job's temporary files stay; only one job writes a
+    given output at a time (Snakemake's rule), so every such sibling not of this process is dead."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    prefixes = (f".{path.name}.tmp-", f".{path.name}.old-")
+    mine = {prefix + str(os.getpid()) for prefix in prefixes}
+    for stale in path.parent.iterdir():
+        if not stale.name.startswith(prefixes) or stale.name in mine:
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    if removed:
+        log.info("removed %d leftover(s) of a killed earlier run beside %s", len(removed), path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -43,6 +69,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Like :func:`atomic_path` for a directory output (for example a tokenizer or model directory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

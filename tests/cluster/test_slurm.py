@@ -38,7 +38,7 @@ def make_workdir(path: Path) -> Path:
 
 def command(work: Path, *extra: str) -> list[str]:
     return ["timeout", "--foreground", "-s", "INT", "-k", "60", "600", SNAKEMAKE,
-            "--profile", str(REPO / "workflow" / "profiles" / "slurm"), "--snakefile", str(REPO / "Snakefile"),
+            "--profile", str(REPO / "workflow" / "profiles" / "slurm"), "--snakefile", str(REPO / "workflow" / "Snakefile"),
             "--directory", str(work), "--configfile", str(work / "config.yaml"),
             "--slurm-init-seconds-before-status-checks", "5", "--seconds-between-status-checks", "3",
             *extra, "results/overlap/overlap.parquet"]
@@ -85,7 +85,7 @@ def test_cancelled_job_is_redone_and_nothing_else(tmp_path):
     assert cancelled is not None, "".join(output)[-3000:]
     assert proc.returncode != 0  # the cancelled job failed the run
     assert not (work / "results" / "overlap" / "overlap.parquet").exists()
-    subprocess.run([SNAKEMAKE, "--unlock", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
+    subprocess.run([SNAKEMAKE, "--unlock", "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(work),
                     "--configfile", str(work / "config.yaml")], capture_output=True)
     rerun = subprocess.run(command(work, "--rerun-incomplete"), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
