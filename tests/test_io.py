@@ -50,3 +50,56 @@ def test_clear_leftovers_keeps_this_processes_own_temp_and_other_names(tmp_path)
     removed = clear_leftovers(tmp_path / "x.json")
     assert removed == [other]
     assert own.exists() and unrelated.exists() and not other.exists()
+
+
+def test_progress_off_a_terminal_logs_a_line_every_tenth(caplog, monkeypatch):
+    import logging
+
+    from moelang.io import LogProgress, progress
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    caplog.set_level(logging.INFO, logger="moelang")
+    bar = progress(total=1000, desc="train", unit=" steps")  # pytest's stderr is not a terminal
+    assert isinstance(bar, LogProgress)
+    for _ in range(1000):
+        bar.update(1)
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train:")]
+    assert [line.split("(")[1].split(")")[0] for line in lines[:-1]] == [f"{p}%" for p in range(10, 100, 10)]
+    assert lines[-1].startswith("train: 1000 steps done in")
+
+    caplog.clear()
+    assert list(progress(range(7), desc="docs")) == list(range(7))  # an iterable with a length
+    assert [r.getMessage() for r in caplog.records][-1].startswith("docs: 7 it done")
+
+
+def test_progress_can_be_silenced(caplog, monkeypatch):
+    import logging
+
+    from moelang.io import progress
+
+    caplog.set_level(logging.INFO, logger="moelang")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    for _ in progress(range(50), desc="quiet"):
+        pass
+    monkeypatch.delenv("TQDM_DISABLE")
+    bar = progress(total=10, desc="own lines", log_lines=False)
+    bar.update(10)
+    bar.close()
+    assert not caplog.records
+
+
+def test_a_corrupt_parquet_input_is_one_line_naming_it(tmp_path):
+    from moelang import config as cfg
+
+    config = cfg.validate({"languages": {"high_resource": ["en", "es"]}, "allocation": {"new_experts": 4}})
+    corpus = tmp_path / "en.parquet"
+    corpus.write_bytes(b"PAR1 this was cut off")
+    proc = subprocess.run([sys.executable, "-m", "moelang", "tokenizer", "--options",
+                           cfg.to_json(cfg.tokenizer_options(config)), "--corpus", str(corpus),
+                           "--out", str(tmp_path / "tok")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"moelang: error: '{corpus}' is not a readable Parquet file")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "tok").exists()

@@ -396,13 +396,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_arrow_error(exc: BaseException) -> bool:
+    import pyarrow as pa
+
+    return isinstance(exc, (pa.ArrowException, OSError)) or type(exc).__module__.startswith("polars")
+
+
+def _unreadable_parquet_input(args) -> str | None:
+    """After a Parquet read failed: the first existing ``.parquet`` file among the command's arguments
+    whose footer cannot be read (a truncated copy, a file from another tool), as a one-line message."""
+    import pyarrow.parquet as pq
+
+    for value in vars(args).values():
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str) or not item.endswith(".parquet") or not Path(item).is_file():
+                continue
+            try:
+                pq.read_metadata(item)
+            except Exception as exc:  # noqa: BLE001 - any failure to read the footer means the same
+                reason = str(exc).split(". ")[0].strip().rstrip(".")
+                return (f"'{item}' is not a readable Parquet file ({reason}); delete it and run the step that "
+                        f"writes it again (Snakemake redoes a missing input)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from moelang.io import setup_logging
 
     setup_logging(args.verbose)
     try:
-        args.func(args)
+        try:
+            args.func(args)
+        except Exception as exc:  # a corrupt input file is the user's to fix, not a bug: name it
+            corrupt = _unreadable_parquet_input(args) if _is_arrow_error(exc) else None
+            if corrupt is None:
+                raise
+            raise MoelangError(corrupt) from None
     except MoelangError as exc:
         print(f"moelang: error: {exc}", file=sys.stderr)
         return 2

@@ -114,10 +114,120 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def progress(iterable=None, **kwargs):
-    """A tqdm bar on stderr with the project's defaults (``TQDM_DISABLE=1`` turns bars off)."""
-    from tqdm.auto import tqdm
+def progress(iterable=None, *, log_lines: bool = True, **kwargs):
+    """Progress of a long step: a tqdm bar on a terminal; elsewhere (a log file, a pipe to ``tee``, a
+    SLURM job's output) one log line every 10% of a known total, or every 30 s when the total is
+    unknown, instead of a carriage-return redraw per update that would fill the log.
 
-    kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("mininterval", 0.5)
-    return tqdm(iterable, **kwargs)
+    ``log_lines=False``: nothing off a terminal (for loops that log their own lines). ``TQDM_DISABLE=1``
+    or ``disable=True`` turns both off. Takes tqdm's keyword arguments either way."""
+    disabled = kwargs.get("disable") or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    if not disabled and _stderr_is_terminal():
+        from tqdm.auto import tqdm
+
+        kwargs.setdefault("dynamic_ncols", True)
+        kwargs.setdefault("mininterval", 0.5)
+        return tqdm(iterable, **kwargs)
+    return LogProgress(iterable, disable=disabled or not log_lines, total=kwargs.get("total"),
+                       initial=kwargs.get("initial", 0), desc=kwargs.get("desc", ""), unit=kwargs.get("unit", " it"))
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class LogProgress:
+    """The part of tqdm's interface the stages use (iteration, ``update``, ``set_postfix``, ``close``),
+    reported as log lines: at every 10% of ``total``, or every 30 s without one, and at the end."""
+
+    STEP_FRACTION = 0.1
+    INTERVAL_S = 30.0
+
+    def __init__(self, iterable=None, *, disable: bool = False, total: int | None = None, initial: int = 0,
+                 desc: str = "", unit: str = " it"):
+        import time
+
+        self._clock = time.monotonic
+        self.iterable = iterable
+        self.disable = disable
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total = total
+        self.n = initial
+        self.desc = desc or "progress"
+        self.unit = unit
+        self.postfix = ""
+        self._start = self._clock()
+        self._start_n = initial
+        self._last_report = self._start
+        self._next_fraction = self._fraction_after(initial)
+        self._closed = False
+
+    def _fraction_after(self, n: int) -> float:
+        if not self.total:
+            return float("inf")
+        done = n / self.total
+        return (int(done / self.STEP_FRACTION + 1e-9) + 1) * self.STEP_FRACTION
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self):
+        return self.total or 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.disable:
+            return
+        now = self._clock()
+        if self.total:
+            if self.n / self.total + 1e-9 >= self._next_fraction and self.n < self.total:
+                self._report(now)
+                self._next_fraction = self._fraction_after(self.n)
+        elif now - self._last_report >= self.INTERVAL_S:
+            self._report(now)
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
+        values = {**(ordered_dict or {}), **kwargs}
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def set_description(self, desc: str = "", refresh: bool = True) -> None:
+        self.desc = desc
+
+    def refresh(self) -> None:
+        pass
+
+    def _report(self, now: float) -> None:
+        self._last_report = now
+        elapsed = now - self._start
+        rate = (self.n - self._start_n) / elapsed if elapsed > 0 else 0.0
+        if self.total:
+            left = f", about {(self.total - self.n) / rate:.0f} s left" if rate > 0 else ""
+            where = f"{self.n}/{self.total}{self.unit} ({100 * self.n / self.total:.0f}%)"
+        else:
+            left, where = "", f"{self.n}{self.unit}"
+        extra = f", {self.postfix}" if self.postfix else ""
+        log.info("%s: %s, %.1f%s/s%s%s", self.desc, where, rate, self.unit, left, extra)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.disable and self.n > self._start_n:
+            elapsed = self._clock() - self._start
+            extra = f", {self.postfix}" if self.postfix else ""
+            log.info("%s: %d%s done in %.1f s%s", self.desc, self.n, self.unit, elapsed, extra)
