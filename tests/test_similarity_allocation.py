@@ -250,7 +250,7 @@ def test_a_failing_method_does_not_lose_the_others():
     missing = al.allocate(three_layers(), OLD, NEW, new_experts=6, specialization={0: 0.1, 1: 0.2})
     assert set(missing.plans) == set(al.METHODS) - {"routing"} and "layers [2]" in missing.failed["routing"]
     # a delta budget takes its total from LayerMoE: without that plan no method has a total
-    with pytest.raises(MoelangError, match="no method gives a plan: layermoe: .*; uniform: the budget is allocation.delta"):
+    with pytest.raises(MoelangError, match="no method gives a plan: layermoe: .*; uniform, increasing, routing: the budget is allocation.delta"):
         al.allocate(cross_script(), OLD, NEW, delta=10, nonpositive="error")
 
 

@@ -102,10 +102,12 @@ def read_table(path: str | Path, what: str, columns: dict[str, str], fix: str,
 
 
 def read_similarity(path: str | Path, need_experts: bool = True) -> pl.DataFrame:
-    fix = REMAKE_SIMILARITY
-    if need_experts:
-        fix = REMAKE_SIMILARITY + " (by hand, a table without the experts column also works with --existing N)"
-    table = read_table(path, "similarity table", SIMILARITY_COLUMNS, fix, optional=() if need_experts else ("experts",))
+    """The similarity table at ``path``, checked; ``need_experts``: its ``experts`` column too (tables
+    made before the column existed work by hand with ``--existing``)."""
+    table = read_table(path, "similarity table", SIMILARITY_COLUMNS, REMAKE_SIMILARITY, optional=("experts",))
+    if need_experts and "experts" not in table.columns:
+        raise MoelangError(f"allocation: the similarity table '{path}' has no column experts (made by an older "
+                           f"moelang); {REMAKE_SIMILARITY}, or by hand pass --existing N (experts per layer)")
     if table.height == 0:
         raise MoelangError(f"allocation: the similarity table '{path}' has no rows; {REMAKE_SIMILARITY}")
     return table
@@ -406,7 +408,11 @@ def allocate(similarity: pl.DataFrame, old: list[str], new: list[str], *, delta:
         attempt("increasing", lambda: plan("increasing", spread(np.arange(1, n + 1), result.total)))
         attempt("routing", lambda: routing(result.total))
     if not result.plans:
-        raise MoelangError("allocation: no method gives a plan: " + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in result.failed.items():
+            by_reason.setdefault(reason, []).append(name)
+        raise MoelangError("allocation: no method gives a plan: " +
+                           "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()))
     if result.all_methods_agree:
         log.warning("allocation: every method (%s) gives the same plan %s: with %d layers and %d new experts the "
                     "comparison between methods is empty; a larger allocation.new_experts separates them",
@@ -479,6 +485,7 @@ def _plot(result: Allocation, path) -> None:
         title += f"; no plan: {', '.join(result.failed)}"
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left")
+    ax2.legend(fontsize=8, loc="upper right")
     save_figure(fig, path)
 
 
