@@ -211,9 +211,39 @@ def test_aligned_parallel_files(tmp_path):
     table = pq.read_table(tmp_path / "p.parquet")
     assert table.column("es").to_pylist() == ["hola mundo", "buenos días"]
     write_lines(tmp_path / "es.txt", ["hola mundo"])
-    with pytest.raises(MoelangError, match="different line counts"):
+    with pytest.raises(MoelangError, match="different line totals"):
         corpus.build_parallel(options, tmp_path / "p2.parquet")
     assert not (tmp_path / "p2.parquet").exists()
+
+
+def test_aligned_parallel_files_several_per_language(tmp_path):
+    """FLORES ships dev and devtest files per language: a list per language is read in order, row i is
+    line i of every language's concatenation (however the files are cut), and the totals must match.
+    A U+2028 inside a sentence is not a line break (str.splitlines would shift every later row)."""
+    from moelang import config as cfg
+
+    en = [write_lines(tmp_path / "dev.en", ["one", "two\u2028still two"]), write_lines(tmp_path / "devtest.en", ["three"])]
+    es = [write_lines(tmp_path / "all.es", ["uno", "dos\u2028todavía dos", "tres"])]
+    config = cfg.validate({"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}},
+                           "allocation": {"new_experts": 4},
+                           "corpus": {"parallel": {"source": "aligned",
+                                                   "files": {"en": [str(p) for p in en], "es": str(es[0])}}}})
+    options = cfg.parallel_options(config)
+    assert corpus.build_parallel(options, tmp_path / "p.parquet") == 3
+    table = pq.read_table(tmp_path / "p.parquet").to_pydict()
+    assert table["item_id"] == ["line:0", "line:1", "line:2"]
+    assert table["en"] == ["one", "two\u2028still two", "three"] and table["es"][2] == "tres"
+    assert table["ca"] == [None] * 3
+    assert table["origin"] == [f"en={en[0]},es={es[0]}", f"en={en[0]},es={es[0]}", f"en={en[1]},es={es[0]}"]
+    options["parallel"]["files"]["en"] = [str(en[0])]  # two lines against three
+    with pytest.raises(MoelangError, match="corpus.parallel.files gives the languages different line totals \\{'en': 2, 'es': 3\\}"):
+        corpus.build_parallel(options, tmp_path / "p2.parquet")
+    assert not (tmp_path / "p2.parquet").exists()
+    (tmp_path / "latin1.es").write_bytes("años\n".encode("latin-1"))
+    options["parallel"]["files"]["es"] = [str(tmp_path / "latin1.es")]
+    options["parallel"]["files"]["en"] = [str(en[1])]
+    with pytest.raises(MoelangError, match="corpus.parallel.files.es\\) is not valid UTF-8"):
+        corpus.build_parallel(options, tmp_path / "p3.parquet")
 
 
 def _sharded(tmp_path, options, count, lang="es"):

@@ -1,5 +1,7 @@
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -10,7 +12,7 @@ from families import tiny_model
 from moelang import allocation as al
 from moelang.errors import MoelangError
 from moelang.models import ModelAdapter
-from moelang.similarity import mean_pair_cosine, sentence_vectors, token_unit_means
+from moelang.similarity import SIMILARITY_SCHEMA, mean_pair_cosine, sentence_vectors, token_unit_means
 from moelang.routing import length_batches
 
 
@@ -64,6 +66,8 @@ def test_parallel_variant_on_a_hand_made_example():
     path = "/tmp/moelang-test-parallel.parquet"
     table.write_parquet(path)
     sims = parallel_similarity(adapter, tok, path, ["en", "es", "ca"], {}, "m")
+    assert sims.schema == pl.Schema(SIMILARITY_SCHEMA)
+    assert (sims["experts"] == model.config.num_experts).all()  # every tiny OLMoE layer is an MoE layer
     en_es = sims.filter((pl.col("lang_a") == "en") & (pl.col("lang_b") == "es"))
     assert en_es["similarity"].to_numpy() == pytest.approx(1.0)
     # independent: pooled vectors, cosine per item, mean over the 3 items en and ca share
@@ -73,41 +77,73 @@ def test_parallel_variant_on_a_hand_made_example():
     assert got == pytest.approx(cos.numpy(), rel=1e-9)
 
 
+@pytest.mark.parametrize("family, experts", [("olmoe", 8), ("llama", 1)])
+def test_token_similarity_table_records_the_experts_of_every_layer(tmp_path, family, experts):
+    """The allocation reads dense-or-MoE from the similarity table (never from the model), so the
+    table must say it: the tiny OLMoE has 8 experts per layer, a Llama layer is one dense FFN."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moelang.similarity import token_similarity
+
+    model = tiny_model(family).eval()
+    assert family != "olmoe" or model.config.num_experts == experts
+    adapter = ModelAdapter(model)
+    rng = np.random.default_rng(1)
+    files = {}
+    for lang in ("en", "es"):
+        docs = [rng.integers(3, 90, n).tolist() for n in (9, 14, 6)]
+        files[lang] = tmp_path / f"{lang}.parquet"
+        pq.write_table(pa.table({"split": ["heldout"] * 3, "input_ids": docs}), files[lang])
+    table = token_similarity(adapter, files, {"seq_len": 8, "batch_tokens": 32, "tokens_per_language": None}, "m")
+    assert table.schema == pl.Schema(SIMILARITY_SCHEMA)
+    assert table.height == adapter.num_layers * 3  # en-en, en-es, es-es
+    assert table["experts"].to_list() == [experts] * table.height
+
+
 # ---------------------------------------------------------------------------------------------------
 # allocation
 
 
-def sim_table(scores_by_layer: dict[int, dict[tuple[str, str], float]]) -> pl.DataFrame:
-    rows = [("m", layer, a, b, v, 10, 10) for layer, pairs in scores_by_layer.items() for (a, b), v in pairs.items()]
-    return pl.DataFrame(rows, schema={"model": pl.String, "layer": pl.Int32, "lang_a": pl.String, "lang_b": pl.String,
-                                      "similarity": pl.Float64, "n_tokens_a": pl.Int64, "n_tokens_b": pl.Int64},
-                        orient="row")
+def sim_table(scores_by_layer: dict[int, dict[tuple[str, str], float]], experts: int = 1) -> pl.DataFrame:
+    rows = [("m", layer, a, b, v, 10, 10, experts) for layer, pairs in scores_by_layer.items() for (a, b), v in pairs.items()]
+    return pl.DataFrame(rows, schema=SIMILARITY_SCHEMA, orient="row")
 
 
-def three_layers():
+def pairs(no, nn):
     # old: en, es; new: el, hu. S_i = (mean new-old + mean new-new) / 2
-    def layer(no, nn):
-        return {("el", "en"): no, ("hu", "en"): no, ("es", "el"): no, ("es", "hu"): no, ("el", "hu"): nn,
-                ("en", "es"): 0.99}
-    return sim_table({0: layer(0.2, 0.2), 1: layer(0.4, 0.4), 2: layer(0.5, 0.3)})
+    return {("el", "en"): no, ("hu", "en"): no, ("es", "el"): no, ("es", "hu"): no, ("el", "hu"): nn, ("en", "es"): 0.99}
+
+
+def three_layers(experts: int = 1):
+    return sim_table({0: pairs(0.2, 0.2), 1: pairs(0.4, 0.4), 2: pairs(0.5, 0.3)}, experts)
+
+
+def cross_script(experts: int = 1):
+    """As en-ru: layer 1's new-old mean cosine is negative, so S_1 = (-0.3 + 0.1) / 2 = -0.1."""
+    return sim_table({0: pairs(0.2, 0.2), 1: pairs(-0.3, 0.1), 2: pairs(0.5, 0.3)}, experts)
+
+
+OLD, NEW = ["en", "es"], ["el", "hu"]
 
 
 def test_layer_scores_by_hand():
-    layers, scores = al.layer_scores(three_layers(), ["en", "es"], ["el", "hu"])
+    layers, scores = al.layer_scores(three_layers(), OLD, NEW)
     assert layers == [0, 1, 2] and scores == pytest.approx([0.2, 0.4, 0.4])
-    _, single = al.layer_scores(three_layers(), ["en", "es"], ["el"])  # new-new term dropped
+    _, single = al.layer_scores(three_layers(), OLD, ["el"])  # new-new term dropped
     assert single == pytest.approx([0.2, 0.4, 0.5])
+    _, crossing = al.layer_scores(cross_script(), OLD, NEW)
+    assert crossing == pytest.approx([0.2, -0.1, 0.4])
 
 
 def test_layermoe_counts_by_hand_with_rounding():
     # 1/S = 5, 2.5, 2.5 -> weights .5, .25, .25; delta 10 -> 5, 2.5, 2.5 -> ceil 5, 3, 3
-    plans, delta = al.allocate(three_layers(), ["en", "es"], ["el", "hu"], delta=10)
-    assert delta == 10
-    assert plans["layermoe"].as_json() == {"experts_per_layer": [5, 3, 3], "new_experts_per_layer": [4, 2, 2],
-                                           "classifier_layers": [1, 2]}  # two layers share the minimum: top-2 by S
+    result = al.allocate(three_layers(), OLD, NEW, delta=10)
+    assert result.delta == 10 and result.failed == {"routing": al.NO_SPECIALIZATION}
+    assert result.plans["layermoe"].as_json() == {"experts_per_layer": [5, 3, 3], "new_experts_per_layer": [4, 2, 2],
+                                                  "classifier_layers": [1, 2]}  # two layers share the minimum: top-2 by S
     # exact products must not round up: delta 8 -> 4, 2, 2
-    plans, _ = al.allocate(three_layers(), ["en", "es"], ["el", "hu"], delta=8)
-    assert list(plans["layermoe"].experts) == [4, 2, 2]
+    assert list(al.allocate(three_layers(), OLD, NEW, delta=8).plans["layermoe"].experts) == [4, 2, 2]
 
 
 def test_the_papers_formula_on_its_published_shape():
@@ -121,68 +157,258 @@ def test_the_papers_formula_on_its_published_shape():
 
 
 def test_budget_search_meets_the_total_and_baselines_share_it():
-    plans, delta = al.allocate(three_layers(), ["en", "es"], ["el", "hu"], new_experts=9)
+    result = al.allocate(three_layers(), OLD, NEW, new_experts=9)
+    plans = result.plans
     assert sum(plans["layermoe"].new) == 9
-    assert list(plans["layermoe"].experts) == list(al.layermoe_counts(plans["layermoe"].scores, delta))
+    assert list(plans["layermoe"].experts) == list(al.layermoe_counts(plans["layermoe"].scores, result.delta))
     assert list(plans["uniform"].new) == [3, 3, 3]
     assert list(plans["increasing"].new) == [2, 3, 4]  # 1 each, then 6 split 1:2:3
     # ties: layers 1 and 2 have the same score, so totals jump: delta in (6, 8] gives (3, 1, 1) = 5 new
     # experts and (8, 10] gives (4, 2, 2) = 8; 6 and 7 are unreachable: the largest total below is taken
     for wanted in (6, 7):
-        plans, _ = al.allocate(three_layers(), ["en", "es"], ["el", "hu"], new_experts=wanted)
-        assert list(plans["layermoe"].new) == [3, 1, 1]
+        assert list(al.allocate(three_layers(), OLD, NEW, new_experts=wanted).plans["layermoe"].new) == [3, 1, 1]
     assert list(al.uniform(4, 10)) == [2, 3, 2, 3]
 
 
 def test_moe_base_counts_only_new_experts_and_routing_variant():
     spec = {0: 0.1, 1: 0.1, 2: 0.6}
-    plans, _ = al.allocate(three_layers(), ["en", "es"], ["el", "hu"], new_experts=8, existing=64,
-                           counts_existing=False, specialization=spec)
+    plans = al.allocate(three_layers(), OLD, NEW, new_experts=8, existing=64, counts_existing=False,
+                        specialization=spec).plans
     assert sum(plans["layermoe"].new) == 8 and list(plans["layermoe"].experts) == list(plans["layermoe"].new)
     # 1 each, the other 5 by specialisation .125/.125/.75 = .625/.625/3.75: floors 0/0/3, the two
     # remaining go to the largest remainders (.75, then the first .625)
     assert list(plans["routing"].new) == [2, 1, 5]
-    mixed, _ = al.allocate(three_layers(), ["en", "es"], ["el", "hu"], new_experts=8, counts_existing=False,
-                           specialization=spec, routing_weight=0.5)
+    mixed = al.allocate(three_layers(), OLD, NEW, new_experts=8, counts_existing=False, specialization=spec,
+                        routing_weight=0.5).plans
     assert sum(mixed["routing"].new) == 8
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(delta=3), "no new expert; raise delta"),
-    (dict(new_experts=2), "at least 3"),
-    (dict(delta=5, new_experts=4), "exactly one budget"),
+    (dict(delta=3), "no method gives a plan: layermoe: delta 3 gives layers \\[1, 2\\] no new expert; raise allocation.delta"),
+    (dict(new_experts=2), "set allocation.new_experts \\(--new-experts\\) to at least 3"),
+    (dict(delta=5, new_experts=4), "exactly one budget, allocation.delta or allocation.new_experts"),
     (dict(), "exactly one budget"),
+    (dict(delta=10, nonpositive="drop"), "allocation.nonpositive is 'drop'; use one of shift, clip, error"),
+    (dict(delta=10, routing_weight=1.5), "allocation.routing_weight"),
 ])
 def test_invalid_budgets_are_rejected(kwargs, words):
     with pytest.raises(MoelangError, match=words):
-        al.allocate(three_layers(), ["en", "es"], ["el", "hu"], **kwargs)
+        al.allocate(three_layers(), OLD, NEW, **kwargs)
 
 
-def test_non_positive_similarity_and_bad_languages_are_rejected():
-    table = three_layers().with_columns(
-        pl.when(pl.col("layer") == 1).then(-0.1).otherwise(pl.col("similarity")).alias("similarity"))
-    with pytest.raises(MoelangError, match="S_i <= 0 at layers \\[1\\]"):
-        al.allocate(table, ["en", "es"], ["el", "hu"], delta=10)
-    with pytest.raises(MoelangError, match="no pair with \\['zh'\\]"):
+def test_bad_languages_are_rejected():
+    with pytest.raises(MoelangError, match="no pair with \\['zh'\\]; remove them from allocation.old/new"):
         al.allocate(three_layers(), ["en", "zh"], ["el"], delta=10)
     with pytest.raises(MoelangError, match="both old and new"):
         al.allocate(three_layers(), ["en", "el"], ["el"], delta=10)
 
 
-def test_cli_allocate_standalone(tmp_path):
-    import subprocess
-    import sys
+def direct_layermoe(used: list[float], delta: float) -> list[int]:
+    inv = [1 / s for s in used]
+    return [math.ceil(round(x / sum(inv) * delta, 9)) for x in inv]
 
+
+def test_nonpositive_scores_shift_by_default():
+    """S = 0.2, -0.1, 0.4: the default maps every score through (1 + S) / 2 and then applies the
+    paper's formula; the order of the layers is kept (the least similar layer gets the most)."""
+    assert al.option_defaults()["nonpositive"] == "shift"
+    result = al.allocate(cross_script(), OLD, NEW, delta=10)
+    used = [(1 + s) / 2 for s in (0.2, -0.1, 0.4)]
+    assert result.scores_used == pytest.approx(used) and result.nonpositive_layers == [1]
+    assert list(result.plans["layermoe"].experts) == direct_layermoe(used, 10) == [4, 5, 3]
+    assert set(result.plans) == {"layermoe", "uniform", "increasing"}
+    assert result.plans["layermoe"].classifier_layers == [2]  # the highest S, measured
+
+
+def test_nonpositive_scores_clip_to_the_smallest_positive():
+    result = al.allocate(cross_script(), OLD, NEW, delta=10, nonpositive="clip")
+    assert result.scores_used == pytest.approx([0.2, 0.2, 0.4])
+    assert list(result.plans["layermoe"].experts) == direct_layermoe([0.2, 0.2, 0.4], 10) == [4, 4, 2]
+    everything_negative = cross_script().with_columns(-pl.col("similarity").abs())
+    failed = al.allocate(everything_negative, OLD, NEW, new_experts=6, nonpositive="clip").failed
+    assert "allocation.nonpositive: shift" in failed["layermoe"]
+
+
+def test_positive_scores_give_the_papers_numbers_under_every_treatment():
+    for treatment in al.NONPOSITIVE:
+        result = al.allocate(three_layers(), OLD, NEW, delta=10, nonpositive=treatment)
+        assert list(result.plans["layermoe"].experts) == [5, 3, 3] and result.nonpositive_layers == []
+
+
+def test_a_failing_method_does_not_lose_the_others():
+    """nonpositive: error fails LayerMoE (and the routing mix that uses 1/S_i); the baselines and the
+    pure routing method, which need no similarity weights, are still computed."""
+    spec = {0: 0.2, 1: 0.3, 2: 0.5}
+    result = al.allocate(cross_script(), OLD, NEW, new_experts=6, nonpositive="error", specialization=spec)
+    assert set(result.plans) == {"uniform", "increasing", "routing"}
+    assert "S_i <= 0 at layers [1]" in result.failed["layermoe"]
+    assert "set allocation.nonpositive: shift" in result.failed["layermoe"]
+    assert [sum(p.new) for p in result.plans.values()] == [6, 6, 6]
+    mixed = al.allocate(cross_script(), OLD, NEW, new_experts=6, nonpositive="error", specialization=spec,
+                        routing_weight=0.5)
+    assert set(mixed.failed) == {"layermoe", "routing"} and "allocation.routing_weight 0.5" in mixed.failed["routing"]
+    missing = al.allocate(three_layers(), OLD, NEW, new_experts=6, specialization={0: 0.1, 1: 0.2})
+    assert set(missing.plans) == set(al.METHODS) - {"routing"} and "layers [2]" in missing.failed["routing"]
+    # a delta budget takes its total from LayerMoE: without that plan no method has a total
+    with pytest.raises(MoelangError, match="no method gives a plan: layermoe: .*; uniform, increasing, routing: the budget is allocation.delta"):
+        al.allocate(cross_script(), OLD, NEW, delta=10, nonpositive="error")
+
+
+def test_failures_and_agreement_are_written_into_the_plan(tmp_path, caplog):
+    (tmp_path / "in").mkdir()
+    cross_script(experts=8).write_parquet(tmp_path / "in" / "sim.parquet")
+    with caplog.at_level("WARNING", logger="moelang"):
+        al.run_allocation(tmp_path / "in" / "sim.parquet", {"old": OLD, "new": NEW, "new_experts": 6,
+                                                           "nonpositive": "error"}, tmp_path / "a")
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())
+    assert set(plan) == {"uniform", "increasing", "_meta"}
+    meta = plan["_meta"]
+    assert meta["methods"] == ["uniform", "increasing"] and set(meta["failed"]) == {"layermoe", "routing"}
+    assert meta["nonpositive_layers"] == [1] and meta["scores_used"] is None and meta["all_methods_agree"] is True
+    assert meta["counts_existing"] is False and meta["existing_experts_per_layer"] == [8, 8, 8]  # from the table
+    assert "no layermoe plan: layer score S_i <= 0" in caplog.text and "gives the same plan" in caplog.text
+    table = pl.read_parquet(tmp_path / "a" / "plan.parquet")
+    assert table.columns == ["method", "layer", "score", "score_used", "experts", "new_experts", "classifier"]
+    assert sorted(table["method"].unique()) == ["increasing", "uniform"] and table["score_used"].is_null().all()
+    # nine new experts over three layers: the methods differ, and say so
+    al.run_allocation(tmp_path / "in" / "sim.parquet", {"old": OLD, "new": NEW, "new_experts": 9}, tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / "plan.json").read_text())["_meta"]
+    assert meta["all_methods_agree"] is False and meta["nonpositive"] == "shift"
+    assert meta["scores_used"] == pytest.approx([0.6, 0.45, 0.7])
+
+
+def test_dense_or_moe_comes_from_the_similarity_table(tmp_path):
+    for experts, counts_existing in ((1, True), (4, False)):
+        path = tmp_path / f"sim{experts}.parquet"
+        three_layers(experts).write_parquet(path)
+        result = al.run_allocation(path, {"old": OLD, "new": NEW, "delta": 10}, tmp_path / str(experts))
+        meta = json.loads((tmp_path / str(experts) / "plan.json").read_text())["_meta"]
+        assert meta["counts_existing"] is counts_existing
+        layermoe = result.plans["layermoe"]
+        assert list(layermoe.experts) == [5, 3, 3]
+        assert list(layermoe.new) == ([4, 2, 2] if counts_existing else [5, 3, 3])
+
+
+def allocate_cli(*argv) -> int:
+    from moelang.cli import main
+
+    return main(["allocate", *map(str, argv)])
+
+
+def test_cli_allocate_standalone(tmp_path, capsys):
     three_layers().write_parquet(tmp_path / "sim.parquet")
-    proc = subprocess.run([sys.executable, "-m", "moelang", "allocate", "--similarity", str(tmp_path / "sim.parquet"),
-                           "--old", "en,es", "--new", "el,hu", "--delta", "10", "--out", str(tmp_path / "plan")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert allocate_cli("--similarity", tmp_path / "sim.parquet", "--old", "en,es", "--new", "el,hu", "--delta", 10,
+                        "--out", tmp_path / "plan") == 0
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert plan["layermoe"]["experts_per_layer"] == [5, 3, 3]
-    assert "routing" not in plan  # no specialisation table given
+    assert "routing" not in plan and "--specialization" in plan["_meta"]["failed"]["routing"]
     assert pl.read_parquet(tmp_path / "plan" / "plan.parquet").height == 3 * 3
     assert (tmp_path / "plan" / "plan.png").read_bytes()[:4] == b"\x89PNG"
-    bad = subprocess.run([sys.executable, "-m", "moelang", "allocate", "--similarity", str(tmp_path / "sim.parquet"),
-                          "--old", "en", "--new", "el", "--out", str(tmp_path / "p2")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "exactly one budget" in bad.stderr and "Traceback" not in bad.stderr
+    capsys.readouterr()
+    assert allocate_cli("--similarity", tmp_path / "sim.parquet", "--old", "en", "--new", "el", "--out", tmp_path / "p2") == 2
+    assert "exactly one budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p.write_bytes(b"layer,lang_a\n0,en\n"), "is not a readable Parquet file"),
+    (lambda p: p.write_bytes(b""), "is not a readable Parquet file"),
+    (lambda p: three_layers().drop("similarity").write_parquet(p), "has no column similarity"),
+    (lambda p: three_layers().drop("experts").write_parquet(p), "has no column experts"),
+    (lambda p: three_layers().with_columns(pl.col("similarity").cast(pl.String)).write_parquet(p),
+     "wrong column types \\(similarity is String, not number\\)"),
+])
+def test_corrupt_similarity_table_is_one_line_naming_the_file(tmp_path, capsys, make, words):
+    path = tmp_path / "sim.parquet"
+    make(path)
+    assert allocate_cli("--similarity", path, "--old", "en,es", "--new", "el,hu", "--new-experts", 6,
+                        "--out", tmp_path / "plan") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"'{path}'" in err and re.search(words, err) and "remake it with the similarity stage" in err
+    assert not (tmp_path / "plan").exists()
+
+
+def test_a_table_without_the_experts_column_works_with_existing(tmp_path):
+    three_layers().drop("experts").write_parquet(tmp_path / "sim.parquet")
+    assert allocate_cli("--similarity", tmp_path / "sim.parquet", "--old", "en,es", "--new", "el,hu", "--delta", 10,
+                        "--existing", 1, "--out", tmp_path / "plan") == 0
+    assert json.loads((tmp_path / "plan" / "plan.json").read_text())["layermoe"]["new_experts_per_layer"] == [4, 2, 2]
+
+
+@pytest.mark.parametrize("experts", [1, 4])
+def test_cli_by_hand_gives_the_rules_plan(tmp_path, monkeypatch, experts):
+    """The rule passes allocation_options() as --options; by hand, --config and plain flags must give
+    the same plan, for a dense model and for an MoE (read from the similarity table), with a
+    non-positive layer and a specialisation table of several checkpoints."""
+    import yaml
+
+    from moelang import config as cfg
+
+    user = {"languages": {"high_resource": ["en", "es"], "targets": {"el": "es", "hu": "es"}},
+            "allocation": {"new_experts": 7}}
+    config = cfg.validate(json.loads(json.dumps(user)))
+    entry = cfg.profiled_models(config)[cfg.similarity_model(config)]
+    sim, spec = tmp_path / "sim.parquet", tmp_path / "spec.parquet"
+    cross_script(experts).write_parquet(sim)
+    pl.DataFrame({"model": [entry["model"]] * 6, "checkpoint_step": [0] * 3 + [entry["checkpoint_step"]] * 3,
+                  "layer": [0, 1, 2] * 2, "score": [0.9, 0.05, 0.05, 0.1, 0.2, 0.7]},
+                 schema={"model": pl.String, "checkpoint_step": pl.Int64, "layer": pl.Int32, "score": pl.Float64}
+                 ).write_parquet(spec)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(user))
+    monkeypatch.chdir(tmp_path)  # no results/corpus/languages.json here: the table's languages are the kept ones
+    rule_options = cfg.to_json(cfg.allocation_options(config, ["en", "es", "el", "hu"]))
+    common = ["--similarity", sim, "--specialization", spec]
+    assert allocate_cli("--options", rule_options, *common, "--out", "rule") == 0
+    assert allocate_cli("--config", "config.yaml", *common, "--out", "config") == 0
+    assert allocate_cli(*common, "--old", "en,es", "--new", "el,hu", "--new-experts", 7,
+                        "--checkpoint-step", entry["checkpoint_step"], "--out", "flags") == 0
+    rule = json.loads(Path("rule/plan.json").read_text())
+    assert set(rule) == set(al.METHODS) | {"_meta"} and rule["_meta"]["counts_existing"] is (experts == 1)
+    assert rule["routing"]["new_experts_per_layer"] == list(al.spread(np.array([0.1, 0.2, 0.7]), 7))
+    for by_hand in ("config", "flags"):
+        assert json.loads(Path(by_hand, "plan.json").read_text()) == rule, by_hand
+        assert pl.read_parquet(Path(by_hand, "plan.parquet")).equals(pl.read_parquet("rule/plan.parquet"))
+
+
+def test_by_hand_flags_and_a_config_do_not_mix(tmp_path, capsys):
+    three_layers().write_parquet(tmp_path / "sim.parquet")
+    assert allocate_cli("--options", "{}", "--similarity", tmp_path / "sim.parquet", "--delta", 4,
+                        "--out", tmp_path / "p") == 2
+    assert "--delta cannot be combined with --config/--options" in capsys.readouterr().err
+
+
+def test_parallel_similarity_without_a_parallel_table_is_a_config_error():
+    from moelang import config as cfg
+    from moelang.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="config key 'similarity.method': the parallel method needs a parallel table"):
+        cfg.validate({"languages": {"high_resource": ["en", "es"]}, "allocation": {"new_experts": 4},
+                      "similarity": {"method": "parallel"}, "corpus": {"parallel": {"source": "none"}}})
+
+
+def _schema_has(schema: dict, dotted: str) -> bool:
+    node = schema
+    for part in dotted.split("."):
+        props = node.get("properties", {})
+        if part not in props:
+            return False
+        node = props[part]
+    return True
+
+
+def test_every_config_key_an_error_names_exists():
+    """Messages say `set allocation.X` or `similarity.X`: each such key must be in the schema (a key
+    that does not exist is advice that cannot be followed)."""
+    import ast
+
+    from moelang import cli, config as cfg, similarity
+
+    schema = cfg.load_schema()
+    named = set()
+    for module in (al, similarity, cli):
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                named |= set(re.findall(r"(?<![\w./])((?:allocation|similarity|corpus|model)(?:\.[a-z_]+)+)", node.value))
+    named = {key.removesuffix(".py") for key in named if not key.endswith(".py")}
+    assert {"allocation.nonpositive", "allocation.new_experts", "similarity.method", "model.dtype"} <= named
+    assert [key for key in sorted(named) if not _schema_has(schema, key)] == []

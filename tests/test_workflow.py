@@ -132,7 +132,7 @@ def test_similarity_and_allocation_plan(tiny_run):
     from moelang.similarity import SIMILARITY_SCHEMA
 
     work, _ = tiny_run
-    sim = pl.read_parquet(work / "results" / "similarity" / "cpt-step6.parquet")
+    sim = pl.read_parquet(work / "results" / "similarity" / "cpt-step6.tokens.parquet")
     assert sim.schema == pl.Schema(SIMILARITY_SCHEMA)
     assert sim.height == 2 * 6  # 2 layers x (3 languages: 3 pairs + 3 diagonal)
     assert sim.filter(pl.col("lang_a") == pl.col("lang_b"))["similarity"].is_between(0, 1.0000001).all()
@@ -144,7 +144,7 @@ def test_similarity_and_allocation_plan(tiny_run):
     assert plan["_meta"]["old"] == ["en", "es"] and plan["_meta"]["new"] == ["ca"]
     assert plan["_meta"]["counts_existing"] is False  # an MoE base: N_i counts new experts only
     table = pl.read_parquet(work / "results" / "allocation" / "plan.parquet")
-    assert table.columns == ["method", "layer", "score", "experts", "new_experts", "classifier"]
+    assert table.columns == ["method", "layer", "score", "score_used", "experts", "new_experts", "classifier"]
 
 
 def test_every_model_is_evaluated_into_one_table(tiny_run):

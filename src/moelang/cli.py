@@ -201,20 +201,47 @@ def _codes(text: str | None, what: str) -> list[str] | None:
     return codes
 
 
+# allocation option -> the `moelang allocate` flag that sets it by hand; with --config or --options
+# every option comes from there instead
+ALLOCATE_FLAGS = {"old": "--old", "new": "--new", "delta": "--delta", "new_experts": "--new-experts",
+                  "existing": "--existing", "counts_existing": "--new-only/--counts-existing",
+                  "classifier_layers": "--classifier-layers", "routing_weight": "--routing-weight",
+                  "nonpositive": "--nonpositive", "checkpoint_step": "--checkpoint-step"}
+
+
+def _kept_for_allocation(similarity_path: str) -> list[str]:
+    """The kept languages as the workflow has them: results/corpus/languages.json when run where the
+    workflow runs, else the languages of the similarity table (the kept ones the similarity stage saw)."""
+    from moelang.allocation import read_similarity
+
+    decided = Path("results/corpus/languages.json")
+    if decided.is_file():
+        return json.loads(decided.read_text(encoding="utf-8"))["kept"]
+    table = read_similarity(similarity_path, need_experts=False)
+    return sorted(set(table["lang_a"]) | set(table["lang_b"]))
+
+
 def cmd_allocate(args) -> None:
     from moelang.allocation import run_allocation
 
     if not Path(args.similarity).is_file():
         raise MoelangError(f"allocate: similarity table '{args.similarity}' does not exist; run the similarity stage first")
-    if args.options is not None:
-        options = cfg.from_json(args.options)
+    if args.specialization is not None and not Path(args.specialization).is_file():
+        raise MoelangError(f"allocate: specialisation table '{args.specialization}' does not exist; run the routing "
+                           f"metrics stage first, or leave out --specialization (no routing plan then)")
+    given = {key: getattr(args, key) for key in ALLOCATE_FLAGS if getattr(args, key) is not None}
+    if args.options is not None or args.config is not None:
+        if given:
+            raise MoelangError(f"allocate: {', '.join(ALLOCATE_FLAGS[k] for k in given)} cannot be combined with "
+                               f"--config/--options, which give every allocation option; drop one or the other")
+        if args.options is not None:
+            options = cfg.from_json(args.options)
+        else:  # exactly what the workflow's rule passes for this config
+            options = cfg.allocation_options(cfg.load(args.config), _kept_for_allocation(args.similarity))
     else:
-        options = {"old": _codes(args.old, "--old"), "new": _codes(args.new, "--new"), "delta": args.delta,
-                   "new_experts": args.new_experts, "existing": args.existing,
-                   "counts_existing": not args.new_only, "classifier_layers": args.classifier_layers,
-                   "routing_weight": args.routing_weight}
+        options = {**given, "old": _codes(args.old, "--old"), "new": _codes(args.new, "--new")}
         if options["old"] is None or options["new"] is None:
-            raise MoelangError("allocate: pass --old and --new language lists (or --options JSON)")
+            raise MoelangError("allocate: pass --old and --new language lists (or --config CONFIG.yaml, or --options JSON)")
         if (args.delta is None) == (args.new_experts is None):
             raise MoelangError("allocate: pass exactly one budget, --delta or --new-experts")
     run_allocation(args.similarity, options, args.out, args.specialization)
@@ -353,23 +380,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_source(p)
     p.add_argument("--tokens", nargs="+", required=True, help="results/tokens/<lang>.parquet files")
     p.add_argument("--parallel", default=None, help="results/corpus/parallel.parquet (method: parallel)")
-    p.add_argument("--out", required=True, help="results/similarity/<model>.parquet")
-    p.add_argument("--plot", default=None, help="results/similarity/<model>.png")
+    p.add_argument("--out", required=True, help="results/similarity/<model>.<method>.parquet")
+    p.add_argument("--plot", default=None, help="results/similarity/<model>.<method>.png")
     p.set_defaults(func=cmd_similarity)
 
     p = sub.add_parser("allocate", help="LayerMoE's new experts per layer (and baselines) from a similarity table")
-    p.add_argument("--options", help="the allocation options as JSON (what the workflow passes)")
-    p.add_argument("--similarity", required=True, help="similarity table (results/similarity/<model>.parquet)")
+    _add_option_source(p)
+    p.add_argument("--similarity", required=True,
+                   help="similarity table (results/similarity/<model>.<method>.parquet)")
+    p.add_argument("--specialization", default=None,
+                   help="routing specialisation table (results/routing/metrics/specialization.parquet) for the routing method")
     p.add_argument("--old", help="old languages, comma-separated (e.g. en,es,zh)")
     p.add_argument("--new", help="new languages, comma-separated (e.g. el,hu,tr)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--delta", type=float, help="LayerMoE's delta")
     budget.add_argument("--new-experts", type=int, help="total new experts (the delta is searched)")
-    p.add_argument("--existing", type=int, default=1, help="experts a layer has already (1: a dense FFN)")
-    p.add_argument("--new-only", action="store_true", help="N_i counts only new experts, not the existing ones")
-    p.add_argument("--classifier-layers", type=int, default=None, help="router-classifier layers (default: paper)")
-    p.add_argument("--specialization", default=None, help="routing specialisation table for the routing method")
-    p.add_argument("--routing-weight", type=float, default=1.0)
+    p.add_argument("--existing", type=int, default=None,
+                   help="experts a layer has already (default: the similarity table's experts column)")
+    counting = p.add_mutually_exclusive_group()
+    counting.add_argument("--new-only", dest="counts_existing", action="store_const", const=False, default=None,
+                          help="N_i counts only new experts (default: yes for an MoE, no for a dense model)")
+    counting.add_argument("--counts-existing", dest="counts_existing", action="store_const", const=True,
+                          help="N_i counts the existing experts too (LayerMoE on a dense model)")
+    p.add_argument("--classifier-layers", type=int, default=None, help="how many router-classifier layers (default: as many as layers with the smallest count)")
+    p.add_argument("--routing-weight", type=float, default=None, help="routing method: weight of the specialisation score")
+    p.add_argument("--nonpositive", choices=["shift", "clip", "error"], default=None,
+                   help="what layer scores S_i <= 0 become (allocation.nonpositive; default shift)")
+    p.add_argument("--checkpoint-step", type=int, default=None,
+                   help="the similarity model's checkpoint in the specialisation table (when it has several)")
     p.add_argument("--out", required=True, help="directory receiving plan.json, plan.parquet, plan.png")
     p.set_defaults(func=cmd_allocate)
 

@@ -102,6 +102,10 @@ def _check_semantics(config: dict) -> None:
     if par["source"] == "aligned" and len(par["files"]) < 2:
         raise ConfigError("config key 'corpus.parallel.files': the 'aligned' parallel source needs a file for at "
                           "least two languages (language: path)")
+    if config["similarity"]["method"] == "parallel" and par["source"] == "none":
+        raise ConfigError("config key 'similarity.method': the parallel method needs a parallel table; set "
+                          "corpus.parallel.source (builtin, or aligned with files for two languages or more), or "
+                          "use similarity.method: tokens")
     tok = config["tokenizer"]
     base = config["model"]["base"]
     if base["type"] == "pretrained":
@@ -298,12 +302,14 @@ def similarity_model(config: dict) -> str:
     return config["similarity"]["model"] or list(profiled_models(config))[-1]
 
 
-def similarity_options(config: dict) -> dict:
-    name = similarity_model(config)
+def similarity_options(config: dict, name: str | None = None, method: str | None = None) -> dict:
+    """Options of the similarity of profiled model ``name`` by ``method`` (default: the configured ones)."""
+    name = name or similarity_model(config)
     entry = profiled_models(config)[name]
     base = config["model"]["base"]
     pretrained = base["type"] == "pretrained"
-    return {**config["similarity"], **entry, "name": name, "dtype": config["model"]["dtype"],
+    return {**config["similarity"], **entry, "name": name, "method": method or config["similarity"]["method"],
+            "dtype": config["model"]["dtype"],
             "device": config["model"]["device"],
             "trust_remote_code": base.get("trust_remote_code", False) if pretrained else False,
             "revision": _revision_for(config, entry["ref"])}
@@ -316,7 +322,7 @@ def allocation_options(config: dict, kept: list[str]) -> dict:
     return {**alloc,
             "old": alloc["old"] or [l for l in langs["high_resource"] if l in kept],
             "new": alloc["new"] or [l for l in langs["targets"] if l in kept],
-            "model": entry["model"], "checkpoint_step": entry["checkpoint_step"], "model_ref": entry["ref"]}
+            "model": entry["model"], "checkpoint_step": entry["checkpoint_step"]}
 
 
 def evaluated_models(config: dict) -> dict[str, dict]:

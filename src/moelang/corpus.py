@@ -44,9 +44,11 @@ Outputs
     deduplicates across them, so without caps it writes exactly what one job would have written;
     a cap (``max_docs``, ``max_chars``) applies to each part as ``ceil(cap / N)``.
 ``results/corpus/parallel.parquet``
-    ``item_id`` string, ``origin`` string (package/catalog or file), then one string column per
-    language (null where that language lacks the item); a row needs ``parallel.min_languages``
-    non-null languages.
+    ``item_id`` string, ``origin`` string (package/catalog, or for aligned files ``lang=file,...``,
+    the file each language's line came from), then one string column per language (null where that
+    language lacks the item); a row needs ``parallel.min_languages`` non-null languages. Aligned
+    files: ``corpus.parallel.files`` gives each language a file or a list of files read one after
+    the other (row i is line i of every language's concatenation; the totals must be equal).
 """
 
 from __future__ import annotations
@@ -612,24 +614,45 @@ def _clean_or_none(text: str | None) -> str | None:
     return text or None
 
 
-def _parallel_from_aligned_files(languages: list[str], files: dict[str, str]) -> dict[str, list]:
+def _aligned_lines(path: Path, lang: str) -> list[str]:
+    """The lines of a UTF-8 file split at newlines only: str.splitlines would also split at U+2028,
+    U+0085 and form feeds inside a sentence and shift every later line against its translations."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MoelangError(f"parallel: '{path}' (corpus.parallel.files.{lang}) is not valid UTF-8 (byte {exc.start}); "
+                           f"re-encode it to UTF-8 (for example: iconv -f LATIN1 -t UTF-8)") from None
+    if text.endswith("\n"):
+        text = text[:-1]
+    return [line.removesuffix("\r") for line in text.split("\n")] if text else []
+
+
+def _parallel_from_aligned_files(languages: list[str], files: dict[str, str | list[str]]) -> dict[str, list]:
+    """One row per line: each language's files read one after the other (a list per language, e.g. the
+    FLORES dev and devtest files), so row i is the i-th line of every language's concatenation."""
     lines: dict[str, list[str]] = {}
-    for lang, path in files.items():
+    sources: dict[str, list[str]] = {}  # the file each line came from
+    for lang, paths in files.items():
         check_lang(lang)
         if lang not in languages:
             raise MoelangError(f"parallel: corpus.parallel.files names '{lang}', which is not a configured language; "
                                f"add it to languages or remove the file")
-        p = Path(path)
-        if not p.is_file():
-            raise MoelangError(f"parallel: file '{path}' for '{lang}' does not exist; fix corpus.parallel.files.{lang}")
-        lines[lang] = _read_text_file(p, "utf-8", lang).splitlines()
+        lines[lang], sources[lang] = [], []
+        for path in [paths] if isinstance(paths, str) else paths:
+            p = Path(path)
+            if not p.is_file():
+                raise MoelangError(f"parallel: file '{path}' for '{lang}' does not exist; fix corpus.parallel.files.{lang}")
+            text = _aligned_lines(p, lang)
+            lines[lang] += text
+            sources[lang] += [str(path)] * len(text)
     counts = {lang: len(v) for lang, v in lines.items()}
     if len(set(counts.values())) > 1:
-        raise MoelangError(f"parallel: the aligned files have different line counts {counts}; they must be "
-                           f"line-aligned translations of each other")
+        raise MoelangError(f"parallel: corpus.parallel.files gives the languages different line totals {counts}; every "
+                           f"language's files must hold the same sentences line by line (the same files of one "
+                           f"release, in the same order)")
     n = next(iter(counts.values()))
     columns: dict[str, list] = {"item_id": [f"line:{i}" for i in range(n)],
-                                "origin": [",".join(f"{l}={files[l]}" for l in lines)] * n}
+                                "origin": [",".join(f"{lang}={sources[lang][i]}" for lang in lines) for i in range(n)]}
     for lang in languages:
         columns[lang] = [_clean_or_none(x) for x in lines[lang]] if lang in lines else [None] * n
     return columns

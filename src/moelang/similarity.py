@@ -13,10 +13,13 @@ its norm), for dense and MoE layers alike. Two ways to compare languages:
     the parallel table's translations: each sentence's MLP inputs mean-pooled into one vector per
     layer, the cosine of a sentence and its translation, averaged over the items both languages have.
 
-Output ``results/similarity/{model}.parquet``: ``model`` string, ``layer`` int32, ``lang_a`` string,
-``lang_b`` string (a before b in config order; a = b gives the within-language mean cosine),
-``similarity`` float64, ``n_tokens_a`` int64, ``n_tokens_b`` int64 (tokens behind each side); and
-``results/similarity/{model}.png``, similarity per layer for every pair.
+Output ``results/similarity/{model}.{method}.parquet`` (the model's name, e.g. ``cpt-step800``, and
+``tokens`` or ``parallel``: the two methods' tables of one model live side by side): ``model`` string,
+``layer`` int32, ``lang_a`` string, ``lang_b`` string (a before b in config order; a = b gives the
+within-language mean cosine), ``similarity`` float64, ``n_tokens_a`` int64, ``n_tokens_b`` int64
+(tokens behind each side), ``experts`` int64 (the routed experts of the layer's MLP, 1 for a dense
+FFN: what the allocation needs to know of the model, so that it never loads the model itself); and
+``results/similarity/{model}.{method}.png``, similarity per layer for every pair.
 """
 
 from __future__ import annotations
@@ -31,7 +34,15 @@ from moelang.errors import MoelangError
 from moelang.io import atomic_path, log, progress, save_figure
 
 SIMILARITY_SCHEMA = {"model": pl.String, "layer": pl.Int32, "lang_a": pl.String, "lang_b": pl.String,
-                     "similarity": pl.Float64, "n_tokens_a": pl.Int64, "n_tokens_b": pl.Int64}
+                     "similarity": pl.Float64, "n_tokens_a": pl.Int64, "n_tokens_b": pl.Int64, "experts": pl.Int64}
+
+
+def layer_experts(adapter) -> list[int]:
+    """Routed experts per decoder layer (1: a dense FFN, e.g. DeepSeek's first_k_dense_replace layers)."""
+    experts = [1] * adapter.num_layers
+    for moe in adapter.moe_layers:
+        experts[moe.index] = moe.num_experts
+    return experts
 
 
 def mean_pair_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -120,11 +131,12 @@ def token_similarity(adapter, token_files: dict[str, str | Path], options: dict,
         chunks = heldout_chunks(path, options["seq_len"], options.get("tokens_per_language"))
         batches = length_batches(chunks, options["batch_tokens"], pad)
         means[lang], counts[lang] = token_unit_means(adapter, batches, f"similarity {model_name} {lang}")
+    experts = layer_experts(adapter)
     rows = []
     for a, b in _pairs(list(token_files)):
         sims = (means[a] * means[b]).sum(-1)
         for layer in range(adapter.num_layers):
-            rows.append((model_name, layer, a, b, float(sims[layer]), counts[a], counts[b]))
+            rows.append((model_name, layer, a, b, float(sims[layer]), counts[a], counts[b], experts[layer]))
     return pl.DataFrame(rows, schema=SIMILARITY_SCHEMA, orient="row")
 
 
@@ -150,6 +162,7 @@ def parallel_similarity(adapter, tokenizer, parallel_path: str | Path, languages
         vectors[lang] = np.full((adapter.num_layers, len(keep), adapter.model.config.hidden_size), np.nan)
         pooled, n_tokens[lang] = sentence_vectors(adapter, tokenizer, texts, desc=f"similarity {model_name} {lang}")
         vectors[lang][:, keep] = pooled.numpy()
+    experts = layer_experts(adapter)
     rows = []
     for a, b in _pairs(langs):
         both = present[a] & present[b]
@@ -159,7 +172,7 @@ def parallel_similarity(adapter, tokenizer, parallel_path: str | Path, languages
         vb = vectors[b][:, both]
         cos = (va * vb).sum(-1) / (np.linalg.norm(va, axis=-1) * np.linalg.norm(vb, axis=-1)).clip(min=1e-12)
         for layer in range(adapter.num_layers):
-            rows.append((model_name, layer, a, b, float(cos[layer].mean()), n_tokens[a], n_tokens[b]))
+            rows.append((model_name, layer, a, b, float(cos[layer].mean()), n_tokens[a], n_tokens[b], experts[layer]))
     return pl.DataFrame(rows, schema=SIMILARITY_SCHEMA, orient="row")
 
 

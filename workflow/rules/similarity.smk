@@ -1,28 +1,44 @@
 # Stage: layer similarity and LayerMoE expert allocation. See src/moelang/similarity.py and allocation.py.
 
+import shlex
+
 SIMILARITY_MODEL = mcfg.similarity_model(config)
+SIMILARITY_METHOD = config["similarity"]["method"]
 
 
+def similarity_parallel_input(wildcards):
+    return ["results/corpus/parallel.parquet"] if wildcards.method == "parallel" else []
+
+
+# One table per (profiled model, method): the allocation reads the configured pair, and any other
+# can be asked for by name (e.g. `snakemake results/similarity/cpt-step0.parallel.parquet`).
 rule layer_similarity:
     resources:
         **mcfg.rule_resources(config, "layer_similarity"),
     container:
         mcfg.rule_container(config, "layer_similarity")
     input:
-        model=lambda w: [PROFILED[SIMILARITY_MODEL]["ref"]] if PROFILED[SIMILARITY_MODEL]["ref"].startswith("results/") else [],
+        model=profiled_model_input,
         tokens=kept_tokens,
-        parallel="results/corpus/parallel.parquet",
+        parallel=similarity_parallel_input,
     output:
-        table=f"results/similarity/{SIMILARITY_MODEL}.parquet",
-        plot=f"results/similarity/{SIMILARITY_MODEL}.png",
+        table="results/similarity/{model}.{method}.parquet",
+        plot="results/similarity/{model}.{method}.png",
+    wildcard_constraints:
+        model="|".join(map(re.escape, PROFILED)),
+        method="tokens|parallel",
     params:
-        options=lambda w: mcfg.to_json(mcfg.similarity_options(config)),
+        options=lambda w: mcfg.to_json(mcfg.similarity_options(config, w.model, w.method)),
+        parallel=lambda w, input: f"--parallel {shlex.quote(input.parallel[0])}" if input.parallel else "",
+    # ahead of the evaluation jobs when both are ready, so that a similarity or allocation problem
+    # shows before the long evaluation rather than after it
+    priority: 10
     threads: 2
     log:
-        "results/logs/similarity.log",
+        "results/logs/similarity/{model}.{method}.log",
     shell:
         "OMP_NUM_THREADS={threads} {MOELANG} similarity --options {params.options:q} --tokens {input.tokens:q}"
-        " --parallel {input.parallel:q} --out {output.table:q} --plot {output.plot:q} 2>&1 | tee {log:q}"
+        " {params.parallel} --out {output.table:q} --plot {output.plot:q} 2>&1 | tee {log:q}"
 
 
 rule allocate_experts:
@@ -31,7 +47,7 @@ rule allocate_experts:
     container:
         mcfg.rule_container(config, "allocate_experts")
     input:
-        similarity=f"results/similarity/{SIMILARITY_MODEL}.parquet",
+        similarity=f"results/similarity/{SIMILARITY_MODEL}.{SIMILARITY_METHOD}.parquet",
         specialization="results/routing/metrics/specialization.parquet",
         corpus_summary="results/corpus/summary.parquet",  # the checkpoint that decides the languages
     output:
@@ -40,6 +56,7 @@ rule allocate_experts:
         plot="results/allocation/plan.png",
     params:
         options=lambda w: mcfg.to_json(mcfg.allocation_options(config, kept_languages())),
+    priority: 10
     log:
         "results/logs/allocation.log",
     shell:
