@@ -24,13 +24,33 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from moelang.errors import MoelangError
+
+
+def _every_layer(config) -> list[int]:
+    return list(range(config.num_hidden_layers))
+
+
+def _qwen_sparse_layers(config) -> list[int]:
+    # as Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer decide it
+    return [i for i in range(config.num_hidden_layers)
+            if i not in (config.mlp_only_layers or []) and config.num_experts > 0
+            and (i + 1) % config.decoder_sparse_step == 0]
+
+
+def _after_dense_layers(config) -> list[int]:
+    # DeepSeek-V3: the first first_k_dense_replace layers have a dense MLP
+    return list(range(config.first_k_dense_replace, config.num_hidden_layers))
+
+
+def _no_layer(config) -> list[int]:
+    return []
 
 
 @dataclass(frozen=True)
@@ -42,20 +62,29 @@ class FamilySpec:
     transposed: bool = False  # fused tensors stored [E, in, out] instead of [E, out, in]
     expert_biases: tuple[str, ...] = ()  # per-expert bias tensors of the experts module
     grouped_routing: bool = False  # selection is not top-k of the router logits
+    # Config fields, for checking an architecture before anything is built: the experts per MoE
+    # layer, an expert's width (in the qwen and deepseek families intermediate_size sizes only the
+    # dense MLPs), and which decoder layers are MoE layers.
+    experts_field: str | None = "num_experts"
+    width_field: str = "intermediate_size"
+    moe_layers: Callable = _every_layer
 
 
 FAMILIES: dict[str, FamilySpec] = {
     "olmoe": FamilySpec(),
-    "qwen2_moe": FamilySpec(shared_attrs=("shared_expert", "shared_expert_gate")),
-    "qwen3_moe": FamilySpec(),
-    "mixtral": FamilySpec(),
-    "deepseek_v3": FamilySpec(shared_attrs=("shared_experts",), grouped_routing=True),
-    "gpt_oss": FamilySpec(router_attr="router", transposed=True,
-                          expert_biases=("gate_up_proj_bias", "down_proj_bias")),
+    "qwen2_moe": FamilySpec(shared_attrs=("shared_expert", "shared_expert_gate"), width_field="moe_intermediate_size",
+                            moe_layers=_qwen_sparse_layers),
+    "qwen3_moe": FamilySpec(width_field="moe_intermediate_size", moe_layers=_qwen_sparse_layers),
+    "mixtral": FamilySpec(experts_field="num_local_experts"),
+    "deepseek_v3": FamilySpec(shared_attrs=("shared_experts",), grouped_routing=True, experts_field="n_routed_experts",
+                              width_field="moe_intermediate_size", moe_layers=_after_dense_layers),
+    "gpt_oss": FamilySpec(router_attr="router", transposed=True, expert_biases=("gate_up_proj_bias", "down_proj_bias"),
+                          experts_field="num_local_experts"),
     # dense families, the starting point of upcycling (no MoE layer)
-    "llama": FamilySpec(router_attr=None),
-    "qwen2": FamilySpec(router_attr=None),
+    "llama": FamilySpec(router_attr=None, experts_field=None, moe_layers=_no_layer),
+    "qwen2": FamilySpec(router_attr=None, experts_field=None, moe_layers=_no_layer),
 }
+TOP_K_FIELD = "num_experts_per_tok"  # the same name in every MoE family
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
 
@@ -74,6 +103,13 @@ class MoELayer:
 
     def expert_tensor_names(self, spec: FamilySpec) -> tuple[str, ...]:
         return EXPERT_TENSORS + spec.expert_biases
+
+    @property
+    def expert_width(self) -> int:
+        """An expert's intermediate size, read off its fused down projection: [E, hidden, width], or
+        [E, width, hidden] when transposed."""
+        shape = self.experts.down_proj.shape
+        return int(shape[1] if self.transposed else shape[2])
 
 
 class ModelAdapter:
