@@ -22,8 +22,9 @@ min_version("9.0")
 if not config:
     configfile: "config/config.yaml"
 
-# Our own check first: it names the offending key in one line. Then Snakemake's validator, which
-# accepts whatever ours accepts and fills the same defaults.
+# Our own check first: it names the offending key in one line, for the schema and for what the config
+# points to (local corpus files, model references, architecture fields, languages; config/README.md),
+# before any job. Then Snakemake's validator, which accepts whatever ours accepts and fills the same defaults.
 try:
     mcfg.validate(config)
 except ConfigError as error:
