@@ -158,6 +158,15 @@ def _check_allocation_languages(config: dict) -> None:
                           f"or the other (set allocation.old and allocation.new)")
 
 
+# The formats `format: auto` infers from a local file's extension (the corpus stage and the start-up
+# check both use this); any other extension needs an explicit format.
+LOCAL_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+def local_format(path: Path) -> str | None:
+    return LOCAL_FORMATS.get(path.suffix.lower())
+
+
 def _who(langs: list[str]) -> str:
     return ", ".join(f"'{lang}'" for lang in langs)
 
@@ -187,15 +196,11 @@ def _check_local_sources(config: dict) -> None:
             raise ConfigError(f"config key '{key}.path': '{pattern}' matches no file (the local source of "
                               f"{_who(langs)}); fix the path or the glob")
         if source["format"] == "auto":
-            from moelang.corpus import _file_format
-
             for file in sorted(files):
-                try:
-                    _file_format(file, "auto", langs[0])
-                except MoelangError:
+                if local_format(file) is None:
                     raise ConfigError(f"config key '{key}.format': cannot tell the format of '{file}' from its "
                                       f"extension (the local source of {_who(langs)}); set {key}.format to txt, "
-                                      f"jsonl or parquet") from None
+                                      f"jsonl or parquet")
     par = corpus["parallel"]
     if par["source"] == "aligned":
         for lang, file in par["files"].items():
@@ -251,7 +256,7 @@ def _reference_file(ref: str, key: str, files: tuple[str, ...], revision: str | 
 
 
 def _check_model(config: dict) -> None:
-    from moelang.models.adapters import FAMILIES
+    from moelang.architecture import FAMILIES, check_architecture
 
     model = config["model"]
     cpt = model["cpt"]
@@ -263,8 +268,6 @@ def _check_model(config: dict) -> None:
     moe_families = ", ".join(sorted(f for f, spec in FAMILIES.items() if spec.router_attr))
     base = model["base"]
     if base["type"] == "train":
-        from moelang.models.loading import check_architecture
-
         key = "model.base.architecture"
         built = check_architecture(base["architecture"], key)
         if FAMILIES[built.model_type].router_attr is None:
@@ -284,7 +287,7 @@ def _check_model(config: dict) -> None:
 
 def _pretrained_config(config_json: Path, ref: str, key: str, moe_families: str):
     """The transformers config of a pretrained base from its config.json; its family must have MoE layers."""
-    from moelang.models.adapters import FAMILIES
+    from moelang.architecture import FAMILIES
 
     fields = json.loads(config_json.read_text(encoding="utf-8"))
     model_type = fields.get("model_type")
@@ -301,7 +304,7 @@ def _pretrained_config(config_json: Path, ref: str, key: str, moe_families: str)
 
 def _check_routing_layers(config: dict, model_config) -> None:
     """The routing options that name layers name MoE layers of the base model."""
-    from moelang.models.adapters import FAMILIES
+    from moelang.architecture import FAMILIES
 
     moe_layers = FAMILIES[model_config.model_type].moe_layers(model_config)
     routing = config["routing"]

@@ -16,75 +16,23 @@ where this module looks:
   of a parameter it is given, never touches a frozen expert. :func:`bake` folds the
   parametrizations back into plain tensors before ``save_pretrained``.
 
-Families (``model.config.model_type``): see :data:`FAMILIES`. Anything else fails with a one-line
-error listing them.
+Families (``model.config.model_type``): see :data:`moelang.architecture.FAMILIES`. Anything else
+fails with a one-line error listing them.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from moelang.architecture import FAMILIES, TOP_K_FIELD, FamilySpec  # noqa: F401 (re-exported)
 from moelang.errors import MoelangError
 
-
-def _every_layer(config) -> list[int]:
-    return list(range(config.num_hidden_layers))
-
-
-def _qwen_sparse_layers(config) -> list[int]:
-    # as Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer decide it
-    return [i for i in range(config.num_hidden_layers)
-            if i not in (config.mlp_only_layers or []) and config.num_experts > 0
-            and (i + 1) % config.decoder_sparse_step == 0]
-
-
-def _after_dense_layers(config) -> list[int]:
-    # DeepSeek-V3: the first first_k_dense_replace layers have a dense MLP
-    return list(range(config.first_k_dense_replace, config.num_hidden_layers))
-
-
-def _no_layer(config) -> list[int]:
-    return []
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """What differs between families, and nothing else."""
-
-    router_attr: str | None = "gate"  # attribute of layer.mlp holding the router (None: dense)
-    shared_attrs: tuple[str, ...] = ()  # always-on shared expert modules of layer.mlp
-    transposed: bool = False  # fused tensors stored [E, in, out] instead of [E, out, in]
-    expert_biases: tuple[str, ...] = ()  # per-expert bias tensors of the experts module
-    grouped_routing: bool = False  # selection is not top-k of the router logits
-    # Config fields, for checking an architecture before anything is built: the experts per MoE
-    # layer, an expert's width (in the qwen and deepseek families intermediate_size sizes only the
-    # dense MLPs), and which decoder layers are MoE layers.
-    experts_field: str | None = "num_experts"
-    width_field: str = "intermediate_size"
-    moe_layers: Callable = _every_layer
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    "olmoe": FamilySpec(),
-    "qwen2_moe": FamilySpec(shared_attrs=("shared_expert", "shared_expert_gate"), width_field="moe_intermediate_size",
-                            moe_layers=_qwen_sparse_layers),
-    "qwen3_moe": FamilySpec(width_field="moe_intermediate_size", moe_layers=_qwen_sparse_layers),
-    "mixtral": FamilySpec(experts_field="num_local_experts"),
-    "deepseek_v3": FamilySpec(shared_attrs=("shared_experts",), grouped_routing=True, experts_field="n_routed_experts",
-                              width_field="moe_intermediate_size", moe_layers=_after_dense_layers),
-    "gpt_oss": FamilySpec(router_attr="router", transposed=True, expert_biases=("gate_up_proj_bias", "down_proj_bias"),
-                          experts_field="num_local_experts"),
-    # dense families, the starting point of upcycling (no MoE layer)
-    "llama": FamilySpec(router_attr=None, experts_field=None, moe_layers=_no_layer),
-    "qwen2": FamilySpec(router_attr=None, experts_field=None, moe_layers=_no_layer),
-}
-TOP_K_FIELD = "num_experts_per_tok"  # the same name in every MoE family
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
 

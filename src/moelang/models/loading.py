@@ -6,8 +6,6 @@
 * :func:`build_config` / :func:`init_model`: a model of any supported family from its
   ``transformers`` config class (``AutoConfig.for_model``) with the tokenizer's vocabulary and
   special tokens, seeded.
-* :func:`check_architecture`: the config's ``architecture`` checked field by field against its
-  family's config class before anything is built (``config.validate`` calls it at start-up).
 * :func:`describe_model`: the one log line of a built or loaded model's shape.
 * :func:`check_process_devices`: a multi-process launch on a node without a GPU per process stops.
 * :func:`count_parameters`: total and trainable parameters of a model, or of a config on the meta
@@ -16,14 +14,13 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from moelang.errors import ConfigError, MoelangError
+from moelang.errors import MoelangError
 from moelang.io import log
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -149,112 +146,6 @@ def describe_model(model) -> str:
     else:
         shape = f"{adapter.num_layers} layers (dense, MLP width {adapter.layers[0].mlp.down_proj.in_features})"
     return f"{adapter.family}, {shape}, hidden {config.hidden_size}, {total / 1e6:.2f}M parameters"
-
-
-# --------------------------------------------------------------------------------------------------
-# Architecture fields, checked before anything is built
-# --------------------------------------------------------------------------------------------------
-
-# Set from the tokenizer by build_config: a value in the config would be silently replaced.
-TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def architecture_fields(model_type: str) -> set[str]:
-    """The fields a family's config takes: its config class's fields and their aliases
-    (``attribute_map``), and the attributes its modeling code reads from the config (an optional
-    ``head_dim`` is read that way by several families without being a declared field)."""
-    import dataclasses
-    import importlib.util
-    import re
-
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    config_class = CONFIG_MAPPING[model_type]
-    if dataclasses.is_dataclass(config_class):
-        names = {f.name for f in dataclasses.fields(config_class)}
-    else:  # older transformers: the __init__ keywords
-        import inspect
-
-        names = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
-    names |= set(getattr(config_class, "attribute_map", {}))
-    spec = importlib.util.find_spec(f"transformers.models.{model_type}.modeling_{model_type}")
-    if spec is not None and spec.origin:
-        source = Path(spec.origin).read_text(encoding="utf-8")
-        names |= set(re.findall(r"\bconfig\.([A-Za-z]\w*)", source))
-        names |= set(re.findall(r"getattr\(\s*(?:self\.)?config,\s*[\"']([A-Za-z]\w*)", source))
-    return names
-
-
-def _nearest(name: str, candidates) -> str:
-    match = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
-    return f"did you mean '{match[0]}'? " if match else ""
-
-
-def check_architecture(architecture: dict, key: str = "model.base.architecture"):
-    """Check ``architecture`` (``model_type`` plus fields of that family's transformers config class)
-    without building a model; return the transformers config it gives. Every problem is a
-    :class:`ConfigError` naming ``key.<field>`` and the fix: a field the family does not have (with
-    the nearest one), top-k above the expert count, heads that do not divide the hidden size, an
-    expert width left at the library default while a field that does not size experts was set."""
-    from transformers import AutoConfig
-
-    from moelang.models.adapters import FAMILIES, TOP_K_FIELD
-
-    fields = dict(architecture)
-    model_type = fields.pop("model_type", None)
-    if model_type not in FAMILIES:
-        raise ConfigError(f"config key '{key}.model_type': '{model_type}' is not a model family moelang supports; "
-                          f"{_nearest(str(model_type), FAMILIES)}use one of {', '.join(sorted(FAMILIES))}")
-    spec = FAMILIES[model_type]
-    for name in fields:
-        if name in TOKENIZER_FIELDS:
-            raise ConfigError(f"config key '{key}.{name}': set from the tokenizer (vocabulary size and special "
-                              f"tokens); remove it")
-    known = architecture_fields(model_type)
-    for name in fields:
-        if name not in known:
-            raise ConfigError(f"config key '{key}.{name}': {model_type} has no field '{name}'; "
-                              f"{_nearest(name, known)}see the {model_type} config class in transformers")
-    try:
-        config = AutoConfig.for_model(model_type, **fields)
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(f"config key '{key}': {_first_line(exc)}; fix the architecture fields") from None
-
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
-    if getattr(config, "head_dim", None) is None and config.hidden_size % heads:
-        hint = " (or set head_dim)" if "head_dim" in known else ""
-        raise ConfigError(f"config key '{key}.num_attention_heads': {heads} heads do not divide hidden_size "
-                          f"{config.hidden_size}; choose a number of heads that does{hint}")
-    if kv_heads and heads % kv_heads:
-        raise ConfigError(f"config key '{key}.num_key_value_heads': {kv_heads} key/value heads do not divide the "
-                          f"{heads} attention heads; choose a divisor of num_attention_heads")
-    if spec.experts_field is None:  # a dense family: nothing else to check
-        return config
-
-    experts, top_k = getattr(config, spec.experts_field), getattr(config, TOP_K_FIELD)
-    if not 1 <= top_k <= experts:
-        raise ConfigError(f"config key '{key}.{TOP_K_FIELD}': each token would use {top_k} of {experts} experts "
-                          f"({spec.experts_field}); set it between 1 and {experts}")
-    width = spec.width_field
-    if width != "intermediate_size" and "intermediate_size" in fields and width not in fields:
-        raise ConfigError(f"config key '{key}.{width}': {model_type}'s expert width is {width} (left at the "
-                          f"library default {getattr(config, width)}); intermediate_size sizes only its dense "
-                          f"MLP layers; set {width}")
-    if spec.grouped_routing:
-        groups, top_groups = config.n_group, config.topk_group
-        if experts % groups or experts // groups < 2:
-            raise ConfigError(f"config key '{key}.n_group': {groups} expert groups must split the {experts} experts "
-                              f"({spec.experts_field}) into equal groups of at least 2")
-        if not 1 <= top_groups <= groups:
-            raise ConfigError(f"config key '{key}.topk_group': choose between 1 and n_group ({groups}) groups")
-        if top_k > top_groups * (experts // groups):
-            raise ConfigError(f"config key '{key}.{TOP_K_FIELD}': the top {top_groups} groups hold only "
-                              f"{top_groups * (experts // groups)} experts; lower it or raise topk_group")
-    if not spec.moe_layers(config):
-        raise ConfigError(f"config key '{key}': none of the {config.num_hidden_layers} layers of this {model_type} "
-                          f"architecture is an MoE layer; check num_hidden_layers and the fields that make "
-                          f"layers dense (first_k_dense_replace, mlp_only_layers, decoder_sparse_step)")
-    return config
 
 
 def check_process_devices(device: str, rule: str, environ=None) -> None:
