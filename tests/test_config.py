@@ -246,7 +246,8 @@ def test_start_up_check_names_the_key(config, key, words):
 
 def test_consistent_architectures_and_checkpoints_pass():
     cfg.validate(trained(tiny_arch(), routing={"token_layers": [3], "final_layers": 4, "jsd_overlap_layer": 0}))
-    cfg.validate(trained(tiny_arch(model_type="qwen3_moe", intermediate_size=None, moe_intermediate_size=64, head_dim=16)))
+    cfg.validate(trained(tiny_arch(model_type="qwen3_moe", intermediate_size=None, moe_intermediate_size=64,
+                                   head_dim=16)))
     cfg.validate(minimal(model={"cpt": {"n_checkpoints": 4, "train": {"steps": 3}}}))
     # a workflow output need not exist yet
     cfg.validate(minimal(evaluation={"models": {"step": {"ref": "results/models/cpt/step-800", "method": "cpt"}}}))

@@ -176,7 +176,8 @@ def _check_local_sources(config: dict) -> None:
     corpus = config["corpus"]
     users: dict[str, list[str]] = {}  # config key of a source -> the languages that read it
     for lang in all_languages(config):
-        users.setdefault(f"corpus.sources.{lang}" if lang in corpus["sources"] else "corpus.default_source", []).append(lang)
+        key = f"corpus.sources.{lang}" if lang in corpus["sources"] else "corpus.default_source"
+        users.setdefault(key, []).append(lang)
     for key, langs in users.items():
         source = corpus["sources"][langs[0]] if key.startswith("corpus.sources.") else corpus["default_source"]
         if source["type"] != "local":
@@ -310,8 +311,8 @@ def _check_routing_layers(config: dict, model_config) -> None:
     routing = config["routing"]
     for layer in routing["token_layers"]:
         if layer not in moe_layers:
-            raise ConfigError(f"config key 'routing.token_layers': layer {layer} is not an MoE layer of the base model; "
-                              f"its MoE layers are {_layer_range(moe_layers)}")
+            raise ConfigError(f"config key 'routing.token_layers': layer {layer} is not an MoE layer of the base "
+                              f"model; its MoE layers are {_layer_range(moe_layers)}")
     if routing["jsd_overlap_layer"] is not None and routing["jsd_overlap_layer"] not in moe_layers:
         raise ConfigError(f"config key 'routing.jsd_overlap_layer': layer {routing['jsd_overlap_layer']} is not an MoE "
                           f"layer of the base model; its MoE layers are {_layer_range(moe_layers)}")
