@@ -27,6 +27,6 @@ def base_options(source: dict, **overrides) -> dict:
     """corpus_options() of a config whose only difference is ``source`` (and ``overrides``)."""
     from moelang import config as cfg
 
-    config = cfg.validate({"languages": {"high_resource": ["en", "es"]}, "allocation": {"new_experts": 4},
-                           "corpus": {"default_source": source, **overrides}})
+    config = cfg.validate({"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}},
+                           "allocation": {"new_experts": 4}, "corpus": {"default_source": source, **overrides}})
     return cfg.corpus_options(config, "es")

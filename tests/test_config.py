@@ -1,3 +1,5 @@
+import json
+import re
 import subprocess
 import sys
 
@@ -24,10 +26,12 @@ def test_defaults_are_filled_from_the_schema():
     assert config["overlap"]["min_count"] == 1
 
 
-def test_source_defaults_depend_on_the_source_type():
-    config = cfg.validate(minimal(corpus={"sources": {"es": {"type": "local", "path": "x.txt"}}}))
+def test_source_defaults_depend_on_the_source_type(tmp_path):
+    (tmp_path / "x.txt").write_text("hola\n", encoding="utf-8")
+    path = str(tmp_path / "x.txt")
+    config = cfg.validate(minimal(corpus={"sources": {"es": {"type": "local", "path": path}}}))
     source = cfg.source_for(config, "es")
-    assert source == {"type": "local", "path": "x.txt", "format": "auto", "text_column": "text", "txt_mode": "line",
+    assert source == {"type": "local", "path": path, "format": "auto", "text_column": "text", "txt_mode": "line",
                       "encoding": "utf-8", "max_docs": None, "max_chars": None}
     assert cfg.source_for(config, "en") == {"type": "builtin"}
 
@@ -97,11 +101,12 @@ def test_cli_rejects_a_language_code_that_could_reach_a_path(tmp_path):
 
 
 def test_rule_resources_merge_stage_defaults_and_config():
-    config = cfg.validate(minimal(resources={"default": {"slurm_partition": "gpu", "runtime": 30},
+    config = cfg.validate(minimal(resources={"gpus": True, "default": {"slurm_partition": "gpu", "runtime": 30},
                                              "cpt": {"gpu": 4, "slurm_extra": "--gres=gpu:a100:4"}}))
     assert cfg.rule_resources(config, "cpt") == {"runtime": 30, "mem_mb": 256000, "gpu": 4, "slurm_partition": "gpu",
                                                  "slurm_extra": "--gres=gpu:a100:4"}
     assert cfg.rule_resources(config, "overlap") == {"runtime": 30, "mem_mb": 8000, "slurm_partition": "gpu"}
+    assert cfg.rule_resources(config, "pretrain_base")["gpu"] == 1
     cpu_only = cfg.validate(minimal(resources={"gpus": False}))
     assert "gpu" not in cfg.rule_resources(cpu_only, "pretrain_base")
     with pytest.raises(ConfigError, match="'resources.tokenise': not a rule"):
@@ -110,7 +115,10 @@ def test_rule_resources_merge_stage_defaults_and_config():
         cfg.validate(minimal(resources={"cpt": {"slurm_extra": "--gres=gpu:1; rm -rf /"}}))
 
 
-def test_paper_config_uses_the_pretrained_base_as_step_zero(repo):
+def test_paper_config_uses_the_pretrained_base_as_step_zero(repo, monkeypatch):
+    # with hub access the hub id is taken as it is (offline it would have to be in the local cache)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     config = cfg.load(repo / "config" / "olmoe-m7.yaml")
     assert 0 not in cfg.cpt_options(config)["steps"]  # a 7B base is not copied into results/
     models = cfg.profiled_models(config)
@@ -120,3 +128,207 @@ def test_paper_config_uses_the_pretrained_base_as_step_zero(repo):
     assert config["tokenizer"]["name_or_path"] == "allenai/OLMoE-1B-7B-0924"
     default = cfg.load(repo / "config" / "config.yaml")
     assert cfg.cpt_options(default)["steps"] == [0, 200, 400, 600, 800]
+
+
+# --------------------------------------------------------------------------------------------------
+# GPUs only on purpose
+# --------------------------------------------------------------------------------------------------
+
+TRAINING_RULES = ("pretrain_base", "cpt")
+
+
+def test_no_gpu_and_one_process_unless_the_config_asks(repo):
+    # before the fix the default asked for the stage defaults' GPUs: cpt ran as torchrun with 8 processes
+    for config in (cfg.validate(minimal()), cfg.load(repo / "config" / "config.yaml")):
+        for rule in cfg.STAGE_RESOURCES:
+            assert "gpu" not in cfg.rule_resources(config, rule), rule
+        for rule in TRAINING_RULES:
+            assert cfg.launcher(config, rule) == "python -m moelang"
+    gpu_cluster = cfg.validate(minimal(resources={"gpus": True}))
+    assert cfg.launcher(gpu_cluster, "cpt") == "torchrun --standalone --nproc_per_node 8 -m moelang"
+    assert cfg.launcher(gpu_cluster, "pretrain_base") == "python -m moelang"  # one GPU: one process
+    assert {r: cfg.rule_resources(gpu_cluster, r).get("gpu") for r in cfg.STAGE_RESOURCES} == \
+        {r: res.get("gpu") for r, res in cfg.STAGE_RESOURCES.items()}
+    # a count the config gives itself is asked for on purpose
+    two = cfg.validate(minimal(resources={"cpt": {"gpu": 2}}))
+    assert cfg.launcher(two, "cpt") == "torchrun --standalone --nproc_per_node 2 -m moelang"
+    assert "gpu" not in cfg.rule_resources(two, "profile_routing")
+
+
+def test_the_cluster_config_asks_for_gpus(repo, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    config = cfg.load(repo / "config" / "olmoe-m7.yaml")
+    assert config["resources"]["gpus"] is True
+    assert cfg.launcher(config, "cpt") == "torchrun --standalone --nproc_per_node 8 -m moelang"
+    assert cfg.rule_resources(config, "profile_routing")["gpu"] == 1
+
+
+def test_readme_documents_every_stage_default(repo):
+    text = (repo / "config" / "README.md").read_text(encoding="utf-8")
+    section = text.split("## `resources`", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`") and cells[1].isdigit():
+            for rule in re.findall(r"`(\w+)`", cells[0]):
+                documented[rule] = {"runtime": int(cells[1]), "mem_mb": int(cells[2]),
+                                    **({"gpu": int(cells[3])} if cells[3] else {})}
+    assert documented == cfg.STAGE_RESOURCES
+
+
+# --------------------------------------------------------------------------------------------------
+# Everything the config decides, checked at start-up
+# --------------------------------------------------------------------------------------------------
+
+def tiny_arch(**fields):
+    arch = {"model_type": "olmoe", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts": 8, "num_experts_per_tok": 2,
+            "max_position_embeddings": 256}
+    return {k: v for k, v in {**arch, **fields}.items() if v is not None}
+
+
+def trained(arch, **extra):
+    return minimal(model={"base": {"type": "train", "architecture": arch}}, **extra)
+
+
+@pytest.mark.parametrize(
+    "config, key, words",
+    [
+        # the issue's three architecture mistakes
+        (trained(tiny_arch(num_experts_per_tok=None, num_experts_per_token=2)),
+         "model.base.architecture.num_experts_per_token", "did you mean 'num_experts_per_tok'"),
+        (trained(tiny_arch(num_experts=4, num_experts_per_tok=8)),
+         "model.base.architecture.num_experts_per_tok", "8 of 4 experts"),
+        (trained(tiny_arch(model_type="qwen3_moe", intermediate_size=256)),
+         "model.base.architecture.moe_intermediate_size", "expert width is moe_intermediate_size"),
+        (trained(tiny_arch(num_attention_heads=3, num_key_value_heads=3)),
+         "model.base.architecture.num_attention_heads", "do not divide hidden_size 64"),
+        (trained(tiny_arch(num_key_value_heads=3)), "model.base.architecture.num_key_value_heads", "do not divide"),
+        (trained(tiny_arch(vocab_size=500)), "model.base.architecture.vocab_size", "from the tokenizer"),
+        (trained({"model_type": "gpt2", "n_layer": 2}), "model.base.architecture.model_type", "not a model family"),
+        (trained({"model_type": "olmoee"}), "model.base.architecture.model_type", "did you mean 'olmoe'"),
+        (trained({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}),
+         "model.base.architecture.model_type", "dense family"),
+        (trained({"model_type": "deepseek_v3", "num_hidden_layers": 2, "first_k_dense_replace": 2}),
+         "model.base.architecture", "none of the 2 layers"),
+        (trained({"model_type": "deepseek_v3", "n_routed_experts": 8, "n_group": 3}),
+         "model.base.architecture.n_group", "equal groups"),
+        (trained(tiny_arch(), routing={"token_layers": [4]}), "routing.token_layers", "MoE layers are 0..3"),
+        (trained(tiny_arch(), routing={"final_layers": 5}), "routing.final_layers", "at most 4"),
+        (trained(tiny_arch(), routing={"jsd_overlap_layer": 9}), "routing.jsd_overlap_layer", "not an MoE layer"),
+        # languages
+        ({"languages": {"high_resource": ["en", "es"]}, "allocation": {"new_experts": 4}},
+         "languages.targets", "no target language"),
+        (minimal(allocation={"new_experts": 4, "old": ["en", "de"]}), "allocation.old", "'de' is not a configured"),
+        (minimal(allocation={"new_experts": 4, "new": ["es"]}), "allocation", "both old and new"),
+        (minimal(evaluation={"codes": {"belebele": {"de": "deu_Latn"}}}), "evaluation.codes.belebele.de",
+         "not a configured language"),
+        (minimal(evaluation={"codes": {"belebele": {"ca": "../x"}}}), "evaluation.codes.belebele.ca", "does not match"),
+        # checkpoints
+        (minimal(model={"cpt": {"n_checkpoints": 5, "train": {"steps": 3}}}), "model.cpt.n_checkpoints",
+         "at most steps + 1"),
+        # references that are neither a directory nor a workflow output
+        (minimal(evaluation={"models": {"adapted": {"ref": "results/models/adapted", "method": "x"}}}),
+         "evaluation.models.adapted.ref", "no stage of this workflow makes it"),
+        (minimal(evaluation={"models": {"other": {"ref": "/no/such/model", "method": "x"}}}),
+         "evaluation.models.other.ref", "does not exist"),
+    ],
+)
+def test_start_up_check_names_the_key(config, key, words):
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(config)
+    message = str(info.value)
+    assert f"'{key}'" in message, message
+    assert words in message, message
+    assert "\n" not in message
+
+
+def test_consistent_architectures_and_checkpoints_pass():
+    cfg.validate(trained(tiny_arch(), routing={"token_layers": [3], "final_layers": 4, "jsd_overlap_layer": 0}))
+    cfg.validate(trained(tiny_arch(model_type="qwen3_moe", intermediate_size=None, moe_intermediate_size=64,
+                                   head_dim=16)))
+    cfg.validate(minimal(model={"cpt": {"n_checkpoints": 4, "train": {"steps": 3}}}))
+    # a workflow output need not exist yet
+    cfg.validate(minimal(evaluation={"models": {"step": {"ref": "results/models/cpt/step-800", "method": "cpt"}}}))
+
+
+def test_local_sources_exist_and_have_a_known_format(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "flores").mkdir()
+    for name in ("cat.dev", "spa.dev"):
+        (tmp_path / "flores" / name).write_text("Una frase.\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:  # the issue: FLORES .dev files without a format
+        cfg.validate(minimal(corpus={"sources": {"ca": {"type": "local", "path": "flores/cat.dev"}}}))
+    assert str(info.value) == ("config key 'corpus.sources.ca.format': cannot tell the format of 'flores/cat.dev' "
+                               "from its extension (the local source of 'ca'); set corpus.sources.ca.format to txt, "
+                               "jsonl or parquet")
+    cfg.validate(minimal(corpus={"sources": {"ca": {"type": "local", "path": "flores/cat.dev", "format": "txt"}}}))
+    with pytest.raises(ConfigError, match=r"'corpus.sources.ca.path': 'flores/cat.txt' does not exist"):
+        cfg.validate(minimal(corpus={"sources": {"ca": {"type": "local", "path": "flores/cat.txt"}}}))
+    with pytest.raises(ConfigError, match=r"'corpus.default_source.path': 'data/\*.jsonl' matches no file "
+                                          r"\(the local source of 'en', 'es', 'ca'\)"):
+        cfg.validate(minimal(corpus={"default_source": {"type": "local", "path": "data/*.jsonl"}}))
+    with pytest.raises(ConfigError, match="'corpus.sources.es.format'"):  # a directory: every file is looked at
+        cfg.validate(minimal(corpus={"sources": {"es": {"type": "local", "path": "flores"}}}))
+    with pytest.raises(ConfigError, match="'corpus.parallel.files.ca': 'flores/cat.devtest' does not exist"):
+        cfg.validate(minimal(corpus={"parallel": {"source": "aligned", "files": {"es": "flores/spa.dev",
+                                                                                "ca": "flores/cat.devtest"}}}))
+    cfg.validate(minimal(corpus={"parallel": {"source": "aligned", "files": {"es": "flores/spa.dev",
+                                                                            "ca": "flores/cat.dev"}}}))
+
+
+def save_config_json(directory, model_type, **fields):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({"model_type": model_type, **fields}))
+    return str(directory)
+
+
+def pretrained(ref, **extra):
+    return minimal(model={"base": {"type": "pretrained", "name_or_path": ref}}, tokenizer={"type": "pretrained"},
+                   **extra)
+
+
+def test_pretrained_base_is_checked_before_pretraining(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(pretrained("allenai/no-such-model-in-the-cache"))
+    assert str(info.value).startswith("config key 'model.base.name_or_path': 'allenai/no-such-model-in-the-cache' is "
+                                      "not a local directory and not in the local Hugging Face cache")
+    with pytest.raises(ConfigError, match="directory '/no/such/dir' does not exist"):
+        cfg.validate(pretrained("/no/such/dir"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="'model.base.name_or_path': directory '.*empty' has no config.json"):
+        cfg.validate(pretrained(str(tmp_path / "empty")))
+    gpt2 = save_config_json(tmp_path / "gpt2", "gpt2", n_layer=2)
+    with pytest.raises(ConfigError, match="is a gpt2 model; the routing stage profiles MoE layers"):
+        cfg.validate(pretrained(gpt2))
+    olmoe = save_config_json(tmp_path / "olmoe", "olmoe", num_hidden_layers=3)
+    with pytest.raises(ConfigError, match="'tokenizer.name_or_path': directory '.*olmoe' has no tokenizer.json"):
+        cfg.validate(pretrained(olmoe))
+    (tmp_path / "olmoe" / "tokenizer.json").write_text("{}")
+    cfg.validate(pretrained(olmoe))
+    with pytest.raises(ConfigError, match="'routing.token_layers': layer 3 is not an MoE layer of the base model; "
+                                          "its MoE layers are 0..2"):
+        cfg.validate(pretrained(olmoe, routing={"token_layers": [3]}))
+    # online, a hub id not in the cache is fetched by the stages: nothing to check cheaply
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    cfg.validate(pretrained("allenai/no-such-model-in-the-cache"))
+
+
+def test_a_hub_id_in_the_local_cache_is_read_offline(tmp_path, monkeypatch):
+    # the layout huggingface_hub writes: models--owner--name/{refs/main, snapshots/<commit>/<file>}
+    import huggingface_hub.constants
+
+    commit = "0" * 40
+    repo_dir = tmp_path / "models--lab--tiny-moe"
+    save_config_json(repo_dir / "snapshots" / commit, "deepseek_v3", num_hidden_layers=3, first_k_dense_replace=1)
+    (repo_dir / "snapshots" / commit / "tokenizer.json").write_text("{}")
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg.validate(pretrained("lab/tiny-moe", routing={"token_layers": [1, 2]}))
+    with pytest.raises(ConfigError, match="MoE layers are 1..2"):  # layer 0 is dense (first_k_dense_replace)
+        cfg.validate(pretrained("lab/tiny-moe", routing={"token_layers": [0]}))

@@ -482,7 +482,8 @@ def test_build_sh_keeps_the_previous_image_when_a_build_fails(tmp_path):
 # --- the config ----------------------------------------------------------------------------------
 
 def minimal(**extra):
-    return {"languages": {"high_resource": ["en", "es"]}, "allocation": {"new_experts": 4}, **extra}
+    return {"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}}, "allocation": {"new_experts": 4},
+            **extra}
 
 
 def test_the_default_images_are_the_built_sif_files():

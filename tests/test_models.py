@@ -1,9 +1,18 @@
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from families import FAMILY_CONFIGS, MOE_FAMILIES, tiny_model
 from moelang.errors import MoelangError
-from moelang.models import ModelAdapter, bake, count_parameters, load_config, train_only
+from moelang.models import FAMILIES, ModelAdapter, bake, count_parameters, load_config, train_only
 from moelang.train import TrainSettings, make_optimizer
 
 
@@ -119,3 +128,120 @@ def test_trainable_fraction_of_expert_subsets_on_meta():
     assert counts["trainable"] == 5 * 6_291_456 + 2 * 64 * 2048
     assert counts["total"] == count_parameters(config=config)["total"]
     assert 0.004 < counts["trainable_fraction"] < 0.005
+
+
+# --------------------------------------------------------------------------------------------------
+# The architecture examples of config/README.md, built; MoE layers from the config alone
+# --------------------------------------------------------------------------------------------------
+
+class VocabOnly:
+    """What build_config reads from a tokenizer."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __len__(self):
+        return 97
+
+
+def readme_architectures() -> dict[str, dict]:
+    text = (Path(__file__).resolve().parents[1] / "config" / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Architecture examples", 1)[1].split("\n### ", 1)[0]
+    blocks = [yaml.safe_load(block)["architecture"] for block in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+    return {arch["model_type"]: arch for arch in blocks}
+
+
+def test_readme_has_an_architecture_example_per_supported_family():
+    assert sorted(readme_architectures()) == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_readme_architecture_example_builds_with_its_stated_shape(family, caplog):
+    from moelang import config as cfg
+    from moelang.errors import ConfigError
+    from moelang.models import build_config, init_model
+
+    arch = readme_architectures()[family]
+    config = {"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}}, "allocation": {"new_experts": 4},
+              "model": {"base": {"type": "train", "architecture": arch}}}
+    dense = family in ("llama", "qwen2")
+    if dense:  # no MoE layer for the routing stage: refused at start-up
+        with pytest.raises(ConfigError, match="'model.base.architecture.model_type': '.*' is a dense family"):
+            cfg.validate(config)
+    else:
+        cfg.validate(config)
+    with caplog.at_level(logging.INFO, logger="moelang"):
+        model = init_model(build_config(arch, VocabOnly()), seed=0)
+    adapter = ModelAdapter(model)
+    # the README's stated scale, read off the built tensors
+    assert model.get_input_embeddings().weight.shape == (97, 128)
+    assert adapter.num_layers == 4
+    if dense:
+        assert not adapter.is_moe and adapter.layers[0].mlp.down_proj.in_features == 512
+        assert "4 layers (dense, MLP width 512), hidden 128" in caplog.text
+        return
+    first_moe = arch.get("first_k_dense_replace", 0)
+    assert [m.index for m in adapter.moe_layers] == list(range(first_moe, 4))
+    for layer in adapter.moe_layers:
+        gate_up, down = layer.experts.gate_up_proj, layer.experts.down_proj
+        assert gate_up.shape[0] == down.shape[0] == layer.num_experts == 8
+        assert layer.top_k == 2
+        # [E, 2 x width, hidden] (gpt_oss stores [E, hidden, 2 x width])
+        assert sorted(gate_up.shape[1:]) == sorted((128, 2 * 256)) and sorted(down.shape[1:]) == [128, 256]
+        assert layer.expert_width == 256
+    total = sum(p.numel() for p in model.parameters())
+    assert (f"model built: {family}, 4 layers ({4 - first_moe} MoE), 8 experts, top-2, expert width 256, hidden 128, "
+            f"{total / 1e6:.2f}M parameters") in caplog.text
+
+
+@pytest.mark.parametrize("family, fields, expected", [
+    ("qwen3_moe", {"num_hidden_layers": 4, "decoder_sparse_step": 2}, [1, 3]),
+    ("qwen3_moe", {"num_hidden_layers": 4, "mlp_only_layers": [0, 2]}, [1, 3]),
+    ("qwen2_moe", {"num_hidden_layers": 3, "mlp_only_layers": [1]}, [0, 2]),
+    ("deepseek_v3", {"num_hidden_layers": 3, "first_k_dense_replace": 2}, [2]),
+    ("mixtral", {"num_hidden_layers": 3}, [0, 1, 2]),
+])
+def test_moe_layers_from_the_config_match_the_built_model(family, fields, expected):
+    from families import COMMON
+
+    from moelang.models import build_config, init_model
+
+    config = build_config({"model_type": family, **COMMON, **{**FAMILY_CONFIGS[family], **fields}})
+    built = [m.index for m in ModelAdapter(init_model(config, seed=0)).moe_layers]
+    assert built == expected
+    assert FAMILIES[family].moe_layers(config) == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# A multi-process launch without a GPU per process stops
+# --------------------------------------------------------------------------------------------------
+
+def test_several_processes_need_a_gpu_each(monkeypatch):
+    from moelang.models.loading import check_process_devices
+
+    torchrun_env = {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8", "RANK": "0"}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(MoelangError) as info:
+        check_process_devices("auto", "cpt", torchrun_env)
+    assert str(info.value).startswith("cpt: 8 training processes on this node (torchrun --nproc_per_node 8) but 2 "
+                                      "CUDA device(s)")
+    with pytest.raises(MoelangError, match="set resources.pretrain_base.gpu to at most 2"):
+        check_process_devices("cuda", "pretrain_base", torchrun_env)
+    check_process_devices("cpu", "cpt", torchrun_env)  # CPU processes on purpose (the gloo tests)
+    check_process_devices("auto", "cpt", {})  # one process
+    check_process_devices("auto", "cpt", {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})  # a GPU each
+
+
+@pytest.mark.parametrize("command, rule", [("cpt", "cpt"), ("pretrain", "pretrain_base")])
+def test_training_command_under_torchrun_without_gpus_stops_with_one_line(tmp_path, command, rule):
+    # the variables torchrun --nproc_per_node 2 gives each process; no CUDA device visible
+    env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    options = json.dumps({"device": "auto", "base": {"type": "train"}})
+    extra = ["--base", str(tmp_path / "base")] if command == "cpt" else ["--tokenizer", str(tmp_path / "tok")]
+    proc = subprocess.run([sys.executable, "-m", "moelang", command, "--options", options, *extra,
+                           "--tokens", str(tmp_path / "en.parquet"), "--out", str(tmp_path / "out"),
+                           "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"moelang: error: {rule}: 2 training processes on this node"), lines
+    assert not (tmp_path / "out").exists() and not (tmp_path / "state").exists()

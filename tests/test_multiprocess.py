@@ -133,7 +133,7 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(fsdp_reference):
 
 
 def test_launcher_uses_torchrun_for_several_gpus():
-    config = cfg.validate({"languages": {"high_resource": ["en"]}, "allocation": {"new_experts": 2},
-                           "resources": {"cpt": {"gpu": 4}}})
+    config = cfg.validate({"languages": {"high_resource": ["en"], "targets": {"ca": "en"}},
+                           "allocation": {"new_experts": 2}, "resources": {"cpt": {"gpu": 4}}})
     assert cfg.launcher(config, "cpt") == "torchrun --standalone --nproc_per_node 4 -m moelang"
     assert cfg.launcher(config, "pretrain_base") == "python -m moelang"

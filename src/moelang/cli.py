@@ -136,8 +136,10 @@ def cmd_overlap(args) -> None:
 
 def cmd_pretrain(args) -> None:
     from moelang.basemodel import pretrain_base
+    from moelang.models.loading import check_process_devices
 
     options = _options(args, cfg.pretrain_options)
+    check_process_devices(options.get("device", "auto"), "pretrain_base")
     if options["base"]["type"] != "train":
         raise MoelangError("pretrain: model.base.type is 'pretrained'; there is nothing to pre-train")
     if not Path(args.tokens).is_file():
@@ -147,8 +149,10 @@ def cmd_pretrain(args) -> None:
 
 def cmd_cpt(args) -> None:
     from moelang.basemodel import continual_pretrain
+    from moelang.models.loading import check_process_devices
 
     options = _options(args, cfg.cpt_options)
+    check_process_devices(options.get("device", "auto"), "cpt")
     continual_pretrain(args.base, _lang_paths(args.tokens, "cpt"), options, args.out, args.state_dir)
 
 

@@ -9,7 +9,9 @@ so a wrong config fails in the first second, before any stage starts.
 from __future__ import annotations
 
 import copy
+import glob
 import json
+import os
 import re
 from pathlib import Path
 
@@ -129,6 +131,220 @@ def _check_semantics(config: dict) -> None:
     if tok["type"] == "pretrained" and not tok["name_or_path"]:
         raise ConfigError("config key 'tokenizer.name_or_path': a pretrained tokenizer needs a hub id or a local "
                           "directory; set it, or use tokenizer.type: train")
+    _check_allocation_languages(config)
+    _check_local_sources(config)
+    _check_model(config)
+    _check_evaluation(config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Start-up checks of what later stages would otherwise find out after hours: each reads at most a
+# directory listing or a config.json, never a model's weights.
+# --------------------------------------------------------------------------------------------------
+
+def _check_allocation_languages(config: dict) -> None:
+    langs = config["languages"]
+    alloc = config["allocation"]
+    configured = all_languages(config)
+    for side in ("old", "new"):
+        for lang in alloc[side] or []:
+            if lang not in configured:
+                raise ConfigError(f"config key 'allocation.{side}': '{lang}' is not a configured language; use "
+                                  f"languages from languages.high_resource or languages.targets")
+    if not langs["targets"] and alloc["new"] is None:
+        raise ConfigError("config key 'languages.targets': no target language, and the expert allocation needs new "
+                          "languages; add target: parent pairs (e.g. {ca: es}) or set allocation.new")
+    old = alloc["old"] or list(langs["high_resource"])
+    new = alloc["new"] or list(langs["targets"])
+    both = [lang for lang in new if lang in old]
+    if both:
+        raise ConfigError(f"config key 'allocation': {both} would be both old and new languages; a language is one "
+                          f"or the other (set allocation.old and allocation.new)")
+
+
+# The formats `format: auto` infers from a local file's extension (the corpus stage and the start-up
+# check both use this); any other extension needs an explicit format.
+LOCAL_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+def local_format(path: Path) -> str | None:
+    return LOCAL_FORMATS.get(path.suffix.lower())
+
+
+def _who(langs: list[str]) -> str:
+    return ", ".join(f"'{lang}'" for lang in langs)
+
+
+def _check_local_sources(config: dict) -> None:
+    """Local corpus files exist and their format is known (as the corpus stage infers it)."""
+    corpus = config["corpus"]
+    users: dict[str, list[str]] = {}  # config key of a source -> the languages that read it
+    for lang in all_languages(config):
+        key = f"corpus.sources.{lang}" if lang in corpus["sources"] else "corpus.default_source"
+        users.setdefault(key, []).append(lang)
+    for key, langs in users.items():
+        source = corpus["sources"][langs[0]] if key.startswith("corpus.sources.") else corpus["default_source"]
+        if source["type"] != "local":
+            continue
+        pattern = source["path"]
+        path = Path(pattern)
+        if path.is_dir():
+            files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        elif any(ch in pattern for ch in "*?["):
+            files = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+        elif path.is_file():
+            files = [path]
+        else:
+            raise ConfigError(f"config key '{key}.path': '{pattern}' does not exist (the local source of "
+                              f"{_who(langs)}); fix the path (a relative one starts from the working directory)")
+        if not files:
+            raise ConfigError(f"config key '{key}.path': '{pattern}' matches no file (the local source of "
+                              f"{_who(langs)}); fix the path or the glob")
+        if source["format"] == "auto":
+            for file in sorted(files):
+                if local_format(file) is None:
+                    raise ConfigError(f"config key '{key}.format': cannot tell the format of '{file}' from its "
+                                      f"extension (the local source of {_who(langs)}); set {key}.format to txt, "
+                                      f"jsonl or parquet")
+    par = corpus["parallel"]
+    if par["source"] == "aligned":
+        for lang, file in par["files"].items():
+            if lang not in all_languages(config):
+                raise ConfigError(f"config key 'corpus.parallel.files.{lang}': '{lang}' is not a configured language; "
+                                  f"add it to languages or remove the file")
+            if not Path(file).is_file():
+                raise ConfigError(f"config key 'corpus.parallel.files.{lang}': '{file}' does not exist; fix the path")
+
+
+def _hub_offline() -> bool:
+    # read now, not at import (huggingface_hub reads it once): the Snakefile and the CLI see the caller's setting
+    return any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+
+
+def _reference_file(ref: str, key: str, files: tuple[str, ...], revision: str | None = None,
+                    outputs: tuple[str, ...] = ()) -> Path | None:
+    """The first of ``files`` that model or tokenizer reference ``ref`` has, found without the network:
+    in a local directory (which must exist and have one), or for a hub id in the local Hugging Face
+    cache. None when it cannot be known yet: a workflow output (``outputs``), or a hub id not in the
+    cache while the hub can be reached. Offline, a hub id not in the cache is an error now rather
+    than after the stages before it."""
+    if ref in outputs:
+        return None
+    path = Path(ref)
+    if path.is_dir():
+        found = [path / name for name in files if (path / name).is_file()]
+        if not found:
+            raise ConfigError(f"config key '{key}': directory '{ref}' has no {' or '.join(files)}; point it at a "
+                              f"save_pretrained directory")
+        return found[0]
+    if ref.startswith("results/"):
+        made = f"; this workflow makes {', '.join(outputs)}" if outputs else ""
+        raise ConfigError(f"config key '{key}': '{ref}' does not exist and no stage of this workflow makes it{made}")
+    if not HUB_ID.match(ref):
+        raise ConfigError(f"config key '{key}': directory '{ref}' does not exist; fix the path (a relative one starts "
+                          f"from the working directory)")
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in files:
+        cached = try_to_load_from_cache(ref, name, revision=revision)
+        if isinstance(cached, str):
+            return Path(cached)
+    if _hub_offline():
+        raise ConfigError(f"config key '{key}': '{ref}' is not a local directory and not in the local Hugging Face "
+                          f"cache, and HF_HUB_OFFLINE is set; download it first (huggingface-cli download {ref}) "
+                          f"or point {key} at a local directory")
+    return None
+
+
+def _check_model(config: dict) -> None:
+    from moelang.architecture import FAMILIES, check_architecture
+
+    model = config["model"]
+    cpt = model["cpt"]
+    steps = cpt["train"]["steps"]
+    if cpt["enabled"] and cpt["n_checkpoints"] > steps + 1:
+        raise ConfigError(f"config key 'model.cpt.n_checkpoints': {cpt['n_checkpoints']} checkpoints do not fit "
+                          f"{steps} CPT steps (at most steps + 1, step 0 included); lower it or raise "
+                          f"model.cpt.train.steps")
+    moe_families = ", ".join(sorted(f for f, spec in FAMILIES.items() if spec.router_attr))
+    base = model["base"]
+    if base["type"] == "train":
+        key = "model.base.architecture"
+        built = check_architecture(base["architecture"], key)
+        if FAMILIES[built.model_type].router_attr is None:
+            raise ConfigError(f"config key '{key}.model_type': '{built.model_type}' is a dense family (no MoE layer), "
+                              f"and the routing stage profiles MoE layers; use one of {moe_families}")
+    else:
+        key = "model.base.name_or_path"
+        found = _reference_file(base["name_or_path"], key, ("config.json",), base["revision"])
+        built = _pretrained_config(found, base["name_or_path"], key, moe_families) if found else None
+    tok = config["tokenizer"]
+    if tok["type"] == "pretrained":
+        _reference_file(tok["name_or_path"], "tokenizer.name_or_path", ("tokenizer.json", "tokenizer_config.json"),
+                        tok["revision"])
+    if built is not None:
+        _check_routing_layers(config, built)
+
+
+def _pretrained_config(config_json: Path, ref: str, key: str, moe_families: str):
+    """The transformers config of a pretrained base from its config.json; its family must have MoE layers."""
+    from moelang.architecture import FAMILIES
+
+    fields = json.loads(config_json.read_text(encoding="utf-8"))
+    model_type = fields.get("model_type")
+    if model_type not in FAMILIES or FAMILIES[model_type].router_attr is None:
+        raise ConfigError(f"config key '{key}': '{ref}' is a {model_type} model; the routing stage profiles MoE "
+                          f"layers of a family moelang supports: {moe_families}")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(fields)
+    except Exception:  # an unusual config.json: the stages that load the model report it
+        return None
+
+
+def _check_routing_layers(config: dict, model_config) -> None:
+    """The routing options that name layers name MoE layers of the base model."""
+    from moelang.architecture import FAMILIES
+
+    moe_layers = FAMILIES[model_config.model_type].moe_layers(model_config)
+    routing = config["routing"]
+    for layer in routing["token_layers"]:
+        if layer not in moe_layers:
+            raise ConfigError(f"config key 'routing.token_layers': layer {layer} is not an MoE layer of the base "
+                              f"model; its MoE layers are {_layer_range(moe_layers)}")
+    if routing["jsd_overlap_layer"] is not None and routing["jsd_overlap_layer"] not in moe_layers:
+        raise ConfigError(f"config key 'routing.jsd_overlap_layer': layer {routing['jsd_overlap_layer']} is not an MoE "
+                          f"layer of the base model; its MoE layers are {_layer_range(moe_layers)}")
+    if routing["final_layers"] > len(moe_layers):
+        raise ConfigError(f"config key 'routing.final_layers': the base model has {len(moe_layers)} MoE layers; set "
+                          f"it to at most {len(moe_layers)}")
+
+
+def _layer_range(layers: list[int]) -> str:
+    if layers and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}..{layers[-1]}"
+    return str(layers)
+
+
+def _check_evaluation(config: dict) -> None:
+    configured = all_languages(config)
+    for family, codes in config["evaluation"]["codes"].items():
+        for lang in codes:
+            if lang not in configured:
+                raise ConfigError(f"config key 'evaluation.codes.{family}.{lang}': '{lang}' is not a configured "
+                                  f"language; add it to languages or remove the code")
+    # the model directories this workflow makes, which need not exist yet
+    outputs = {entry["ref"] for entry in profiled_models(config).values() if entry["ref"].startswith("results/")}
+    if config["model"]["base"]["type"] == "train":
+        outputs.add("results/models/base")
+    for name, entry in config["evaluation"]["models"].items():
+        _reference_file(entry["ref"], f"evaluation.models.{name}.ref", ("config.json",),
+                        outputs=tuple(sorted(outputs)))
 
 
 def load(path: str | Path, overrides: dict | None = None) -> dict:
@@ -351,7 +567,8 @@ def evaluation_options(config: dict, name: str | None = None) -> dict:
 
 
 # Sensible SLURM resources per rule (overridden by the config's `resources` section): data stages
-# on CPUs, model stages on one GPU, continual pre-training on a whole node's GPUs.
+# on CPUs, model stages on one GPU, continual pre-training on a whole node's GPUs. The GPU counts
+# apply only with `resources.gpus: true` (config/README.md documents this table).
 STAGE_RESOURCES: dict[str, dict] = {
     "corpus": {"runtime": 240, "mem_mb": 8000},
     "corpus_shard": {"runtime": 240, "mem_mb": 8000},
@@ -410,12 +627,15 @@ RULE_CONTAINER_FAMILY: dict[str, str] = {
 
 
 def rule_resources(config: dict, rule: str) -> dict:
-    """Resources of one rule: the stage default, then ``resources.default``, then ``resources.<rule>``;
-    on a machine without GPUs (the embedded default) ``resources.gpus: false`` drops GPU requests."""
+    """Resources of one rule: the stage default, then ``resources.default``, then ``resources.<rule>``.
+    The stage defaults' GPUs are asked for only with ``resources.gpus: true`` (a GPU cluster, on
+    purpose; the default is none, so a local run never starts one process per absent GPU); a ``gpu``
+    count the config gives itself is asked for either way."""
     section = config.get("resources", {})
-    merged = {**STAGE_RESOURCES.get(rule, {}), **section.get("default", {}), **section.get(rule, {})}
-    if not section.get("gpus", True):
-        merged.pop("gpu", None)
+    stage = dict(STAGE_RESOURCES.get(rule, {}))
+    if not section.get("gpus", False):
+        stage.pop("gpu", None)
+    merged = {**stage, **section.get("default", {}), **section.get(rule, {})}
     return {k: v for k, v in merged.items() if v is not None}
 
 

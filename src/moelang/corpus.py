@@ -68,7 +68,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moelang import catalogs
-from moelang.config import check_lang
+from moelang.config import check_lang, local_format
 from moelang.errors import MoelangError
 from moelang.io import atomic_path, log, progress, write_json, write_table
 
@@ -153,12 +153,11 @@ def _expand_paths(pattern: str, lang: str) -> list[Path]:
 def _file_format(path: Path, fmt: str, lang: str) -> str:
     if fmt != "auto":
         return fmt
-    suffixes = "".join(path.suffixes[-1:]).lower()
-    known = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-    if suffixes not in known:
+    fmt = local_format(path)
+    if fmt is None:
         raise MoelangError(f"corpus for '{lang}': cannot tell the format of '{path}' from its extension; "
                            f"set corpus.sources.{lang}.format to txt, jsonl or parquet")
-    return known[suffixes]
+    return fmt
 
 
 def _read_text_file(path: Path, encoding: str, lang: str) -> str:

@@ -16,8 +16,8 @@ where this module looks:
   of a parameter it is given, never touches a frozen expert. :func:`bake` folds the
   parametrizations back into plain tensors before ``save_pretrained``.
 
-Families (``model.config.model_type``): see :data:`FAMILIES`. Anything else fails with a one-line
-error listing them.
+Families (``model.config.model_type``): see :data:`moelang.architecture.FAMILIES`. Anything else
+fails with a one-line error listing them.
 """
 
 from __future__ import annotations
@@ -30,32 +30,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from moelang.architecture import FAMILIES, TOP_K_FIELD, FamilySpec  # noqa: F401 (re-exported)
 from moelang.errors import MoelangError
 
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """What differs between families, and nothing else."""
-
-    router_attr: str | None = "gate"  # attribute of layer.mlp holding the router (None: dense)
-    shared_attrs: tuple[str, ...] = ()  # always-on shared expert modules of layer.mlp
-    transposed: bool = False  # fused tensors stored [E, in, out] instead of [E, out, in]
-    expert_biases: tuple[str, ...] = ()  # per-expert bias tensors of the experts module
-    grouped_routing: bool = False  # selection is not top-k of the router logits
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    "olmoe": FamilySpec(),
-    "qwen2_moe": FamilySpec(shared_attrs=("shared_expert", "shared_expert_gate")),
-    "qwen3_moe": FamilySpec(),
-    "mixtral": FamilySpec(),
-    "deepseek_v3": FamilySpec(shared_attrs=("shared_experts",), grouped_routing=True),
-    "gpt_oss": FamilySpec(router_attr="router", transposed=True,
-                          expert_biases=("gate_up_proj_bias", "down_proj_bias")),
-    # dense families, the starting point of upcycling (no MoE layer)
-    "llama": FamilySpec(router_attr=None),
-    "qwen2": FamilySpec(router_attr=None),
-}
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
 
@@ -74,6 +51,13 @@ class MoELayer:
 
     def expert_tensor_names(self, spec: FamilySpec) -> tuple[str, ...]:
         return EXPERT_TENSORS + spec.expert_biases
+
+    @property
+    def expert_width(self) -> int:
+        """An expert's intermediate size, read off its fused down projection: [E, hidden, width], or
+        [E, width, hidden] when transposed."""
+        shape = self.experts.down_proj.shape
+        return int(shape[1] if self.transposed else shape[2])
 
 
 class ModelAdapter:

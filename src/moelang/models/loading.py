@@ -6,6 +6,8 @@
 * :func:`build_config` / :func:`init_model`: a model of any supported family from its
   ``transformers`` config class (``AutoConfig.for_model``) with the tokenizer's vocabulary and
   special tokens, seeded.
+* :func:`describe_model`: the one log line of a built or loaded model's shape.
+* :func:`check_process_devices`: a multi-process launch on a node without a GPU per process stops.
 * :func:`count_parameters`: total and trainable parameters of a model, or of a config on the meta
   device (no weights, no memory): the trainable fraction of a method at the real OLMoE-1B-7B scale.
 """
@@ -13,11 +15,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from moelang.errors import MoelangError
+from moelang.io import log
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -63,6 +67,7 @@ def load_model(name_or_path: str | Path, *, revision: str | None = None, dtype: 
                            f"(HF_HUB_OFFLINE)") from None
     if device_map is None:
         model.to(device)
+    log.info("model %s: %s", name_or_path, describe_model(model))
     return model
 
 
@@ -118,7 +123,48 @@ def init_model(config, seed: int, dtype: str = "float32", experts_implementation
 
     torch.manual_seed(seed)
     kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
-    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), **kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), **kwargs)
+    log.info("model built: %s", describe_model(model))
+    return model
+
+
+def describe_model(model) -> str:
+    """A model's shape in one line, read off the built modules (not the config that asked for them):
+    family, layers, experts, top-k, expert width, hidden size, parameters."""
+    from moelang.models.adapters import ModelAdapter
+
+    config = model.config
+    total = count_parameters(model)["total"]
+    try:
+        adapter = ModelAdapter(model)
+    except MoelangError:
+        return f"{config.model_type}, {total / 1e6:.2f}M parameters"
+    if adapter.is_moe:
+        layer = adapter.moe_layers[0]
+        shape = (f"{adapter.num_layers} layers ({len(adapter.moe_layers)} MoE), {layer.num_experts} experts, "
+                 f"top-{layer.top_k}, expert width {layer.expert_width}")
+    else:
+        shape = f"{adapter.num_layers} layers (dense, MLP width {adapter.layers[0].mlp.down_proj.in_features})"
+    return f"{adapter.family}, {shape}, hidden {config.hidden_size}, {total / 1e6:.2f}M parameters"
+
+
+def check_process_devices(device: str, rule: str, environ=None) -> None:
+    """Stop a multi-process launch on a node without a CUDA device per process.
+
+    torchrun sets ``LOCAL_WORLD_SIZE`` (processes on this node). Without a GPU for each, every process
+    would train on the CPU (accelerate falls back to gloo) and the run would see N times the tokens
+    of the configured batch: a different experiment. ``model.device: cpu`` asks for CPU processes
+    on purpose (the tests' gloo runs)."""
+    environ = os.environ if environ is None else environ
+    processes = int(environ.get("LOCAL_WORLD_SIZE") or environ.get("WORLD_SIZE") or 1)
+    if processes <= 1 or device == "cpu":
+        return
+    visible = torch.cuda.device_count()
+    if visible < processes:
+        raise MoelangError(f"{rule}: {processes} training processes on this node (torchrun --nproc_per_node "
+                           f"{processes}) but {visible} CUDA device(s); run it on a node with {processes} GPUs, "
+                           f"set resources.{rule}.gpu to at most {visible} (or leave resources.gpus false), or set "
+                           f"model.device: cpu to train in CPU processes on purpose")
 
 
 def count_parameters(model=None, config=None) -> dict:
