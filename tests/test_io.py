@@ -92,7 +92,8 @@ def test_progress_can_be_silenced(caplog, monkeypatch):
 def test_a_corrupt_parquet_input_is_one_line_naming_it(tmp_path):
     from moelang import config as cfg
 
-    config = cfg.validate({"languages": {"high_resource": ["en", "es"]}, "allocation": {"new_experts": 4}})
+    config = cfg.validate({"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}},
+                           "allocation": {"new_experts": 4}})
     corpus = tmp_path / "en.parquet"
     corpus.write_bytes(b"PAR1 this was cut off")
     proc = subprocess.run([sys.executable, "-m", "moelang", "tokenizer", "--options",

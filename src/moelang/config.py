@@ -208,12 +208,14 @@ def _check_local_sources(config: dict) -> None:
                                       f"jsonl or parquet")
     par = corpus["parallel"]
     if par["source"] == "aligned":
-        for lang, file in par["files"].items():
+        for lang, files in par["files"].items():
             if lang not in all_languages(config):
                 raise ConfigError(f"config key 'corpus.parallel.files.{lang}': '{lang}' is not a configured language; "
                                   f"add it to languages or remove the file")
-            if not Path(file).is_file():
-                raise ConfigError(f"config key 'corpus.parallel.files.{lang}': '{file}' does not exist; fix the path")
+            for file in [files] if isinstance(files, str) else files:  # one file or a list, read in order
+                if not Path(file).is_file():
+                    raise ConfigError(f"config key 'corpus.parallel.files.{lang}': '{file}' does not exist; "
+                                      f"fix the path")
 
 
 def _hub_offline() -> bool:
