@@ -276,6 +276,11 @@ def test_local_sources_exist_and_have_a_known_format(tmp_path, monkeypatch):
                                                                                 "ca": "flores/cat.devtest"}}}))
     cfg.validate(minimal(corpus={"parallel": {"source": "aligned", "files": {"es": "flores/spa.dev",
                                                                             "ca": "flores/cat.dev"}}}))
+    cfg.validate(minimal(corpus={"parallel": {"source": "aligned", "files": {"es": ["flores/spa.dev"],
+                                                                            "ca": ["flores/cat.dev"]}}}))
+    with pytest.raises(ConfigError, match="'corpus.parallel.files.ca': 'flores/cat.devtest' does not exist"):
+        cfg.validate(minimal(corpus={"parallel": {"source": "aligned", "files": {
+            "es": "flores/spa.dev", "ca": ["flores/cat.dev", "flores/cat.devtest"]}}}))
 
 
 def save_config_json(directory, model_type, **fields):
