@@ -135,6 +135,9 @@ def cmd_overlap(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
+    from moelang.train import die_with_launcher
+
+    die_with_launcher()  # first: under torchrun, a worker must not outlive its launcher while loading either
     from moelang.basemodel import pretrain_base
 
     options = _options(args, cfg.pretrain_options)
@@ -146,6 +149,9 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_cpt(args) -> None:
+    from moelang.train import die_with_launcher
+
+    die_with_launcher()  # first: under torchrun, a worker must not outlive its launcher while loading either
     from moelang.basemodel import continual_pretrain
 
     options = _options(args, cfg.cpt_options)
