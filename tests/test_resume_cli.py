@@ -2,6 +2,7 @@
 after a change of its inputs it starts over; a second job on the same training state stops at once."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -112,3 +113,17 @@ def test_a_second_job_on_the_same_state_stops_at_once(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_hub_base_is_fingerprinted_by_the_commit_it_resolved_to(tmp_path):
+    # a branch such as main moves; the snapshot's commit in the hub cache names the files exactly
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
+    code = "from moelang.basemodel import _source; print(_source('org/tiny', None), _source('org/none', 'v1'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert done.stdout.split("} {") == ["{'start model hub id': 'org/tiny@default branch (commit 0123abcd)'",
+                                        "'start model hub id': 'org/none@v1 (commit unknown)'}\n"]

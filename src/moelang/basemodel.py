@@ -81,14 +81,25 @@ def pretrain_base(token_file: str | Path, tokenizer_dir: str | Path, options: di
     return {"final_loss": result.final_loss, "tokens": result.tokens}
 
 
-def _source(base: str | Path, revision: str | None, model) -> dict[str, str]:
+def _source(base: str | Path, revision: str | None) -> dict[str, str]:
     """The start model's origin for the training state's fingerprint (its weights and config are
     fingerprinted by the engine): a local directory's other files (tokenizer, generation config),
     or a hub id with the revision asked for and the commit it resolved to."""
     if Path(base).is_dir():
         return {"tokenizer and other files of the start model": tree_digest(base, skip_suffixes=(".safetensors", ".bin", ".parquet"))}
-    commit = getattr(model.config, "_commit_hash", None) or "unknown"
-    return {"start model hub id": f"{base}@{revision or 'default branch'} (commit {commit})"}
+    return {"start model hub id": f"{base}@{revision or 'default branch'} (commit {_hub_commit(base, revision)})"}
+
+
+def _hub_commit(repo_id: str, revision: str | None) -> str:
+    """The commit a hub revision resolved to when the model was loaded: the name of its snapshot in
+    the local hub cache (a branch name such as ``main`` moves; a commit names the files exactly)."""
+    from transformers.utils.hub import cached_file
+
+    try:
+        path = Path(cached_file(str(repo_id), "config.json", revision=revision))
+    except Exception:  # the fingerprint still has the weights and config: the loaded model
+        return "unknown"
+    return path.parent.name if path.parent.parent.name == "snapshots" else "unknown"
 
 
 def continual_pretrain(base: str | Path, token_files: dict[str, str | Path], options: dict, out_root: str | Path,
@@ -118,7 +129,7 @@ def continual_pretrain(base: str | Path, token_files: dict[str, str | Path], opt
                    for step, name in names.items()}
         log.info("cpt: %s on %s, %d steps, checkpoints at %s", base, ", ".join(sorted(token_files)), settings.steps,
                  options["steps"])
-        result = train(model, stream, settings, state_dir, inputs=_source(base, revision, model), export_steps=exports)
+        result = train(model, stream, settings, state_dir, inputs=_source(base, revision), export_steps=exports)
         if not _is_main_process():
             return {"final_loss": result.final_loss, "tokens": result.tokens}
         write_table(result.log_table(), staged_path(state_dir, "train_log.parquet"))
