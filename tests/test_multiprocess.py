@@ -7,8 +7,10 @@ single-process run up to float reduction order.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -78,7 +80,7 @@ def test_two_processes_equal_one_process(tmp_path, parallelism):
 # run right after a checkpoint (stop_after) as a killed job would.
 # --------------------------------------------------------------------------------------------------
 
-def run_engine(tmp_path, name, parallelism, stop_after=None, state=None):
+def run_engine(tmp_path, name, parallelism, stop_after=None, state=None, nproc=2):
     spec = {"tokens": {"en": str(tmp_path / "en.parquet"), "es": str(tmp_path / "es.parquet")},
             "settings": {"steps": 12, "seq_len": 16, "micro_batch_size": 4, "grad_accum": 2, "lr": 0.005,
                          "clip_norm": 0.5, "checkpoint_every": 5, "seed": 0, "mixture": {"en": 1, "es": 1},
@@ -86,7 +88,7 @@ def run_engine(tmp_path, name, parallelism, stop_after=None, state=None):
             "state_dir": str(tmp_path / (state or f"state-{name}")), "out": str(tmp_path / name),
             "stop_after": stop_after}
     (tmp_path / f"{name}.spec.json").write_text(json.dumps(spec))
-    done = torchrun(WORKER, tmp_path / f"{name}.spec.json")
+    done = torchrun(WORKER, tmp_path / f"{name}.spec.json", nproc=nproc)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((tmp_path / f"{name}.json").read_text()) if stop_after is None else None
 
@@ -130,6 +132,86 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(fsdp_reference):
     again = load_file(str(tmp_path / "mixed" / "model.safetensors"))
     assert max(float((weights[k] - again[k]).abs().max()) for k in weights) < 1e-5
     assert [r["loss"] for r in whole["log"]] == pytest.approx([r["loss"] for r in resumed["log"]], rel=1e-5)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_four_processes_resume_to_bit_identical_weights(tmp_path, parallelism):
+    # With more than 2 processes the all-reduce (DDP) or reduce-scatter (FSDP) sums each element in an
+    # order that depends on its place in the communication buffer; a resumed run must lay the buffers out
+    # as the uninterrupted run does at that step (DDP: no bucket rebuild after the first iteration).
+    write_tokens(tmp_path / "en.parquet", patterned_docs(300, 0))
+    write_tokens(tmp_path / "es.parquet", patterned_docs(300, 1))
+    whole = run_engine(tmp_path, "whole", parallelism, nproc=4)
+    run_engine(tmp_path, "killed", parallelism, stop_after=7, nproc=4)
+    resumed = run_engine(tmp_path, "killed", parallelism, nproc=4)
+    assert resumed["resumed_from"] == 5
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    gap = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert gap == 0.0, gap
+    assert strip(whole["log"]) == strip(resumed["log"])
+
+
+def children(pid):
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not TORCHRUN.exists() or not Path("/proc/self/stat").exists(),
+                    reason="torchrun is not installed, or no /proc to find its workers")
+def test_workers_die_with_their_launcher(tmp_path):
+    # torch elastic starts each worker in a session of its own: killing the job's process group kills the
+    # launcher only. The workers must not go on training (and writing the state) without it.
+    write_tokens(tmp_path / "en.parquet", patterned_docs(300, 0))
+    spec = {"tokens": {"en": str(tmp_path / "en.parquet")},
+            "settings": {"steps": 1_000_000, "seq_len": 16, "micro_batch_size": 4, "checkpoint_every": 0, "seed": 0},
+            "state_dir": str(tmp_path / "state"), "out": str(tmp_path / "out"), "stop_after": None}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    launcher = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(WORKER),
+                                 str(tmp_path / "spec.json")], stdout=subprocess.DEVNULL,
+                                stderr=(tmp_path / "stderr.txt").open("w"), env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    workers = []
+    try:
+        lock = tmp_path / "state.lock"
+        deadline = time.time() + 180
+        while time.time() < deadline and launcher.poll() is None:
+            workers = children(launcher.pid)
+            if len(workers) == 2 and lock.is_file() and lock.read_text().startswith("pid"):
+                break  # both workers started, the first one is training
+            time.sleep(0.1)
+        if launcher.poll() is not None:
+            pytest.skip(f"torchrun could not start its workers here (exit {launcher.returncode}): "
+                        f"{(tmp_path / 'stderr.txt').read_text()[-300:]}")
+        assert len(workers) == 2 and lock.is_file(), "the workers did not start training in 180 s"
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 5
+        while any(alive(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in workers), "workers outlived their launcher"
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
 
 
 def test_launcher_uses_torchrun_for_several_gpus():

@@ -1,3 +1,4 @@
+import logging
 import math
 
 import numpy as np
@@ -6,11 +7,22 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from families import tiny_model
+from safetensors.torch import load_file
+
+from families import COMMON, FAMILY_CONFIGS, tiny_model
 from moelang.errors import MoelangError
-from moelang.models import ModelAdapter, train_only
+from moelang.models import ModelAdapter, build_config, init_model, train_only
 from moelang.tokenize import TOKENS_SCHEMA
-from moelang.train import PackedStream, TrainSettings, lr_factor, packed_windows, train
+from moelang.train import (
+    PackedStream,
+    TrainSettings,
+    export_model,
+    lr_factor,
+    packed_windows,
+    publish,
+    staged_path,
+    train,
+)
 
 EOS = 2
 
@@ -82,6 +94,8 @@ def run(token_files, state_dir, partial: bool, stop_after=None):
         train_only(adapter, experts={last: [0, 6]}, routers=[last])
     stream = PackedStream(token_files, {"en": 1, "es": 1}, seq_len=16, eos_id=EOS, seed=0)
     result = train(model, stream, settings(), state_dir, stop_after=stop_after)
+    if stop_after is None:
+        publish(state_dir, {})  # nothing staged: removes the state, as the stages do after their exports
     return model, result
 
 
@@ -138,3 +152,140 @@ def test_resume_with_another_process_count_is_refused(token_files, tmp_path):
     meta.write_text(json.dumps(json.loads(meta.read_text()) | {"processes": 2}))
     with pytest.raises(MoelangError, match="made by 2 process\\(es\\), this run has 1; resume with 2"):
         run(token_files, tmp_path / "s", False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The state directory belongs to its inputs; publishing comes before its removal
+# --------------------------------------------------------------------------------------------------
+
+def olmoe(seed=3, **overrides):
+    return init_model(build_config({"model_type": "olmoe", **COMMON, **FAMILY_CONFIGS["olmoe"], **overrides}), seed=seed)
+
+
+def run_with(model, token_files, state_dir, inputs, stop_after=None):
+    """A run that stages the start model as export "step-0", as CPT does."""
+    stream = PackedStream(token_files, {"en": 1, "es": 1}, seq_len=16, eos_id=EOS, seed=0)
+    export = {0: lambda m, sd: export_model(m, None, staged_path(state_dir, "step-0"), state_dict=sd)}
+    return train(model, stream, settings(), state_dir, inputs=inputs, export_steps=export, stop_after=stop_after)
+
+
+@pytest.mark.parametrize("change", ["token file es", "start model weights", "start model config", "trainable parameters",
+                                    "tokenizer"])
+def test_a_state_made_from_other_inputs_is_discarded(token_files, tmp_path, caplog, change):
+    state = tmp_path / "s"
+    run_with(olmoe(), token_files, state, {"tokenizer": "t1"}, stop_after=5)
+    assert (state / "step-3" / "state.json").is_file() and staged_path(state, "step-0").is_dir()
+
+    def changed_inputs():
+        model, files, inputs = olmoe(), dict(token_files), {"tokenizer": "t1"}
+        if change == "token file es":
+            files["es"] = write_tokens(tmp_path / "es2.parquet", patterned_docs(200, 9))
+        elif change == "start model weights":
+            model = olmoe(seed=4)
+        elif change == "start model config":  # another architecture: resuming would be a size mismatch
+            model = olmoe(hidden_size=48)
+        elif change == "trainable parameters":
+            adapter = ModelAdapter(model)
+            train_only(adapter, routers=[adapter.moe_layers[-1].index])
+        else:
+            inputs = {"tokenizer": "t2"}
+        return model, files, inputs
+
+    model, files, inputs = changed_inputs()
+    with caplog.at_level(logging.WARNING, logger="moelang"):
+        result = run_with(model, files, state, inputs)
+    assert result.resumed_from is None
+    lines = [r.getMessage() for r in caplog.records if "discarding the state" in r.getMessage()]
+    assert len(lines) == 1 and str(state) in lines[0] and change in lines[0].split("inputs changed (")[1], lines
+    # an uninterrupted run with the new inputs: the same staged start model, the same end
+    fresh_model, fresh_files, fresh_inputs = changed_inputs()
+    fresh = run_with(fresh_model, fresh_files, tmp_path / "fresh", fresh_inputs)
+    exported = load_file(str(staged_path(state, "step-0") / "model.safetensors"))
+    expected = load_file(str(staged_path(tmp_path / "fresh", "step-0") / "model.safetensors"))
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in exported)
+    a, b = fresh_model.state_dict(), model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in fresh.log] == [r["loss"] for r in result.log]
+
+
+def test_a_state_with_the_same_inputs_is_kept(token_files, tmp_path, caplog):
+    state = tmp_path / "s"
+    run_with(olmoe(), token_files, state, {"tokenizer": "t1"}, stop_after=5)
+    with caplog.at_level(logging.WARNING, logger="moelang"):
+        result = run_with(olmoe(), token_files, state, {"tokenizer": "t1"})
+    assert result.resumed_from == 3 and "discarding" not in caplog.text
+
+
+def test_a_state_without_fingerprint_is_discarded(token_files, tmp_path, caplog):
+    state = tmp_path / "s"
+    run_with(olmoe(), token_files, state, None, stop_after=5)
+    (state / "inputs.json").unlink()  # as an older moelang left it
+    with caplog.at_level(logging.WARNING, logger="moelang"):
+        result = run_with(olmoe(), token_files, state, None)
+    assert result.resumed_from is None and "records no inputs" in caplog.text
+
+
+def test_a_damaged_checkpoint_fails_with_one_line_naming_the_state(token_files, tmp_path):
+    state = tmp_path / "s"
+    run_with(olmoe(), token_files, state, None, stop_after=4)
+    (state / "step-3" / "trainable.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(MoelangError, match=f"cannot resume from {state / 'step-3'} .*; delete {state} to start over"):
+        run_with(olmoe(), token_files, state, None)
+
+
+def test_a_finished_run_keeps_its_state_until_it_is_published(token_files, tmp_path):
+    # A job killed after training but before its exports are in place resumes from its last checkpoint
+    # (it used to lose the whole state), and publishing puts every export in place before removing it.
+    state = tmp_path / "s"
+    whole = olmoe()
+    run_with(whole, token_files, state, None)
+    assert (state / "step-6" / "state.json").is_file() and staged_path(state, "step-0").is_dir()
+    again = olmoe()
+    result = run_with(again, token_files, state, None)  # the job was killed before publishing
+    assert result.resumed_from == 6
+    a, b = whole.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    out = tmp_path / "out"
+    publish(state, {"step-0": out / "step-0"})
+    assert not state.exists()
+    export_model(olmoe(), None, tmp_path / "start")
+    published, start = (load_file(str(d / "model.safetensors")) for d in (out / "step-0", tmp_path / "start"))
+    assert published.keys() == start.keys() and all(torch.equal(published[k], start[k]) for k in start)
+
+
+def test_publishing_killed_halfway_is_redone_from_the_state(tmp_path, monkeypatch):
+    import moelang.train as engine
+
+    state = tmp_path / "s"
+    for name in ("step-0", "step-8"):
+        staged_path(state, name).mkdir(parents=True)
+        (staged_path(state, name) / "model.safetensors").write_text(name)
+    (staged_path(state, "log.parquet")).write_text("log")
+    outputs = {"step-0": tmp_path / "out" / "step-0", "step-8": tmp_path / "out" / "step-8",
+               "log.parquet": tmp_path / "out" / "log.parquet"}
+    real, calls = engine._link_or_copy, []
+
+    def dies_on_the_second_output(source, dest):
+        calls.append(source)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the job is killed here
+        real(source, dest)
+
+    monkeypatch.setattr(engine, "_link_or_copy", dies_on_the_second_output)
+    with pytest.raises(KeyboardInterrupt):
+        publish(state, outputs)
+    assert (outputs["step-0"] / "model.safetensors").read_text() == "step-0"
+    assert not outputs["step-8"].exists()  # no half-made output
+    assert all(staged_path(state, name).exists() for name in outputs)  # the state still has every export
+    for path in outputs.values():  # Snakemake deletes a failed job's outputs
+        engine.shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    monkeypatch.setattr(engine, "_link_or_copy", real)
+    publish(state, outputs)
+    assert [(outputs[n] / "model.safetensors").read_text() for n in ("step-0", "step-8")] == ["step-0", "step-8"]
+    assert outputs["log.parquet"].read_text() == "log" and not state.exists()
+
+
+def test_publish_refuses_a_state_without_the_export(tmp_path):
+    (tmp_path / "s").mkdir()
+    with pytest.raises(MoelangError, match="lacks the staged export\\(s\\) step-4; delete .* to train again"):
+        publish(tmp_path / "s", {"step-4": tmp_path / "out"})

@@ -135,6 +135,9 @@ def cmd_overlap(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
+    from moelang.train import die_with_launcher
+
+    die_with_launcher()  # first: under torchrun, a worker must not outlive its launcher while loading either
     from moelang.basemodel import pretrain_base
     from moelang.models.loading import check_process_devices
 
@@ -148,6 +151,9 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_cpt(args) -> None:
+    from moelang.train import die_with_launcher
+
+    die_with_launcher()  # first: under torchrun, a worker must not outlive its launcher while loading either
     from moelang.basemodel import continual_pretrain
     from moelang.models.loading import check_process_devices
 
