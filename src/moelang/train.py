@@ -700,9 +700,10 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
         _export(accelerator, unwrapped, exports[0], sharded)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # Off a terminal the loop's own line every 5% (with the loss) is the progress report.
     bar = progress(total=settings.steps, initial=start_step, desc="train", unit=" steps",
-                   disable=not accelerator.is_main_process)
-    log_every = max(1, settings.steps // 20)  # a log line every 5%, for logs that are not a terminal
+                   disable=not accelerator.is_main_process, log_lines=False)
+    log_every = max(1, settings.steps // 20)
     started = time.perf_counter()
     step = start_step
     for step in range(start_step, settings.steps):
