@@ -10,28 +10,42 @@ Task families (``evaluation.tasks``):
     dataset path, files and splits, so prompts and metrics stay the harness's own.
 ``synthetic_blimp`` / ``synthetic_belebele`` (the embedded default; offline)
     two small tasks **labelled synthetic**, built by the pipeline from each language's held-out
-    corpus in the formats of the real ones and run through the same shipped templates: a
-    MultiBLiMP-format minimal pair (a held-out sentence vs the same sentence with two adjacent words
-    swapped) and a Belebele-format multiple choice (the first half of a held-out document as the
-    passage, "which text continues the passage?", its second half among three second halves of other
-    documents). They measure a model's grip on each language's word order and local coherence; they
-    are not the published benchmarks.
+    corpus in the formats of the real ones and run through the shipped templates: a MultiBLiMP-format
+    minimal pair (a held-out sentence vs the same sentence with two adjacent words swapped) and a
+    Belebele-format multiple choice (the first half of a held-out document as the passage; which of
+    four second halves continues it?). The Belebele-format items come in groups of four documents that
+    share their four choices, so a model that ignores the passage scores exactly 1/4, and they are
+    scored as a cloze (each choice's log-likelihood after the passage, no shots) rather than through the
+    letter prompt ("P: ... A: ... Answer:"), which asks for an ability tiny base models lack. They
+    measure a model's grip on each language's word order and local coherence; they are not the
+    published benchmarks. Measured on the embedded default: see ``synthetic_belebele``.
 
-Scoring is the harness's (``lm_eval.simple_evaluate`` with a ``TaskManager``), never re-implemented.
-Perplexity is computed here: every held-out chunk is preceded by the end-of-text token and all of its
-tokens are predicted; ``exp(total NLL / tokens)`` per language.
+Every prompt is fitted to the model's context (``fit_prompts``): the harness would cut a longer one
+from the left and score what is left. A task drops to fewer shots when fewer than ``min_items`` items
+fit, and the items that still do not fit are left out and counted. Scoring is the harness's
+(``lm_eval.simple_evaluate`` with a ``TaskManager``), never re-implemented. Its per-request warnings
+are counted and summarised once per kind at the end of the job (``repeated_warnings``). Perplexity is
+computed here: every held-out chunk is preceded by the end-of-text token and all of its tokens are
+predicted; ``exp(total NLL / tokens)`` per language.
 
 Outputs
 -------
 ``results/eval/tasks/``: the local task data (``data/*.parquet``), YAMLs and ``tasks.json``
 (task -> family, language, shots).
-``results/eval/{model}/{family}.json``: the harness's own results (samples left out).
+``results/eval/{model}/{family}.json``: the harness's own results (samples left out) and ``moelang``:
+per task ``fit`` (``n_shot`` used, ``n_docs``, ``left_out``, ``max_length``) and ``predictions`` (how
+often each choice was the model's answer).
 ``results/eval/{model}/perplexity.parquet``: lang, n_tokens, nll, perplexity.
 ``results/eval/results.parquet``: ``model``, ``method``, ``lang``, ``task``, ``n_shot`` int64,
 ``metric`` (``acc``, ``acc_norm``, ``perplexity``), ``value``, ``stderr`` (null for perplexity),
-``n_items`` int64.
+``n_items`` int64 (items scored), ``chance`` (the task's chance level), ``p_chance`` (one-sided binomial
+test of the score against chance), ``top_choice_share`` (share of items answered with the most
+frequent choice; 1 = constant), ``n_left_out`` int64 (items longer than the model's context); the last
+four are null for perplexity. Rows are in model order: the base model, CPT steps ascending, the rest.
 ``results/eval/summary.md``: per method the mean over high-resource, low-resource and all languages,
-the trainable fraction, and the change on the old (high-resource) languages against the base model.
+the trainable fraction, the languages scored above chance, and the change on the old (high-resource)
+languages against the base model; below each table the flags: scores within noise of chance,
+constant answers, items left out.
 """
 
 from __future__ import annotations
