@@ -96,6 +96,32 @@ def test_harness_loglikelihoods_equal_the_models_own_forward(setup):
     assert result["results"]["moelang_synthetic_blimp_es"]["acc,none"] == pytest.approx(np.mean(correct))
 
 
+def test_synthetic_belebele_mutual_information_equals_the_models_own_forward(setup):
+    root, tasks, model, tok = setup
+    name = "moelang_synthetic_belebele_es"
+    result = ev.run_harness(model, tok, [name], root / "tasks", 0, {"batch_size": 4, "seed": 0}, log_samples=True)
+
+    def loglikelihood(context: list[int], continuation: list[int]) -> float:
+        ids = context + continuation
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        return float(sum(logp[len(context) + i - 1, t] for i, t in enumerate(continuation)))
+
+    correct, picks = [], [0, 0, 0, 0]
+    for sample in result["samples"][name]:
+        doc = sample["doc"]
+        passage = tok(doc["flores_passage"], add_special_tokens=False)["input_ids"]
+        mutual = []
+        for j in range(1, 5):
+            choice = tok(doc[f"mc_answer{j}"], add_special_tokens=False)["input_ids"]
+            mutual.append(loglikelihood(passage, choice) - loglikelihood([2], choice))  # no context: end-of-text
+        picks[int(np.argmax(mutual))] += 1
+        correct.append(int(np.argmax(mutual)) + 1 == int(doc["correct_answer_num"]))
+    assert result["results"][name]["acc_mutual_info,none"] == pytest.approx(np.mean(correct))
+    assert result["moelang"]["predictions"][name]["acc_mutual_info"] == picks
+    assert result["moelang"]["fit"][name] == {"n_shot": 0, "n_docs": 28, "left_out": 0, "max_length": 2048}
+
+
 def test_perplexity_equals_an_independent_computation(tmp_path):
     model = tiny_model("olmoe", seed=2).eval()
     docs = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
@@ -219,7 +245,7 @@ def test_prompts_longer_than_the_context_are_left_out_and_counted_not_truncated(
     assert sorted(s["doc_id"] for s in result["samples"]["moelang_belebele_cat_Latn"]) == \
         [i for i, ok in enumerate(fits) if ok]
     assert not [r for r in records if "Truncating" in r.getMessage()]
-    assert sum(result["moelang"]["predictions"]["moelang_belebele_cat_Latn"]) == fits.count(True)
+    assert sum(result["moelang"]["predictions"]["moelang_belebele_cat_Latn"]["acc"]) == fits.count(True)
 
 
 def test_repeated_warnings_are_counted_and_summarised_once_per_kind():
@@ -267,7 +293,7 @@ def _fake_eval(tmp_path, models, accuracies, picks):
         (tmp_path / name / "synthetic_belebele.json").write_text(json.dumps({
             "results": results, "n-samples": {t: {"effective": 100, "original": 104} for t in tasks},
             "moelang": {"fit": {t: {"n_shot": 0, "n_docs": 104, "left_out": 4, "max_length": 512} for t in tasks},
-                        "predictions": {t: picks[name] for t in tasks}}}))
+                        "predictions": {t: {"acc": picks[name], "acc_norm": picks[name]} for t in tasks}}}))
     return tasks
 
 

@@ -16,7 +16,8 @@ Task families (``evaluation.tasks``):
     four second halves continues it?). The Belebele-format items come in groups of four documents that
     share their four choices, so a model that ignores the passage scores exactly 1/4, and they are
     scored as a cloze (each choice's log-likelihood after the passage, no shots) rather than through the
-    letter prompt ("P: ... A: ... Answer:"), which asks for an ability tiny base models lack. They
+    letter prompt ("P: ... A: ... Answer:"), which asks for an ability tiny base models lack; the
+    headline metric is ``acc_mutual_info`` (the passage's gain in each choice's log-likelihood). They
     measure a model's grip on each language's word order and local coherence; they are not the
     published benchmarks. Measured on the embedded default: see ``synthetic_belebele``.
 
@@ -37,7 +38,8 @@ per task ``fit`` (``n_shot`` used, ``n_docs``, ``left_out``, ``max_length``) and
 often each choice was the model's answer).
 ``results/eval/{model}/perplexity.parquet``: lang, n_tokens, nll, perplexity.
 ``results/eval/results.parquet``: ``model``, ``method``, ``lang``, ``task``, ``n_shot`` int64,
-``metric`` (``acc``, ``acc_norm``, ``perplexity``), ``value``, ``stderr`` (null for perplexity),
+``metric`` (``acc``, ``acc_norm``, ``acc_mutual_info`` for the synthetic Belebele-format task,
+``perplexity``), ``value``, ``stderr`` (null for perplexity),
 ``n_items`` int64 (items scored), ``chance`` (the task's chance level), ``p_chance`` (one-sided binomial
 test of the score against chance), ``top_choice_share`` (share of items answered with the most
 frequent choice; 1 = constant), ``n_left_out`` int64 (items longer than the model's context); the last
@@ -158,11 +160,15 @@ def synthetic_belebele(lang: str, docs: list[tuple[str, str]], max_items: int, m
 
 
 # The synthetic Belebele task is scored as a cloze: the passage, then each choice's log-likelihood as its
-# continuation (the data keep Belebele's columns; the metrics are the shipped template's). A letter prompt
-# ("P: ... A: ... Answer:") asks for an ability that tiny base models do not have.
+# continuation (the data keep Belebele's columns). A letter prompt ("P: ... A: ... Answer:") asks for an
+# ability that tiny base models do not have. Its headline metric is acc_mutual_info, the harness's
+# log P(choice | passage) - log P(choice): a continuation's own likelihood (its length, its words) would
+# otherwise decide between the four shared choices, whatever the passage.
 CLOZE_OVERRIDES = {"doc_to_text": "{{flores_passage}}",
                    "doc_to_choice": "{{[mc_answer1, mc_answer2, mc_answer3, mc_answer4]}}",
-                   "target_delimiter": " ", "doc_to_decontamination_query": "{{flores_passage}}"}
+                   "target_delimiter": " ", "doc_to_decontamination_query": "{{flores_passage}}",
+                   "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                   for m in ("acc", "acc_norm", "acc_mutual_info")]}
 # Chance level of each family: one over the number of choices.
 CHANCE = {"synthetic_blimp": 0.5, "multiblimp": 0.5, "synthetic_belebele": 0.25, "belebele": 0.25}
 
@@ -339,13 +345,22 @@ def fit_prompts(lm, manager, task_names: list[str], n_shot: int, options: dict) 
     return fitted
 
 
-def _prediction_counts(samples: list[dict]) -> list[int]:
-    """How often each choice was the model's answer (the argmax of the scored log-likelihoods)."""
-    counts: list[int] = []
+def _prediction_counts(samples: list[dict], delimiter: str) -> dict[str, list[int]]:
+    """Per metric, how often each choice was the model's answer, with the harness's rules: the argmax
+    of the log-likelihoods (``acc``), of them per character of the choice (``acc_norm``), of them
+    minus the choice's log-likelihood without context (``acc_mutual_info``: the second half of the
+    requests)."""
+    counts: dict[str, list[int]] = {}
     for sample in samples:
-        scores = [r[0] for r in sample["filtered_resps"]]
-        counts += [0] * (len(scores) - len(counts))
-        counts[int(np.argmax(scores))] += 1
+        lls = np.array([r[0] for r in sample["filtered_resps"]], dtype=float)
+        mutual = "acc_mutual_info" in sample.get("metrics", [])
+        n = len(lls) // 2 if mutual else len(lls)
+        chars = np.array([max(1, len(args[1]) - len(delimiter)) for args in sample["arguments"][:n]], dtype=float)
+        picks = {"acc": np.argmax(lls[:n]), "acc_norm": np.argmax(lls[:n] / chars)}
+        if mutual:
+            picks["acc_mutual_info"] = np.argmax(lls[:n] - lls[n:])
+        for metric, pick in picks.items():
+            counts.setdefault(metric, [0] * n)[int(pick)] += 1
     return counts
 
 
@@ -378,7 +393,8 @@ def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n
                 if isinstance(value, dict):
                     merged.setdefault(key, {}).update(value)
             for name, samples in result.get("samples", {}).items():
-                merged["moelang"]["predictions"][name] = _prediction_counts(samples)
+                delimiter = result.get("configs", {}).get(name, {}).get("target_delimiter", " ")
+                merged["moelang"]["predictions"][name] = _prediction_counts(samples, delimiter)
     for name in task_names:
         merged["moelang"]["fit"][name].pop("indices")
     if not log_samples:
@@ -472,14 +488,14 @@ def collect(eval_dir: str | Path, models: dict[str, dict], tasks: dict, families
                 n_items = (data.get("n-samples", {}).get(task) or {}).get("effective")
                 n_shot = (own.get("fit", {}).get(task) or {}).get("n_shot", tasks[task]["n_shot"])
                 left_out = (own.get("fit", {}).get(task) or {}).get("left_out")
-                picks = own.get("predictions", {}).get(task)
-                top_share = max(picks) / sum(picks) if picks else None
+                picks = own.get("predictions", {}).get(task, {})
                 chance = CHANCE.get(tasks[task]["family"])
-                for metric in ("acc", "acc_norm"):
+                for metric in ("acc", "acc_norm", "acc_mutual_info"):
                     if f"{metric},none" in metrics:
                         stderr = metrics.get(f"{metric}_stderr,none")
                         value = float(metrics[f"{metric},none"])
                         p_value = p_above_chance(value, n_items, chance) if chance is not None else None
+                        top_share = max(picks[metric]) / sum(picks[metric]) if picks.get(metric) else None
                         rows.append((name, entry["method"], tasks[task]["lang"], task, n_shot, metric, value,
                                      float(stderr) if isinstance(stderr, (int, float)) else None, n_items,
                                      chance, p_value, top_share, left_out))
@@ -530,7 +546,9 @@ def summary_markdown(table: pl.DataFrame, models: dict[str, dict], high_resource
              f"'Above chance' counts the languages whose score a one-sided binomial test (p < {CHANCE_ALPHA}) "
              "separates from the task's chance level; the flags under each table name the rest, tasks answered "
              "with one choice throughout, and items left out because their prompt was longer than the model's "
-             "context.", ""]
+             "context. For `moelang_synthetic_belebele` read `acc_mutual_info` (the passage's gain in each "
+             "choice's log-likelihood): its four items per group share their choices, so `acc_norm` mostly ranks "
+             "the choices themselves.", ""]
     keyed = table.with_columns(
         pl.when(pl.col("lang").is_in(high_resource)).then(pl.lit("high-resource"))
         .when(pl.col("lang").is_in(targets)).then(pl.lit("low-resource")).otherwise(pl.lit("other")).alias("group"),
