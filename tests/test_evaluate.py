@@ -119,7 +119,8 @@ def test_synthetic_belebele_mutual_information_equals_the_models_own_forward(set
         correct.append(int(np.argmax(mutual)) + 1 == int(doc["correct_answer_num"]))
     assert result["results"][name]["acc_mutual_info,none"] == pytest.approx(np.mean(correct))
     assert result["moelang"]["predictions"][name]["acc_mutual_info"] == picks
-    assert result["moelang"]["fit"][name] == {"n_shot": 0, "n_docs": 28, "left_out": 0, "max_length": 2048}
+    assert result["moelang"]["fit"][name] == {"n_shot": 0, "n_docs": 28, "left_out": 0,
+                                              "max_length": model.config.max_position_embeddings}
 
 
 def test_perplexity_equals_an_independent_computation(tmp_path):
