@@ -72,7 +72,8 @@ def test_generated_yamls_load_and_keep_the_shipped_templates(setup):
     # The synthetic Belebele task is the shipped template scored as a cloze: the passage, then each choice.
     assert bele.doc_to_target == shipped["belebele"]["doc_to_target"]
     assert bele.doc_to_text == "{{flores_passage}}" and bele.target_delimiter == " "
-    assert [m["metric"] for m in bele.metric_list] == ["acc", "acc_norm"]
+    assert [m["metric"] for m in bele.metric_list] == [m["metric"] for m in shipped["belebele"]["metric_list"]] + \
+        ["acc_mutual_info"]
 
 
 def test_harness_loglikelihoods_equal_the_models_own_forward(setup):
