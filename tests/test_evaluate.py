@@ -250,6 +250,19 @@ def test_prompts_longer_than_the_context_are_left_out_and_counted_not_truncated(
     assert sum(result["moelang"]["predictions"]["moelang_belebele_cat_Latn"]["acc"]) == fits.count(True)
 
 
+def test_shots_are_kept_while_nine_in_ten_prompts_fit(tmp_path):
+    _mirrored_belebele(tmp_path, [4] * 19 + [200])  # 1-shot prompts: about 40 words; one item of 200 words
+    options = {"tasks": ["belebele"], "belebele_shots": 1, "max_items": 5, "min_items": 5, "mirror": str(tmp_path / "m")}
+    tasks = ev.build_tasks({"ca": tmp_path / "ca.parquet"}, options, tmp_path / "tasks")
+    model = tiny_model("olmoe", seed=1).eval()
+    model.config.eos_token_id = model.config.bos_token_id = 2
+    result = ev.run_harness(model, word_tokenizer(), list(tasks), tmp_path / "tasks", 1,
+                            {"batch_size": 8, "seed": 0, "max_length": 60, "min_items": 5})
+    assert result["moelang"]["fit"]["moelang_belebele_cat_Latn"] == {"n_shot": 1, "n_docs": 20, "left_out": 1,
+                                                                      "max_length": 60}
+    assert result["n-shot"]["moelang_belebele_cat_Latn"] == 1
+
+
 def test_repeated_warnings_are_counted_and_summarised_once_per_kind():
     import logging
 

@@ -22,8 +22,9 @@ Task families (``evaluation.tasks``):
     published benchmarks. Measured on the embedded default: see ``synthetic_belebele``.
 
 Every prompt is fitted to the model's context (``fit_prompts``): the harness would cut a longer one
-from the left and score what is left. A task drops to fewer shots when fewer than ``min_items`` items
-fit, and the items that still do not fit are left out and counted. Scoring is the harness's
+from the left and score what is left. A task drops shots while fewer than nine in ten of its items
+(or fewer than ``min_items``) fit; the items that still do not fit are left out and
+counted. Scoring is the harness's
 (``lm_eval.simple_evaluate`` with a ``TaskManager``), never re-implemented. Its per-request warnings
 are counted and summarised once per kind at the end of the job (``repeated_warnings``). Perplexity is
 computed here: every held-out chunk is preceded by the end-of-text token and all of its tokens are
@@ -82,6 +83,8 @@ BELEBELE_COLUMNS = ["link", "question_number", "flores_passage", "question", "mc
 RESULTS_SCHEMA = {"model": pl.String, "method": pl.String, "lang": pl.String, "task": pl.String, "n_shot": pl.Int64,
                   "metric": pl.String, "value": pl.Float64, "stderr": pl.Float64, "n_items": pl.Int64,
                   "chance": pl.Float64, "p_chance": pl.Float64, "top_choice_share": pl.Float64, "n_left_out": pl.Int64}
+# A task drops few-shot examples until this share of its prompts fits the model's context.
+FIT_SHARE = 0.9
 # A score is "within noise of chance" when a one-sided binomial test cannot tell it from the chance level.
 CHANCE_ALPHA = 0.05
 
@@ -334,8 +337,9 @@ def fit_prompts(lm, manager, task_names: list[str], n_shot: int, options: dict) 
 
     The harness cuts a prompt longer than the model's positions from the left (the question goes first,
     then the passage) and scores what remains. Here each task's prompts are built by the harness itself
-    and counted with the model's tokenizer; with fewer than ``min_items`` fitting items the task drops to
-    fewer shots, and the items that still do not fit are left out and counted.
+    and counted with the model's tokenizer. While fewer than ``FIT_SHARE`` of the items (or fewer than
+    ``min_items``) fit, the task drops a shot: more items, comparable across models, before more shots.
+    The items that still do not fit are left out and counted.
     """
     seed = options.get("seed", 0)
     limit = options.get("limit")
@@ -351,7 +355,8 @@ def fit_prompts(lm, manager, task_names: list[str], n_shot: int, options: dict) 
             task.build_all_requests(limit=limit, rank=0, world_size=1)
             lengths = _request_lengths(lm, task)
             indices = sorted(i for i, n in lengths.items() if n <= budget)
-            if len(indices) >= min(options.get("min_items", 1), len(lengths)) or shots == 0:
+            needed = min(max(options.get("min_items", 1), math.ceil(FIT_SHARE * len(lengths))), len(lengths))
+            if len(indices) >= needed or shots == 0 or task.get_config("num_fewshot") == 0:
                 break
         fitted[name] = {"n_shot": int(task.get_config("num_fewshot") or 0), "n_docs": len(lengths),
                         "indices": indices, "left_out": len(lengths) - len(indices), "max_length": lm.max_length}
