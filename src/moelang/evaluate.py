@@ -335,7 +335,7 @@ def _request_lengths(lm, task) -> dict[int, int]:
 def fit_prompts(lm, manager, task_names: list[str], n_shot: int, options: dict) -> dict[str, dict]:
     """Which items fit the model's context, per task: ``{"n_shot", "n_docs", "indices", "left_out"}``.
 
-    The harness cuts a prompt longer than the model's positions from the left (the question goes first,
+    The harness cuts a prompt longer than the model's positions from the left (the few-shot examples go first,
     then the passage) and scores what remains. Here each task's prompts are built by the harness itself
     and counted with the model's tokenizer. While fewer than ``FIT_SHARE`` of the items (or fewer than
     ``min_items``) fit, the task drops a shot: more items, comparable across models, before more shots.
