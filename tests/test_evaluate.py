@@ -1,4 +1,6 @@
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -54,7 +56,7 @@ def test_synthetic_tasks_have_the_original_columns(setup):
     assert tasks["moelang_synthetic_blimp_es"]["synthetic"] is True
 
 
-def test_generated_yamls_load_and_keep_the_shipped_prompt(setup):
+def test_generated_yamls_load_and_keep_the_shipped_templates(setup):
     import yaml
     from lm_eval.tasks import TaskManager
 
@@ -67,8 +69,11 @@ def test_generated_yamls_load_and_keep_the_shipped_prompt(setup):
     assert blimp.doc_to_choice == shipped["multiblimp"]["doc_to_choice"]
     assert blimp.dataset_path == "parquet"
     bele = loaded["moelang_synthetic_belebele_es"].config
-    assert bele.doc_to_text == shipped["belebele"]["doc_to_text"]
-    assert [m["metric"] for m in bele.metric_list] == ["acc", "acc_norm"]
+    # The synthetic Belebele task is the shipped template scored as a cloze: the passage, then each choice.
+    assert bele.doc_to_target == shipped["belebele"]["doc_to_target"]
+    assert bele.doc_to_text == "{{flores_passage}}" and bele.target_delimiter == " "
+    assert [m["metric"] for m in bele.metric_list] == [m["metric"] for m in shipped["belebele"]["metric_list"]] + \
+        ["acc_mutual_info"]
 
 
 def test_harness_loglikelihoods_equal_the_models_own_forward(setup):
@@ -90,6 +95,33 @@ def test_harness_loglikelihoods_equal_the_models_own_forward(setup):
             assert harness == pytest.approx(lls, abs=1e-4)
             correct.append(lls[0] > lls[1])
     assert result["results"]["moelang_synthetic_blimp_es"]["acc,none"] == pytest.approx(np.mean(correct))
+
+
+def test_synthetic_belebele_mutual_information_equals_the_models_own_forward(setup):
+    root, tasks, model, tok = setup
+    name = "moelang_synthetic_belebele_es"
+    result = ev.run_harness(model, tok, [name], root / "tasks", 0, {"batch_size": 4, "seed": 0}, log_samples=True)
+
+    def loglikelihood(context: list[int], continuation: list[int]) -> float:
+        ids = context + continuation
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        return float(sum(logp[len(context) + i - 1, t] for i, t in enumerate(continuation)))
+
+    correct, picks = [], [0, 0, 0, 0]
+    for sample in result["samples"][name]:
+        doc = sample["doc"]
+        passage = tok(doc["flores_passage"], add_special_tokens=False)["input_ids"]
+        mutual = []
+        for j in range(1, 5):
+            choice = tok(doc[f"mc_answer{j}"], add_special_tokens=False)["input_ids"]
+            mutual.append(loglikelihood(passage, choice) - loglikelihood([2], choice))  # no context: end-of-text
+        picks[int(np.argmax(mutual))] += 1
+        correct.append(int(np.argmax(mutual)) + 1 == int(doc["correct_answer_num"]))
+    assert result["results"][name]["acc_mutual_info,none"] == pytest.approx(np.mean(correct))
+    assert result["moelang"]["predictions"][name]["acc_mutual_info"] == picks
+    assert result["moelang"]["fit"][name] == {"n_shot": 0, "n_docs": 28, "left_out": 0,
+                                              "max_length": model.config.max_position_embeddings}
 
 
 def test_perplexity_equals_an_independent_computation(tmp_path):
@@ -131,3 +163,178 @@ def test_mirrored_real_task_includes_the_shipped_template(tmp_path):
                                                 "mirror": str(tmp_path / "m" / "multiblimp" / "cat.parquet")}}
     task = TaskManager(include_path=str(tmp_path / "tasks" / "yaml")).load(["moelang_multiblimp_cat"])["tasks"]
     assert task["moelang_multiblimp_cat"].config.doc_to_choice == "{{[sen,wrong_sen]}}"
+
+
+def test_synthetic_belebele_groups_share_their_choices_so_a_passage_blind_model_scores_chance():
+    rng = np.random.default_rng(3)
+    docs = [(f"d{i}", " ".join(rng.choice(WORDS, rng.integers(6, 20)))) for i in range(50)]
+    table = ev.synthetic_belebele("es", docs, max_items=40)
+    assert table.height == 40
+    halves = {f"moelang-synthetic:{d}": t.split() for d, t in docs}
+    blind, answers = [], []
+    for start in range(0, table.height, 4):
+        group = table.slice(start, 4).to_dicts()
+        choices = [[row[f"mc_answer{j}"] for j in range(1, 5)] for row in group]
+        assert all(c == choices[0] for c in choices) and len(set(choices[0])) == 4
+        answers += sorted(int(row["correct_answer_num"]) for row in group)
+        for row in group:
+            words = halves[row["link"]]
+            assert row["flores_passage"].split() == words[:len(words) // 2]
+            assert row[f"mc_answer{row['correct_answer_num']}"].split() == words[len(words) // 2:]
+            # A model that ignores the passage: the same choice (here the longest) for every item of a group.
+            blind.append(int(np.argmax([len(c) for c in choices[0]])) + 1 == int(row["correct_answer_num"]))
+    assert answers == [1, 2, 3, 4] * 10
+    assert np.mean(blind) == 0.25
+
+
+def test_task_yamls_survive_a_directory_with_a_yaml_comment_in_its_name(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    root = tmp_path / "a #b"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    docs = [" ".join(rng.choice(WORDS, rng.integers(6, 14))) for _ in range(40)]
+    pl.DataFrame({"doc_id": [f"d{i}" for i in range(40)], "lang": ["es"] * 40, "text": docs,
+                  "split": ["heldout"] * 40}).write_parquet(root / "es.parquet")
+    options = {"tasks": ["synthetic_blimp", "synthetic_belebele"], "belebele_shots": 1, "max_items": 20, "min_items": 4}
+    tasks = ev.build_tasks({"es": root / "es.parquet"}, options, root / "tasks")
+    loaded = TaskManager(include_path=str(root / "tasks" / "yaml")).load(list(tasks))["tasks"]
+    for name, entry in tasks.items():
+        assert len(list(loaded[name].test_docs())) == entry["n_items"] == 20
+        assert "a #b" in str(loaded[name].config.dataset_kwargs["data_files"])
+
+
+def _mirrored_belebele(tmp_path, passage_lengths):
+    """A local Belebele mirror for 'ca' whose prompts have known word counts (the word tokenizer gives
+    one token per whitespace-separated word)."""
+    rng = np.random.default_rng(5)
+    (tmp_path / "m" / "belebele").mkdir(parents=True)
+    rows = [{"link": f"l{i}", "question_number": "1", "flores_passage": " ".join(rng.choice(WORDS, n)),
+             "question": "w3 w4", **{f"mc_answer{j}": str(rng.choice(WORDS)) for j in range(1, 5)},
+             "correct_answer_num": str(1 + i % 4), "dialect": "cat_Latn", "ds": "x"} for i, n in enumerate(passage_lengths)]
+    pl.DataFrame(rows, schema={c: pl.String for c in ev.BELEBELE_COLUMNS}).write_parquet(
+        tmp_path / "m" / "belebele" / "cat_Latn.parquet")
+    pl.DataFrame({"doc_id": ["a"], "lang": ["ca"], "text": ["x y z"], "split": ["heldout"]}).write_parquet(tmp_path / "ca.parquet")
+    return rows
+
+
+def test_prompts_longer_than_the_context_are_left_out_and_counted_not_truncated(tmp_path):
+    import logging
+
+    lengths = [60] + list(range(2, 58, 2))  # the first item is each prompt's 1-shot example: too long for any
+    rows = _mirrored_belebele(tmp_path, lengths)
+    options = {"tasks": ["belebele"], "belebele_shots": 1, "max_items": 5, "min_items": 5, "mirror": str(tmp_path / "m")}
+    tasks = ev.build_tasks({"ca": tmp_path / "ca.parquet"}, options, tmp_path / "tasks")
+    model = tiny_model("olmoe", seed=1).eval()
+    model.config.eos_token_id = model.config.bos_token_id = 2
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("lm_eval").addHandler(handler)
+    try:
+        result = ev.run_harness(model, word_tokenizer(), list(tasks), tmp_path / "tasks", 1,
+                                {"batch_size": 4, "seed": 0, "max_length": 40, "min_items": 5}, log_samples=True)
+    finally:
+        logging.getLogger("lm_eval").removeHandler(handler)
+    # Independent count, 0 shots: "P:" passage "Q:" question, four "X:" answer lines, "Answer:", then the letter.
+    fits = [len(ev_prompt.split()) + 1 <= 41 for ev_prompt in (
+        f"P: {r['flores_passage']}\nQ: {r['question']}\nA: {r['mc_answer1']}\nB: {r['mc_answer2']}\n"
+        f"C: {r['mc_answer3']}\nD: {r['mc_answer4']}\nAnswer:" for r in rows)]
+    fit = result["moelang"]["fit"]["moelang_belebele_cat_Latn"]
+    assert fit["n_shot"] == 0  # with its 60-word example no 1-shot prompt fits 40 positions
+    assert fit["left_out"] == fits.count(False) == 16 and fit["n_docs"] == len(rows)
+    assert result["n-samples"]["moelang_belebele_cat_Latn"]["effective"] == fits.count(True)
+    assert sorted(s["doc_id"] for s in result["samples"]["moelang_belebele_cat_Latn"]) == \
+        [i for i, ok in enumerate(fits) if ok]
+    assert not [r for r in records if "Truncating" in r.getMessage()]
+    assert sum(result["moelang"]["predictions"]["moelang_belebele_cat_Latn"]["acc"]) == fits.count(True)
+
+
+def test_shots_are_kept_while_nine_in_ten_prompts_fit(tmp_path):
+    _mirrored_belebele(tmp_path, [4] * 19 + [200])  # 1-shot prompts: about 40 words; one item of 200 words
+    options = {"tasks": ["belebele"], "belebele_shots": 1, "max_items": 5, "min_items": 5, "mirror": str(tmp_path / "m")}
+    tasks = ev.build_tasks({"ca": tmp_path / "ca.parquet"}, options, tmp_path / "tasks")
+    model = tiny_model("olmoe", seed=1).eval()
+    model.config.eos_token_id = model.config.bos_token_id = 2
+    result = ev.run_harness(model, word_tokenizer(), list(tasks), tmp_path / "tasks", 1,
+                            {"batch_size": 8, "seed": 0, "max_length": 60, "min_items": 5})
+    assert result["moelang"]["fit"]["moelang_belebele_cat_Latn"] == {"n_shot": 1, "n_docs": 20, "left_out": 1,
+                                                                      "max_length": 60}
+    assert result["n-shot"]["moelang_belebele_cat_Latn"] == 1
+
+
+def test_repeated_warnings_are_counted_and_summarised_once_per_kind():
+    import logging
+
+    seen, summary = [], []
+    catch, note = logging.Handler(), logging.Handler()
+    catch.emit, note.emit = seen.append, summary.append
+    logging.getLogger("lm_eval").addHandler(catch)
+    logging.getLogger("moelang").addHandler(note)
+    hf = logging.getLogger("lm_eval.models.huggingface")
+    level = hf.level
+    hf.setLevel(logging.INFO)
+    try:
+        with ev.repeated_warnings():
+            for i in range(500):
+                hf.warning(f"Combined length of context ({500 + i}) and continuation (1) exceeds model's maximum "
+                           f"length (512). Truncating {i + 2} tokens from the left.")
+            hf.warning("a different warning")
+            hf.info("progress %d", 1)
+            hf.info("progress %d", 2)
+        hf.warning("after the job: printed again")
+    finally:
+        logging.getLogger("lm_eval").removeHandler(catch)
+        logging.getLogger("moelang").removeHandler(note)
+        hf.setLevel(level)
+    messages = [r.getMessage() for r in seen]
+    assert sum("Truncating" in m for m in messages) == 1
+    assert messages.count("a different warning") == 1 and messages.count("after the job: printed again") == 1
+    assert [m for m in messages if m.startswith("progress")] == ["progress 1", "progress 2"]  # info is not counted
+    lines = [r.getMessage() for r in summary]
+    assert len(lines) == 1 and "repeated 499 more times" in lines[0] and "Truncating N tokens" in lines[0]
+
+
+def _fake_eval(tmp_path, models, accuracies, picks):
+    """results/eval as the evaluate jobs leave it: one synthetic Belebele task per language."""
+    tasks = {f"moelang_synthetic_belebele_{lang}": {"family": "synthetic_belebele", "lang": lang, "n_shot": 0,
+                                                    "synthetic": True} for lang in ("es", "ca")}
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tasks.json").write_text(json.dumps(tasks))
+    for name in models:
+        (tmp_path / name).mkdir()
+        results = {t: {"acc,none": accuracies[name], "acc_norm,none": accuracies[name], "acc_stderr,none": 0.04,
+                       "acc_norm_stderr,none": 0.04} for t in tasks}
+        (tmp_path / name / "synthetic_belebele.json").write_text(json.dumps({
+            "results": results, "n-samples": {t: {"effective": 100, "original": 104} for t in tasks},
+            "moelang": {"fit": {t: {"n_shot": 0, "n_docs": 104, "left_out": 4, "max_length": 512} for t in tasks},
+                        "predictions": {t: {"acc": picks[name], "acc_norm": picks[name]} for t in tasks}}}))
+    return tasks
+
+
+def test_models_sort_by_step_and_results_flag_chance_and_constant_answers(tmp_path):
+    import math
+
+    models = {"cpt-step200": {"method": "cpt"}, "lora": {"method": "lora"}, "cpt-step50": {"method": "cpt"},
+              "cpt-step0": {"method": "base"}, "cpt-step1000": {"method": "cpt"}}
+    accuracies = {"cpt-step0": 0.25, "cpt-step50": 0.31, "cpt-step200": 0.36, "cpt-step1000": 0.45, "lora": 0.28}
+    picks = {name: [25, 25, 25, 25] for name in models} | {"cpt-step0": [100, 0, 0, 0]}
+    _fake_eval(tmp_path, models, accuracies, picks)
+    table = ev.summarize(tmp_path, models, tmp_path / "tasks", ["synthetic_belebele"], ["es"], ["ca"], "cpt-step0")
+    order = ["cpt-step0", "cpt-step50", "cpt-step200", "cpt-step1000", "lora"]
+    assert table["model"].unique(maintain_order=True).to_list() == order
+    assert pl.read_parquet(tmp_path / "results.parquet").schema == pl.Schema(ev.RESULTS_SCHEMA)
+    # One-sided binomial tail, computed here independently of scipy.
+    for name, acc in accuracies.items():
+        k = round(acc * 100)
+        tail = sum(math.comb(100, j) * 0.25 ** j * 0.75 ** (100 - j) for j in range(k, 101))
+        assert table.filter(pl.col("model") == name)["p_chance"].to_list() == pytest.approx([tail] * 4, rel=1e-9)
+    assert (table["chance"] == 0.25).all() and (table["n_left_out"] == 4).all()
+    summary = (tmp_path / "summary.md").read_text()
+    rows = [line.split(" | ")[0].lstrip("| ") for line in summary.splitlines() if line.startswith("| cpt-") or line.startswith("| lora")]
+    assert rows == order
+    flags = [line for line in summary.splitlines() if line.startswith("- ")]
+    # 0.25, 0.31 and 0.28 of 100 items: within noise of 1/4 (p = 0.55, 0.10, 0.28); 0.36 and 0.45 are not.
+    assert {f.split(":")[0][2:] for f in flags if "within noise of chance" in f} == {"cpt-step0", "cpt-step50", "lora"}
+    assert [f for f in flags if "same choice for every item" in f] == ["- cpt-step0: the same choice for every item (ca, es)"]
+    assert "| cpt-step1000 | cpt | - | 0.450 | 0.450 | 0.450 | 2/2 | +0.200 |" in summary

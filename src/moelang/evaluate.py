@@ -10,35 +10,55 @@ Task families (``evaluation.tasks``):
     dataset path, files and splits, so prompts and metrics stay the harness's own.
 ``synthetic_blimp`` / ``synthetic_belebele`` (the embedded default; offline)
     two small tasks **labelled synthetic**, built by the pipeline from each language's held-out
-    corpus in the formats of the real ones and run through the same shipped templates: a
-    MultiBLiMP-format minimal pair (a held-out sentence vs the same sentence with two adjacent words
-    swapped) and a Belebele-format multiple choice (the first half of a held-out document as the
-    passage, "which text continues the passage?", its second half among three second halves of other
-    documents). They measure a model's grip on each language's word order and local coherence; they
-    are not the published benchmarks.
+    corpus in the formats of the real ones and run through the shipped templates: a MultiBLiMP-format
+    minimal pair (a held-out sentence vs the same sentence with two adjacent words swapped) and a
+    Belebele-format multiple choice (the first half of a held-out document as the passage; which of
+    four second halves continues it?). The Belebele-format items come in groups of four documents that
+    share their four choices, so a model that ignores the passage scores exactly 1/4, and they are
+    scored as a cloze (each choice's log-likelihood after the passage, no shots) rather than through the
+    letter prompt ("P: ... A: ... Answer:"), which asks for an ability tiny base models lack; the
+    headline metric is ``acc_mutual_info`` (the passage's gain in each choice's log-likelihood). They
+    measure a model's grip on each language's word order and local coherence; they are not the
+    published benchmarks. Measured on the embedded default: see ``synthetic_belebele``.
 
-Scoring is the harness's (``lm_eval.simple_evaluate`` with a ``TaskManager``), never re-implemented.
-Perplexity is computed here: every held-out chunk is preceded by the end-of-text token and all of its
-tokens are predicted; ``exp(total NLL / tokens)`` per language.
+Every prompt is fitted to the model's context (``fit_prompts``): the harness would cut a longer one
+from the left and score what is left. A task drops shots while fewer than nine in ten of its items
+(or fewer than ``min_items``) fit; the items that still do not fit are left out and
+counted. Scoring is the harness's
+(``lm_eval.simple_evaluate`` with a ``TaskManager``), never re-implemented. Its per-request warnings
+are counted and summarised once per kind at the end of the job (``repeated_warnings``). Perplexity is
+computed here: every held-out chunk is preceded by the end-of-text token and all of its tokens are
+predicted; ``exp(total NLL / tokens)`` per language.
 
 Outputs
 -------
 ``results/eval/tasks/``: the local task data (``data/*.parquet``), YAMLs and ``tasks.json``
 (task -> family, language, shots).
-``results/eval/{model}/{family}.json``: the harness's own results (samples left out).
+``results/eval/{model}/{family}.json``: the harness's own results (samples left out) and ``moelang``:
+per task ``fit`` (``n_shot`` used, ``n_docs``, ``left_out``, ``max_length``) and ``predictions`` (how
+often each choice was the model's answer).
 ``results/eval/{model}/perplexity.parquet``: lang, n_tokens, nll, perplexity.
 ``results/eval/results.parquet``: ``model``, ``method``, ``lang``, ``task``, ``n_shot`` int64,
-``metric`` (``acc``, ``acc_norm``, ``perplexity``), ``value``, ``stderr`` (null for perplexity),
-``n_items`` int64.
+``metric`` (``acc``, ``acc_norm``, ``acc_mutual_info`` for the synthetic Belebele-format task,
+``perplexity``), ``value``, ``stderr`` (null for perplexity),
+``n_items`` int64 (items scored), ``chance`` (the task's chance level), ``p_chance`` (one-sided binomial
+test of the score against chance), ``top_choice_share`` (share of items answered with the most
+frequent choice; 1 = constant), ``n_left_out`` int64 (items longer than the model's context); the last
+four are null for perplexity. Rows are in model order: the base model, CPT steps ascending, the rest.
 ``results/eval/summary.md``: per method the mean over high-resource, low-resource and all languages,
-the trainable fraction, and the change on the old (high-resource) languages against the base model.
+the trainable fraction, the languages scored above chance, and the change on the old (high-resource)
+languages against the base model; below each table the flags: scores within noise of chance,
+constant answers, items left out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +81,12 @@ BLIMP_COLUMNS = ["sen", "wrong_sen", "prefix", "phenomenon", "lang", "grammatica
 BELEBELE_COLUMNS = ["link", "question_number", "flores_passage", "question", "mc_answer1", "mc_answer2", "mc_answer3",
                     "mc_answer4", "correct_answer_num", "dialect", "ds"]
 RESULTS_SCHEMA = {"model": pl.String, "method": pl.String, "lang": pl.String, "task": pl.String, "n_shot": pl.Int64,
-                  "metric": pl.String, "value": pl.Float64, "stderr": pl.Float64, "n_items": pl.Int64}
+                  "metric": pl.String, "value": pl.Float64, "stderr": pl.Float64, "n_items": pl.Int64,
+                  "chance": pl.Float64, "p_chance": pl.Float64, "top_choice_share": pl.Float64, "n_left_out": pl.Int64}
+# A task drops few-shot examples until this share of its prompts fits the model's context.
+FIT_SHARE = 0.9
+# A score is "within noise of chance" when a one-sided binomial test cannot tell it from the chance level.
+CHANCE_ALPHA = 0.05
 
 
 def shipped_template(family: str) -> Path:
@@ -102,36 +127,84 @@ def synthetic_blimp(lang: str, docs: list[tuple[str, str]], max_items: int, max_
 
 def synthetic_belebele(lang: str, docs: list[tuple[str, str]], max_items: int, max_words: int = 40,
                        min_words: int = 6) -> pl.DataFrame:
-    """Multiple choice: which of four texts continues the passage (the first half of a held-out document)?"""
-    halves = []
+    """Multiple choice: which of four texts continues the passage (the first half of a held-out document)?
+
+    Items come in groups of four documents. Each document's first half is the passage of one item and
+    the four items of a group share the same four choices (the group's second halves, in one shuffled
+    order), so each answer position occurs once per group. A model that ignores the passage (or that
+    always picks one position) prefers the same choice in all four items and scores exactly 1/4: what
+    lifts a score above 1/4 is the passage. Scored by ``acc_mutual_info`` (``CLOZE_OVERRIDES``).
+
+    Measured on the embedded default (CPT checkpoints of ``config/config.yaml``, 11 languages with
+    enough items, 56-100 items each, CPU):
+
+    ========== ============================== ===================================================
+    checkpoint before: letter prompt, 4 shots  after: grouped cloze, acc_mutual_info
+               (mean acc_norm; constant langs) (mean HR / LR / all; languages above chance, p<.05)
+    ========== ============================== ===================================================
+    step 0     0.205; 10 of 11                 0.303 / 0.296 / 0.300; 1 of 11 (en 0.55)
+    step 200   0.257; 11 of 11                 0.333 / 0.272 / 0.311; 3 of 11
+    step 400   0.282; 3 of 11                  0.370 / 0.287 / 0.340; 6 of 11
+    step 600   0.276; 1 of 11                  0.381 / 0.290 / 0.348; 7 of 11
+    step 800   0.210; 6 of 11                  0.390 / 0.284 / 0.351; 8 of 11 (es 0.43, ru 0.39)
+    ========== ============================== ===================================================
+
+    Before, every 4-shot prompt overflowed the 512 positions (859 "Truncating" warnings per model)
+    and most languages got one letter for every item: answer-letter bias, not reading. After, no
+    prompt is cut; the trained languages rise with CPT and the untrained targets et, sk, uk stay
+    within noise of 1/4. The same items scored by ``acc_norm`` stay at 0.27-0.29 for every
+    checkpoint: the shared choices' own likelihoods decide.
+    """
+    halves, seen = [], set()
     for doc_id, text in docs:
         words = text.split()
         if min_words <= len(words) <= max_words:
             cut = len(words) // 2
-            halves.append((doc_id, " ".join(words[:cut]), " ".join(words[cut:])))
+            passage, continuation = " ".join(words[:cut]), " ".join(words[cut:])
+            if passage in seen or continuation in seen:
+                continue  # a repeated half would make an item with two right answers
+            seen.update((passage, continuation))
+            halves.append((doc_id, passage, continuation))
     rows = []
-    if len(halves) < 4:
-        return pl.DataFrame(rows, schema={c: pl.String for c in BELEBELE_COLUMNS})
-    for k, (doc_id, passage, continuation) in enumerate(halves[:max_items]):
-        rng = _rng("belebele", doc_id)
-        others = [h[2] for j, h in enumerate(halves) if j != k and h[2] != continuation]
-        distractors = [others[j] for j in rng.choice(len(others), size=3, replace=False)]
-        answer = int(rng.integers(4))
-        choices = distractors[:answer] + [continuation] + distractors[answer:]
-        rows.append({"link": f"moelang-synthetic:{doc_id}", "question_number": str(k), "flores_passage": passage,
-                     "question": "Which text continues the passage?", "mc_answer1": choices[0], "mc_answer2": choices[1],
-                     "mc_answer3": choices[2], "mc_answer4": choices[3], "correct_answer_num": str(answer + 1),
-                     "dialect": lang, "ds": "moelang-synthetic"})
+    for start in range(0, min(len(halves), max_items) // 4 * 4, 4):
+        group = halves[start:start + 4]
+        order = [int(i) for i in _rng("belebele", *(h[0] for h in group)).permutation(4)]
+        choices = [group[i][2] for i in order]
+        for k, (doc_id, passage, _) in enumerate(group):
+            rows.append({"link": f"moelang-synthetic:{doc_id}", "question_number": str(start + k),
+                         "flores_passage": passage, "question": "Which text continues the passage?",
+                         "mc_answer1": choices[0], "mc_answer2": choices[1], "mc_answer3": choices[2],
+                         "mc_answer4": choices[3], "correct_answer_num": str(order.index(k) + 1),
+                         "dialect": lang, "ds": "moelang-synthetic"})
     return pl.DataFrame(rows, schema={c: pl.String for c in BELEBELE_COLUMNS})
 
 
-def _task_yaml(family: str, task: str, data_file: Path, split: str, tag: str) -> str:
-    lines = [f"include: {shipped_template(family)}", f"task: {task}", f"tag: {tag}", "dataset_path: parquet",
-             "dataset_name: null", "dataset_kwargs:", "  data_files:", f"    {split}: {data_file.resolve()}",
-             f"test_split: {split}"]
+# The synthetic Belebele task is scored as a cloze: the passage, then each choice's log-likelihood as its
+# continuation (the data keep Belebele's columns). A letter prompt ("P: ... A: ... Answer:") asks for an
+# ability that tiny base models do not have. Its headline metric is acc_mutual_info, the harness's
+# log P(choice | passage) - log P(choice): a continuation's own likelihood (its length, its words) would
+# otherwise decide between the four shared choices, whatever the passage.
+CLOZE_OVERRIDES = {"doc_to_text": "{{flores_passage}}",
+                   "doc_to_choice": "{{[mc_answer1, mc_answer2, mc_answer3, mc_answer4]}}",
+                   "target_delimiter": " ", "doc_to_decontamination_query": "{{flores_passage}}",
+                   "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                   for m in ("acc", "acc_norm", "acc_mutual_info")]}
+# Chance level of each family: one over the number of choices.
+CHANCE = {"synthetic_blimp": 0.5, "multiblimp": 0.5, "synthetic_belebele": 0.25, "belebele": 0.25}
+
+
+def _task_yaml(family: str, task: str, data_file: Path, split: str, tag: str, overrides: dict | None = None) -> str:
+    """A task YAML that includes the shipped template. Written by a YAML library: paths may hold
+    characters that YAML reads as syntax (``#``, ``:``, quotes)."""
+    import yaml
+
+    spec = {"include": str(shipped_template(family)), "task": task, "tag": tag, "dataset_path": "parquet",
+            "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(data_file.resolve())}},
+            "test_split": split}
     if family == "belebele":
-        lines.append(f"fewshot_split: {split}")
-    return "\n".join(lines) + "\n"
+        spec["fewshot_split"] = split
+    spec.update(overrides or {})
+    return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
 
 
 def build_tasks(corpus_files: dict[str, str | Path], options: dict, out_dir: str | Path) -> dict:
@@ -139,8 +212,9 @@ def build_tasks(corpus_files: dict[str, str | Path], options: dict, out_dir: str
     out_dir = Path(out_dir)
     tasks: dict[str, dict] = {}
     families = options["tasks"]
-    shots = {"synthetic_blimp": 0, "multiblimp": 0, "synthetic_belebele": options["belebele_shots"],
-             "belebele": options["belebele_shots"]}
+    # The cloze-scored synthetic Belebele task runs without shots: examples of other passages add length,
+    # not information, for a base model.
+    shots = {"synthetic_blimp": 0, "multiblimp": 0, "synthetic_belebele": 0, "belebele": options["belebele_shots"]}
     with atomic_dir(out_dir) as tmp:
         (tmp / "data").mkdir(parents=True)
         (tmp / "yaml").mkdir()
@@ -162,8 +236,10 @@ def build_tasks(corpus_files: dict[str, str | Path], options: dict, out_dir: str
                     table.write_parquet(data)
                     template = "multiblimp" if family == "synthetic_blimp" else "belebele"
                     split = "train" if template == "multiblimp" else "test"
+                    overrides = CLOZE_OVERRIDES if family == "synthetic_belebele" else None
                     (tmp / "yaml" / f"{name}.yaml").write_text(
-                        _task_yaml(template, name, out_dir / "data" / data.name, split, f"moelang_{family}"))
+                        _task_yaml(template, name, out_dir / "data" / data.name, split, f"moelang_{family}", overrides),
+                        encoding="utf-8")
                     tasks[name] = {"family": family, "lang": lang, "n_shot": shots[family], "n_items": table.height,
                                    "synthetic": True}
                 else:
@@ -192,7 +268,8 @@ def _real_task(family: str, lang: str, options: dict, tmp: Path, out_dir: Path) 
                            f"columns, or unset evaluation.mirror to read it from the hub")
     local = f"moelang_{name}"
     split = "test" if family == "belebele" else "train"
-    (tmp / "yaml" / f"{local}.yaml").write_text(_task_yaml(family, local, data, split, f"moelang_{family}"))
+    (tmp / "yaml" / f"{local}.yaml").write_text(_task_yaml(family, local, data, split, f"moelang_{family}"),
+                                              encoding="utf-8")
     return local, {"mirror": str(data)}
 
 
@@ -200,19 +277,151 @@ def _real_task(family: str, lang: str, options: dict, tmp: Path, out_dir: Path) 
 # Running a model
 # --------------------------------------------------------------------------------------------------
 
+class RepeatedWarnings(logging.Filter):
+    """Lets the first record of each kind through and counts the rest; ``summary_lines`` names each
+    repeated kind once. A kind is the logger, the level and the message with its numbers blanked:
+    lm-eval and transformers log per request ("Truncating 37 tokens from the left."), thousands of
+    lines for one cause."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[tuple[str, str, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        kind = (record.name, record.levelname, re.sub(r"\d+(\.\d+)?", "N", record.getMessage()))
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        return self.counts[kind] == 1
+
+    def summary_lines(self) -> list[str]:
+        return [f"{name}: {level.lower()} repeated {n - 1} more times after the first: {message}"
+                for (name, level, message), n in sorted(self.counts.items(), key=lambda kv: -kv[1]) if n > 1]
+
+
+@contextlib.contextmanager
+def repeated_warnings(prefixes: tuple[str, ...] = ("lm_eval", "transformers")):
+    """Counts repeated warnings of the loggers under ``prefixes`` and logs one line per repeated kind
+    at the end. A logger's filters see only the records created by that logger, so the filter goes on
+    every such logger that exists on entry (importing lm-eval creates them all)."""
+    counter = RepeatedWarnings()
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] in prefixes]
+    loggers = [logging.getLogger(n) for n in sorted(set(names) | set(prefixes))]
+    for logger in loggers:
+        logger.addFilter(counter)
+    try:
+        yield counter
+    finally:
+        for logger in loggers:
+            logger.removeFilter(counter)
+        for line in counter.summary_lines():
+            log.warning("evaluation: %s", line)
+
+
+def _request_lengths(lm, task) -> dict[int, int]:
+    """doc id -> tokens of its longest request (context + continuation), encoded as the harness
+    encodes them (an empty context is the prefix token)."""
+    lengths: dict[int, int] = {}
+    for instance in task.instances:
+        context, continuation = instance.args[:2]
+        if context == "":
+            n = len(lm.tok_encode(continuation, add_special_tokens=False)) + 1
+        else:
+            n = sum(map(len, lm._encode_pair(context, continuation)))
+        lengths[instance.doc_id] = max(lengths.get(instance.doc_id, 0), n)
+    return lengths
+
+
+def fit_prompts(lm, manager, task_names: list[str], n_shot: int, options: dict) -> dict[str, dict]:
+    """Which items fit the model's context, per task: ``{"n_shot", "n_docs", "indices", "left_out"}``.
+
+    The harness cuts a prompt longer than the model's positions from the left (the few-shot examples go first,
+    then the passage) and scores what remains. Here each task's prompts are built by the harness itself
+    and counted with the model's tokenizer. While fewer than ``FIT_SHARE`` of the items (or fewer than
+    ``min_items``) fit, the task drops a shot: more items, comparable across models, before more shots.
+    The items that still do not fit are left out and counted.
+    """
+    seed = options.get("seed", 0)
+    limit = options.get("limit")
+    # The harness truncates when context + continuation exceed max_length + 1 (the last token is not fed).
+    budget = lm.max_length + 1
+    fitted = {}
+    for name in task_names:
+        for shots in range(n_shot, -1, -1):
+            task = manager.load([name])["tasks"][name]
+            if task.get_config("num_fewshot") != 0:  # as the harness: a task's own 0 shots are kept
+                task.set_config(key="num_fewshot", value=shots)
+            task.set_fewshot_seed(seed=seed)
+            task.build_all_requests(limit=limit, rank=0, world_size=1)
+            lengths = _request_lengths(lm, task)
+            indices = sorted(i for i, n in lengths.items() if n <= budget)
+            needed = min(max(options.get("min_items", 1), math.ceil(FIT_SHARE * len(lengths))), len(lengths))
+            if len(indices) >= needed or shots == 0 or task.get_config("num_fewshot") == 0:
+                break
+        fitted[name] = {"n_shot": int(task.get_config("num_fewshot") or 0), "n_docs": len(lengths),
+                        "indices": indices, "left_out": len(lengths) - len(indices), "max_length": lm.max_length}
+        if fitted[name]["left_out"] or fitted[name]["n_shot"] < n_shot:
+            log.warning("evaluation: %s: %d of %d items fit %d positions with %d shots (asked for %d); %d left out",
+                        name, len(indices), len(lengths), lm.max_length, fitted[name]["n_shot"], n_shot,
+                        fitted[name]["left_out"])
+    return fitted
+
+
+def _prediction_counts(samples: list[dict], delimiter: str) -> dict[str, list[int]]:
+    """Per metric, how often each choice was the model's answer, with the harness's rules: the argmax
+    of the log-likelihoods (``acc``), of them per character of the choice (``acc_norm``), of them
+    minus the choice's log-likelihood without context (``acc_mutual_info``: the second half of the
+    requests)."""
+    counts: dict[str, list[int]] = {}
+    for sample in samples:
+        lls = np.array([r[0] for r in sample["filtered_resps"]], dtype=float)
+        mutual = "acc_mutual_info" in sample.get("metrics", [])
+        n = len(lls) // 2 if mutual else len(lls)
+        chars = np.array([max(1, len(args[1]) - len(delimiter)) for args in sample["arguments"][:n]], dtype=float)
+        picks = {"acc": np.argmax(lls[:n]), "acc_norm": np.argmax(lls[:n] / chars)}
+        if mutual:
+            picks["acc_mutual_info"] = np.argmax(lls[:n] - lls[n:])
+        for metric, pick in picks.items():
+            counts.setdefault(metric, [0] * n)[int(pick)] += 1
+    return counts
+
+
 def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n_shot: int, options: dict,
                 log_samples: bool = False) -> dict:
+    """The harness on the items that fit the model's context. Returns simple_evaluate's dict (merged
+    over the shot counts used) with ``moelang``: per task its ``fit`` (shots, items left out) and
+    ``predictions`` (how often each choice was picked)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(Path(task_dir) / "yaml"))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.get("batch_size", 16),
-              max_length=options.get("max_length"))
-    return lm_eval.simple_evaluate(model=lm, tasks=task_names, task_manager=manager, num_fewshot=n_shot,
-                                   limit=options.get("limit"), log_samples=log_samples, random_seed=options.get("seed", 0),
-                                   numpy_random_seed=options.get("seed", 0), torch_random_seed=options.get("seed", 0),
-                                   fewshot_random_seed=options.get("seed", 0), bootstrap_iters=options.get("bootstrap_iters", 1000))
+    seed = options.get("seed", 0)
+    with repeated_warnings():
+        manager = TaskManager(include_path=str(Path(task_dir) / "yaml"))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.get("batch_size", 16),
+                  max_length=options.get("max_length"))
+        fitted = fit_prompts(lm, manager, task_names, n_shot, options)
+        merged: dict = {"moelang": {"fit": fitted, "predictions": {}}}
+        for shots in sorted({f["n_shot"] for f in fitted.values()}, reverse=True):
+            names = [n for n in task_names if fitted[n]["n_shot"] == shots and fitted[n]["indices"]]
+            if not names:
+                continue
+            result = lm_eval.simple_evaluate(
+                model=lm, tasks=names, task_manager=manager, num_fewshot=shots,
+                samples={n: fitted[n]["indices"] for n in names}, log_samples=True, random_seed=seed,
+                numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                bootstrap_iters=options.get("bootstrap_iters", 1000))
+            for key, value in result.items():
+                if isinstance(value, dict):
+                    merged.setdefault(key, {}).update(value)
+            for name, samples in result.get("samples", {}).items():
+                delimiter = result.get("configs", {}).get(name, {}).get("target_delimiter", " ")
+                merged["moelang"]["predictions"][name] = _prediction_counts(samples, delimiter)
+    for name in task_names:
+        merged["moelang"]["fit"][name].pop("indices")
+    if not log_samples:
+        merged.pop("samples", None)
+    return merged
 
 
 @torch.no_grad()
@@ -256,7 +465,8 @@ def evaluate_model(model_ref: str, family: str, tasks: dict, task_dir: str | Pat
         return
     shots = {tasks[n]["n_shot"] for n in names}
     result = run_harness(model, tokenizer, names, task_dir, shots.pop(), options)
-    keep = {k: result[k] for k in ("results", "configs", "versions", "n-shot", "n-samples", "higher_is_better") if k in result}
+    keep = {k: result[k] for k in ("results", "configs", "versions", "n-shot", "n-samples", "higher_is_better", "moelang")
+            if k in result}
     write_json(json.loads(json.dumps(keep, default=str)), out_path)
 
 
@@ -264,28 +474,63 @@ def evaluate_model(model_ref: str, family: str, tasks: dict, task_dir: str | Pat
 # The results table and summary
 # --------------------------------------------------------------------------------------------------
 
+def model_order(models: dict[str, dict]) -> list[str]:
+    """The base model first, then CPT checkpoints by step (``cpt-step200`` after ``cpt-step50``), then
+    the other models by name."""
+    def key(name: str):
+        step = re.fullmatch(r"cpt-step(\d+)", name)
+        if models[name].get("method") == "base":
+            return (0, int(step.group(1)) if step else 0, name)
+        return (1, int(step.group(1)), name) if step else (2, 0, name)
+
+    return sorted(models, key=key)
+
+
+def p_above_chance(value: float, n_items: int | None, chance: float) -> float | None:
+    """One-sided binomial test: the probability that guessing at ``chance`` scores ``value`` or more
+    on ``n_items`` items."""
+    from scipy.stats import binomtest
+
+    if not n_items:
+        return None
+    return float(binomtest(round(value * n_items), n_items, chance, alternative="greater").pvalue)
+
+
 def collect(eval_dir: str | Path, models: dict[str, dict], tasks: dict, families: list[str]) -> pl.DataFrame:
     eval_dir = Path(eval_dir)
     rows = []
-    for name, entry in models.items():
+    for name in model_order(models):
+        entry = models[name]
         for family in families:
             data = json.loads((eval_dir / name / f"{family}.json").read_text())
+            own = data.get("moelang", {})
             for task, metrics in data.get("results", {}).items():
                 if task not in tasks:
                     continue
                 n_items = (data.get("n-samples", {}).get(task) or {}).get("effective")
-                for metric in ("acc", "acc_norm"):
+                n_shot = (own.get("fit", {}).get(task) or {}).get("n_shot", tasks[task]["n_shot"])
+                left_out = (own.get("fit", {}).get(task) or {}).get("left_out")
+                picks = own.get("predictions", {}).get(task, {})
+                chance = CHANCE.get(tasks[task]["family"])
+                for metric in ("acc", "acc_norm", "acc_mutual_info"):
                     if f"{metric},none" in metrics:
                         stderr = metrics.get(f"{metric}_stderr,none")
-                        rows.append((name, entry["method"], tasks[task]["lang"], task, tasks[task]["n_shot"], metric,
-                                     float(metrics[f"{metric},none"]),
-                                     float(stderr) if isinstance(stderr, (int, float)) else None, n_items))
+                        value = float(metrics[f"{metric},none"])
+                        p_value = p_above_chance(value, n_items, chance) if chance is not None else None
+                        top_share = max(picks[metric]) / sum(picks[metric]) if picks.get(metric) else None
+                        rows.append((name, entry["method"], tasks[task]["lang"], task, n_shot, metric, value,
+                                     float(stderr) if isinstance(stderr, (int, float)) else None, n_items,
+                                     chance, p_value, top_share, left_out))
         ppl = eval_dir / name / "perplexity.parquet"
         if ppl.is_file():
             for row in pl.read_parquet(ppl).iter_rows(named=True):
                 rows.append((name, entry["method"], row["lang"], "perplexity", 0, "perplexity", row["perplexity"], None,
-                             row["n_tokens"]))
-    return pl.DataFrame(rows, schema=RESULTS_SCHEMA, orient="row")
+                             row["n_tokens"], None, None, None, None))
+    table = pl.DataFrame(rows, schema=RESULTS_SCHEMA, orient="row")
+    # Rows in model order (base, CPT steps ascending, others), then by task, language and metric.
+    rank = {name: i for i, name in enumerate(model_order(models))}
+    return (table.with_columns(pl.col("model").replace_strict(rank, return_dtype=pl.Int64).alias("_rank"))
+            .sort("_rank", "task", "lang", "metric", maintain_order=True).drop("_rank"))
 
 
 def _aggregate(values: pl.Series, metric: str) -> float | None:
@@ -297,13 +542,35 @@ def _aggregate(values: pl.Series, metric: str) -> float | None:
     return float(values.mean())
 
 
+def _flags(rows: pl.DataFrame) -> list[str]:
+    """Why one model's scores on one task family should not be read as they stand."""
+    flags = []
+    noise = rows.filter(pl.col("p_chance") >= CHANCE_ALPHA).sort("lang")
+    if noise.height:
+        flags.append(f"within noise of chance ({noise.height} of {rows.height}: {', '.join(noise['lang'])})")
+    constant = rows.filter(pl.col("top_choice_share") >= 1.0).sort("lang")
+    if constant.height:
+        flags.append(f"the same choice for every item ({', '.join(constant['lang'])})")
+    left = rows.filter(pl.col("n_left_out") > 0).sort("lang")
+    if left.height:
+        flags.append("items left out, longer than the model's context: "
+                     + ", ".join(f"{r['lang']} {r['n_left_out']}" for r in left.iter_rows(named=True)))
+    return flags
+
+
 def summary_markdown(table: pl.DataFrame, models: dict[str, dict], high_resource: list[str], targets: list[str],
                      base_model: str | None) -> str:
     lines = ["# Evaluation summary", "",
              "Tasks named `moelang_synthetic_*` are synthetic, built from the held-out corpus (see "
              "`src/moelang/evaluate.py`); they are not the published benchmarks. Accuracy columns are means over "
              "languages, perplexity columns geometric means. The last column compares each model with the base "
-             "model on the old (high-resource) languages: a difference of accuracy, a ratio of perplexity.", ""]
+             "model on the old (high-resource) languages: a difference of accuracy, a ratio of perplexity. "
+             f"'Above chance' counts the languages whose score a one-sided binomial test (p < {CHANCE_ALPHA}) "
+             "separates from the task's chance level; the flags under each table name the rest, tasks answered "
+             "with one choice throughout, and items left out because their prompt was longer than the model's "
+             "context. For `moelang_synthetic_belebele` read `acc_mutual_info` (the passage's gain in each "
+             "choice's log-likelihood): its four items per group share their choices, so `acc_norm` mostly ranks "
+             "the choices themselves.", ""]
     keyed = table.with_columns(
         pl.when(pl.col("lang").is_in(high_resource)).then(pl.lit("high-resource"))
         .when(pl.col("lang").is_in(targets)).then(pl.lit("low-resource")).otherwise(pl.lit("other")).alias("group"),
@@ -312,10 +579,14 @@ def summary_markdown(table: pl.DataFrame, models: dict[str, dict], high_resource
     for (family, metric), part in keyed.sort("family", "metric").group_by(["family", "metric"], maintain_order=True):
         if metric == "acc":
             continue  # acc_norm is the papers' headline metric; both are in results.parquet
+        accuracy = metric != "perplexity"
         lines += [f"## {family} ({metric})", "", "| model | method | trainable fraction | high-resource | low-resource "
-                  "| all | change on old languages |", "|---|---|---:|---:|---:|---:|---:|"]
+                  "| all | " + ("above chance | " if accuracy else "") + "change on old languages |",
+                  "|---|---|---:|---:|---:|---:|" + ("---:|" if accuracy else "") + "---:|"]
         base = part.filter((pl.col("model") == base_model) & pl.col("lang").is_in(high_resource)) if base_model else None
-        for name, entry in models.items():
+        flagged = []
+        for name in model_order(models):
+            entry = models[name]
             rows = part.filter(pl.col("model") == name)
             if rows.height == 0:
                 continue
@@ -330,10 +601,17 @@ def summary_markdown(table: pl.DataFrame, models: dict[str, dict], high_resource
                 elif old.height:
                     change = f"{(old['value'] - old['value_base']).mean():+.3f}"
             fraction = entry.get("trainable_fraction")
+            above = ""
+            if accuracy:
+                above = f"{rows.filter(pl.col('p_chance') < CHANCE_ALPHA).height}/{rows.height} | "
+                flagged += [f"- {name}: {flag}" for flag in _flags(rows)]
             lines.append(f"| {name} | {entry['method']} | {fmt(fraction) if fraction is not None else '-'} | "
                          f"{fmt(means['high-resource'])} | {fmt(means['low-resource'])} | "
-                         f"{fmt(_aggregate(rows['value'], metric))} | {change} |")
+                         f"{fmt(_aggregate(rows['value'], metric))} | {above}{change} |")
         lines.append("")
+        if flagged:
+            chance = part["chance"].drop_nulls()
+            lines += [f"Flags (chance level {chance[0]:g}):" if chance.len() else "Flags:", "", *flagged, ""]
     return "\n".join(lines)
 
 
