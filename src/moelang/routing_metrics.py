@@ -163,6 +163,12 @@ def random_hr_donors(targets: dict[str, str], high_resource: list[str]) -> dict[
     distinct parents: no derangement exists, and the result is empty."""
     if targets == AUTHORS_TARGETS:
         return {target: AUTHORS_TARGETS[donor] for target, donor in AUTHORS_RANDOM_HR.items()}
+    return cyclic_parent_donors(targets, high_resource)
+
+
+def cyclic_parent_donors(targets: dict[str, str], high_resource: list[str]) -> dict[str, str]:
+    """The general derangement of :func:`random_hr_donors`: each parent's targets take the next
+    distinct parent (in ``high_resource`` order) as donor, cyclically; empty with a single parent."""
     distinct = list(dict.fromkeys(targets.values()))
     rank = {lang: i for i, lang in enumerate(high_resource)}
     parents = sorted(distinct, key=lambda p: (rank.get(p, len(rank)), distinct.index(p)))
