@@ -427,3 +427,16 @@ def test_expert_sets_against_hand_computed_sets():
     _, single = rm.expert_selection(profiles, "m", 4, ["en", "es", "ru"], {"ca": "es"},
                                     {**options, "targets": {"ca": "es"}}, seed=7)
     assert "random_hr" not in single["ca"]
+
+
+def test_stream_windows_longer_than_the_context_are_refused_at_start_up():
+    from moelang import config as cfg
+    from moelang.errors import ConfigError
+    from test_config import tiny_arch, trained
+
+    with pytest.raises(ConfigError, match="config key 'routing.seq_len': stream windows of 512 tokens exceed"):
+        cfg.validate(trained(tiny_arch(), routing={"windowing": "stream", "seq_len": 512}))
+    cfg.validate(trained(tiny_arch(), routing={"windowing": "stream", "seq_len": 256}))
+    cfg.validate(trained(tiny_arch(), routing={"seq_len": 512}))  # document chunks: as before
+    with pytest.raises(ConfigError, match="routing.windowing"):
+        cfg.validate(trained(tiny_arch(), routing={"windowing": "windows"}))
