@@ -216,6 +216,11 @@ def test_profiler_and_metrics_find_planted_language_structure(tmp_path):
         assert (tmp_path / "metrics" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     experts = pl.read_parquet(tmp_path / "metrics" / "experts.parquet")
     assert experts.filter(pl.col("specific_lang") == "en")["expert"].to_list() == [0, 1]
+    summary = pl.read_parquet(tmp_path / "metrics" / "jsd_overlap.parquet")
+    assert summary["pairs"].to_list() == ["all", "without_lr_lr", "hr_lr", "hr_hr"]
+    assert summary["n_pairs"].to_list() == [3, 3, 2, 1]  # en-es HR-HR; en-ca, es-ca HR-LR
+    means = pl.read_parquet(tmp_path / "metrics" / "jsd_mean.parquet")
+    assert set(means["languages"]) == {"all", "without_en", "high_resource", "high_resource_without_en"}
 
 
 def test_sharded_profiles_add_up_to_the_whole(tmp_path):
@@ -331,8 +336,8 @@ def test_mean_jsd_over_high_resource_languages_matches_scipy():
     profiles = random_profiles(langs)
     means = rm.metric_tables(profiles, langs, "en", high_resource)["jsd_mean"]
     for layer in (2, 3):
-        dist = {l: profiles.filter((pl.col("lang") == l) & (pl.col("layer") == layer)).sort("expert")["count"].to_numpy()
-                for l in langs}
+        at_layer = profiles.filter(pl.col("layer") == layer).sort("expert")
+        dist = {l: at_layer.filter(pl.col("lang") == l)["count"].to_numpy() for l in langs}
         for subset, members in (("all", langs), ("without_en", langs[1:]), ("high_resource", high_resource),
                                 ("high_resource_without_en", high_resource[1:])):
             values = [jensenshannon(dist[a] / dist[a].sum(), dist[b] / dist[b].sum()) ** 2
