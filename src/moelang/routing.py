@@ -123,8 +123,11 @@ def heldout_windows(token_file: str | Path, window: int, token_budget: int | Non
     ids = table.column("input_ids").filter(pc.equal(table.column("split"), split)).combine_chunks()
     if len(ids) == 0:
         raise MoelangError(f"routing: '{token_file}' has no '{split}' documents; check the corpus split")
-    flat = ids.flatten().to_numpy(zero_copy_only=False)
     lengths = np.diff(ids.offsets.to_numpy())
+    if token_budget is not None:  # only the documents the budget reaches: held-out splits can be large
+        ids = ids.slice(0, int(np.searchsorted(np.cumsum(lengths + 1), token_budget)) + 1)
+        lengths = lengths[: len(ids)]
+    flat = ids.flatten().to_numpy(zero_copy_only=False)
     # each document's tokens move right by the number of separators before it (one per earlier document)
     stream = np.full(len(flat) + len(lengths), eos_id, dtype=flat.dtype)
     shift = np.repeat(np.arange(len(lengths)), lengths)
