@@ -216,6 +216,11 @@ def test_profiler_and_metrics_find_planted_language_structure(tmp_path):
         assert (tmp_path / "metrics" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     experts = pl.read_parquet(tmp_path / "metrics" / "experts.parquet")
     assert experts.filter(pl.col("specific_lang") == "en")["expert"].to_list() == [0, 1]
+    summary = pl.read_parquet(tmp_path / "metrics" / "jsd_overlap.parquet")
+    assert summary["pairs"].to_list() == ["all", "without_lr_lr", "hr_lr", "hr_hr"]
+    assert summary["n_pairs"].to_list() == [3, 3, 2, 1]  # en-es HR-HR; en-ca, es-ca HR-LR
+    means = pl.read_parquet(tmp_path / "metrics" / "jsd_mean.parquet")
+    assert set(means["languages"]) == {"all", "without_en", "high_resource", "high_resource_without_en"}
 
 
 def test_sharded_profiles_add_up_to_the_whole(tmp_path):
@@ -250,3 +255,193 @@ def test_sharded_profiles_add_up_to_the_whole(tmp_path):
     with pytest.raises(MoelangError, match="the shards must profile the same languages"):
         merge_profile_dirs([tmp_path / f"s{i}" for i in range(3)], tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the authors' way: stream windows, high-resource means, pair types, expert-set controls
+
+
+def test_stream_windows_equal_an_independent_concatenation_and_cut(tmp_path):
+    from moelang.routing import heldout_windows, routing_sequences
+
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(3, 90, rng.integers(1, 30)).tolist() for _ in range(25)]
+    splits = ["heldout" if i % 3 else "train" for i in range(25)]
+    path = write_tokens(tmp_path / "t.parquet", docs, splits=splits)
+    eos = 2
+    stream = []  # independent: plain Python, in file order, each held-out document followed by EOS
+    for doc, split in zip(docs, splits):
+        if split == "heldout":
+            stream += doc + [eos]
+    for window, budget in ((7, None), (16, None), (7, 100), (16, 40)):
+        usable = stream[: budget] if budget is not None else stream
+        expect = [usable[i:i + window] for i in range(0, len(usable) - window + 1, window)]
+        got = heldout_windows(path, window, budget, eos)
+        assert [w.tolist() for w in got] == expect
+        assert all(len(w) == window for w in got)  # no padding, the tail dropped
+        assert len(expect) == len(usable) // window
+        parts = [heldout_windows(path, window, budget, eos, shard=(i, 3)) for i in range(3)]
+        assert sorted(w.tolist() for part in parts for w in part) == sorted(expect)
+        options = {"windowing": "stream", "seq_len": window, "tokens_per_language": budget}
+        assert [w.tolist() for w in routing_sequences(path, options, eos)] == expect
+    # the default keeps today's per-document chunks
+    assert [c.tolist() for c in routing_sequences(path, {"seq_len": 7, "tokens_per_language": None}, eos)] == \
+        [c.tolist() for c in heldout_chunks(path, 7, None)]
+    with pytest.raises(MoelangError, match="routing.seq_len"):
+        heldout_windows(path, len(stream) + 1, None, eos)
+    with pytest.raises(MoelangError, match="eos_token_id"):
+        routing_sequences(path, {"windowing": "stream", "seq_len": 7}, None)
+
+
+def test_stream_profile_counts_whole_windows(tmp_path):
+    model = tiny_model("olmoe").eval()
+    model.save_pretrained(tmp_path / "m")
+    rng = np.random.default_rng(4)
+    docs = [rng.integers(3, 97, rng.integers(5, 40)).tolist() for _ in range(30)]
+    tokens = {"es": write_tokens(tmp_path / "es.parquet", docs, splits=["heldout"] * 30)}
+    options = {"windowing": "stream", "seq_len": 32, "batch_tokens": 128, "tokens_per_language": 500, "device": "cpu"}
+    profile_model(tmp_path / "m", tokens, options, tmp_path / "out", "m", 0)
+    table = pq.read_table(tmp_path / "out" / "es.parquet").to_pylist()
+    assert {r["n_tokens"] for r in table} == {500 // 32 * 32}
+    # brute force: each window alone, top-k of the router logits
+    stream = np.concatenate([np.append(d, model.config.eos_token_id) for d in docs])[: 500 // 32 * 32]
+    adapter = ModelAdapter(model)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(stream.reshape(-1, 32)), output_router_logits=True)
+    for k, layer in enumerate(adapter.moe_layers):
+        chosen = out.router_logits[k].topk(layer.top_k, dim=-1).indices.reshape(-1)
+        expect = torch.bincount(chosen, minlength=layer.num_experts).tolist()
+        assert [r["count"] for r in table if r["layer"] == layer.index] == expect
+
+
+def random_profiles(langs, layers=(2, 3), experts=6, seed=0):
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    rows = [{"model": "m", "checkpoint_step": 0, "lang": lang, "layer": layer, "expert": e,
+             "count": int(rng.integers(1, 200)), "weight_sum": 0.0, "n_tokens": 0}
+            for lang in langs for layer in layers for e in range(experts)]
+    return pl.DataFrame(rows, schema={"model": pl.String, "checkpoint_step": pl.Int64, "lang": pl.String,
+                                      "layer": pl.Int32, "expert": pl.Int32, "count": pl.Int64,
+                                      "weight_sum": pl.Float64, "n_tokens": pl.Int64})
+
+
+def test_mean_jsd_over_high_resource_languages_matches_scipy():
+    import itertools
+
+    import polars as pl
+
+    langs = ["en", "ar", "cs", "es", "ca", "sk"]
+    high_resource = ["en", "ar", "cs", "es"]
+    profiles = random_profiles(langs)
+    means = rm.metric_tables(profiles, langs, "en", high_resource)["jsd_mean"]
+    for layer in (2, 3):
+        at_layer = profiles.filter(pl.col("layer") == layer).sort("expert")
+        dist = {l: at_layer.filter(pl.col("lang") == l)["count"].to_numpy() for l in langs}
+        for subset, members in (("all", langs), ("without_en", langs[1:]), ("high_resource", high_resource),
+                                ("high_resource_without_en", high_resource[1:])):
+            values = [jensenshannon(dist[a] / dist[a].sum(), dist[b] / dist[b].sum()) ** 2
+                      for a, b in itertools.combinations(members, 2)]
+            row = means.filter((pl.col("layer") == layer) & (pl.col("languages") == subset))
+            assert row["n_pairs"].to_list() == [len(values)]
+            assert row["mean_jsd"][0] == pytest.approx(np.mean(values), rel=1e-12)
+    # without high_resource the table keeps today's two subsets
+    old = rm.metric_tables(profiles, langs, "en")["jsd_mean"]
+    assert set(old["languages"]) == {"all", "without_en"}
+
+
+def test_jsd_overlap_per_pair_type_matches_scipy():
+    import itertools
+
+    import polars as pl
+    from scipy import stats
+
+    langs = ["en", "ar", "cs", "ca", "sk", "uk"]
+    high_resource, targets = ["en", "ar", "cs"], ["ca", "sk", "uk"]
+    rng = np.random.default_rng(2)
+    pairs = list(itertools.combinations(langs, 2))
+    jsd_values, overlap_values = rng.random(len(pairs)), rng.random(len(pairs))
+    jsd = pl.DataFrame({"model": ["m"] * len(pairs), "checkpoint_step": [0] * len(pairs), "layer": [3] * len(pairs),
+                        "lang_a": [a for a, _ in pairs], "lang_b": [b for _, b in pairs], "jsd": jsd_values})
+    overlap = pl.DataFrame({"lang_a": [a for a, _ in pairs], "lang_b": [b for _, b in pairs],
+                            "measure": ["jaccard"] * len(pairs), "value": overlap_values})
+    out = rm.jsd_overlap_table(jsd, overlap, None, high_resource, targets)
+    assert out["pairs"].to_list() == ["all", "without_lr_lr", "hr_lr", "hr_hr"]
+    hr = set(high_resource)
+    kind = {p: ("hr_hr" if set(p) <= hr else "lr_lr" if not set(p) & hr else "hr_lr") for p in pairs}
+    for pair_set, keep in (("all", lambda k: True), ("without_lr_lr", lambda k: k != "lr_lr"),
+                           ("hr_lr", lambda k: k == "hr_lr"), ("hr_hr", lambda k: k == "hr_hr")):
+        pick = np.array([keep(kind[p]) for p in pairs])
+        row = out.filter(pl.col("pairs") == pair_set)
+        assert row["n_pairs"][0] == pick.sum() == {"all": 15, "without_lr_lr": 12, "hr_lr": 9, "hr_hr": 3}[pair_set]
+        assert row["pearson_r"][0] == pytest.approx(stats.pearsonr(overlap_values[pick], jsd_values[pick])[0])
+        assert row["spearman_r"][0] == pytest.approx(stats.spearmanr(overlap_values[pick], jsd_values[pick])[0])
+
+
+def test_ssft_sets_by_shared_mode():
+    shared_order = [3, 1, 0, 2, 4]
+    assert rm.ssft_experts([0, 3], shared_order, 2, "k_extra") == [0, 1, 2, 3]  # 3 is specific: skip to 1, 2
+    assert rm.ssft_experts([0, 3], shared_order, 2, "union") == [0, 1, 3]
+    assert rm.ssft_experts([], shared_order, 2, "k_extra") == [1, 3]
+    assert rm.ssft_experts([0, 1, 2, 3], shared_order, 2, "k_extra") == [0, 1, 2, 3, 4]  # runs out of experts
+    with pytest.raises(MoelangError, match="routing.shared_mode"):
+        rm.ssft_experts([0], shared_order, 2, "both")
+
+
+def test_random_hr_derangement():
+    authors = {"ca": "es", "et": "fi", "mr": "hi", "sk": "cs", "uk": "ru", "ur": "ar"}
+    # ur <- sk, sk <- ca, ca <- et, et <- mr, mr <- uk, uk <- ur: the parent of the target after the arrow
+    expect = {"ur": "cs", "sk": "es", "ca": "fi", "et": "hi", "mr": "ru", "uk": "ar"}
+    paper_hr = ["en", "ar", "cs", "es", "fi", "hi", "ru"]
+    assert rm.random_hr_donors(authors, paper_hr) == expect
+    assert rm.random_hr_donors(authors, list(reversed(paper_hr))) == expect  # their targets: their mapping
+    assert rm.cyclic_parent_donors(authors, paper_hr) == expect  # the general rule agrees with it
+    with_nl = {**authors, "nl": "en"}
+    assert rm.random_hr_donors(with_nl, paper_hr) == {"nl": "ar", "ur": "cs", "sk": "es", "ca": "fi", "et": "hi",
+                                                      "mr": "ru", "uk": "en"}
+    shared_parent = {"ca": "es", "gl": "es", "et": "fi"}
+    assert rm.random_hr_donors(shared_parent, paper_hr) == {"ca": "fi", "gl": "fi", "et": "es"}
+    assert rm.random_hr_donors({"ca": "es", "gl": "es"}, paper_hr) == {}
+
+
+def test_expert_sets_against_hand_computed_sets():
+    import polars as pl
+
+    shares = {"en": [500, 200, 100, 100, 100], "es": [100, 195, 400, 200, 105], "ru": [100, 200, 100, 350, 250]}
+    rows = [{"model": "m", "checkpoint_step": 4, "lang": lang, "layer": 5, "expert": e, "count": c,
+             "weight_sum": 0.0, "n_tokens": 1000} for lang, counts in shares.items() for e, c in enumerate(counts)]
+    profiles = pl.DataFrame(rows, schema={"model": pl.String, "checkpoint_step": pl.Int64, "lang": pl.String,
+                                          "layer": pl.Int32, "expert": pl.Int32, "count": pl.Int64,
+                                          "weight_sum": pl.Float64, "n_tokens": pl.Int64})
+    targets = {"ca": "es", "uk": "ru"}
+    options = {"final_layers": 1, "alpha": 0.01, "shared_k": 2, "top_n": 2, "targets": targets}
+    # specific (gap >= .01): en [0], es [2], ru [3, 4]; mean shares .233 .198 .2 .217 .152: order 0, 3, 2, 1, 4
+    _, selected = rm.expert_selection(profiles, "m", 4, ["en", "es", "ru"], targets, options, seed=7)
+    assert selected["ca"]["seft"] == {"5": [2]} and selected["uk"]["seft"] == {"5": [3, 4]}
+    assert selected["ca"]["ssft"] == {"5": [0, 2, 3]}  # 2 extra: 0, 3
+    assert selected["uk"]["ssft"] == {"5": [0, 2, 3, 4]}  # 3 is specific already: 0, 2
+    assert selected["ca"]["random_hr"] == {"5": [3, 4]}  # es <- ru
+    assert selected["uk"]["random_hr"] == {"5": [2]}  # ru <- es
+    rng = np.random.default_rng(7)
+    assert selected["ca"]["random"] == {"5": sorted(rng.choice(5, size=1, replace=False).tolist())}
+    assert selected["uk"]["random"] == {"5": sorted(rng.choice(5, size=2, replace=False).tolist())}
+    _, union = rm.expert_selection(profiles, "m", 4, ["en", "es", "ru"], targets,
+                                   {**options, "shared_mode": "union"}, seed=7)
+    assert union["ca"]["ssft"] == {"5": [0, 2, 3]} and union["uk"]["ssft"] == {"5": [0, 3, 4]}
+    # a single parent: no derangement, no random_hr
+    _, single = rm.expert_selection(profiles, "m", 4, ["en", "es", "ru"], {"ca": "es"},
+                                    {**options, "targets": {"ca": "es"}}, seed=7)
+    assert "random_hr" not in single["ca"]
+
+
+def test_stream_windows_longer_than_the_context_are_refused_at_start_up():
+    from moelang import config as cfg
+    from moelang.errors import ConfigError
+    from test_config import tiny_arch, trained
+
+    with pytest.raises(ConfigError, match="config key 'routing.seq_len': stream windows of 512 tokens exceed"):
+        cfg.validate(trained(tiny_arch(), routing={"windowing": "stream", "seq_len": 512}))
+    cfg.validate(trained(tiny_arch(), routing={"windowing": "stream", "seq_len": 256}))
+    cfg.validate(trained(tiny_arch(), routing={"seq_len": 512}))  # document chunks: as before
+    with pytest.raises(ConfigError, match="routing.windowing"):
+        cfg.validate(trained(tiny_arch(), routing={"windowing": "windows"}))

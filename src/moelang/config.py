@@ -322,6 +322,10 @@ def _check_routing_layers(config: dict, model_config) -> None:
     if routing["jsd_overlap_layer"] is not None and routing["jsd_overlap_layer"] not in moe_layers:
         raise ConfigError(f"config key 'routing.jsd_overlap_layer': layer {routing['jsd_overlap_layer']} is not an MoE "
                           f"layer of the base model; its MoE layers are {_layer_range(moe_layers)}")
+    context = getattr(model_config, "max_position_embeddings", None)
+    if routing["windowing"] == "stream" and context is not None and routing["seq_len"] > context:
+        raise ConfigError(f"config key 'routing.seq_len': stream windows of {routing['seq_len']} tokens exceed the "
+                          f"base model's context of {context} positions; set it to at most {context}")
     if routing["final_layers"] > len(moe_layers):
         raise ConfigError(f"config key 'routing.final_layers': the base model has {len(moe_layers)} MoE layers; set "
                           f"it to at most {len(moe_layers)}")

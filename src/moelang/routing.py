@@ -1,7 +1,15 @@
 """Stage: routing profiles. Which experts each language's tokens use, per layer and checkpoint.
 
-For a model and each language, the held-out token ids are cut into chunks of at most ``seq_len``
-tokens, sorted by length (little padding), batched up to ``batch_tokens`` and run through the model.
+For a model and each language, the held-out token ids are cut into sequences (``routing.windowing``):
+
+* ``document`` (default): each document cut into chunks of at most ``seq_len`` tokens, never across
+  documents; a short document is a short sequence;
+* ``stream`` (the authors' way): the held-out documents in file order, each followed by the EOS
+  token, concatenated into one stream cut into non-overlapping windows of exactly ``seq_len`` tokens
+  (2,048 in the paper) across document boundaries; the incomplete tail is dropped, so there is no
+  padding. Routing depends on the context, so the two give different counts.
+
+The sequences are sorted by length (little padding), batched up to ``batch_tokens`` and run through the model.
 At every MoE layer the adapter reports the experts each token actually used (``top_k_index``) and
 their routing weights; per (layer, expert) the profiler adds up on the device
 
@@ -11,7 +19,9 @@ their routing weights; per (layer, expert) the profiler adds up on the device
 and ``n_tokens``, the tokens seen at that layer. Padding is never counted (its positions are masked
 out before the ``bincount``); nothing per token leaves the device, and there is no Python loop over
 tokens. Optionally, for chosen layers, ``(token_id, expert)`` counts relate routing to vocabulary.
-A per-language token budget (``routing.tokens_per_language``, the paper uses about 1M) caps the work.
+A per-language token budget (``routing.tokens_per_language``; the authors take 1,024,000 tokens, 500
+windows of 2,048) caps the work: ``document`` cuts the last chunk to fit, ``stream`` keeps the whole
+windows that fit.
 
 Outputs
 -------
@@ -23,7 +33,7 @@ Outputs
     ``model``, ``checkpoint_step``, ``lang``, ``layer``, ``token_id`` int32, ``expert`` int32,
     ``count`` int64; only non-zero counts.
 ``results/routing/shards/{model}/{i}/`` (``routing.shards`` > 1)
-    the same files for every N-th held-out chunk from the i-th; the merge job adds them up per row,
+    the same files for every N-th held-out chunk (or window) from the i-th; the merge job adds them up per row,
     giving exactly the unsharded counts (weight sums up to float addition order).
 """
 
@@ -97,6 +107,53 @@ def heldout_chunks(token_file: str | Path, seq_len: int, token_budget: int | Non
             if token_budget is not None and total >= token_budget:
                 return chunks[index::count]
     return chunks[index::count]
+
+
+def heldout_windows(token_file: str | Path, window: int, token_budget: int | None, eos_id: int,
+                    split: str = "heldout", shard: tuple[int, int] = (0, 1)) -> list[np.ndarray]:
+    """The ``split`` documents of a token file in file order, each followed by ``eos_id``, as one stream
+    cut into non-overlapping windows of exactly ``window`` tokens (the authors' routing windows: across
+    document boundaries, the incomplete tail dropped, no padding). At most ``token_budget`` tokens:
+    the whole windows that fit. ``shard = (i, n)`` keeps every n-th window from the i-th, as in
+    :func:`heldout_chunks`."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise MoelangError(f"routing: shard {index}/{count} does not exist; use i/n with 0 <= i < n")
+    table = pq.read_table(token_file, columns=["split", "input_ids"])
+    ids = table.column("input_ids").filter(pc.equal(table.column("split"), split)).combine_chunks()
+    if len(ids) == 0:
+        raise MoelangError(f"routing: '{token_file}' has no '{split}' documents; check the corpus split")
+    lengths = np.diff(ids.offsets.to_numpy())
+    if token_budget is not None:  # only the documents the budget reaches: held-out splits can be large
+        ids = ids.slice(0, int(np.searchsorted(np.cumsum(lengths + 1), token_budget)) + 1)
+        lengths = lengths[: len(ids)]
+    flat = ids.flatten().to_numpy(zero_copy_only=False)
+    # each document's tokens move right by the number of separators before it (one per earlier document)
+    stream = np.full(len(flat) + len(lengths), eos_id, dtype=flat.dtype)
+    shift = np.repeat(np.arange(len(lengths)), lengths)
+    stream[np.arange(len(flat)) + shift] = flat
+    usable = len(stream) if token_budget is None else min(len(stream), token_budget)
+    n_windows = usable // window
+    if n_windows == 0:
+        raise MoelangError(f"routing: '{token_file}' gives {usable} held-out tokens (EOS included, within "
+                           f"routing.tokens_per_language), fewer than one window of routing.seq_len = {window} with "
+                           f"routing.windowing: stream; lower routing.seq_len or use routing.windowing: document")
+    windows = stream[: n_windows * window].reshape(n_windows, window)
+    return list(windows[index::count])
+
+
+def routing_sequences(token_file: str | Path, options: dict, eos_id: int | None,
+                      shard: tuple[int, int] = (0, 1)) -> list[np.ndarray]:
+    """The sequences one language is profiled on, by ``options["windowing"]`` (default ``document``)."""
+    windowing = options.get("windowing", "document")
+    if windowing == "document":
+        return heldout_chunks(token_file, options["seq_len"], options.get("tokens_per_language"), shard=shard)
+    if windowing == "stream":
+        if eos_id is None:
+            raise MoelangError("routing.windowing: stream needs the model's eos_token_id (config.json) to separate "
+                               "documents; set it in the model config or use routing.windowing: document")
+        return heldout_windows(token_file, options["seq_len"], options.get("tokens_per_language"), eos_id, shard=shard)
+    raise MoelangError(f"routing.windowing '{windowing}' is not known; use 'document' or 'stream'")
 
 
 def length_batches(chunks: list[np.ndarray], batch_tokens: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -239,10 +296,14 @@ def profile_model(model_ref: str | Path, token_files: dict[str, str | Path], opt
     model = load_for_inference(model_ref, options)
     adapter = ModelAdapter(model)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    eos_id = model.config.eos_token_id
+    eos_id = eos_id[0] if isinstance(eos_id, (list, tuple)) else eos_id  # some configs list several
     token_layers = options.get("token_layers") or []
     shard = tuple(options.get("shard") or (0, 1))
+    log.info("routing %s: %s windowing, sequences of %s %d tokens", model_name, options.get("windowing", "document"),
+             "exactly" if options.get("windowing") == "stream" else "at most", options["seq_len"])
     for lang, token_file in token_files.items():
-        chunks = heldout_chunks(token_file, options["seq_len"], options.get("tokens_per_language"), shard=shard)
+        chunks = routing_sequences(token_file, options, eos_id, shard=shard)
         batches = length_batches(chunks, options["batch_tokens"], pad_id)
         profiler = RoutingProfiler(adapter, token_layers=token_layers)
         profiler.run(batches, desc=f"routing {model_name} {lang}")

@@ -6,29 +6,43 @@ and ``q_l = c_l / sum_e c_l(e)`` its normalised distribution:
 * **entropy** ``H(l) = -sum_e q_l(e) ln q_l(e)`` (nats), per (model, checkpoint, language, layer);
 * **Jensen-Shannon divergence** ``JSD(a, b) = 1/2 KL(q_a || m) + 1/2 KL(q_b || m)``, ``m = (q_a + q_b)/2``,
   natural log (equal to ``scipy.spatial.distance.jensenshannon(q_a, q_b) ** 2``), per pair ``a < b``
-  in config order, and its mean over pairs per layer, over all languages and without English;
+  in config order, and its mean over pairs per layer: over all languages, without English, and (the
+  authors' Fig. 5) over the high-resource languages only, with and without English;
 * **language-specialisation score** ``I(L; E) / H(L)`` in bits from the language x expert count table
   (``P(l, e) = c_l(e) / sum c``): 0 when experts say nothing about the language, 1 when they identify it;
 * **JSD vs vocabulary overlap**: at one layer (default: the last MoE layer), Pearson and Spearman r
-  between pairwise JSD and pairwise overlap (each overlap measure), with the number of pairs;
+  between pairwise JSD and pairwise overlap (each overlap measure), with the number of pairs, over
+  every pair and over the authors' pairs (their Fig. 6: HR x LR and HR-HR, LR-LR excluded), and
+  separately per pair type (HR-LR, HR-HR); LR are the targets;
 * **expert selection** in the final ``K`` MoE layers of the selection model: activation shares
   ``a_l(e) = c_l(e) / sum_e' c_l(e')`` over the high-resource languages; an expert is *specific* to its
   top language when the share gap to the second language is at least ``alpha``; *shared* experts are
   the top ``k`` by mean share; a target language takes its parent's experts.
 
+Expert sets per target (``selected_experts.json``):
+
+* ``seft``: the parent's specific experts;
+* ``ssft``: ``seft`` plus shared experts, by ``routing.shared_mode``: ``k_extra`` (the authors' runs) adds
+  the ``k`` best-ranked shared experts that are not already in ``seft`` (always ``k`` more), ``union``
+  (the authors' generator) is ``seft`` united with the top ``k`` (fewer when they overlap);
+* ``seft_top{N}``: the ``N`` experts with the largest parent share gap;
+* ``random``: as many random experts per layer as ``seft`` (the authors' control), seeded;
+* ``random_hr``: the ``seft`` set of another parent (the authors' "randomHR" control), through a fixed
+  derangement of the parents (:func:`random_hr_donors`).
+
 Outputs (``results/routing/metrics/``)
 --------------------------------------
 ``entropy.parquet``: model, checkpoint_step, lang, layer, entropy.
 ``jsd.parquet``: model, checkpoint_step, layer, lang_a, lang_b, jsd.
-``jsd_mean.parquet``: model, checkpoint_step, layer, languages (``all`` | ``without_en``), mean_jsd, n_pairs.
+``jsd_mean.parquet``: model, checkpoint_step, layer, languages (``all`` | ``without_en`` |
+``high_resource`` | ``high_resource_without_en``), mean_jsd, n_pairs.
 ``specialization.parquet``: model, checkpoint_step, layer, score.
-``jsd_overlap.parquet``: model, checkpoint_step, layer, measure, pearson_r, pearson_p, spearman_r,
-spearman_p, n_pairs.
+``jsd_overlap.parquet``: model, checkpoint_step, layer, measure, pairs (``all`` | ``without_lr_lr`` |
+``hr_lr`` | ``hr_hr``), pearson_r, pearson_p, spearman_r, spearman_p, n_pairs.
 ``experts.parquet``: model, checkpoint_step, layer, expert, top_lang, top_share, second_share, gap,
 specific_lang (null unless gap >= alpha), mean_share, shared_rank, shared.
 ``results/routing/selected_experts.json``: ``{target_lang: {method: {layer: [expert ids]}}}`` with
-methods ``ssft`` (parent-specific + shared), ``seft`` (parent-specific), ``seft_top{N}`` (the N experts
-with the largest parent share gap), ``random`` (as many random experts per layer as ``ssft``, seeded).
+methods ``ssft``, ``seft``, ``seft_top{N}``, ``random`` and ``random_hr`` (above).
 Plots: ``entropy.png``, ``jsd_dynamics.png``, ``jsd_heatmap.png``, ``specialization.png``,
 ``jsd_overlap.png``.
 """
@@ -116,7 +130,52 @@ def select_experts(shares: dict[str, np.ndarray], alpha: float, shared_k: int) -
                    "specific_lang": langs[top[e]] if gap[e] >= alpha else None,
                    "mean_share": float(mean_share[e]), "shared_rank": int(rank[e]), "shared": bool(rank[e] <= shared_k)}
                   for e in range(n_experts)]
-    return {"specific": specific, "shared": sorted(int(e) for e in shared_order[:shared_k]), "per_expert": per_expert}
+    return {"specific": specific, "shared": sorted(int(e) for e in shared_order[:shared_k]),
+            "shared_order": [int(e) for e in shared_order], "per_expert": per_expert}
+
+
+def ssft_experts(specific: list[int], shared_order: list[int], shared_k: int, mode: str) -> list[int]:
+    """The SSFT set: the specific experts plus shared ones. ``k_extra`` (the authors' runs): the
+    ``shared_k`` best-ranked experts of ``shared_order`` not already specific, so always ``shared_k``
+    more (fewer only when the layer runs out of experts); ``union`` (the authors' generator): the specific
+    experts united with the top ``shared_k``."""
+    if mode == "union":
+        return sorted(set(specific) | set(shared_order[:shared_k]))
+    if mode == "k_extra":
+        extra = [e for e in shared_order if e not in set(specific)][:shared_k]
+        return sorted(set(specific) | set(extra))
+    raise MoelangError(f"routing.shared_mode '{mode}' is not known; use 'k_extra' or 'union'")
+
+
+# The authors' randomHR control: target <- the target whose parent's seft set it trains.
+AUTHORS_TARGETS = {"ca": "es", "et": "fi", "mr": "hi", "sk": "cs", "uk": "ru", "ur": "ar"}
+AUTHORS_RANDOM_HR = {"ur": "sk", "sk": "ca", "ca": "et", "et": "mr", "mr": "uk", "uk": "ur"}
+
+
+def random_hr_donors(targets: dict[str, str], high_resource: list[str]) -> dict[str, str]:
+    """target -> the parent whose ``seft`` set is the target's ``random_hr`` control.
+
+    With the authors' targets, their mapping (ur<-sk, sk<-ca, ca<-et, et<-mr, mr<-uk, uk<-ur: each
+    target takes the parent of the target after the arrow). Otherwise a cyclic shift of the distinct
+    parents, ordered as in ``high_resource`` (parents missing from it after, in target order): each
+    parent's targets take the next parent's set, the last parent's the first's. No parent keeps its own
+    set; with the paper's high-resource order this shift is the authors' mapping. Fewer than two
+    distinct parents: no derangement exists, and the result is empty."""
+    if targets == AUTHORS_TARGETS:
+        return {target: AUTHORS_TARGETS[donor] for target, donor in AUTHORS_RANDOM_HR.items()}
+    return cyclic_parent_donors(targets, high_resource)
+
+
+def cyclic_parent_donors(targets: dict[str, str], high_resource: list[str]) -> dict[str, str]:
+    """The general derangement of :func:`random_hr_donors`: each parent's targets take the next
+    distinct parent (in ``high_resource`` order) as donor, cyclically; empty with a single parent."""
+    distinct = list(dict.fromkeys(targets.values()))
+    rank = {lang: i for i, lang in enumerate(high_resource)}
+    parents = sorted(distinct, key=lambda p: (rank.get(p, len(rank)), distinct.index(p)))
+    if len(parents) < 2:
+        return {}
+    following = {p: parents[(i + 1) % len(parents)] for i, p in enumerate(parents)}
+    return {target: following[parent] for target, parent in targets.items()}
 
 
 def top_by_gap(shares: dict[str, np.ndarray], lang: str, n: int) -> list[int]:
@@ -146,9 +205,19 @@ def _groups(profiles: pl.DataFrame):
     return out
 
 
-def metric_tables(profiles: pl.DataFrame, languages: list[str], base_language: str = "en") -> dict[str, pl.DataFrame]:
-    """Entropy, pairwise JSD, mean JSD and specialisation for every (model, checkpoint, layer)."""
+def metric_tables(profiles: pl.DataFrame, languages: list[str], base_language: str = "en",
+                  high_resource: list[str] | None = None) -> dict[str, pl.DataFrame]:
+    """Entropy, pairwise JSD, mean JSD and specialisation for every (model, checkpoint, layer). With
+    ``high_resource``, the mean JSD also over the pairs of high-resource languages only (with and
+    without the base language: the authors' Fig. 5)."""
     order = {lang: i for i, lang in enumerate(languages)}
+    subsets = [("all", lambda a, b: True),
+               (f"without_{base_language}", lambda a, b: base_language not in (a, b))]
+    if high_resource:
+        hr = set(high_resource)
+        subsets += [("high_resource", lambda a, b: a in hr and b in hr),
+                    (f"high_resource_without_{base_language}",
+                     lambda a, b: a in hr and b in hr and base_language not in (a, b))]
     ent, pairs, means, spec = [], [], [], []
     for (model, step, layer), by_lang in sorted(_groups(profiles).items()):
         langs = sorted((l for l in by_lang if l in order and by_lang[l].sum() > 0), key=order.get)
@@ -160,8 +229,7 @@ def metric_tables(profiles: pl.DataFrame, languages: list[str], base_language: s
                 value = jsd(by_lang[a], by_lang[b])
                 pairs.append((model, step, layer, a, b, value))
                 layer_pairs.append((a, b, value))
-        for subset, keep in (("all", lambda a, b: True), (f"without_{base_language}",
-                                                           lambda a, b: base_language not in (a, b))):
+        for subset, keep in subsets:
             values = [v for a, b, v in layer_pairs if keep(a, b)]
             means.append((model, step, layer, subset, float(np.mean(values)) if values else float("nan"), len(values)))
         if len(langs) > 1:
@@ -179,31 +247,58 @@ def metric_tables(profiles: pl.DataFrame, languages: list[str], base_language: s
     }
 
 
-def jsd_overlap_table(jsd_table: pl.DataFrame, overlap: pl.DataFrame, layer: int | None) -> pl.DataFrame:
+PAIR_SETS = ("all", "without_lr_lr", "hr_lr", "hr_hr")
+
+
+def pair_type(a: str, b: str, high_resource, targets) -> str:
+    """``hr_hr``, ``hr_lr`` (either order), ``lr_lr``, or ``other`` (a language that is neither)."""
+    kinds = sorted("hr" if lang in high_resource else "lr" if lang in targets else "other" for lang in (a, b))
+    return "other" if "other" in kinds else "_".join(kinds)
+
+
+def jsd_overlap_table(jsd_table: pl.DataFrame, overlap: pl.DataFrame, layer: int | None,
+                      high_resource: list[str] | None = None, targets=None) -> pl.DataFrame:
     """Pearson and Spearman r between pairwise JSD at ``layer`` (default: the last profiled layer) and
-    each symmetric overlap measure."""
+    each symmetric overlap measure, over every pair (``pairs = all``) and, with ``high_resource`` and
+    ``targets`` (the LR languages), over the authors' pairs (``without_lr_lr``: HR x LR and HR-HR) and
+    each of their two types (``hr_lr``, ``hr_hr``)."""
     from scipy import stats
 
     rows = []
     symmetric = overlap.filter(pl.col("measure").is_in(["jaccard", "weighted"]))
+    pair_sets = PAIR_SETS if high_resource and targets else ("all",)
     for (model, step), frame in jsd_table.group_by(["model", "checkpoint_step"], maintain_order=True):
         at = layer if layer is not None else int(frame["layer"].max())
         pairs = frame.filter(pl.col("layer") == at)
         joined = pairs.join(symmetric, on=["lang_a", "lang_b"], how="inner")
-        for measure, part in joined.group_by("measure", maintain_order=True):
-            n = part.height
-            x, y = part["value"].to_numpy(), part["jsd"].to_numpy()
-            if n >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
-                pr, pp = stats.pearsonr(x, y)
-                sr, sp = stats.spearmanr(x, y)
-            else:
-                pr = pp = sr = sp = float("nan")
-            rows.append((model, step, at, measure[0] if isinstance(measure, tuple) else measure,
-                         float(pr), float(pp), float(sr), float(sp), n))
-    return pl.DataFrame(rows, schema={"model": pl.String, "checkpoint_step": pl.Int64, "layer": pl.Int32,
-                                      "measure": pl.String, "pearson_r": pl.Float64, "pearson_p": pl.Float64,
-                                      "spearman_r": pl.Float64, "spearman_p": pl.Float64, "n_pairs": pl.Int64},
-                        orient="row").sort("model", "checkpoint_step", "measure")
+        if len(pair_sets) > 1:
+            kinds = [pair_type(a, b, set(high_resource or []), set(targets or []))
+                     for a, b in zip(joined["lang_a"], joined["lang_b"])]
+            joined = joined.with_columns(pl.Series("pair_type", kinds, dtype=pl.String))
+        for measure, by_measure in joined.group_by("measure", maintain_order=True):
+            for pair_set in pair_sets:
+                if pair_set == "all":
+                    part = by_measure
+                elif pair_set == "without_lr_lr":
+                    part = by_measure.filter(pl.col("pair_type").is_in(["hr_hr", "hr_lr"]))
+                else:
+                    part = by_measure.filter(pl.col("pair_type") == pair_set)
+                n = part.height
+                x, y = part["value"].to_numpy(), part["jsd"].to_numpy()
+                if n >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+                    pr, pp = stats.pearsonr(x, y)
+                    sr, sp = stats.spearmanr(x, y)
+                else:
+                    pr = pp = sr = sp = float("nan")
+                rows.append((model, step, at, measure[0] if isinstance(measure, tuple) else measure, pair_set,
+                             float(pr), float(pp), float(sr), float(sp), n))
+    order = {name: i for i, name in enumerate(PAIR_SETS)}
+    table = pl.DataFrame(rows, schema={"model": pl.String, "checkpoint_step": pl.Int64, "layer": pl.Int32,
+                                       "measure": pl.String, "pairs": pl.String, "pearson_r": pl.Float64,
+                                       "pearson_p": pl.Float64, "spearman_r": pl.Float64, "spearman_p": pl.Float64,
+                                       "n_pairs": pl.Int64}, orient="row")
+    return (table.with_columns(pl.col("pairs").replace_strict(order, return_dtype=pl.Int32).alias("_order"))
+            .sort("model", "checkpoint_step", "measure", "_order").drop("_order"))
 
 
 def expert_selection(profiles: pl.DataFrame, model: str, step: int, high_resource: list[str],
@@ -228,20 +323,31 @@ def expert_selection(profiles: pl.DataFrame, model: str, step: int, high_resourc
     rng = np.random.default_rng(seed)
     selected: dict = {}
     top_n = options["top_n"]
+    mode = options.get("shared_mode", "k_extra")
+    # from every configured target, so that a target the corpus dropped does not reshuffle the others' donors
+    donors = random_hr_donors(options.get("targets") or targets, high_resource)
     for target, parent in targets.items():
+        if any(parent not in shares for shares, _ in chosen.values()):
+            continue  # a parent without a profile: nothing to select from
+        donor = donors.get(target)
+        if donor is not None and any(donor not in shares for shares, _ in chosen.values()):
+            log.warning("routing metrics: %s's random_hr donor %s has no profile; no random_hr set for %s",
+                        target, donor, target)
+            donor = None
         methods: dict[str, dict[str, list[int]]] = {"ssft": {}, "seft": {}, f"seft_top{top_n}": {}, "random": {}}
+        if donor is not None:
+            methods["random_hr"] = {}
         for layer, (shares, selection) in chosen.items():
-            if parent not in shares:
-                break
             specific = selection["specific"][parent]
-            ssft = sorted(set(specific) | set(selection["shared"]))
             n_experts = len(shares[parent])
             methods["seft"][str(layer)] = specific
-            methods["ssft"][str(layer)] = ssft
+            methods["ssft"][str(layer)] = ssft_experts(specific, selection["shared_order"], options["shared_k"], mode)
             methods[f"seft_top{top_n}"][str(layer)] = top_by_gap(shares, parent, min(top_n, n_experts))
-            methods["random"][str(layer)] = sorted(int(e) for e in rng.choice(n_experts, size=len(ssft), replace=False))
-        else:
-            selected[target] = methods
+            methods["random"][str(layer)] = sorted(int(e) for e in rng.choice(n_experts, size=len(specific),
+                                                                              replace=False))
+            if donor is not None:
+                methods["random_hr"][str(layer)] = selection["specific"][donor]
+        selected[target] = methods
     table = pl.DataFrame(rows, schema={"model": pl.String, "checkpoint_step": pl.Int64, "layer": pl.Int32,
                                        "expert": pl.Int32, "top_lang": pl.String, "top_share": pl.Float64,
                                        "second_share": pl.Float64, "gap": pl.Float64, "specific_lang": pl.String,
@@ -311,6 +417,36 @@ def plot_per_checkpoint(frame: pl.DataFrame, column: str, path, ylabel: str, tit
     save_figure(fig, path)
 
 
+def plot_jsd_dynamics(jsd_mean: pl.DataFrame, path, base_language: str) -> None:
+    """Mean pairwise JSD per layer, a line per checkpoint: over every language (left) and over the
+    high-resource languages only, with the base language (solid) and without it (dashed; the authors'
+    Fig. 5) on the right, when those rows exist."""
+    plt = _plt()
+    hr_rows = jsd_mean.filter(pl.col("languages").str.starts_with("high_resource"))
+    panels = [("all", None, "all languages")]
+    if hr_rows.height:
+        panels.append(("high_resource", f"high_resource_without_{base_language}", "high-resource languages"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), squeeze=False)
+    steps = sorted(jsd_mean["checkpoint_step"].unique().to_list())
+    colors = _steps_cmap(steps)
+    for ax, (solid, dashed, title) in zip(axes[0], panels):
+        for step in steps:
+            at_step = jsd_mean.filter(pl.col("checkpoint_step") == step)
+            part = at_step.filter(pl.col("languages") == solid).sort("layer")
+            label = f"step {step}" if dashed is None else f"step {step}: with {base_language}"
+            ax.plot(part["layer"], part["mean_jsd"], "-o", color=colors[step], label=label)
+            if dashed is not None:
+                part = at_step.filter(pl.col("languages") == dashed).sort("layer")
+                ax.plot(part["layer"], part["mean_jsd"], "--s", color=colors[step],
+                        label=f"step {step}: without {base_language}")
+        _integer_layers(ax)
+        ax.set_ylabel("mean pairwise JSD (nats)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"Routing divergence, {title}")
+        ax.legend(fontsize=7, ncol=2 if dashed else 1)
+    save_figure(fig, path)
+
+
 def plot_jsd_heatmap(jsd_table: pl.DataFrame, path, languages: list[str]) -> None:
     plt = _plt()
     last_step = jsd_table["checkpoint_step"].max()
@@ -336,26 +472,47 @@ def plot_jsd_heatmap(jsd_table: pl.DataFrame, path, languages: list[str]) -> Non
 
 
 def plot_jsd_overlap(jsd_table: pl.DataFrame, overlap: pl.DataFrame, summary: pl.DataFrame, path,
-                     measure: str = "jaccard") -> None:
+                     measure: str = "jaccard", high_resource: list[str] | None = None, targets=None) -> None:
+    """The last checkpoint's pairs, coloured by type (HR-HR, HR-LR; LR-LR grey: the authors exclude
+    them), with the least-squares line over the pairs the r is reported for (the authors' pairs when
+    the summary has them, else all) and each set's Pearson r in the legend."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
     if summary.height:
-        last = summary.filter(pl.col("checkpoint_step") == summary["checkpoint_step"].max())
-        row = last.filter(pl.col("measure") == measure)
-        layer = int(row["layer"][0]) if row.height else int(jsd_table["layer"].max())
-        frame = jsd_table.filter((pl.col("checkpoint_step") == last["checkpoint_step"][0]) & (pl.col("layer") == layer))
+        last = summary.filter((pl.col("checkpoint_step") == summary["checkpoint_step"].max())
+                              & (pl.col("measure") == measure))
+        layer = int(last["layer"][0]) if last.height else int(jsd_table["layer"].max())
+        step = summary["checkpoint_step"].max()
+        frame = jsd_table.filter((pl.col("checkpoint_step") == step) & (pl.col("layer") == layer))
         joined = frame.join(overlap.filter(pl.col("measure") == measure), on=["lang_a", "lang_b"])
+        hr, lr = set(high_resource or []), set(targets or [])
+        kinds = np.array([pair_type(a, b, hr, lr) if hr and lr else "other"
+                          for a, b in zip(joined["lang_a"], joined["lang_b"])])
         x, y = joined["value"].to_numpy(), joined["jsd"].to_numpy()
-        ax.scatter(x, y, s=18)
+        r_of = {p: r for p, r, n in last.select("pairs", "pearson_r", "n_pairs").iter_rows()} if last.height else {}
+        n_of = dict(last.select("pairs", "n_pairs").iter_rows()) if last.height else {}
+        styles = {"hr_hr": ("tab:blue", "HR-HR"), "hr_lr": ("tab:orange", "HR-LR"),
+                  "lr_lr": ("lightgrey", "LR-LR (excluded)"), "other": ("tab:green", "pairs")}
+        for kind, (color, name) in styles.items():
+            pick = kinds == kind
+            if pick.any():
+                r = r_of.get(kind)
+                label = f"{name}, r = {r:.2f} (n = {n_of[kind]})" if r is not None else name
+                ax.scatter(x[pick], y[pick], s=18, color=color, label=label)
         for a, b, xi, yi in zip(joined["lang_a"], joined["lang_b"], x, y):
             ax.annotate(f"{a}-{b}", (xi, yi), fontsize=6, alpha=0.7)
-        if len(x) >= 2 and np.ptp(x) > 0:
-            slope, intercept = np.polyfit(x, y, 1)
-            xs = np.linspace(x.min(), x.max(), 10)
-            r = row["pearson_r"][0] if row.height else float("nan")
-            ax.plot(xs, slope * xs + intercept, "r-", label=f"fit, Pearson r = {r:.2f} (n = {len(x)})")
-            ax.legend(fontsize=8)
-        ax.set_title(f"Routing JSD vs token overlap, layer {layer}")
+        fit_set = "without_lr_lr" if "without_lr_lr" in r_of else "all"
+        fit = np.isin(kinds, ["hr_hr", "hr_lr"]) if fit_set == "without_lr_lr" else np.ones(len(x), dtype=bool)
+        if fit.sum() >= 2 and np.ptp(x[fit]) > 0:
+            slope, intercept = np.polyfit(x[fit], y[fit], 1)
+            xs = np.linspace(x[fit].min(), x[fit].max(), 10)
+            name = "HR-HR + HR-LR" if fit_set == "without_lr_lr" else "all pairs"
+            ax.plot(xs, slope * xs + intercept, "r-",
+                    label=f"fit over {name}, r = {r_of.get(fit_set, float('nan')):.2f} (n = {int(fit.sum())})")
+        if fit_set == "without_lr_lr" and "all" in r_of:
+            ax.plot([], [], " ", label=f"all pairs: r = {r_of['all']:.2f} (n = {n_of['all']})")
+        ax.legend(fontsize=7)
+        ax.set_title(f"Routing JSD vs token overlap, layer {layer}, step {step}")
     ax.set_xlabel(f"token overlap ({measure})")
     ax.set_ylabel("routing JSD (nats)")
     save_figure(fig, path)
@@ -372,9 +529,11 @@ def run_metrics(profile_paths: list[str | Path], overlap_path: str | Path, optio
     profiles = read_profiles(profile_paths)
     languages = options["languages"]
     base = options["base_language"]
-    tables = metric_tables(profiles, languages, base)
+    high_resource = options["high_resource"]
+    tables = metric_tables(profiles, languages, base, high_resource)
     overlap = pl.read_parquet(overlap_path)
-    tables["jsd_overlap"] = jsd_overlap_table(tables["jsd"], overlap, options.get("jsd_overlap_layer"))
+    tables["jsd_overlap"] = jsd_overlap_table(tables["jsd"], overlap, options.get("jsd_overlap_layer"),
+                                              high_resource, list(options["targets"]))
     model, step = options.get("selection_model") or _last_checkpoint(profiles)
     profiled = set(profiles["lang"].unique())
     # a target without a profile was dropped by the corpus stage: nothing to adapt it on
@@ -387,12 +546,12 @@ def run_metrics(profile_paths: list[str | Path], overlap_path: str | Path, optio
             table.write_parquet(tmp, compression="zstd")
     write_json(selected, selected_path)
     plot_entropy(tables["entropy"], out_dir / "entropy.png", base)
-    plot_per_checkpoint(tables["jsd_mean"].filter(pl.col("languages") == "all"), "mean_jsd", out_dir / "jsd_dynamics.png",
-                        "mean pairwise JSD (nats)", "Routing divergence between languages across checkpoints")
+    plot_jsd_dynamics(tables["jsd_mean"], out_dir / "jsd_dynamics.png", base)
     plot_jsd_heatmap(tables["jsd"], out_dir / "jsd_heatmap.png", languages)
     plot_per_checkpoint(tables["specialization"], "score", out_dir / "specialization.png", "I(L; E) / H(L)",
                         "Language specialisation of routing per layer")
-    plot_jsd_overlap(tables["jsd"], overlap, tables["jsd_overlap"], out_dir / "jsd_overlap.png")
+    plot_jsd_overlap(tables["jsd"], overlap, tables["jsd_overlap"], out_dir / "jsd_overlap.png",
+                     high_resource=high_resource, targets=list(options["targets"]))
     spec = tables["specialization"].filter(pl.col("checkpoint_step") == step).sort("layer")
     log.info("routing metrics: specialisation by layer at step %d: %s", step,
              ", ".join(f"{l}: {s:.3f}" for l, s in spec.select("layer", "score").iter_rows()))

@@ -39,8 +39,9 @@ if ROUTING_SHARDS == 1:
 
 else:
 
-    # One model's held-out chunks in N jobs (every N-th chunk from the i-th); the merge adds up the
-    # counts, exactly the unsharded profile. The parts are temporary.
+    # One model's held-out sequences (document chunks or stream windows, by routing.windowing) in N
+    # jobs (every N-th sequence from the i-th); the merge adds up the counts, exactly the unsharded
+    # profile. The parts are temporary.
     rule profile_routing_shard:
         resources:
             **mcfg.rule_resources(config, "profile_routing_shard"),
