@@ -495,3 +495,120 @@ def test_existing_experts_of_layers_with_different_counts(tmp_path):
     for plan in counted.plans.values():
         assert list(plan.experts - plan.new) == sizes
         assert (plan.new >= 1).all() and plan.new.sum() == 30
+
+
+# ---------------------------------------------------------------------------------------------------
+# similarity context and BOS
+
+
+def write_token_file(path, docs, splits=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"split": splits or ["heldout"] * len(docs), "input_ids": docs}), path)
+    return path
+
+
+def test_context_sequences_by_hand(tmp_path):
+    from moelang.similarity import context_sequences, heldout_documents
+
+    path = write_token_file(tmp_path / "t.parquet", [[5] * 10, [9] * 4, [6] * 3, [7] * 8],
+                            splits=["heldout", "train", "heldout", "heldout"])
+    docs = heldout_documents(path)
+    assert [d.tolist() for d in docs] == [[5] * 10, [6] * 3, [7] * 8]
+
+    def seqs(*args, **kwargs):
+        return [s.tolist() for s in context_sequences(docs, *args, **kwargs)]
+
+    assert seqs("chunks", 4, None) == [[5] * 4, [5] * 4, [5] * 2, [6] * 3, [7] * 4, [7] * 4]
+    assert seqs("documents", 4, None) == [[5] * 4, [6] * 3, [7] * 4]
+    stream = [5] * 10 + [2] + [6] * 3 + [2] + [7] * 8 + [2]
+    assert seqs("stream", 4, None, eos_id=2) == [stream[i:i + 4] for i in range(0, len(stream), 4)]
+    assert seqs("chunks", 4, None, bos_id=1) == [[1, 5, 5, 5]] * 3 + [[1, 5], [1, 6, 6, 6], [1, 7, 7, 7], [1, 7, 7, 7],
+                                                                   [1, 7, 7]]
+    assert seqs("documents", 4, 9, bos_id=1) == [[1, 5, 5, 5], [1, 6, 6, 6], [1]]  # the budget counts the BOS
+    assert seqs("chunks", 4, 11) == [[5] * 4, [5] * 4, [5] * 2, [6]]
+    with pytest.raises(MoelangError, match="similarity.context is 'windows'"):
+        context_sequences(docs, "windows", 4, None)
+
+
+def brute_similarity(model, sequences_by_lang, layer_count):
+    """Mean cosine over all token pairs from the full cosine matrix, each sequence run alone (no padding)."""
+    states = {}
+    for lang, sequences in sequences_by_lang.items():
+        captured = {i: [] for i in range(layer_count)}
+        with torch.no_grad(), ModelAdapter(model).capture_mlp_inputs(lambda i, h: captured[i].append(h[0].clone())):
+            for seq in sequences:
+                model(input_ids=torch.tensor(seq)[None])
+        states[lang] = {i: torch.cat(v).double() for i, v in captured.items()}
+    out = {}
+    for layer in range(layer_count):
+        a, b = states["en"][layer], states["es"][layer]
+        out[layer] = float(torch.nn.functional.cosine_similarity(a[:, None, :], b[None, :, :], dim=-1).mean())
+    return out
+
+
+@pytest.mark.parametrize("context, bos", [("chunks", False), ("chunks", True), ("documents", False),
+                                          ("documents", True), ("stream", False), ("stream", True)])
+def test_similarity_context_and_bos_match_an_independent_computation(tmp_path, context, bos):
+    from moelang.similarity import token_similarity
+
+    model = tiny_model("llama").eval()  # bos_token_id 1, eos_token_id 2
+    bos_id, eos_id = model.config.bos_token_id, model.config.eos_token_id
+    rng = np.random.default_rng(3)
+    docs = {lang: [rng.integers(3, 90, n).tolist() for n in lengths]
+            for lang, lengths in (("en", (9, 14, 6)), ("es", (5, 17, 11)))}
+    files = {lang: write_token_file(tmp_path / f"{lang}.parquet", d) for lang, d in docs.items()}
+    seq_len, budget = 8, 25
+    expected_sequences = {}
+    for lang, doc_list in docs.items():  # the sequences, written out plainly for each context
+        room = seq_len - bos
+        if context == "chunks":
+            pieces = [doc[s:s + room] for doc in doc_list for s in range(0, len(doc), room)]
+        elif context == "documents":
+            pieces = [doc[:room] for doc in doc_list]
+        else:
+            stream = [t for doc in doc_list for t in doc + [eos_id]]
+            pieces = [stream[s:s + room] for s in range(0, len(stream), room)]
+        flat = [t for piece in pieces for t in ([bos_id] if bos else []) + piece]
+        sequences, start = [], 0
+        for piece in pieces:  # the first `budget` positions, in order
+            width = len(piece) + bos
+            if start < budget:
+                sequences.append((([bos_id] if bos else []) + piece)[: budget - start])
+            start += width
+        assert sum(map(len, sequences)) == min(budget, len(flat))
+        expected_sequences[lang] = sequences
+    options = {"seq_len": seq_len, "batch_tokens": 32, "tokens_per_language": budget, "context": context, "bos": bos}
+    table = token_similarity(ModelAdapter(model), files, options, "m")
+    expect = brute_similarity(model, expected_sequences, model.config.num_hidden_layers)
+    cross = table.filter((pl.col("lang_a") == "en") & (pl.col("lang_b") == "es")).sort("layer")
+    assert cross["similarity"].to_list() == pytest.approx([expect[i] for i in sorted(expect)], rel=1e-6)
+    assert cross["n_tokens_a"].to_list() == [sum(map(len, expected_sequences["en"]))] * len(expect)
+    assert cross["n_tokens_b"].to_list() == [sum(map(len, expected_sequences["es"]))] * len(expect)
+
+
+def test_default_context_keeps_the_chunked_numbers(tmp_path):
+    """Without the new keys the table is the one made from routing-style per-document chunks, no BOS."""
+    from moelang.routing import heldout_chunks
+    from moelang.similarity import token_similarity
+
+    model = tiny_model("olmoe").eval()
+    rng = np.random.default_rng(4)
+    files = {lang: write_token_file(tmp_path / f"{lang}.parquet", [rng.integers(3, 90, n).tolist() for n in (9, 14, 6)])
+             for lang in ("en", "es")}
+    table = token_similarity(ModelAdapter(model), files, {"seq_len": 8, "batch_tokens": 32, "tokens_per_language": 20}, "m")
+    means = {lang: token_unit_means(ModelAdapter(model), length_batches(heldout_chunks(path, 8, 20), 32, 0), lang)[0]
+             for lang, path in files.items()}
+    cross = table.filter((pl.col("lang_a") == "en") & (pl.col("lang_b") == "es")).sort("layer")
+    assert cross["similarity"].to_list() == pytest.approx((means["en"] * means["es"]).sum(-1).tolist(), rel=1e-12)
+
+
+def test_bos_on_a_model_without_one_is_one_line(tmp_path):
+    from moelang.similarity import token_similarity
+
+    model = tiny_model("olmoe").eval()
+    model.config.bos_token_id = None
+    files = {"en": write_token_file(tmp_path / "en.parquet", [[5, 6, 7]])}
+    with pytest.raises(MoelangError, match="similarity.bos is true, but this olmoe model has no BOS token"):
+        token_similarity(ModelAdapter(model), files, {"seq_len": 8, "batch_tokens": 32, "bos": True}, "m")
