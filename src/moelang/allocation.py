@@ -374,10 +374,10 @@ def allocate(similarity: pl.DataFrame, old: list[str], new: list[str], *, delta:
     if isinstance(classifier, (list, tuple)):
         unknown = sorted({int(layer) for layer in classifier} - set(layers))
         if unknown or len(set(classifier)) != len(classifier):
-            raise MoelangError(f"allocation: allocation.classifier_layers (--classifier-layers) lists "
-                               f"{'layers ' + str(unknown) + ' that the similarity table does not have' if unknown else 'a layer twice'}"
-                               f" (its layers: {layers[0]}..{layers[-1]}); list each layer once, or give a number for "
-                               f"our highest-S rule")
+            what = f"layers {unknown} that the similarity table does not have" if unknown else "a layer twice"
+            raise MoelangError(f"allocation: allocation.classifier_layers (--classifier-layers) lists {what} (its "
+                               f"layers: {layers[0]}..{layers[-1]}); list each layer once, or give a number for our "
+                               f"highest-S rule")
     if delta is not None and not delta > 0:
         raise MoelangError(f"allocation: allocation.delta (--delta) must be positive, got {delta}")
     if new_experts is not None and new_experts < n:
