@@ -25,3 +25,25 @@ def tiny_model(family: str, seed: int = 0):
 
     config = build_config({"model_type": family, **COMMON, **FAMILY_CONFIGS[family]})
     return init_model(config, seed=seed)
+
+
+def tiny_olmoe_with_expert_counts(experts_per_layer: list[int], seed: int = 0):
+    """A tiny OLMoE whose MoE layers have the given, different numbers of experts (the shape of a
+    LayerMoE-expanded model), built by hand: each layer's fused expert tensors and router weight are
+    replaced with random ones of that many rows. Returns (model, hidden, expert width)."""
+    import torch
+    from torch import nn
+
+    from moelang.models import build_config, init_model
+
+    fields = {**COMMON, **FAMILY_CONFIGS["olmoe"], "num_hidden_layers": len(experts_per_layer)}
+    model = init_model(build_config({"model_type": "olmoe", **fields}), seed=seed).eval()
+    hidden, width = fields["hidden_size"], fields["intermediate_size"]
+    generator = torch.Generator().manual_seed(seed + 1)
+    for layer, count in zip(model.model.layers, experts_per_layer):
+        mlp = layer.mlp
+        mlp.experts.gate_up_proj = nn.Parameter(torch.randn(count, 2 * width, hidden, generator=generator) * 0.1)
+        mlp.experts.down_proj = nn.Parameter(torch.randn(count, hidden, width, generator=generator) * 0.1)
+        mlp.gate.weight = nn.Parameter(torch.randn(count, hidden, generator=generator))
+        mlp.experts.num_experts = mlp.gate.num_experts = count
+    return model, hidden, width

@@ -130,6 +130,38 @@ def test_trainable_fraction_of_expert_subsets_on_meta():
     assert 0.004 < counts["trainable_fraction"] < 0.005
 
 
+def test_parameter_count_with_different_expert_counts_per_layer():
+    from families import tiny_olmoe_with_expert_counts
+
+    sizes = [8, 10, 12, 8]
+    model, hidden, width = tiny_olmoe_with_expert_counts(sizes)
+    by_hand = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    assert experts == sum(sizes) * 3 * hidden * width
+    counts = count_parameters(model)
+    assert counts["total"] == by_hand
+    assert counts["experts_per_layer"] == sizes and counts["num_experts"] is None
+    assert counts["per_expert"] == 3 * hidden * width
+    # the same shape from the config alone, on the meta device
+    config = model.config
+    config.num_experts_per_layer = sizes
+    meta = count_parameters(config=config)
+    assert meta["total"] == by_hand and meta["experts_per_layer"] == sizes
+    # training the routers of two layers: their own widths
+    train_only(ModelAdapter(model), experts={1: [9]}, routers=[1, 2])
+    assert count_parameters(model)["trainable"] == 3 * hidden * width + (10 + 12) * hidden
+
+
+def test_experts_per_layer_of_the_wrong_length_is_one_line():
+    from families import COMMON, FAMILY_CONFIGS
+    from moelang.models import build_config
+
+    config = build_config({"model_type": "olmoe", **COMMON, **FAMILY_CONFIGS["olmoe"]})
+    config.num_experts_per_layer = [8, 10, 12]
+    with pytest.raises(MoelangError, match="3 entries for 2 decoder layers"):
+        count_parameters(config=config)
+
+
 # --------------------------------------------------------------------------------------------------
 # The architecture examples of config/README.md, built; MoE layers from the config alone
 # --------------------------------------------------------------------------------------------------

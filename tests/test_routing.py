@@ -445,3 +445,51 @@ def test_stream_windows_longer_than_the_context_are_refused_at_start_up():
     cfg.validate(trained(tiny_arch(), routing={"seq_len": 512}))  # document chunks: as before
     with pytest.raises(ConfigError, match="routing.windowing"):
         cfg.validate(trained(tiny_arch(), routing={"windowing": "windows"}))
+
+
+# MoE layers with different expert counts (an expanded model)
+
+
+def test_profiler_counts_layers_with_different_expert_counts_against_brute_force():
+    from families import tiny_olmoe_with_expert_counts
+
+    sizes = [8, 10, 12, 8]
+    model, _, _ = tiny_olmoe_with_expert_counts(sizes)
+    adapter = ModelAdapter(model)
+    assert [m.num_experts for m in adapter.moe_layers] == sizes
+    rng = np.random.default_rng(1)
+    chunks = [rng.integers(3, model.config.vocab_size, n) for n in (9, 4, 13, 7)]
+    profiler = RoutingProfiler(adapter, token_layers=[2])
+    profiler.run(length_batches(chunks, batch_tokens=30, pad_id=0))  # padded batches
+    brute = {i: Counter() for i in range(len(sizes))}
+    brute_tokens = Counter()
+    weights = {i: np.zeros(size) for i, size in enumerate(sizes)}
+    # the router's own logits (output_router_logits would also compute the load-balancing loss, which
+    # transformers cannot do for layers of different widths)
+    router_logits = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda module, args, out: router_logits.append(out[0]))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        for chunk in chunks:
+            router_logits.clear()
+            model(input_ids=torch.tensor(chunk)[None])
+            for i, logits in enumerate(router_logits):
+                assert logits.shape[-1] == sizes[i]
+                top = logits.softmax(-1).topk(model.config.num_experts_per_tok, dim=-1)
+                brute[i].update(top.indices.reshape(-1).tolist())
+                np.add.at(weights[i], top.indices.reshape(-1).numpy(), top.values.reshape(-1).double().numpy())
+                if i == 2:
+                    for token, chosen in zip(chunk, top.indices.tolist()):
+                        brute_tokens.update((int(token), e) for e in chosen)
+    for hook in hooks:
+        hook.remove()
+    rows = profiler.table("m", 0, "xx").to_pylist()
+    assert [(r["layer"], r["expert"]) for r in rows] == [(i, e) for i, size in enumerate(sizes) for e in range(size)]
+    for i, size in enumerate(sizes):
+        layer_rows = [r for r in rows if r["layer"] == i]
+        assert [r["count"] for r in layer_rows] == [brute[i][e] for e in range(size)]
+        assert np.allclose([r["weight_sum"] for r in layer_rows], weights[i], atol=1e-5)
+        assert {r["n_tokens"] for r in layer_rows} == {sum(map(len, chunks))}
+    tokens = profiler.token_table("m", 0, "xx").to_pylist()
+    assert {(r["token_id"], r["expert"]): r["count"] for r in tokens} == dict(brute_tokens)
+    assert max(r["expert"] for r in tokens) < sizes[2]

@@ -216,7 +216,7 @@ def test_nonpositive_scores_shift_by_default():
     used = [(1 + s) / 2 for s in (0.2, -0.1, 0.4)]
     assert result.scores_used == pytest.approx(used) and result.nonpositive_layers == [1]
     assert list(result.plans["layermoe"].experts) == direct_layermoe(used, 10) == [4, 5, 3]
-    assert set(result.plans) == {"layermoe", "uniform", "increasing"}
+    assert set(result.plans) == {"layermoe", "uniform", "mola", "increasing"}
     assert result.plans["layermoe"].classifier_layers == [2]  # the highest S, measured
 
 
@@ -240,17 +240,17 @@ def test_a_failing_method_does_not_lose_the_others():
     pure routing method, which need no similarity weights, are still computed."""
     spec = {0: 0.2, 1: 0.3, 2: 0.5}
     result = al.allocate(cross_script(), OLD, NEW, new_experts=6, nonpositive="error", specialization=spec)
-    assert set(result.plans) == {"uniform", "increasing", "routing"}
+    assert set(result.plans) == {"uniform", "mola", "increasing", "routing"}
     assert "S_i <= 0 at layers [1]" in result.failed["layermoe"]
     assert "set allocation.nonpositive: shift" in result.failed["layermoe"]
-    assert [sum(p.new) for p in result.plans.values()] == [6, 6, 6]
+    assert [sum(p.new) for p in result.plans.values()] == [6, 6, 6, 6]
     mixed = al.allocate(cross_script(), OLD, NEW, new_experts=6, nonpositive="error", specialization=spec,
                         routing_weight=0.5)
     assert set(mixed.failed) == {"layermoe", "routing"} and "allocation.routing_weight 0.5" in mixed.failed["routing"]
     missing = al.allocate(three_layers(), OLD, NEW, new_experts=6, specialization={0: 0.1, 1: 0.2})
     assert set(missing.plans) == set(al.METHODS) - {"routing"} and "layers [2]" in missing.failed["routing"]
     # a delta budget takes its total from LayerMoE: without that plan no method has a total
-    with pytest.raises(MoelangError, match="no method gives a plan: layermoe: .*; uniform, increasing, routing: the budget is allocation.delta"):
+    with pytest.raises(MoelangError, match="no method gives a plan: layermoe: .*; uniform, mola, increasing, routing: the budget is allocation.delta"):
         al.allocate(cross_script(), OLD, NEW, delta=10, nonpositive="error")
 
 
@@ -258,18 +258,18 @@ def test_failures_and_agreement_are_written_into_the_plan(tmp_path, caplog):
     (tmp_path / "in").mkdir()
     cross_script(experts=8).write_parquet(tmp_path / "in" / "sim.parquet")
     with caplog.at_level("WARNING", logger="moelang"):
-        al.run_allocation(tmp_path / "in" / "sim.parquet", {"old": OLD, "new": NEW, "new_experts": 6,
+        al.run_allocation(tmp_path / "in" / "sim.parquet", {"old": OLD, "new": NEW, "new_experts": 3,
                                                            "nonpositive": "error"}, tmp_path / "a")
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())
-    assert set(plan) == {"uniform", "increasing", "_meta"}
+    assert set(plan) == {"uniform", "mola", "increasing", "_meta"}
     meta = plan["_meta"]
-    assert meta["methods"] == ["uniform", "increasing"] and set(meta["failed"]) == {"layermoe", "routing"}
+    assert meta["methods"] == ["uniform", "mola", "increasing"] and set(meta["failed"]) == {"layermoe", "routing"}
     assert meta["nonpositive_layers"] == [1] and meta["scores_used"] is None and meta["all_methods_agree"] is True
     assert meta["counts_existing"] is False and meta["existing_experts_per_layer"] == [8, 8, 8]  # from the table
     assert "no layermoe plan: layer score S_i <= 0" in caplog.text and "gives the same plan" in caplog.text
     table = pl.read_parquet(tmp_path / "a" / "plan.parquet")
     assert table.columns == ["method", "layer", "score", "score_used", "experts", "new_experts", "classifier"]
-    assert sorted(table["method"].unique()) == ["increasing", "uniform"] and table["score_used"].is_null().all()
+    assert sorted(table["method"].unique()) == ["increasing", "mola", "uniform"] and table["score_used"].is_null().all()
     # nine new experts over three layers: the methods differ, and say so
     al.run_allocation(tmp_path / "in" / "sim.parquet", {"old": OLD, "new": NEW, "new_experts": 9}, tmp_path / "b")
     meta = json.loads((tmp_path / "b" / "plan.json").read_text())["_meta"]
@@ -302,7 +302,7 @@ def test_cli_allocate_standalone(tmp_path, capsys):
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert plan["layermoe"]["experts_per_layer"] == [5, 3, 3]
     assert "routing" not in plan and "--specialization" in plan["_meta"]["failed"]["routing"]
-    assert pl.read_parquet(tmp_path / "plan" / "plan.parquet").height == 3 * 3
+    assert pl.read_parquet(tmp_path / "plan" / "plan.parquet").height == 4 * 3  # layermoe, uniform, mola, increasing
     assert (tmp_path / "plan" / "plan.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     assert allocate_cli("--similarity", tmp_path / "sim.parquet", "--old", "en", "--new", "el", "--out", tmp_path / "p2") == 2
@@ -412,3 +412,203 @@ def test_every_config_key_an_error_names_exists():
     named = {key.removesuffix(".py") for key in named if not key.endswith(".py")}
     assert {"allocation.nonpositive", "allocation.new_experts", "similarity.method", "model.dtype"} <= named
     assert [key for key in sorted(named) if not _schema_has(schema, key)] == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# MoLA's step shape, explicit classifier layers, layers with different expert counts
+
+
+def test_mola_step_shape_by_hand():
+    assert list(al.mola_shape(16)) == [2] * 4 + [4] * 4 + [6] * 4 + [8] * 4
+    assert list(al.mola_shape(6)) == [2, 2, 4, 6, 6, 8]  # layer i in quarter floor(4 i / 6)
+    assert list(al.mola_shape(3)) == [2, 4, 6]
+    # a total equal to the shape's sum gives the shape itself
+    assert list(al.scale_shape(al.mola_shape(8), 40)) == [2, 2, 4, 4, 6, 6, 8, 8]
+    assert list(al.scale_shape(al.mola_shape(4), 10)) == [1, 2, 3, 4]
+    # 6 over 2,4,6,8: 0.6, 1.2, 1.8, 2.4 -> floors 0, 1, 1, 2; remainders .6 .2 .8 .4 -> layers 2 and 0
+    assert list(al.scale_shape(al.mola_shape(4), 6)) == [1, 1, 2, 2]
+    # 9 over 2,2,4,4,6,6,8,8 (sum 40): 0.45 .45 .9 .9 1.35 1.35 1.8 1.8 -> floors 0,0,0,0,1,1,1,1 (4);
+    # the 5 largest remainders (.9 .9 .8 .8 .45) -> 1,0,1,1,1,1,2,2; layer 1 at 0 takes one from layer 6
+    assert list(al.scale_shape(al.mola_shape(8), 9)) == [1, 1, 1, 1, 1, 1, 1, 2]
+    assert list(al.scale_shape(al.mola_shape(8), 8)) == [1] * 8
+    with pytest.raises(MoelangError, match="at least 8"):
+        al.scale_shape(al.mola_shape(8), 7)
+
+
+def test_mola_plan_has_the_layermoe_total():
+    sims = sim_table({layer: pairs(0.2 + 0.05 * layer, 0.3) for layer in range(8)})
+    result = al.allocate(sims, OLD, NEW, new_experts=40)
+    assert sum(result.plans["layermoe"].new) == 40
+    assert list(result.plans["mola"].new) == [2, 2, 4, 4, 6, 6, 8, 8]
+    assert list(result.plans["mola"].experts) == [3, 3, 5, 5, 7, 7, 9, 9]  # dense: N_i counts the original FFN
+
+
+def test_explicit_classifier_layers_are_taken_as_given():
+    result = al.allocate(three_layers(), OLD, NEW, new_experts=9, classifier=[2, 0])
+    assert {name: plan.classifier_layers for name, plan in result.plans.items()} == \
+        {name: [0, 2] for name in result.plans}
+    # our rule for comparison: the m layers with the highest S (S = 0.2, 0.4, 0.4)
+    assert al.allocate(three_layers(), OLD, NEW, new_experts=9, classifier=2).plans["layermoe"].classifier_layers == [1, 2]
+    with pytest.raises(MoelangError, match=r"classifier_layers .* lists layers \[3, 7\] that the similarity table"):
+        al.allocate(three_layers(), OLD, NEW, new_experts=9, classifier=[0, 3, 7])
+    with pytest.raises(MoelangError, match="a layer twice"):
+        al.allocate(three_layers(), OLD, NEW, new_experts=9, classifier=[1, 1])
+
+
+def test_cli_takes_a_classifier_list_or_a_number(tmp_path, capsys):
+    three_layers().write_parquet(tmp_path / "sim.parquet")
+    common = ("--similarity", tmp_path / "sim.parquet", "--old", "en,es", "--new", "el,hu", "--new-experts", 9)
+    assert allocate_cli(*common, "--classifier-layers", "0,2", "--out", tmp_path / "a") == 0
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())
+    assert plan["layermoe"]["classifier_layers"] == plan["mola"]["classifier_layers"] == [0, 2]
+    assert allocate_cli(*common, "--classifier-layers", "1", "--out", tmp_path / "b") == 0
+    assert json.loads((tmp_path / "b" / "plan.json").read_text())["layermoe"]["classifier_layers"] == [1]
+    table = pl.read_parquet(tmp_path / "a" / "plan.parquet").filter(pl.col("method") == "mola")
+    assert table["classifier"].to_list() == [True, False, True]
+    with pytest.raises(SystemExit):
+        allocate_cli(*common, "--classifier-layers", "two", "--out", tmp_path / "c")
+    assert "neither a number nor comma-separated layer indices" in capsys.readouterr().err
+
+
+def test_existing_experts_of_layers_with_different_counts(tmp_path):
+    """A model whose MoE layers have 8, 10, 12, 8 experts: the similarity table records each layer's
+    count, and the allocation's existing experts (and N_i with counts_existing) follow it per layer."""
+    from families import tiny_olmoe_with_expert_counts
+    from moelang.similarity import layer_experts
+
+    sizes = [8, 10, 12, 8]
+    model, _, _ = tiny_olmoe_with_expert_counts(sizes)
+    assert layer_experts(ModelAdapter(model)) == sizes
+    sims = sim_table({layer: pairs(0.2 + 0.1 * layer, 0.3) for layer in range(4)})
+    sims = sims.with_columns(pl.col("layer").map_elements(lambda layer: sizes[layer], return_dtype=pl.Int64).alias("experts"))
+    sims.write_parquet(tmp_path / "sim.parquet")
+    assert al.layer_experts(al.read_similarity(tmp_path / "sim.parquet"), "sim") == dict(enumerate(sizes))
+    result = al.run_allocation(tmp_path / "sim.parquet", {"old": OLD, "new": NEW, "new_experts": 8}, tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "plan.json").read_text())["_meta"]
+    assert meta["existing_experts_per_layer"] == sizes and meta["counts_existing"] is False
+    for plan in result.plans.values():
+        assert list(plan.experts) == list(plan.new)  # an MoE: N_i counts new experts only
+    # N_i counting 8..12 existing experts: LayerMoE needs a larger budget to give every layer a new one
+    counted = al.run_allocation(tmp_path / "sim.parquet", {"old": OLD, "new": NEW, "new_experts": 30,
+                                                           "counts_existing": True}, tmp_path / "b")
+    assert "layermoe" in counted.plans and "mola" in counted.plans
+    for plan in counted.plans.values():
+        assert list(plan.experts - plan.new) == sizes
+        assert (plan.new >= 1).all() and plan.new.sum() == 30
+
+
+# ---------------------------------------------------------------------------------------------------
+# similarity context and BOS
+
+
+def write_token_file(path, docs, splits=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"split": splits or ["heldout"] * len(docs), "input_ids": docs}), path)
+    return path
+
+
+def test_context_sequences_by_hand(tmp_path):
+    from moelang.similarity import context_sequences, heldout_documents
+
+    path = write_token_file(tmp_path / "t.parquet", [[5] * 10, [9] * 4, [6] * 3, [7] * 8],
+                            splits=["heldout", "train", "heldout", "heldout"])
+    docs = heldout_documents(path)
+    assert [d.tolist() for d in docs] == [[5] * 10, [6] * 3, [7] * 8]
+
+    def seqs(*args, **kwargs):
+        return [s.tolist() for s in context_sequences(docs, *args, **kwargs)]
+
+    assert seqs("chunks", 4, None) == [[5] * 4, [5] * 4, [5] * 2, [6] * 3, [7] * 4, [7] * 4]
+    assert seqs("documents", 4, None) == [[5] * 4, [6] * 3, [7] * 4]
+    stream = [5] * 10 + [2] + [6] * 3 + [2] + [7] * 8 + [2]
+    assert seqs("stream", 4, None, eos_id=2) == [stream[i:i + 4] for i in range(0, len(stream), 4)]
+    assert seqs("chunks", 4, None, bos_id=1) == [[1, 5, 5, 5]] * 3 + [[1, 5], [1, 6, 6, 6], [1, 7, 7, 7], [1, 7, 7, 7],
+                                                                   [1, 7, 7]]
+    assert seqs("documents", 4, 9, bos_id=1) == [[1, 5, 5, 5], [1, 6, 6, 6], [1]]  # the budget counts the BOS
+    assert seqs("chunks", 4, 11) == [[5] * 4, [5] * 4, [5] * 2, [6]]
+    with pytest.raises(MoelangError, match="similarity.context is 'windows'"):
+        context_sequences(docs, "windows", 4, None)
+
+
+def brute_similarity(model, sequences_by_lang, layer_count):
+    """Mean cosine over all token pairs from the full cosine matrix, each sequence run alone (no padding)."""
+    states = {}
+    for lang, sequences in sequences_by_lang.items():
+        captured = {i: [] for i in range(layer_count)}
+        with torch.no_grad(), ModelAdapter(model).capture_mlp_inputs(lambda i, h: captured[i].append(h[0].clone())):
+            for seq in sequences:
+                model(input_ids=torch.tensor(seq)[None])
+        states[lang] = {i: torch.cat(v).double() for i, v in captured.items()}
+    out = {}
+    for layer in range(layer_count):
+        a, b = states["en"][layer], states["es"][layer]
+        out[layer] = float(torch.nn.functional.cosine_similarity(a[:, None, :], b[None, :, :], dim=-1).mean())
+    return out
+
+
+@pytest.mark.parametrize("context, bos", [("chunks", False), ("chunks", True), ("documents", False),
+                                          ("documents", True), ("stream", False), ("stream", True)])
+def test_similarity_context_and_bos_match_an_independent_computation(tmp_path, context, bos):
+    from moelang.similarity import token_similarity
+
+    model = tiny_model("llama").eval()  # bos_token_id 1, eos_token_id 2
+    bos_id, eos_id = model.config.bos_token_id, model.config.eos_token_id
+    rng = np.random.default_rng(3)
+    docs = {lang: [rng.integers(3, 90, n).tolist() for n in lengths]
+            for lang, lengths in (("en", (9, 14, 6)), ("es", (5, 17, 11)))}
+    files = {lang: write_token_file(tmp_path / f"{lang}.parquet", d) for lang, d in docs.items()}
+    seq_len, budget = 8, 25
+    expected_sequences = {}
+    for lang, doc_list in docs.items():  # the sequences, written out plainly for each context
+        room = seq_len - bos
+        if context == "chunks":
+            pieces = [doc[s:s + room] for doc in doc_list for s in range(0, len(doc), room)]
+        elif context == "documents":
+            pieces = [doc[:room] for doc in doc_list]
+        else:
+            stream = [t for doc in doc_list for t in doc + [eos_id]]
+            pieces = [stream[s:s + room] for s in range(0, len(stream), room)]
+        flat = [t for piece in pieces for t in ([bos_id] if bos else []) + piece]
+        sequences, start = [], 0
+        for piece in pieces:  # the first `budget` positions, in order
+            width = len(piece) + bos
+            if start < budget:
+                sequences.append((([bos_id] if bos else []) + piece)[: budget - start])
+            start += width
+        assert sum(map(len, sequences)) == min(budget, len(flat))
+        expected_sequences[lang] = sequences
+    options = {"seq_len": seq_len, "batch_tokens": 32, "tokens_per_language": budget, "context": context, "bos": bos}
+    table = token_similarity(ModelAdapter(model), files, options, "m")
+    expect = brute_similarity(model, expected_sequences, model.config.num_hidden_layers)
+    cross = table.filter((pl.col("lang_a") == "en") & (pl.col("lang_b") == "es")).sort("layer")
+    assert cross["similarity"].to_list() == pytest.approx([expect[i] for i in sorted(expect)], rel=1e-6)
+    assert cross["n_tokens_a"].to_list() == [sum(map(len, expected_sequences["en"]))] * len(expect)
+    assert cross["n_tokens_b"].to_list() == [sum(map(len, expected_sequences["es"]))] * len(expect)
+
+
+def test_default_context_keeps_the_chunked_numbers(tmp_path):
+    """Without the new keys the table is the one made from routing-style per-document chunks, no BOS."""
+    from moelang.routing import heldout_chunks
+    from moelang.similarity import token_similarity
+
+    model = tiny_model("olmoe").eval()
+    rng = np.random.default_rng(4)
+    files = {lang: write_token_file(tmp_path / f"{lang}.parquet", [rng.integers(3, 90, n).tolist() for n in (9, 14, 6)])
+             for lang in ("en", "es")}
+    table = token_similarity(ModelAdapter(model), files, {"seq_len": 8, "batch_tokens": 32, "tokens_per_language": 20}, "m")
+    means = {lang: token_unit_means(ModelAdapter(model), length_batches(heldout_chunks(path, 8, 20), 32, 0), lang)[0]
+             for lang, path in files.items()}
+    cross = table.filter((pl.col("lang_a") == "en") & (pl.col("lang_b") == "es")).sort("layer")
+    assert cross["similarity"].to_list() == pytest.approx((means["en"] * means["es"]).sum(-1).tolist(), rel=1e-12)
+
+
+def test_bos_on_a_model_without_one_is_one_line(tmp_path):
+    from moelang.similarity import token_similarity
+
+    model = tiny_model("olmoe").eval()
+    model.config.bos_token_id = None
+    files = {"en": write_token_file(tmp_path / "en.parquet", [[5, 6, 7]])}
+    with pytest.raises(MoelangError, match="similarity.bos is true, but this olmoe model has no BOS token"):
+        token_similarity(ModelAdapter(model), files, {"seq_len": 8, "batch_tokens": 32, "bos": True}, "m")

@@ -137,8 +137,8 @@ def test_similarity_and_allocation_plan(tiny_run):
     assert sim.height == 2 * 6  # 2 layers x (3 languages: 3 pairs + 3 diagonal)
     assert sim.filter(pl.col("lang_a") == pl.col("lang_b"))["similarity"].is_between(0, 1.0000001).all()
     plan = json.loads((work / "results" / "allocation" / "plan.json").read_text())
-    assert set(plan) == {"layermoe", "uniform", "increasing", "routing", "_meta"}
-    for method in ("layermoe", "uniform", "increasing", "routing"):
+    assert set(plan) == {"layermoe", "uniform", "mola", "increasing", "routing", "_meta"}
+    for method in ("layermoe", "uniform", "mola", "increasing", "routing"):
         assert sum(plan[method]["new_experts_per_layer"]) == 3, method
         assert min(plan[method]["new_experts_per_layer"]) >= 1
     assert plan["_meta"]["old"] == ["en", "es"] and plan["_meta"]["new"] == ["ca"]

@@ -18,11 +18,18 @@ From the similarity table of one model (:mod:`moelang.similarity`):
   (order kept; applied only when some S_i <= 0, so positive tables give the paper's numbers);
   ``clip`` raises the non-positive scores to the smallest positive one (those layers get as many
   experts as the least similar positive layer); ``error`` fails the methods that need 1/S_i;
-* router-classifier layers: the ``classifier_layers`` layers with the highest ``S`` (default: as many as
-  layers that receive the smallest count; ours: the paper lists its layers by hand and gives no rule).
+* router-classifier layers: LayerMoE's scripts list them by hand (Qwen group 1: 5, 6, 10, 11, 12, 13,
+  23) and publish no rule, and their list is not "the top layers by S". ``classifier_layers`` is
+  either such an explicit list of layer indices (the authors' way; taken as given for every method)
+  or a number m, for **our rule**: the m layers with the highest ``S`` (null: m = as many as the layers
+  that receive the method's smallest count).
 
 Baselines with the same total of new experts: ``uniform`` (MoE-LPR: the same number in every layer,
-a remainder spread evenly over depth) and ``increasing`` (MoLA-like: proportional to depth).
+a remainder spread evenly over depth); ``mola`` (MoLA's step shape: 2, 4, 6, 8 experts in the first,
+second, third and last quarter of depth, layer i in quarter ``floor(4 i / n)``, scaled to the total by
+largest remainders, ties to the earlier layer, and a layer left at 0 raised to 1 by taking one from
+the largest count, the earliest on ties); and ``increasing`` (ours, kept for older plans: proportional
+to depth, ``i + 1``, with at least one per layer).
 Beyond both papers, ``routing``: weights proportional to the routing stage's language-specialisation
 score of the layer (more specialised layers get more new experts), optionally mixed with LayerMoE's
 inverse-similarity weights (``routing_weight`` 1 = routing only, 0.5 = half each), rounded by largest
@@ -55,7 +62,8 @@ import polars as pl
 from moelang.errors import MoelangError
 from moelang.io import atomic_path, log, save_figure, write_json
 
-METHODS = ("layermoe", "uniform", "increasing", "routing")
+METHODS = ("layermoe", "uniform", "mola", "increasing", "routing")
+MOLA_STEPS = (2, 4, 6, 8)  # MoLA's experts per quarter of depth
 NONPOSITIVE = ("shift", "clip", "error")
 # what allocation reads from its input tables: column -> the kind of dtype it must have
 SIMILARITY_COLUMNS = {"layer": "integer", "lang_a": "string", "lang_b": "string", "similarity": "number",
@@ -271,6 +279,30 @@ def spread(weights: np.ndarray, total: int) -> np.ndarray:
     return counts + 1
 
 
+def mola_shape(n_layers: int) -> np.ndarray:
+    """MoLA's 2, 4, 6, 8 experts per quarter of depth: layer i is in quarter floor(4 i / n)."""
+    return np.array([MOLA_STEPS[4 * i // n_layers] for i in range(n_layers)], dtype=np.int64)
+
+
+def scale_shape(shape: np.ndarray, total: int) -> np.ndarray:
+    """``shape`` scaled to ``total`` by largest remainders (ties to the earlier entry), then every 0
+    raised to 1 with one taken from the largest count (the first on ties, so that a rising shape stays
+    rising). A shape whose sum is ``total`` comes back unchanged."""
+    n = len(shape)
+    if total < n:
+        raise MoelangError(f"{total} new experts cannot give each of {n} layers one; set allocation.new_experts "
+                           f"(--new-experts) to at least {n}")
+    raw = np.asarray(shape, dtype=np.float64) / np.sum(shape) * total
+    counts = np.floor(np.round(raw, 9)).astype(np.int64)
+    order = np.argsort(-(raw - counts), kind="stable")
+    counts[order[: total - counts.sum()]] += 1
+    for i in np.flatnonzero(counts == 0):
+        largest = int(np.argmax(counts))
+        counts[largest] -= 1
+        counts[i] = 1
+    return counts
+
+
 def uniform(n_layers: int, total: int) -> np.ndarray:
     """MoE-LPR's uniform allocation; a remainder spread evenly over depth."""
     return np.array([(i + 1) * total // n_layers - i * total // n_layers for i in range(n_layers)], dtype=np.int64)
@@ -309,7 +341,11 @@ class Allocation:
         return len(self.plans) > 1 and len({tuple(plan.new) for plan in self.plans.values()}) == 1
 
 
-def classifier_layers(layers: list[int], scores: np.ndarray, counts: np.ndarray, m: int | None) -> list[int]:
+def classifier_layers(layers: list[int], scores: np.ndarray, counts: np.ndarray, m: int | list[int] | None) -> list[int]:
+    """The router-classifier layers: an explicit list as given; else our rule, the ``m`` layers with
+    the highest S (None: as many as the layers with the smallest count)."""
+    if isinstance(m, (list, tuple)):
+        return sorted(int(layer) for layer in m)
     if m is None:
         m = int((counts == counts.min()).sum())
     order = np.argsort(-scores, kind="stable")[:m]
@@ -318,7 +354,7 @@ def classifier_layers(layers: list[int], scores: np.ndarray, counts: np.ndarray,
 
 def allocate(similarity: pl.DataFrame, old: list[str], new: list[str], *, delta: float | None = None,
              new_experts: int | None = None, existing: int | Mapping[int, int] = 1, counts_existing: bool = True,
-             classifier: int | None = None, specialization: dict[int, float] | None = None,
+             classifier: int | list[int] | None = None, specialization: dict[int, float] | None = None,
              routing_weight: float = 1.0, nonpositive: str = "shift",
              no_specialization: str = NO_SPECIALIZATION) -> Allocation:
     """Every allocation method for one similarity table (see the module docstring). Problems of the
@@ -331,10 +367,17 @@ def allocate(similarity: pl.DataFrame, old: list[str], new: list[str], *, delta:
     if not 0 <= routing_weight <= 1:
         raise MoelangError(f"allocation: allocation.routing_weight (--routing-weight) is {routing_weight}; use a "
                            f"number from 0 to 1")
-    if classifier is not None and classifier < 0:
+    if isinstance(classifier, int) and classifier < 0:
         raise MoelangError(f"allocation: allocation.classifier_layers (--classifier-layers) is {classifier}; use 0 or more")
     layers, scores = layer_scores(similarity, old, new)
     n = len(layers)
+    if isinstance(classifier, (list, tuple)):
+        unknown = sorted({int(layer) for layer in classifier} - set(layers))
+        if unknown or len(set(classifier)) != len(classifier):
+            what = f"layers {unknown} that the similarity table does not have" if unknown else "a layer twice"
+            raise MoelangError(f"allocation: allocation.classifier_layers (--classifier-layers) lists {what} (its "
+                               f"layers: {layers[0]}..{layers[-1]}); list each layer once, or give a number for our "
+                               f"highest-S rule")
     if delta is not None and not delta > 0:
         raise MoelangError(f"allocation: allocation.delta (--delta) must be positive, got {delta}")
     if new_experts is not None and new_experts < n:
@@ -405,6 +448,7 @@ def allocate(similarity: pl.DataFrame, old: list[str], new: list[str], *, delta:
             log.warning("allocation: no %s plan: %s", name, result.failed[name])
     else:
         attempt("uniform", lambda: plan("uniform", uniform(n, result.total)))
+        attempt("mola", lambda: plan("mola", scale_shape(mola_shape(n), result.total)))
         attempt("increasing", lambda: plan("increasing", spread(np.arange(1, n + 1), result.total)))
         attempt("routing", lambda: routing(result.total))
     if not result.plans:

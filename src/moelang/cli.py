@@ -219,6 +219,17 @@ ALLOCATE_FLAGS = {"old": "--old", "new": "--new", "delta": "--delta", "new_exper
                   "nonpositive": "--nonpositive", "checkpoint_step": "--checkpoint-step"}
 
 
+def _classifier_layers(text: str) -> int | list[int]:
+    """``--classifier-layers``: ``3`` (how many, by our rule) or ``5,6,10`` (those layers)."""
+    try:
+        if "," in text:
+            return [int(part) for part in text.split(",") if part.strip()]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor comma-separated layer indices "
+                                         f"(e.g. 3, or 5,6,10)") from None
+
+
 def _kept_for_allocation(similarity_path: str) -> list[str]:
     """The kept languages as the workflow has them: results/corpus/languages.json when run where the
     workflow runs, else the languages of the similarity table (the kept ones the similarity stage saw)."""
@@ -412,7 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="N_i counts only new experts (default: yes for an MoE, no for a dense model)")
     counting.add_argument("--counts-existing", dest="counts_existing", action="store_const", const=True,
                           help="N_i counts the existing experts too (LayerMoE on a dense model)")
-    p.add_argument("--classifier-layers", type=int, default=None, help="how many router-classifier layers (default: as many as layers with the smallest count)")
+    p.add_argument("--classifier-layers", type=_classifier_layers, default=None,
+                   help="router-classifier layers: a list of layer indices (e.g. 5,6,10,23; the authors' way), or a "
+                        "number m for our rule, the m layers with the highest S (default: as many as layers with the "
+                        "smallest count)")
     p.add_argument("--routing-weight", type=float, default=None, help="routing method: weight of the specialisation score")
     p.add_argument("--nonpositive", choices=["shift", "clip", "error"], default=None,
                    help="what layer scores S_i <= 0 become (allocation.nonpositive; default shift)")

@@ -18,7 +18,8 @@ their routing weights; per (layer, expert) the profiler adds up on the device
 
 and ``n_tokens``, the tokens seen at that layer. Padding is never counted (its positions are masked
 out before the ``bincount``); nothing per token leaves the device, and there is no Python loop over
-tokens. Optionally, for chosen layers, ``(token_id, expert)`` counts relate routing to vocabulary.
+tokens. Layers may have different numbers of experts (an expanded model): each layer has rows for
+its own experts. Optionally, for chosen layers, ``(token_id, expert)`` counts relate routing to vocabulary.
 A per-language token budget (``routing.tokens_per_language``; the authors take 1,024,000 tokens, 500
 windows of 2,048) caps the work: ``document`` cuts the last chunk to fit, ``stream`` keeps the whole
 windows that fit.
@@ -28,7 +29,7 @@ Outputs
 ``results/routing/{model}/{lang}.parquet``
     ``model`` string, ``checkpoint_step`` int64, ``lang`` string, ``layer`` int32 (decoder layer
     index), ``expert`` int32, ``count`` int64, ``weight_sum`` float64, ``n_tokens`` int64; one row per
-    (MoE layer, expert).
+    (MoE layer, expert of that layer).
 ``results/routing/{model}/{lang}.tokens.parquet`` (only with ``routing.token_layers``)
     ``model``, ``checkpoint_step``, ``lang``, ``layer``, ``token_id`` int32, ``expert`` int32,
     ``count`` int64; only non-zero counts.
@@ -187,14 +188,16 @@ def length_batches(chunks: list[np.ndarray], batch_tokens: int, pad_id: int) -> 
 
 @dataclass
 class RoutingCounts:
-    """Per-layer accumulators, on the model's device."""
+    """Per-layer accumulators, on the model's device. Layers may have different expert counts (an
+    expanded model): rows are as wide as the largest layer, and a layer's columns past its own
+    ``experts_per_layer`` entry stay zero and are never written out."""
 
     layers: list[int]
-    num_experts: int
-    counts: torch.Tensor  # [n_layers, E] int64
-    weight_sums: torch.Tensor  # [n_layers, E] float64
+    experts_per_layer: list[int]  # routed experts of each profiled layer, in ``layers`` order
+    counts: torch.Tensor  # [n_layers, max E] int64
+    weight_sums: torch.Tensor  # [n_layers, max E] float64
     n_tokens: torch.Tensor  # [n_layers] int64
-    token_counts: dict[int, torch.Tensor]  # layer -> [V * E] int64 (flattened token_id * E + expert)
+    token_counts: dict[int, torch.Tensor]  # layer -> [V * E_layer] int64 (flattened token_id * E_layer + expert)
 
 
 class RoutingProfiler:
@@ -206,23 +209,20 @@ class RoutingProfiler:
         self.adapter = adapter
         device = next(adapter.model.parameters()).device
         layers = [m.index for m in adapter.moe_layers]
-        sizes = {m.num_experts for m in adapter.moe_layers}
-        if len(sizes) != 1:
-            raise MoelangError(f"routing: MoE layers have different expert counts {sorted(sizes)}; not supported")
-        self.num_experts = sizes.pop()
+        self.experts = {m.index: m.num_experts for m in adapter.moe_layers}  # layer -> its expert count
         self.row = {layer: i for i, layer in enumerate(layers)}
         bad = [layer for layer in token_layers or [] if layer not in self.row]
         if bad:
             raise MoelangError(f"routing.token_layers {bad} are not MoE layers of this model (MoE layers: {layers})")
         self.vocab_size = vocab_size or adapter.model.config.vocab_size
-        e = self.num_experts
+        widest = max(self.experts.values())
         self.state = RoutingCounts(
             layers=layers,
-            num_experts=e,
-            counts=torch.zeros(len(layers), e, dtype=torch.int64, device=device),
-            weight_sums=torch.zeros(len(layers), e, dtype=torch.float64, device=device),
+            experts_per_layer=[self.experts[layer] for layer in layers],
+            counts=torch.zeros(len(layers), widest, dtype=torch.int64, device=device),
+            weight_sums=torch.zeros(len(layers), widest, dtype=torch.float64, device=device),
             n_tokens=torch.zeros(len(layers), dtype=torch.int64, device=device),
-            token_counts={layer: torch.zeros(self.vocab_size * e, dtype=torch.int64, device=device)
+            token_counts={layer: torch.zeros(self.vocab_size * self.experts[layer], dtype=torch.int64, device=device)
                           for layer in token_layers or []},
         )
         self._valid: torch.Tensor | None = None  # flattened attention mask of the current batch
@@ -231,9 +231,9 @@ class RoutingProfiler:
     def _record(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         valid = self._valid
         index = top_k_index[valid]  # [n_valid, k]; padding rows dropped
-        e, row = self.num_experts, self.row[layer]
+        e, row = self.experts[layer], self.row[layer]
         flat = index.reshape(-1)
-        self.state.counts[row] += torch.bincount(flat, minlength=e)[:e]
+        self.state.counts[row, :e] += torch.bincount(flat, minlength=e)[:e]
         self.state.weight_sums[row].index_add_(0, flat, top_k_weights[valid].reshape(-1).to(torch.float64))
         self.state.n_tokens[row] += index.shape[0]
         if layer in self.state.token_counts:
@@ -255,25 +255,25 @@ class RoutingProfiler:
 
     def table(self, model_name: str, checkpoint_step: int, lang: str) -> pa.Table:
         s = self.state
-        n_layers, e = s.counts.shape
-        counts = s.counts.cpu().numpy()
-        weights = s.weight_sums.cpu().numpy()
-        tokens = s.n_tokens.cpu().numpy()
+        sizes = np.array(s.experts_per_layer)
+        rows = int(sizes.sum())
+        # each layer's own experts only (with equal counts: the whole [n_layers, E] block, row-major)
+        keep = np.arange(s.counts.shape[1])[None, :] < sizes[:, None]
         return pa.table({
-            "model": [model_name] * (n_layers * e),
-            "checkpoint_step": np.full(n_layers * e, checkpoint_step, dtype=np.int64),
-            "lang": [lang] * (n_layers * e),
-            "layer": np.repeat(np.array(s.layers, dtype=np.int32), e),
-            "expert": np.tile(np.arange(e, dtype=np.int32), n_layers),
-            "count": counts.reshape(-1),
-            "weight_sum": weights.reshape(-1),
-            "n_tokens": np.repeat(tokens, e),
+            "model": [model_name] * rows,
+            "checkpoint_step": np.full(rows, checkpoint_step, dtype=np.int64),
+            "lang": [lang] * rows,
+            "layer": np.repeat(np.array(s.layers, dtype=np.int32), sizes),
+            "expert": np.concatenate([np.arange(e, dtype=np.int32) for e in sizes]),
+            "count": s.counts.cpu().numpy()[keep],
+            "weight_sum": s.weight_sums.cpu().numpy()[keep],
+            "n_tokens": np.repeat(s.n_tokens.cpu().numpy(), sizes),
         }, schema=PROFILE_SCHEMA)
 
     def token_table(self, model_name: str, checkpoint_step: int, lang: str) -> pa.Table:
         parts = []
-        e = self.num_experts
         for layer, flat in sorted(self.state.token_counts.items()):
+            e = self.experts[layer]
             values = flat.cpu().numpy()
             nonzero = np.flatnonzero(values)
             parts.append(pa.table({

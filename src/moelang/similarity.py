@@ -5,13 +5,23 @@ its norm), for dense and MoE layers alike. Two ways to compare languages:
 
 ``tokens`` (LayerMoE's definition, the default)
     similarity of languages a and b at a layer = the mean cosine over *all* pairs of their tokens'
-    MLP inputs (``routing``-style held-out chunks, padding excluded, up to ``tokens_per_language``
-    per language). Since mean_{u in A, v in B} cos(u, v) = (mean_A u/|u|) . (mean_B v/|v|), only the
+    MLP inputs (padding excluded, the first ``tokens_per_language`` token states per language, in
+    file order). Since mean_{u in A, v in B} cos(u, v) = (mean_A u/|u|) . (mean_B v/|v|), only the
     running sum of unit vectors per (language, layer) is kept: exact, O(N d) time, O(d) memory; the
     N x N matrix is never built.
 ``parallel``
     the parallel table's translations: each sentence's MLP inputs mean-pooled into one vector per
     layer, the cosine of a sentence and its translation, averaged over the items both languages have.
+
+The ``tokens`` method's context (routing depends on it, and so do hidden states) is an option:
+``similarity.context`` ``chunks`` (the default, ours): each held-out document cut into pieces of at
+most ``seq_len`` tokens, every token used; ``documents`` (LayerMoE's code): each document whole, once,
+truncated to its first ``seq_len`` tokens (theirs: 10,000; the rest of a longer document is not
+used); ``stream``: the held-out documents concatenated in file order, each followed by the model's
+end-of-text token (as the training engine packs them), and cut into windows of ``seq_len`` tokens.
+``similarity.bos`` prepends the model's BOS token to every sequence (LayerMoE tokenizes with special
+tokens on, so Llama gets one; Qwen's and OLMoE's tokenizers add none); ``seq_len`` includes it, and
+its state counts as a token state, as in their code, which keeps every position.
 
 Output ``results/similarity/{model}.{method}.parquet`` (the model's name, e.g. ``cpt-step800``, and
 ``tokens`` or ``parallel``: the two methods' tables of one model live side by side): ``model`` string,
@@ -33,6 +43,7 @@ import torch
 from moelang.errors import MoelangError
 from moelang.io import atomic_path, log, progress, save_figure
 
+CONTEXTS = ("chunks", "documents", "stream")
 SIMILARITY_SCHEMA = {"model": pl.String, "layer": pl.Int32, "lang_a": pl.String, "lang_b": pl.String,
                      "similarity": pl.Float64, "n_tokens_a": pl.Int64, "n_tokens_b": pl.Int64, "experts": pl.Int64}
 
@@ -122,13 +133,86 @@ def _pairs(languages: list[str]):
             yield a, b
 
 
+def heldout_documents(token_file: str | Path) -> list[np.ndarray]:
+    """The held-out documents of a token file, in file order (token ids without special tokens)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(token_file, columns=["split", "input_ids"])
+    ids = table.column("input_ids").filter(pc.equal(table.column("split"), "heldout")).combine_chunks()
+    if len(ids) == 0:
+        raise MoelangError(f"similarity: '{token_file}' has no 'heldout' documents; check the corpus split")
+    flat = ids.flatten().to_numpy(zero_copy_only=False)
+    offsets = ids.offsets.to_numpy()
+    return [flat[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
+
+
+def context_sequences(documents: list[np.ndarray], context: str, seq_len: int, token_budget: int | None,
+                      bos_id: int | None = None, eos_id: int | None = None) -> list[np.ndarray]:
+    """The sequences the model sees (see the module docstring): ``documents`` cut by ``context`` into
+    sequences of at most ``seq_len`` tokens, ``bos_id`` (when given) first in each, until
+    ``token_budget`` tokens (BOS included; the last sequence is cut to fit). ``eos_id`` ends each
+    document in the ``stream`` context."""
+    if context not in CONTEXTS:
+        raise MoelangError(f"similarity.context is '{context}'; use one of {', '.join(CONTEXTS)}")
+    room = seq_len - (bos_id is not None)  # text tokens per sequence
+    if room < 1:
+        raise MoelangError(f"similarity.seq_len {seq_len} leaves no room for text after the BOS token; raise it")
+    if context == "chunks":
+        pieces = (doc[s:s + room] for doc in documents for s in range(0, len(doc), room))
+    elif context == "documents":
+        pieces = (doc[:room] for doc in documents)
+    else:
+        ends = [np.array([eos_id], dtype=documents[0].dtype)] if eos_id is not None else []
+        stream = np.concatenate([part for doc in documents for part in (doc, *ends)]) if documents else np.array([])
+        pieces = (stream[s:s + room] for s in range(0, len(stream), room))
+    out, total = [], 0
+    for piece in pieces:
+        if not len(piece):
+            continue
+        if bos_id is not None:
+            piece = np.concatenate([np.array([bos_id], dtype=piece.dtype), piece])
+        if token_budget is not None:
+            piece = piece[: token_budget - total]
+        out.append(piece)
+        total += len(piece)
+        if token_budget is not None and total >= token_budget:
+            break
+    return out
+
+
+def special_token_ids(model, options: dict) -> tuple[int | None, int | None]:
+    """(the BOS id to prepend, or None; the end-of-text id of the ``stream`` context, or None) from
+    the model's config."""
+    def first(value):
+        return value[0] if isinstance(value, (list, tuple)) else value
+
+    bos = None
+    if options.get("bos"):
+        bos = first(model.config.bos_token_id)
+        if bos is None:
+            raise MoelangError(f"similarity.bos is true, but this {model.config.model_type} model has no BOS token "
+                               f"(bos_token_id is null: its tokenizer adds none); set similarity.bos: false")
+    return bos, first(model.config.eos_token_id)
+
+
 def token_similarity(adapter, token_files: dict[str, str | Path], options: dict, model_name: str) -> pl.DataFrame:
-    from moelang.routing import heldout_chunks, length_batches
+    from moelang.routing import length_batches
 
     pad = adapter.model.config.pad_token_id if adapter.model.config.pad_token_id is not None else 0
+    context = options.get("context", "chunks")
+    bos_id, eos_id = special_token_ids(adapter.model, options)
+    longest = getattr(adapter.model.config, "max_position_embeddings", None)
+    if longest is not None and options["seq_len"] > longest:  # positions the model never saw in training
+        log.warning("similarity: similarity.seq_len %d is longer than this model's context (max_position_embeddings "
+                    "%d): sequences longer than that see positions it was never trained on; set similarity.seq_len "
+                    "to at most %d", options["seq_len"], longest, longest)
+    log.info("similarity %s: context %s of at most %d tokens%s", model_name, context, options["seq_len"],
+             f", BOS {bos_id} first" if bos_id is not None else "")
     means, counts = {}, {}
     for lang, path in token_files.items():
-        chunks = heldout_chunks(path, options["seq_len"], options.get("tokens_per_language"))
+        chunks = context_sequences(heldout_documents(path), context, options["seq_len"],
+                                   options.get("tokens_per_language"), bos_id=bos_id, eos_id=eos_id)
         batches = length_batches(chunks, options["batch_tokens"], pad)
         means[lang], counts[lang] = token_unit_means(adapter, batches, f"similarity {model_name} {lang}")
     experts = layer_experts(adapter)

@@ -94,7 +94,9 @@ class ModelAdapter:
             block=mlp,
             router=router,
             experts=experts,
-            num_experts=int(experts.num_experts),
+            # read off the fused tensor, not the config: layers of an expanded model (LayerMoE) have
+            # different expert counts, which one config field cannot say
+            num_experts=int(experts.down_proj.shape[0]),
             top_k=int(router.top_k),
             shared=[getattr(mlp, a) for a in self.spec.shared_attrs if getattr(mlp, a, None) is not None],
             transposed=self.spec.transposed,
@@ -108,6 +110,11 @@ class ModelAdapter:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def experts_per_layer(self) -> dict[int, int]:
+        """MoE layer index -> its number of routed experts (they may differ between layers)."""
+        return {m.index: m.num_experts for m in self.moe_layers}
 
     def moe_layer(self, index: int) -> MoELayer:
         for layer in self.moe_layers:

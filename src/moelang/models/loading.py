@@ -9,7 +9,8 @@
 * :func:`describe_model`: the one log line of a built or loaded model's shape.
 * :func:`check_process_devices`: a multi-process launch on a node without a GPU per process stops.
 * :func:`count_parameters`: total and trainable parameters of a model, or of a config on the meta
-  device (no weights, no memory): the trainable fraction of a method at the real OLMoE-1B-7B scale.
+  device (no weights, no memory): the trainable fraction of a method at the real OLMoE-1B-7B scale;
+  MoE layers may have different expert counts (a config's ``num_experts_per_layer``).
 """
 
 from __future__ import annotations
@@ -141,7 +142,9 @@ def describe_model(model) -> str:
         return f"{config.model_type}, {total / 1e6:.2f}M parameters"
     if adapter.is_moe:
         layer = adapter.moe_layers[0]
-        shape = (f"{adapter.num_layers} layers ({len(adapter.moe_layers)} MoE), {layer.num_experts} experts, "
+        sizes = [m.num_experts for m in adapter.moe_layers]
+        experts = str(sizes[0]) if len(set(sizes)) == 1 else "/".join(map(str, sizes))
+        shape = (f"{adapter.num_layers} layers ({len(adapter.moe_layers)} MoE), {experts} experts, "
                  f"top-{layer.top_k}, expert width {layer.expert_width}")
     else:
         shape = f"{adapter.num_layers} layers (dense, MLP width {adapter.layers[0].mlp.down_proj.in_features})"
@@ -170,7 +173,12 @@ def check_process_devices(device: str, rule: str, environ=None) -> None:
 def count_parameters(model=None, config=None) -> dict:
     """Total and trainable parameters (and per-expert size) of ``model``, or of ``config`` built on the
     meta device. An expert-rows parametrization counts its full tensor once in the total and only
-    its trainable rows as trainable."""
+    its trainable rows as trainable.
+
+    A config may record ``num_experts_per_layer`` (one entry per decoder layer: an expanded model whose
+    MoE layers have different expert counts; 1 for a dense layer); the meta model then gets those
+    counts. ``experts_per_layer`` lists each MoE layer's experts; ``num_experts`` is their common
+    count, None when the layers differ."""
     from transformers import AutoModelForCausalLM
 
     from moelang.models.adapters import ModelAdapter
@@ -178,6 +186,9 @@ def count_parameters(model=None, config=None) -> dict:
     if model is None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
+        per_layer = getattr(config, "num_experts_per_layer", None)
+        if per_layer is not None:
+            set_experts_per_layer_on_meta(model, list(per_layer))
     total = trainable = 0
     for name, param in model.named_parameters():
         is_rows = name.endswith(".rows") and ".parametrizations." in name
@@ -191,8 +202,46 @@ def count_parameters(model=None, config=None) -> dict:
     except MoelangError:
         return counts
     if adapter.moe_layers:
-        layer = adapter.moe_layers[0]
-        per_expert = sum(getattr(layer.experts, n).numel() for n in layer.expert_tensor_names(adapter.spec)) // layer.num_experts
-        counts.update({"per_expert": per_expert, "num_moe_layers": len(adapter.moe_layers),
-                       "num_experts": layer.num_experts, "top_k": layer.top_k})
+        sizes = [layer.num_experts for layer in adapter.moe_layers]
+        per_expert = {sum(getattr(layer.experts, n).numel() for n in layer.expert_tensor_names(adapter.spec))
+                      // layer.num_experts for layer in adapter.moe_layers}
+        counts.update({"per_expert": per_expert.pop() if len(per_expert) == 1 else None,
+                       "num_moe_layers": len(adapter.moe_layers), "experts_per_layer": sizes,
+                       "num_experts": sizes[0] if len(set(sizes)) == 1 else None,
+                       "top_k": adapter.moe_layers[0].top_k})
     return counts
+
+
+def set_experts_per_layer_on_meta(model, experts_per_layer: list[int]) -> None:
+    """Give each MoE layer of a meta-device ``model`` its own number of experts: the fused expert
+    tensors and every router tensor with one row per expert get that many rows (no weights: the
+    shapes are all that a parameter count needs). ``experts_per_layer`` has one entry per decoder
+    layer; a layer the config builds dense must have 1."""
+    from torch import nn
+
+    from moelang.models.adapters import ModelAdapter
+
+    adapter = ModelAdapter(model)
+    if len(experts_per_layer) != adapter.num_layers:
+        raise MoelangError(f"num_experts_per_layer has {len(experts_per_layer)} entries for {adapter.num_layers} decoder "
+                           f"layers; give one per layer (1 for a dense layer)")
+    moe = {layer.index: layer for layer in adapter.moe_layers}
+    for index, count in enumerate(experts_per_layer):
+        if index not in moe:
+            if count != 1:
+                raise MoelangError(f"num_experts_per_layer gives layer {index} {count} experts, but the config builds it "
+                                   f"dense; give 1 there")
+            continue
+        if not isinstance(count, int) or count < 1:
+            raise MoelangError(f"num_experts_per_layer gives layer {index} {count!r} experts; give an integer >= 1")
+        layer = moe[index]
+        old = layer.num_experts
+        for module, names in ((layer.experts, layer.expert_tensor_names(adapter.spec)),
+                              (layer.router, [n for n, p in layer.router.named_parameters(recurse=False)
+                                              if p.shape[0] == old])):
+            for name in names:
+                tensor = getattr(module, name)
+                setattr(module, name, nn.Parameter(torch.empty((count, *tensor.shape[1:]), dtype=tensor.dtype,
+                                                               device="meta"), requires_grad=tensor.requires_grad))
+            if hasattr(module, "num_experts"):
+                module.num_experts = count
