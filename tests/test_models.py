@@ -242,14 +242,18 @@ def test_parameter_count_of_the_real_olmoe_on_the_meta_device():
     assert counts["num_moe_layers"] == 16 and counts["top_k"] == 8
 
 
-def test_trainable_fraction_of_expert_subsets_on_meta():
+@pytest.mark.parametrize("mechanism", ["rows", "split"])
+def test_trainable_fraction_of_expert_subsets_on_meta(mechanism):
     from transformers import AutoModelForCausalLM
 
     config = load_config("allenai/OLMoE-1B-7B-0924")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     adapter = ModelAdapter(model)
-    train_only(adapter, experts={14: [0, 1, 2], 15: [3, 4]}, routers=[14, 15])
+    if mechanism == "rows":
+        train_only(adapter, experts={14: [0, 1, 2], 15: [3, 4]}, routers=[14, 15])
+    else:
+        ExpertSubset(experts={14: [0, 1, 2], 15: [3, 4]}, routers=[14, 15]).prepare(model)
     counts = count_parameters(model)
     assert counts["trainable"] == 5 * 6_291_456 + 2 * 64 * 2048
     assert counts["total"] == count_parameters(config=config)["total"]
