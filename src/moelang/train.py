@@ -33,7 +33,12 @@ Causal-LM training on the token Parquet files of the tokenize stage:
   (:func:`die_with_launcher`). Exports are staged in the state and :func:`publish` puts them into the
   outputs before it removes the state, so a kill at any point loses at most the steps since the last
   checkpoint;
-* **log**: one row per optimizer step in ``train_log.parquet`` (see :data:`LOG_SCHEMA`), a progress bar;
+* **methods and losses**: a training method (:mod:`moelang.models.methods`) decides what trains
+  through hooks (``prepare``, ``step_context``, ``export_state``, ``finalize``); the engine knows no
+  trainable-subset mechanism. A loss function (:data:`LossFn`) turns the model's output, the batch
+  and each sequence's language into the loss and the metrics of the log;
+* **log**: one row per optimizer step in ``train_log.parquet`` (see :data:`LOG_SCHEMA`, then the loss
+  function's other metrics), a progress bar;
 * **exports** with ``save_pretrained`` (safetensors) at chosen steps, loadable by any later stage and by
   lm-eval through ``AutoModelForCausalLM``.
 

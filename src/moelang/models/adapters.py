@@ -14,7 +14,13 @@ where this module looks:
   chosen layers trainable through a parametrization (``rows`` of the fused tensor come from a
   small parameter holding just those experts), so AdamW's weight decay, which moves every element
   of a parameter it is given, never touches a frozen expert. :func:`bake` folds the
-  parametrizations back into plain tensors before ``save_pretrained``.
+  parametrizations back into plain tensors before ``save_pretrained``. It rebuilds the whole fused
+  tensor every forward and computes its whole weight gradient: the reference, kept for tests;
+* **split experts** (what training methods use, :mod:`moelang.models.methods`):
+  :func:`split_experts` moves chosen experts into a copy of the family's experts class holding only
+  them, with a global-to-local id map; the frozen fused tensors compute the other experts; the same
+  gradients without a full copy. :func:`merge_split_experts` folds them back (before
+  ``save_pretrained``); :func:`split_export_state` gives the weights to export without a copy.
 
 Families (``model.config.model_type``): see :data:`moelang.architecture.FAMILIES`. Anything else
 fails with a one-line error listing them.
