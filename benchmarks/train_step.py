@@ -1,4 +1,5 @@
-"""Training step: full training against training only two experts of the last two MoE layers, one run.
+"""Training step: full training against training only two experts of the last two MoE layers, one run;
+and the two ways of training chosen experts (expert-rows parametrization, split experts module).
 
     .venv/bin/python benchmarks/train_step.py [--steps 30] [--warmup 2]
 
@@ -12,6 +13,10 @@ schedule, load-balancing loss, clipping, fp32), seq_len 256, micro-batch 8, no g
 * ``full``: every parameter trainable;
 * ``experts``: ``train_only(ModelAdapter(model), experts={L: [0, 1]}, routers=[L])`` for the last two
   MoE layers L: experts 0 and 1 of those layers (expert-rows parametrizations) plus their routers;
+* ``experts_split``: the same selection as the training method
+  ``moelang.models.methods.ExpertSubset``: the chosen experts as their own small experts module
+  (``moelang.models.adapters.split_experts``), the fused tensors frozen; same gradients, no full
+  copy of the fused tensors per forward and no full weight gradient;
 * ``last2_all`` (control): all experts and the routers of the same two layers: the same backward depth
   as ``experts`` with 4x its trainable experts, so comparing the two separates "fewer experts train"
   from "backward stops earlier".
@@ -19,7 +24,7 @@ schedule, load-balancing loss, clipping, fp32), seq_len 256, micro-batch 8, no g
 Throughput is the median of the engine's own per-step ``tokens_per_s`` (its log) after ``--warmup``
 steps. Each variant runs in its own subprocess (the script re-invokes itself with ``--variant``), so
 peak memory is that process's ``ru_maxrss`` (whole process: Python, torch, data, model, optimizer,
-activations). Writes ``benchmarks/results/train_step.json`` and the section of
+activations); on a GPU also ``torch.cuda.max_memory_allocated``. Writes ``benchmarks/results/train_step.json`` and the section of
 ``benchmarks/RESULTS.md`` between its markers.
 """
 
@@ -67,7 +72,7 @@ ARCHITECTURE = {
     "eos_token_id": 2,
 }
 SETTINGS = {"seq_len": 256, "micro_batch_size": 8, "grad_accum": 1, "dtype": "fp32", "seed": SEED}
-VARIANTS = ("full", "experts", "last2_all")  # last2_all: control, see the module docstring
+VARIANTS = ("full", "experts", "experts_split", "last2_all")  # last2_all: control, see the module docstring
 TRAINED_EXPERTS = [0, 1]
 
 
@@ -110,13 +115,25 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
     from transformers import OlmoeConfig
 
     from moelang.models import ModelAdapter, count_parameters, init_model, train_only
+    from moelang.models.methods import ExpertSubset
     from moelang.train import PackedStream, TrainSettings, train
 
     config = OlmoeConfig(**ARCHITECTURE)
     model = init_model(config, seed=SEED)
     adapter = ModelAdapter(model)
     last_two = [layer.index for layer in adapter.moe_layers[-2:]]
-    if variant == "experts":
+    method = None
+    if variant == "experts_split":
+        method = ExpertSubset(experts={index: list(TRAINED_EXPERTS) for index in last_two}, routers=last_two)
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # train() prepares the model itself; this one, without memory, is only counted
+            prepared = AutoModelForCausalLM.from_config(config)
+        method.prepare(prepared)
+        trainable_names = [n for n, p in prepared.named_parameters() if p.requires_grad]
+        counts = count_parameters(prepared)
+        del prepared
+    elif variant == "experts":
         trainable_names = train_only(adapter, experts={index: list(TRAINED_EXPERTS) for index in last_two},
                                      routers=last_two)
     elif variant == "last2_all":
@@ -124,7 +141,8 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
                                                        for layer in adapter.moe_layers[-2:]}, routers=last_two)
     else:
         trainable_names = train_only(adapter, everything=True)
-    counts = count_parameters(model)
+    if method is None:
+        counts = count_parameters(model)
     settings = TrainSettings(steps=steps, **SETTINGS)
     # Sanity check of the selection: what must stay frozen stays frozen, what trains moves.
     last = adapter.moe_layer(last_two[-1]).experts
@@ -138,19 +156,22 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
         need = steps * settings.micro_batch_size * settings.seq_len
         n_tokens = write_tokens(tmp / "xx.parquet", int(need * 1.2) + 4096, ARCHITECTURE["vocab_size"], SEED)
         stream = PackedStream({"xx": tmp / "xx.parquet"}, {}, settings.seq_len, ARCHITECTURE["eos_token_id"], SEED)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         usage_start, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        result = train(model, stream, settings, state_dir=tmp / "state")
+        result = train(model, stream, settings, state_dir=tmp / "state", method=method)
         seconds = time.perf_counter() - start
         usage_end = resource.getrusage(resource.RUSAGE_SELF)
     cpu_seconds = (usage_end.ru_utime - usage_start.ru_utime) + (usage_end.ru_stime - usage_start.ru_stime)
     rss_peak = _rss_mib()
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     load_after = os.getloadavg()[0]
     with torch.no_grad():
         moved_embeddings = not torch.equal(before["embeddings"], model.get_input_embeddings().weight)
-        gate_up = last.gate_up_proj  # the parametrized (effective) tensor under train_only
+        gate_up = last.gate_up_proj  # the engine folded parametrizations and split experts back in
         moved_experts = [e for e in range(gate_up.shape[0])
                          if not torch.equal(before["last_layer_gate_up"][e], gate_up[e])]
-    expected_experts = list(range(gate_up.shape[0])) if variant != "experts" else list(TRAINED_EXPERTS)
+    expected_experts = list(TRAINED_EXPERTS) if variant.startswith("experts") else list(range(gate_up.shape[0]))
     assert moved_experts == expected_experts, (variant, moved_experts, expected_experts)
     assert moved_embeddings == (variant == "full"), (variant, moved_embeddings)
 
@@ -175,6 +196,9 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
         "final_loss": result.final_loss,
         "synthetic_tokens": n_tokens,
         "peak_rss_mib": rss_peak,
+        "peak_cuda_mib": cuda_peak,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "step_seconds_median": statistics.median(settings.micro_batch_size * settings.seq_len / t for t in timed),
         "rss_before_training_mib": rss_model,
         "torch_threads": torch.get_num_threads(),
         "experts_updated_in_last_layer": moved_experts,
@@ -220,11 +244,14 @@ def main() -> None:
               f"process was running?): the throughputs are not comparable; run again on idle cores", file=sys.stderr)
 
     full, experts, control = results["full"], results["experts"], results["last2_all"]
-    assert full["total_params"] == experts["total_params"] == control["total_params"]
+    split = results["experts_split"]
+    assert full["total_params"] == experts["total_params"] == control["total_params"] == split["total_params"]
+    assert split["trainable_params"] == experts["trainable_params"]
     command = ".venv/bin/python benchmarks/train_step.py"
     if args.steps != DEFAULT_STEPS or args.warmup != DEFAULT_WARMUP:
         command += f" --steps {args.steps} --warmup {args.warmup}"
-    per_variant_keys = ("tokens_per_s", "peak_rss_mib", "trainable_params", "trainable_fraction", "steps_timed")
+    per_variant_keys = ("tokens_per_s", "step_seconds_median", "peak_rss_mib", "peak_cuda_mib", "trainable_params",
+                        "trainable_fraction", "steps_timed")
     layers = experts["layers_selected"]
     result = {
         "command": command,
@@ -239,12 +266,18 @@ def main() -> None:
         "full": {"description": "all parameters trainable", **{k: full[k] for k in per_variant_keys}},
         "experts": {"description": f"experts {TRAINED_EXPERTS} + router of layers {layers} (train_only, expert-rows "
                                    f"parametrizations)", **{k: experts[k] for k in per_variant_keys}},
+        "experts_split": {"description": f"the same selection as ExpertSubset: the chosen experts split into their "
+                                         f"own small experts module", **{k: split[k] for k in per_variant_keys}},
         "last2_all": {"description": f"control: all experts + router of layers {layers} (same backward depth as "
                                      f"experts)", **{k: control[k] for k in per_variant_keys}},
         "contended_variants": contended,
         "speedup_experts_vs_full": experts["tokens_per_s"] / full["tokens_per_s"],
         "speedup_last2_all_vs_full": control["tokens_per_s"] / full["tokens_per_s"],
         "speedup_experts_vs_last2_all": experts["tokens_per_s"] / control["tokens_per_s"],
+        "speedup_split_vs_rows": split["tokens_per_s"] / experts["tokens_per_s"],
+        "peak_rss_split_minus_rows_mib": split["peak_rss_mib"] - experts["peak_rss_mib"],
+        "peak_cuda_split_vs_rows": (split["peak_cuda_mib"] / experts["peak_cuda_mib"]
+                                    if split["peak_cuda_mib"] and experts["peak_cuda_mib"] else None),
         "details": results,
     }
     out = HERE / "results" / "train_step.json"
@@ -252,16 +285,20 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {THREADS} torch threads, Python {platform.python_version()}"
+    if full["device"] == "cuda":
+        machine += ", on the GPU"
     a = ARCHITECTURE
     model_text = (f"vocab {a['vocab_size']:,}, hidden {a['hidden_size']}, expert intermediate {a['intermediate_size']}, "
                   f"{a['num_hidden_layers']} layers, {a['num_attention_heads']} heads, {a['num_experts']} experts, "
                   f"top-{a['num_experts_per_tok']}, `{full['experts_implementation']}` experts")
     rows = "\n".join(
         f"| {name} | {what} | {r['trainable_params']:,} | {r['trainable_fraction']:.3f} | {r['tokens_per_s']:,.0f} "
-        f"| {r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f} | {r['peak_rss_mib']:,.0f} |"
+        f"| {r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f} | {r['peak_rss_mib']:,.0f} "
+        f"| {'-' if r['peak_cuda_mib'] is None else format(r['peak_cuda_mib'], ',.0f')} |"
         for name, what, r in (
             ("full", "everything", full),
-            ("experts", f"experts {TRAINED_EXPERTS} + router, layers {layers}", experts),
+            ("experts", f"experts {TRAINED_EXPERTS} + router, layers {layers} (rows parametrization)", experts),
+            ("experts_split", f"the same, chosen experts split out (`ExpertSubset`)", split),
             ("last2_all (control)", f"all {a['num_experts']} experts + router, layers {layers}", control),
         ))
     section = f"""
@@ -272,16 +309,22 @@ Model: OLMoE family from `OlmoeConfig`, {model_text}, **{full['total_params']:,}
 Each step is `moelang.train.train` on a `PackedStream` of synthetic tokens ({SETTINGS['micro_batch_size']} x {SETTINGS['seq_len']} = {full['tokens_per_step']:,} tokens),
 AdamW, load-balancing loss. Each variant runs in its own process; peak RSS is that whole process (Python and torch included).
 
-| variant | trains | params trained | fraction | tokens/s (median) | range | peak RSS (MiB) |
-|---|---|---:|---:|---:|---:|---:|
+| variant | trains | params trained | fraction | tokens/s (median) | range | peak RSS (MiB) | peak GPU memory (MiB) |
+|---|---|---:|---:|---:|---:|---:|---:|
 {rows}
 
 speedup_experts_vs_full = **{result['speedup_experts_vs_full']:.2f}x**
 (control: last2_all vs full {result['speedup_last2_all_vs_full']:.2f}x, experts vs last2_all {result['speedup_experts_vs_last2_all']:.2f}x).
+Split experts vs the rows parametrization: {result['speedup_split_vs_rows']:.2f}x the tokens/s, peak RSS {result['peak_rss_split_minus_rows_mib']:+,.0f} MiB{split_gpu_text(result)}.
 {explanation(result)}{contention_note(contended)}
 """
     update_results_md("train_step", section)
     print(section)
+
+
+def split_gpu_text(result: dict) -> str:
+    ratio = result["peak_cuda_split_vs_rows"]
+    return "" if ratio is None else f", peak GPU memory {ratio:.2f}x"
 
 
 def contention_note(contended: list[str]) -> str:

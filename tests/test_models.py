@@ -13,6 +13,7 @@ import yaml
 from families import FAMILY_CONFIGS, MOE_FAMILIES, tiny_model
 from moelang.errors import MoelangError
 from moelang.models import FAMILIES, ModelAdapter, bake, count_parameters, load_config, train_only
+from moelang.models.methods import ExpertSubset
 from moelang.train import TrainSettings, make_optimizer
 
 
@@ -77,6 +78,131 @@ def test_training_two_experts_changes_exactly_those_slices(family):
             assert torch.equal(old, new), name
 
 
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_split_experts_change_exactly_those_slices_and_fold_back_to_the_plain_model(family):
+    model = tiny_model(family)
+    adapter = ModelAdapter(model)
+    target = adapter.moe_layers[-1]
+    plain_class = type(target.experts)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = ExpertSubset(experts={target.index: [5, 1]}, routers=[target.index]).prepare(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == len(names) and all(".experts.chosen." in n or ".experts." not in n for n in names)
+    chosen = target.experts.chosen
+    assert chosen.num_experts == 2 and chosen.down_proj.shape[0] == 2 and type(chosen) is plain_class
+    optimizer = make_optimizer(model, TrainSettings(steps=1, lr=1e-2, weight_decay=0.1))
+    batch = random_batch(model, seed=1)
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    ExpertSubset().finalize(model)
+    assert type(target.experts) is plain_class and not hasattr(target.experts, "chosen")
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)  # the original architecture's names, nothing more
+    experts_prefix = f"model.layers.{target.index}.mlp.experts."
+    router_prefix = f"model.layers.{target.index}.mlp.{adapter.spec.router_attr}."
+    for name, old in before.items():
+        new = after[name].detach()
+        if name.startswith(experts_prefix):
+            changed = [e for e in range(target.num_experts) if not torch.equal(old[e], new[e])]
+            assert changed == [1, 5], name
+        elif name.startswith(router_prefix):
+            assert not torch.equal(old, new), name
+        else:
+            assert torch.equal(old, new), name
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_split_experts_give_the_parametrizations_loss_and_gradients(family, implementation):
+    rows_model, split_model = tiny_model(family, seed=1), tiny_model(family, seed=1)
+    for model in (rows_model, split_model):
+        model.config._experts_implementation = implementation
+    rows, split = ModelAdapter(rows_model), ModelAdapter(split_model)
+    layers = [layer.index for layer in rows.moe_layers]
+    selection = {layers[-1]: [1, 5, 6], layers[0]: [0]}
+    train_only(rows, experts=selection, routers=layers)
+    ExpertSubset(experts=selection, routers=layers).prepare(split_model)
+    batch = random_batch(rows_model, seed=2, batch=4, seq=13)
+    losses = []
+    for model in (rows_model, split_model):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+    if implementation == "grouped_mm":  # the same kernel on the same rows, summed over choices in the same order
+        assert torch.equal(losses[0], losses[1])
+    else:  # eager sums a token's choices in expert order
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    compared = 0
+    for index, expert_ids in selection.items():
+        rows_experts, split_experts = rows.moe_layer(index).experts, split.moe_layer(index).experts
+        for name in rows.moe_layer(index).expert_tensor_names(rows.spec):
+            expected = getattr(rows_experts.parametrizations, name)[0].rows.grad
+            got = getattr(split_experts.chosen, name).grad
+            assert got.abs().max() > 0  # the batch reaches the chosen experts
+            # the same sums in another grouping of the rows: equal up to float rounding
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+            compared += 1
+        for (name, a), (_, b) in zip(rows.moe_layer(index).router.named_parameters(),
+                                     split.moe_layer(index).router.named_parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6 * float(a.grad.abs().max()), msg=name)
+    assert compared == 2 * len(rows.moe_layers[0].expert_tensor_names(rows.spec))
+
+
+def test_split_experts_unchosen_in_a_batch_get_a_zero_gradient_as_in_full_training():
+    # AdamW treats a parameter without gradient as absent from the step (no moment update, no weight
+    # decay); the parametrization and full training give a zero gradient instead: so must the split.
+    model = tiny_model("olmoe", seed=2)
+    layer = ModelAdapter(model).moe_layers[-1]
+    ExpertSubset(experts={layer.index: [6, 7]}).prepare(model)
+    hidden = torch.randn(5, model.config.hidden_size, requires_grad=True)
+    top_k_index = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 5], [1, 2]])  # never 6 or 7
+    out = layer.experts(hidden, top_k_index, torch.full((5, 2), 0.5))
+    out.sum().backward()
+    for name in ("gate_up_proj", "down_proj"):
+        grad = getattr(layer.experts.chosen, name).grad
+        assert grad is not None and not grad.any(), name
+    assert hidden.grad.abs().sum() > 0
+
+
+def test_split_experts_export_is_a_plain_save_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moelang.models.adapters import split_export_state
+
+    model = tiny_model("olmoe", seed=2)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    layer = ModelAdapter(model).moe_layers[-1]
+    method = ExpertSubset(experts={layer.index: [2, 3]})
+    method.prepare(model)
+    with torch.no_grad():
+        layer.experts.chosen.down_proj.add_(1.0)  # as training would move them
+    state = method.export_state(model)
+    assert state.keys() == plain.keys()
+    model.save_pretrained(tmp_path, state_dict=state)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    saved = loaded.state_dict()
+    key = f"model.layers.{layer.index}.mlp.experts.down_proj"
+    for name in plain:
+        if name == key:
+            assert torch.equal(saved[name][[2, 3]], plain[name][[2, 3]] + 1.0)
+            keep = [e for e in range(layer.num_experts) if e not in (2, 3)]
+            assert torch.equal(saved[name][keep], plain[name][keep])
+        else:
+            assert torch.equal(saved[name], plain[name]), name
+    assert split_export_state(model).keys() == plain.keys()  # training can go on: still split
+    assert hasattr(layer.experts, "chosen")
+
+
+def test_expert_subset_naming_missing_experts_fails_before_any_change():
+    model = tiny_model("olmoe")
+    with pytest.raises(MoelangError, match="layer 1 has experts 0..7; \\[8\\] do not exist"):
+        ExpertSubset(experts={1: [0, 8]}).prepare(model)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(MoelangError, match="layer 5 of this olmoe model is not an MoE layer"):
+        ExpertSubset(routers=[5]).prepare(model)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_dense_families_expose_their_mlp_inputs(family):
     model = tiny_model(family).eval()
@@ -116,14 +242,18 @@ def test_parameter_count_of_the_real_olmoe_on_the_meta_device():
     assert counts["num_moe_layers"] == 16 and counts["top_k"] == 8
 
 
-def test_trainable_fraction_of_expert_subsets_on_meta():
+@pytest.mark.parametrize("mechanism", ["rows", "split"])
+def test_trainable_fraction_of_expert_subsets_on_meta(mechanism):
     from transformers import AutoModelForCausalLM
 
     config = load_config("allenai/OLMoE-1B-7B-0924")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     adapter = ModelAdapter(model)
-    train_only(adapter, experts={14: [0, 1, 2], 15: [3, 4]}, routers=[14, 15])
+    if mechanism == "rows":
+        train_only(adapter, experts={14: [0, 1, 2], 15: [3, 4]}, routers=[14, 15])
+    else:
+        ExpertSubset(experts={14: [0, 1, 2], 15: [3, 4]}, routers=[14, 15]).prepare(model)
     counts = count_parameters(model)
     assert counts["trainable"] == 5 * 6_291_456 + 2 * 64 * 2048
     assert counts["total"] == count_parameters(config=config)["total"]

@@ -12,11 +12,14 @@ from safetensors.torch import load_file
 from families import COMMON, FAMILY_CONFIGS, tiny_model
 from moelang.errors import MoelangError
 from moelang.models import ModelAdapter, build_config, init_model, train_only
+from moelang.models.methods import ExpertSubset
 from moelang.tokenize import TOKENS_SCHEMA
 from moelang.train import (
+    LOG_SCHEMA,
     PackedStream,
     TrainSettings,
     export_model,
+    lm_loss,
     lr_factor,
     packed_windows,
     publish,
@@ -86,20 +89,22 @@ def settings(**kw):
     return TrainSettings(**(base | kw))
 
 
-def run(token_files, state_dir, partial: bool, stop_after=None):
+def run(token_files, state_dir, partial: bool | str, stop_after=None, loss_fn=None):
     model = tiny_model("olmoe", seed=3)
-    if partial:  # SSFT-like: two experts and the router of the last layer
-        adapter = ModelAdapter(model)
-        last = adapter.moe_layers[-1].index
-        train_only(adapter, experts={last: [0, 6]}, routers=[last])
+    method = None
+    last = ModelAdapter(model).moe_layers[-1].index
+    if partial == "split":  # the same selection as a training method: the chosen experts split out
+        method = ExpertSubset(experts={last: [0, 6]}, routers=[last])
+    elif partial:  # SSFT-like: two experts and the router of the last layer
+        train_only(ModelAdapter(model), experts={last: [0, 6]}, routers=[last])
     stream = PackedStream(token_files, {"en": 1, "es": 1}, seq_len=16, eos_id=EOS, seed=0)
-    result = train(model, stream, settings(), state_dir, stop_after=stop_after)
+    result = train(model, stream, settings(), state_dir, stop_after=stop_after, method=method, loss_fn=loss_fn)
     if stop_after is None:
         publish(state_dir, {})  # nothing staged: removes the state, as the stages do after their exports
     return model, result
 
 
-@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("partial", [False, True, "split"])
 def test_killed_run_resumes_to_bit_identical_weights(token_files, tmp_path, partial):
     whole, whole_result = run(token_files, tmp_path / "a", partial)
     _, first = run(token_files, tmp_path / "b", partial, stop_after=5)  # "killed" after step 5
@@ -142,6 +147,86 @@ def test_fsdp_with_a_trained_subset_is_refused(token_files, tmp_path):
     stream = PackedStream(token_files, {}, seq_len=16, eos_id=EOS, seed=0)
     with pytest.raises(MoelangError, match="set parallelism: ddp for partial training"):
         train(model, stream, settings(parallelism="fsdp"), tmp_path / "s")
+
+
+def test_fsdp_with_an_expert_subset_method_is_refused(token_files, tmp_path):
+    model = tiny_model("olmoe", seed=3)
+    stream = PackedStream(token_files, {}, seq_len=16, eos_id=EOS, seed=0)
+    method = ExpertSubset(experts={1: [0, 6]}, routers=[1])
+    with pytest.raises(MoelangError, match="set parallelism: ddp for partial training"):
+        train(model, stream, settings(parallelism="fsdp"), tmp_path / "s", method=method)
+
+
+def test_split_training_changes_only_the_chosen_slices_and_exports_plain_models(token_files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("olmoe", seed=3)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    stream = PackedStream(token_files, {}, seq_len=16, eos_id=EOS, seed=0)
+    state = tmp_path / "s"
+    exports = {step: (lambda m, sd, step=step: export_model(m, None, staged_path(state, f"step-{step}"), state_dict=sd))
+               for step in (0, 4, 8)}
+    train(model, stream, settings(), state, method=ExpertSubset(experts={1: [0, 6]}, routers=[1]), export_steps=exports)
+    final = model.state_dict()
+    assert final.keys() == start.keys()  # finalized: the plain architecture again
+    fused = "model.layers.1.mlp.experts."
+    for name in start:
+        if name.startswith(fused):
+            changed = [e for e in range(8) if not torch.equal(start[name][e], final[name][e])]
+            assert changed == [0, 6], name
+        elif name == "model.layers.1.mlp.gate.weight":
+            assert not torch.equal(start[name], final[name])
+        else:  # frozen layers, norms, embeddings: bit-identical
+            assert torch.equal(start[name], final[name]), name
+    for step, expected in ((0, start), (8, final)):
+        loaded, info = AutoModelForCausalLM.from_pretrained(staged_path(state, f"step-{step}"), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        got = loaded.state_dict()
+        assert all(torch.equal(got[k], expected[k]) for k in expected), step
+    middle = load_file(str(staged_path(state, "step-4") / "model.safetensors"))  # saved one tensor per expert
+    assert not torch.equal(middle[fused + "0.down_proj.weight"], start[fused + "down_proj"][0])
+    assert torch.equal(middle[fused + "1.down_proj.weight"], start[fused + "down_proj"][1])
+
+
+def test_the_default_loss_function_is_the_models_own_loss(token_files, tmp_path):
+    _, implicit = run(token_files, tmp_path / "a", False)
+    _, explicit = run(token_files, tmp_path / "b", False, loss_fn=lm_loss(settings().aux_loss_coef, True))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert strip(implicit.log) == strip(explicit.log)
+
+
+class CountingLoss:
+    """A loss with metrics of its own: the default loss, the share of Spanish sequences, a constant.
+    Records the languages it was given."""
+
+    def __init__(self):
+        self.langs, self.default = [], lm_loss(settings().aux_loss_coef, True)
+
+    def __call__(self, model, batch, outputs, langs):
+        assert len(langs) == batch.shape[0]
+        self.langs.append(list(langs))
+        loss, metrics = self.default(model, batch, outputs, langs)
+        return loss, metrics | {"es_share": langs.count("es") / len(langs), "two": torch.tensor(2.0)}
+
+
+def test_a_loss_functions_metrics_become_log_columns_and_see_the_languages(token_files, tmp_path):
+    loss_fn = CountingLoss()
+    _, result = run(token_files, tmp_path / "s", False, loss_fn=loss_fn)
+    # independent: the same stream's draws, micro-batch by micro-batch
+    stream = PackedStream(token_files, {"en": 1, "es": 1}, seq_len=16, eos_id=EOS, seed=0)
+    drawn = [stream.next_batch(4)[1] for _ in range(8 * 2)]
+    assert loss_fn.langs == drawn
+    table = result.log_table()
+    assert table.schema.names[:7] == [f.name for f in LOG_SCHEMA]
+    assert table.schema.field("es_share").type == pa.float64() and table.column("two").to_pylist() == [2.0] * 8
+    expected = [(drawn[2 * i].count("es") + drawn[2 * i + 1].count("es")) / 8 for i in range(8)]
+    assert table.column("es_share").to_pylist() == pytest.approx(expected, abs=1e-12)
+    # and the same numbers after a kill and a resume (the checkpoint's log keeps the columns)
+    run(token_files, tmp_path / "r", False, stop_after=5, loss_fn=CountingLoss())
+    _, resumed = run(token_files, tmp_path / "r", False, loss_fn=CountingLoss())
+    assert resumed.resumed_from == 3
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert strip(resumed.log) == strip(result.log)
 
 
 def test_resume_with_another_process_count_is_refused(token_files, tmp_path):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from moelang.io import log, write_table
 from moelang.models import build_config, init_model, load_model
+from moelang.models.methods import FullTraining
 from moelang.train import (
     PackedStream,
     TrainSettings,
@@ -73,7 +74,8 @@ def pretrain_base(token_file: str | Path, tokenizer_dir: str | Path, options: di
         # then published.
         staged = staged_path(state_dir, "model")
         result = train(model, stream, settings, state_dir, inputs={"tokenizer": tree_digest(tokenizer_dir)},
-                       export_steps={settings.steps: lambda m, sd: export_model(m, tokenizer, staged, state_dict=sd)})
+                       export_steps={settings.steps: lambda m, sd: export_model(m, tokenizer, staged, state_dict=sd)},
+                       method=FullTraining())
         if _is_main_process():
             write_table(result.log_table(), staged / "train_log.parquet")
             publish(state_dir, {"model": out_dir})
@@ -129,7 +131,8 @@ def continual_pretrain(base: str | Path, token_files: dict[str, str | Path], opt
                    for step, name in names.items()}
         log.info("cpt: %s on %s, %d steps, checkpoints at %s", base, ", ".join(sorted(token_files)), settings.steps,
                  options["steps"])
-        result = train(model, stream, settings, state_dir, inputs=_source(base, revision), export_steps=exports)
+        result = train(model, stream, settings, state_dir, inputs=_source(base, revision), export_steps=exports,
+                       method=FullTraining())
         if not _is_main_process():
             return {"final_loss": result.final_loss, "tokens": result.tokens}
         write_table(result.log_table(), staged_path(state_dir, "train_log.parquet"))

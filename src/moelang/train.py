@@ -33,7 +33,12 @@ Causal-LM training on the token Parquet files of the tokenize stage:
   (:func:`die_with_launcher`). Exports are staged in the state and :func:`publish` puts them into the
   outputs before it removes the state, so a kill at any point loses at most the steps since the last
   checkpoint;
-* **log**: one row per optimizer step in ``train_log.parquet`` (see :data:`LOG_SCHEMA`), a progress bar;
+* **methods and losses**: a training method (:mod:`moelang.models.methods`) decides what trains
+  through hooks (``prepare``, ``step_context``, ``export_state``, ``finalize``); the engine knows no
+  trainable-subset mechanism. A loss function (:data:`LossFn`) turns the model's output, the batch
+  and each sequence's language into the loss and the metrics of the log;
+* **log**: one row per optimizer step in ``train_log.parquet`` (see :data:`LOG_SCHEMA`, then the loss
+  function's other metrics), a progress bar;
 * **exports** with ``save_pretrained`` (safetensors) at chosen steps, loadable by any later stage and by
   lm-eval through ``AutoModelForCausalLM``.
 
@@ -43,7 +48,6 @@ Checkpoints use safetensors for tensors and JSON for the rest: no pickle.
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import errno
 import fcntl
@@ -60,7 +64,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -70,7 +74,7 @@ from safetensors.torch import load_file, save_file
 
 from moelang.errors import MoelangError
 from moelang.io import atomic_dir, atomic_path, log, progress
-from moelang.models.adapters import bake, has_parametrizations, maybe_cached
+from moelang.models.methods import TrainingMethod
 
 LOG_SCHEMA = pa.schema(
     [
@@ -83,6 +87,36 @@ LOG_SCHEMA = pa.schema(
         ("tokens_per_s", pa.float64()),
     ]
 )
+# A loss function's other metrics (see LossFn) follow these columns, float64, in the order it returns them.
+
+
+def log_schema(rows: list[dict]) -> pa.Schema:
+    """:data:`LOG_SCHEMA` and the extra metric columns of ``rows`` (float64)."""
+    extra: dict[str, None] = {}
+    for row in rows[:1]:
+        extra.update((k, None) for k in row if k not in LOG_SCHEMA.names)
+    return pa.schema(list(LOG_SCHEMA) + [(name, pa.float64()) for name in extra])
+
+
+# ``loss_fn(model, batch, outputs, langs) -> (loss, metrics)``: ``model`` as the engine calls it,
+# ``batch`` this process's [micro_batch, seq_len] token ids (also the labels), ``outputs`` the model's
+# output for them, ``langs`` each sequence's language. ``loss`` is what is backpropagated;
+# ``metrics`` (tensors or floats) are averaged over micro-batches and processes into the step's log
+# row: "loss" (the language-modelling loss; default: ``loss``) and "aux_loss" (default: NaN) fill
+# :data:`LOG_SCHEMA`'s columns, any other name becomes a column of its own.
+LossFn = Callable[[torch.nn.Module, torch.Tensor, Any, list[str]], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def lm_loss(aux_loss_coef: float, uses_aux: bool) -> LossFn:
+    """The default loss: the model's own (language modelling, plus ``aux_loss_coef`` x its
+    load-balancing loss when ``uses_aux``), logged as its two parts."""
+    def loss_fn(model, batch, outputs, langs):
+        aux = getattr(outputs, "aux_loss", None)
+        with_aux = uses_aux and aux is not None
+        lm = outputs.loss - aux_loss_coef * aux if with_aux else outputs.loss
+        return outputs.loss, {"loss": lm, "aux_loss": aux if with_aux else float("nan")}
+
+    return loss_fn
 
 
 @dataclass
@@ -294,7 +328,7 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], optim_state: d
             "processes": processes,
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        pq.write_table(pa.Table.from_pylist(log_rows, schema=LOG_SCHEMA), tmp / "train_log.parquet")
+        pq.write_table(pa.Table.from_pylist(log_rows, schema=log_schema(log_rows)), tmp / "train_log.parquet")
 
 
 def _jsonable(obj):
@@ -572,18 +606,11 @@ def _link_or_copy(source: Path, dest: Path) -> None:
 
 def export_model(model, tokenizer, out_dir: str | Path, extra_files: dict[str, Callable[[Path], None]] | None = None,
                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """``save_pretrained`` (safetensors) with the tokenizer; expert-rows parametrizations are baked in
-    a copy, so training can go on. ``state_dict``: the whole weights of an FSDP-sharded ``model``,
-    whose own parameters are only this process's shards (see :func:`train`'s ``export_steps``)."""
-    target = model
-    if has_parametrizations(model):
-        if state_dict is not None:  # train() refuses FSDP with a trained subset, so this is a caller's bug
-            raise MoelangError("export: a sharded model with expert-rows parametrizations cannot be baked; train it "
-                               "with parallelism: ddp")
-        target = copy.deepcopy(model)
-        bake(target)
+    """``save_pretrained`` (safetensors) with the tokenizer. ``state_dict``: the weights to save, as
+    :func:`train` passes them to its ``export_steps`` (the whole weights of an FSDP-sharded ``model``,
+    or a training method's weights under the original architecture's names); ``None``: the model's."""
     with atomic_dir(out_dir) as tmp:
-        target.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, write in (extra_files or {}).items():
@@ -601,37 +628,48 @@ class TrainResult:
     final_loss: float
     resumed_from: int | None
     seconds: float
-    log: list[dict]  # one row per step, LOG_SCHEMA
+    log: list[dict]  # one row per step: LOG_SCHEMA, then the loss function's other metrics
 
     def log_table(self) -> pa.Table:
-        return pa.Table.from_pylist(self.log, schema=LOG_SCHEMA)
+        return pa.Table.from_pylist(self.log, schema=log_schema(self.log))
 
 
 def train(model, stream: PackedStream, settings: TrainSettings, state_dir: str | Path, *,
           inputs: dict[str, str] | None = None,
           export_steps: dict[int, Callable[[torch.nn.Module, dict | None], None]] | None = None,
-          stop_after: int | None = None) -> TrainResult:
-    """Train ``model`` (its ``requires_grad`` flags say what trains) for ``settings.steps`` optimizer steps.
+          stop_after: int | None = None, method: TrainingMethod | None = None,
+          loss_fn: LossFn | None = None) -> TrainResult:
+    """Train ``model`` for ``settings.steps`` optimizer steps.
+
+    ``method`` (:mod:`moelang.models.methods`) says what trains: its ``prepare`` runs first, its
+    ``step_context`` around each forward and backward, its ``finalize`` after the last step (the
+    model is then a plain model of its architecture again). Default: what the model's
+    ``requires_grad`` flags say (a loaded model: every parameter). ``loss_fn`` (see :data:`LossFn`):
+    default :func:`lm_loss`, the model's language-modelling loss plus ``settings.aux_loss_coef`` x its
+    load-balancing loss.
 
     ``export_steps`` maps an optimizer step (0 = before training) to a function called on the main
     process as ``export(model, state_dict)`` after that step (for example :func:`export_model` into
-    :func:`staged_path`): ``state_dict`` is ``None``, or under FSDP the whole weights (``model``'s
-    own parameters are then shards). ``stop_after`` ends the run after that many steps as if the job
-    had been killed (tests). Under FSDP with several processes ``model`` stays sharded afterwards:
-    export it through ``export_steps``.
+    :func:`staged_path`): ``state_dict`` is ``None``, the method's weights under the original
+    architecture's names, or under FSDP the whole weights (``model``'s own parameters are then
+    shards). ``stop_after`` ends the run after that many steps as if the job had been killed
+    (tests; the method is not finalized). Under FSDP with several processes ``model`` stays sharded
+    afterwards: export it through ``export_steps``.
 
     ``state_dir`` is locked for the run (:func:`exclusive_state`) and belongs to the run's inputs
-    (:func:`run_fingerprint` of ``model`` as given, ``stream``'s token files and the caller's
-    ``inputs``): a state made from other inputs is discarded. The state is kept at the end:
+    (:func:`run_fingerprint` of ``model`` as the method prepared it, the method, ``stream``'s token
+    files and the caller's ``inputs``): a state made from other inputs is discarded. The state is kept at the end:
     :func:`publish` puts the staged exports into the outputs and then removes it.
     """
     die_with_launcher()
     with exclusive_state(state_dir):
-        return _train(model, stream, settings, Path(state_dir), inputs, export_steps, stop_after)
+        return _train(model, stream, settings, Path(state_dir), inputs, export_steps, stop_after,
+                      method or TrainingMethod(), loss_fn)
 
 
 def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path, inputs: dict[str, str] | None,
-           export_steps: dict[int, Callable] | None, stop_after: int | None) -> TrainResult:
+           export_steps: dict[int, Callable] | None, stop_after: int | None, method: TrainingMethod,
+           loss_fn: LossFn | None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -645,8 +683,11 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = Accelerator(mixed_precision="bf16" if settings.dtype == "bf16" else "no",
                               cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
-    if accelerator.is_main_process:  # before the model is edited, wrapped or sharded below
-        claim_state(state_dir, run_fingerprint(model, stream, inputs))
+    # Before the fingerprint: a selection the model does not have fails here, and the trainable set
+    # is the method's. Every process prepares its own copy of the model.
+    method.prepare(model)
+    if accelerator.is_main_process:  # before the model is wrapped or sharded below
+        claim_state(state_dir, run_fingerprint(model, stream, (inputs or {}) | {"training method": method.describe()}))
     accelerator.wait_for_everyone()  # the others look for a checkpoint only once the state is settled
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
@@ -657,6 +698,7 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
         config.output_router_logits = uses_aux
         if uses_aux:
             config.router_aux_loss_coef = settings.aux_loss_coef
+    loss_fn = loss_fn or lm_loss(settings.aux_loss_coef, uses_aux)
     world = accelerator.num_processes
     rank = accelerator.process_index
     if settings.parallelism == "fsdp":
@@ -697,7 +739,7 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings), last_epoch=start_step - 1)
     exports = dict(export_steps or {})
     if start_step == 0 and 0 in exports:
-        _export(accelerator, unwrapped, exports[0], sharded)
+        _export(accelerator, unwrapped, exports[0], sharded, method)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Off a terminal the loop's own line every 5% (with the loss) is the progress report.
@@ -708,25 +750,27 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
     step = start_step
     for step in range(start_step, settings.steps):
         step_start = time.perf_counter()
-        lm_total, aux_total, step_tokens = 0.0, 0.0, 0
+        totals: dict[str, float] = {"loss": 0.0, "aux_loss": 0.0}  # the log's columns, in order
+        step_tokens = 0
         for micro in range(settings.grad_accum):
-            global_batch, _ = stream.next_batch(settings.micro_batch_size * world)
+            global_batch, global_langs = stream.next_batch(settings.micro_batch_size * world)
             step_tokens += global_batch.numel()
             batch = global_batch[rank::world].to(accelerator.device)
+            langs = global_langs[rank::world]
             sync = micro == settings.grad_accum - 1
             if sharded:  # FSDP2: accumulate unsharded local gradients, reduce-scatter on the last micro-batch
                 model.set_requires_gradient_sync(sync)
                 context = contextlib.nullcontext()
             else:
                 context = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
-            with context, maybe_cached(), accelerator.autocast():
+            with context, method.step_context(), accelerator.autocast():
                 out = model(input_ids=batch, labels=batch)
-                loss = out.loss
-                aux = getattr(out, "aux_loss", None)
-                lm = loss - settings.aux_loss_coef * aux if (uses_aux and aux is not None) else loss
+                loss, metrics = loss_fn(model, batch, out, langs)
                 accelerator.backward(loss / settings.grad_accum)
-            lm_total += float(lm.detach()) / settings.grad_accum
-            aux_total += float(aux.detach()) / settings.grad_accum if aux is not None else float("nan")
+            metrics = {"loss": loss, "aux_loss": float("nan")} | dict(metrics)
+            for name, value in metrics.items():
+                value = float(value.detach()) if torch.is_tensor(value) else float(value)
+                totals[name] = totals.get(name, 0.0) + value / settings.grad_accum
         if sharded:
             # The gradients are DTensor shards: the norm is a partial sum until full_tensor() reduces it.
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, settings.clip_norm, foreach=False).full_tensor()
@@ -737,13 +781,19 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += step_tokens
-        if world > 1:  # the logged losses are means over every process's tokens, not the main one's share
-            lm_total, aux_total = (float(v) for v in accelerator.reduce(
-                torch.tensor([lm_total, aux_total], device=accelerator.device), reduction="mean"))
+        if world > 1:  # the logged metrics are means over every process's tokens, not the main one's share
+            totals = dict(zip(totals, (float(v) for v in accelerator.reduce(
+                torch.tensor(list(totals.values()), device=accelerator.device), reduction="mean"))))
+        lm_total = totals["loss"]
         elapsed = time.perf_counter() - step_start
+        extra = {k: v for k, v in totals.items() if k not in ("loss", "aux_loss")}
+        clash = sorted(set(extra) & set(LOG_SCHEMA.names))
+        if clash:
+            raise MoelangError(f"training: the loss function's metrics {clash} are names of the log's own columns; "
+                               f"rename them")
         rows.append({"step": step + 1, "tokens": tokens, "loss": lm_total,
-                     "aux_loss": aux_total if uses_aux else float("nan"), "lr": lr,
-                     "grad_norm": float(grad_norm), "tokens_per_s": step_tokens / elapsed})
+                     "aux_loss": totals["aux_loss"], "lr": lr,
+                     "grad_norm": float(grad_norm), "tokens_per_s": step_tokens / elapsed} | extra)
         bar.update(1)
         bar.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{rows[-1]['tokens_per_s']:.0f}")
         done = step + 1
@@ -752,7 +802,7 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
             log.info("train: step %d/%d, loss %.3f, lr %.2e, %.0f tokens/s, about %.0f s left", done, settings.steps,
                      lm_total, lr, rows[-1]["tokens_per_s"], (settings.steps - done) / rate)
         if done in exports:
-            _export(accelerator, unwrapped, exports[done], sharded)
+            _export(accelerator, unwrapped, exports[done], sharded, method)
         if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
             if sharded or accelerator.is_main_process:  # the FSDP gather is a collective
                 tensors, optim_state = gather_state(unwrapped, inner_optimizer, sharded)
@@ -766,16 +816,18 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
             return TrainResult(done, tokens, lm_total, resumed, time.perf_counter() - started, rows)
     bar.close()
     accelerator.wait_for_everyone()
+    method.finalize(unwrapped)
     final_loss = rows[-1]["loss"] if rows else float("nan")
     return TrainResult(settings.steps, tokens, final_loss, resumed, time.perf_counter() - started, rows)
 
 
 def _check_full_training(model) -> None:
+    # A trained subset always leaves frozen tensors: the fused tensors a parametrization or a split
+    # reads from, the layers not chosen.
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    if frozen or has_parametrizations(model):
-        what = f"{len(frozen)} frozen parameter tensors" if frozen else "expert-rows parametrizations"
-        raise MoelangError(f"training: parallelism 'fsdp' is for full training, but this run trains a subset ({what}); "
-                           f"set parallelism: ddp for partial training")
+    if frozen:
+        raise MoelangError(f"training: parallelism 'fsdp' is for full training, but this run trains a subset "
+                           f"({len(frozen)} frozen parameter tensors); set parallelism: ddp for partial training")
 
 
 def _fully_shard(model, device: torch.device, world: int) -> None:
@@ -796,12 +848,16 @@ def _fully_shard(model, device: torch.device, world: int) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def _export(accelerator, model, export: Callable, sharded: bool) -> None:
+def _export(accelerator, model, export: Callable, sharded: bool, method: TrainingMethod) -> None:
     """Exports are written once, by the main process, while the others wait. Under FSDP every
-    process first takes part in gathering the whole weights."""
+    process first takes part in gathering the whole weights (FSDP trains every parameter: the method
+    has nothing to fold); otherwise the method gives the weights under the architecture's names."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    full = get_model_state_dict(model, options=_state_options(True)) if sharded else None
+    if sharded:
+        full = get_model_state_dict(model, options=_state_options(True))
+    else:
+        full = method.export_state(model) if accelerator.is_main_process else None
     if accelerator.is_main_process:
         export(model, full)
     accelerator.wait_for_everyone()

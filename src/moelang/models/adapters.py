@@ -14,7 +14,13 @@ where this module looks:
   chosen layers trainable through a parametrization (``rows`` of the fused tensor come from a
   small parameter holding just those experts), so AdamW's weight decay, which moves every element
   of a parameter it is given, never touches a frozen expert. :func:`bake` folds the
-  parametrizations back into plain tensors before ``save_pretrained``.
+  parametrizations back into plain tensors before ``save_pretrained``. It rebuilds the whole fused
+  tensor every forward and computes its whole weight gradient: the reference, kept for tests;
+* **split experts** (what training methods use, :mod:`moelang.models.methods`):
+  :func:`split_experts` moves chosen experts into a copy of the family's experts class holding only
+  them, with a global-to-local id map; the frozen fused tensors compute the other experts; the same
+  gradients without a full copy. :func:`merge_split_experts` folds them back (before
+  ``save_pretrained``); :func:`split_export_state` gives the weights to export without a copy.
 
 Families (``model.config.model_type``): see :data:`moelang.architecture.FAMILIES`. Anything else
 fails with a one-line error listing them.
@@ -231,3 +237,131 @@ def maybe_cached():
     """``parametrize.cached()``: evaluate each parametrization once per forward (the eager experts
     loop reads a fused tensor once per expert)."""
     return parametrize.cached()
+
+
+# --------------------------------------------------------------------------------------------------
+# Chosen experts as their own small experts module
+# --------------------------------------------------------------------------------------------------
+# The expert-rows parametrization above rebuilds the whole fused tensor every forward and computes
+# its whole weight gradient (about 3 GiB fp32 per OLMoE-1B-7B layer pair). Splitting instead moves
+# the chosen experts' slices into a copy of the family's experts class that holds only them (the
+# child ``chosen``, trainable); the fused tensors stay in place, frozen, and compute the other
+# experts. A global-to-local id map (``local_ids``) sends the router's choices to the right module.
+# Each (token, choice) row is computed by exactly one of the two through the family's own experts
+# kernel (grouped_mm, batched_mm or eager, biases and gating included) and the rows are summed over
+# the choices as grouped_mm does, so the gradients are those of the parametrization.
+
+SPLIT_CHILD = "chosen"
+_SPLIT_CLASSES: dict[type, type] = {}
+
+
+class _SplitExpertsForward:
+    """Forward of a fused experts module whose chosen experts live in its child ``chosen``
+    (mixed into a subclass of the family's experts class by :func:`split_experts`)."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        num_tokens, top_k = top_k_index.shape
+        ids = top_k_index.reshape(-1)
+        weights = top_k_weights.reshape(-1, 1)
+        local = self.local_ids[ids]  # chosen: its row in ``chosen``; other experts: -1
+        is_chosen = local >= 0
+        out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
+        rows = hidden_states.new_zeros(ids.numel(), hidden_states.shape[-1], dtype=out_dtype)
+        chosen = getattr(self, SPLIT_CHILD)
+        # super(): the family's experts forward (its kernel dispatch) on the frozen fused tensors
+        parts = ((lambda *a: super(_SplitExpertsForward, self).forward(*a), ids, ~is_chosen),
+                 (chosen, local, is_chosen))
+        for compute, expert_ids, mask in parts:
+            positions = mask.nonzero().squeeze(1)
+            if positions.numel() == 0:
+                continue
+            # one choice per row: the kernel's sum over choices is the row itself
+            part = compute(hidden_states[positions // top_k], expert_ids[positions].unsqueeze(1), weights[positions])
+            rows = rows.index_copy(0, positions, part.to(out_dtype))
+        if torch.is_grad_enabled() and not bool(is_chosen.any()):
+            # No token chose a trainable expert: a zero gradient (not none), as the parametrization and
+            # full training give, so that AdamW's moments and weight decay act on them in this step too.
+            rows = rows + sum(p.reshape(-1)[:1].sum() for p in chosen.parameters()) * 0.0
+        return rows.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def _split_class(cls: type) -> type:
+    if cls not in _SPLIT_CLASSES:
+        _SPLIT_CLASSES[cls] = type(f"Split{cls.__name__}", (_SplitExpertsForward, cls), {})
+    return _SPLIT_CLASSES[cls]
+
+
+def is_split(experts: nn.Module) -> bool:
+    return isinstance(experts, _SplitExpertsForward)
+
+
+def _experts_subset(experts: nn.Module, expert_ids: list[int]) -> nn.Module:
+    """An instance of ``experts``' own class holding copies of the ``expert_ids`` slices only (the
+    family's forward and kernel dispatch, gating and biases included, unchanged)."""
+    cls = type(experts)
+    small = cls.__new__(cls)
+    nn.Module.__init__(small)
+    internal = set(small.__dict__)
+    for key, value in experts.__dict__.items():
+        if key not in internal:
+            small.__dict__[key] = value  # config, activation parameters, kernel flags
+    for name, module in experts._modules.items():  # activation modules: stateless, shared
+        if any(True for _ in module.parameters()):
+            raise MoelangError(f"{cls.__name__}.{name} has weights of its own; splitting chosen experts out of "
+                               f"{cls.__name__} is not supported")
+        small._modules[name] = module
+    index = torch.tensor(expert_ids, dtype=torch.long, device=next(experts.parameters()).device)
+    for name, param in experts._parameters.items():
+        small.register_parameter(name, None if param is None else nn.Parameter(param.detach()[index].clone()))
+    small.num_experts = len(expert_ids)
+    small._is_expert_parallel = False
+    return small
+
+
+def split_experts(layer: MoELayer, expert_ids: list[int]) -> nn.Module:
+    """Make experts ``expert_ids`` of ``layer`` trainable as their own small experts module (the
+    child ``chosen`` of the fused experts module, whose own tensors are frozen). Returns it."""
+    experts = layer.experts
+    if is_split(experts):
+        raise MoelangError(f"layer {layer.index}: its experts are already split")
+    ids = sorted(set(expert_ids))
+    experts.requires_grad_(False)
+    chosen = _experts_subset(experts, ids)
+    local = torch.full((layer.num_experts,), -1, dtype=torch.long)
+    local[ids] = torch.arange(len(ids))
+    experts.register_buffer("local_ids", local.to(chosen.down_proj.device), persistent=False)
+    experts.add_module(SPLIT_CHILD, chosen)
+    experts.__class__ = _split_class(type(experts))
+    return chosen
+
+
+def sync_split_experts(model: nn.Module) -> None:
+    """Copy every split module's chosen slices into its fused tensors (in place). The split forward
+    never reads those rows of the fused tensors, so training can go on afterwards."""
+    with torch.no_grad():
+        for module in model.modules():
+            if is_split(module):
+                ids = (module.local_ids >= 0).nonzero().squeeze(1)  # ascending: local row j is ids[j]
+                for name, param in getattr(module, SPLIT_CHILD)._parameters.items():
+                    if param is not None:
+                        target = getattr(module, name)
+                        target.index_copy_(0, ids, param.to(target.dtype))
+
+
+def merge_split_experts(model: nn.Module) -> None:
+    """Fold every split module back: the fused tensors take the trained slices and the modules are
+    again the family's plain experts class (before ``save_pretrained``)."""
+    sync_split_experts(model)
+    for module in model.modules():
+        if is_split(module):
+            del module._modules[SPLIT_CHILD]
+            del module._buffers["local_ids"]
+            module.__class__ = module.__class__.__mro__[2]  # Split<X> -> (_SplitExpertsForward, X)
+
+
+def split_export_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of ``model`` under the original architecture's names, split modules folded in,
+    without a copy of the model: what ``save_pretrained(state_dict=...)`` takes."""
+    sync_split_experts(model)
+    marker = f".{SPLIT_CHILD}."
+    return {name: tensor for name, tensor in model.state_dict().items() if marker not in name}
