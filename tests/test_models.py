@@ -50,6 +50,22 @@ def test_recorded_experts_are_the_ones_the_router_chose(family):
     assert differs_from_logit_topk == (family == "deepseek_v3")
 
 
+def assert_only_chosen_experts_and_router_changed(before, after, adapter, target, chosen) -> None:
+    """In ``target``'s layer exactly the ``chosen`` expert slices and the router changed; every other
+    tensor of the model is bit-identical."""
+    experts_prefix = f"model.layers.{target.index}.mlp.experts."
+    router_prefix = f"model.layers.{target.index}.mlp.{adapter.spec.router_attr}."
+    for name, old in before.items():
+        new = after[name].detach()
+        if name.startswith(experts_prefix):
+            changed = [e for e in range(target.num_experts) if not torch.equal(old[e], new[e])]
+            assert changed == chosen, name
+        elif name.startswith(router_prefix):
+            assert not torch.equal(old, new), name
+        else:
+            assert torch.equal(old, new), name
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_training_two_experts_changes_exactly_those_slices(family):
     model = tiny_model(family)
@@ -65,17 +81,7 @@ def test_training_two_experts_changes_exactly_those_slices(family):
     bake(model)
     after = dict(model.named_parameters())
     assert set(after) == set(before)  # baking restores the original parameter names
-    experts_prefix = f"model.layers.{target.index}.mlp.experts."
-    router_prefix = f"model.layers.{target.index}.mlp.{adapter.spec.router_attr}."
-    for name, old in before.items():
-        new = after[name].detach()
-        if name.startswith(experts_prefix):
-            changed = [e for e in range(target.num_experts) if not torch.equal(old[e], new[e])]
-            assert changed == [1, 5], name
-        elif name.startswith(router_prefix):
-            assert not torch.equal(old, new), name
-        else:
-            assert torch.equal(old, new), name
+    assert_only_chosen_experts_and_router_changed(before, after, adapter, target, [1, 5])
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -98,17 +104,7 @@ def test_split_experts_change_exactly_those_slices_and_fold_back_to_the_plain_mo
     assert type(target.experts) is plain_class and not hasattr(target.experts, "chosen")
     after = dict(model.named_parameters())
     assert set(after) == set(before)  # the original architecture's names, nothing more
-    experts_prefix = f"model.layers.{target.index}.mlp.experts."
-    router_prefix = f"model.layers.{target.index}.mlp.{adapter.spec.router_attr}."
-    for name, old in before.items():
-        new = after[name].detach()
-        if name.startswith(experts_prefix):
-            changed = [e for e in range(target.num_experts) if not torch.equal(old[e], new[e])]
-            assert changed == [1, 5], name
-        elif name.startswith(router_prefix):
-            assert not torch.equal(old, new), name
-        else:
-            assert torch.equal(old, new), name
+    assert_only_chosen_experts_and_router_changed(before, after, adapter, target, [1, 5])
 
 
 @pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])

@@ -171,6 +171,17 @@ def local_format(path: Path) -> str | None:
     return LOCAL_FORMATS.get(path.suffix.lower())
 
 
+def local_source_files(pattern: str) -> list[Path] | None:
+    """The files a local source's ``path`` names, sorted: a directory's files (recursively, hidden
+    ones left out), a glob's matches, or the file itself; None when the path does not exist."""
+    path = Path(pattern)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if any(ch in pattern for ch in "*?["):
+        return sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    return [path] if path.is_file() else None
+
+
 def _who(langs: list[str]) -> str:
     return ", ".join(f"'{lang}'" for lang in langs)
 
@@ -187,21 +198,15 @@ def _check_local_sources(config: dict) -> None:
         if source["type"] != "local":
             continue
         pattern = source["path"]
-        path = Path(pattern)
-        if path.is_dir():
-            files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
-        elif any(ch in pattern for ch in "*?["):
-            files = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
-        elif path.is_file():
-            files = [path]
-        else:
+        files = local_source_files(pattern)
+        if files is None:
             raise ConfigError(f"config key '{key}.path': '{pattern}' does not exist (the local source of "
                               f"{_who(langs)}); fix the path (a relative one starts from the working directory)")
         if not files:
             raise ConfigError(f"config key '{key}.path': '{pattern}' matches no file (the local source of "
                               f"{_who(langs)}); fix the path or the glob")
         if source["format"] == "auto":
-            for file in sorted(files):
+            for file in files:
                 if local_format(file) is None:
                     raise ConfigError(f"config key '{key}.format': cannot tell the format of '{file}' from its "
                                       f"extension (the local source of {_who(langs)}); set {key}.format to txt, "

@@ -53,7 +53,6 @@ Outputs
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import json
@@ -68,7 +67,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moelang import catalogs
-from moelang.config import check_lang, local_format
+from moelang.config import check_lang, local_format, local_source_files
 from moelang.errors import MoelangError
 from moelang.io import atomic_path, log, progress, write_json, write_table
 
@@ -134,14 +133,8 @@ def builtin_documents(lang: str, source: dict, builtin: dict, shard: Shard = (0,
 
 
 def _expand_paths(pattern: str, lang: str) -> list[Path]:
-    path = Path(pattern)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    elif any(ch in pattern for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-    elif path.is_file():
-        files = [path]
-    else:
+    files = local_source_files(pattern)
+    if files is None:
         raise MoelangError(f"corpus for '{lang}': local source path '{pattern}' does not exist; "
                            f"fix corpus.sources.{lang}.path")
     if not files:

@@ -81,12 +81,8 @@ TOKEN_SCHEMA = pa.schema(
 # Input: held-out chunks, batched by length
 # --------------------------------------------------------------------------------------------------
 
-def heldout_chunks(token_file: str | Path, seq_len: int, token_budget: int | None, split: str = "heldout",
-                   shard: tuple[int, int] = (0, 1)) -> list[np.ndarray]:
-    """The ``split`` documents of a token file cut into chunks of at most ``seq_len`` tokens, in file
-    order, until ``token_budget`` tokens (the last chunk is cut to fit). ``shard = (i, n)`` keeps every
-    n-th chunk from the i-th: the n shards together are exactly the unsharded chunks, so profiles of
-    the shards, made in separate jobs, add up (:func:`merge_profiles`)."""
+def _split_documents(token_file: str | Path, split: str, shard: tuple[int, int]):
+    """The token ids of ``token_file``'s ``split`` documents (an Arrow list array), after checking the shard."""
     index, count = shard
     if not 0 <= index < count:
         raise MoelangError(f"routing: shard {index}/{count} does not exist; use i/n with 0 <= i < n")
@@ -94,6 +90,17 @@ def heldout_chunks(token_file: str | Path, seq_len: int, token_budget: int | Non
     ids = table.column("input_ids").filter(pc.equal(table.column("split"), split)).combine_chunks()
     if len(ids) == 0:
         raise MoelangError(f"routing: '{token_file}' has no '{split}' documents; check the corpus split")
+    return ids
+
+
+def heldout_chunks(token_file: str | Path, seq_len: int, token_budget: int | None, split: str = "heldout",
+                   shard: tuple[int, int] = (0, 1)) -> list[np.ndarray]:
+    """The ``split`` documents of a token file cut into chunks of at most ``seq_len`` tokens, in file
+    order, until ``token_budget`` tokens (the last chunk is cut to fit). ``shard = (i, n)`` keeps every
+    n-th chunk from the i-th: the n shards together are exactly the unsharded chunks, so profiles of
+    the shards, made in separate jobs, add up (:func:`merge_profiles`)."""
+    index, count = shard
+    ids = _split_documents(token_file, split, shard)
     flat = ids.flatten().to_numpy(zero_copy_only=False)
     offsets = ids.offsets.to_numpy()
     chunks, total = [], 0
@@ -118,12 +125,7 @@ def heldout_windows(token_file: str | Path, window: int, token_budget: int | Non
     the whole windows that fit. ``shard = (i, n)`` keeps every n-th window from the i-th, as in
     :func:`heldout_chunks`."""
     index, count = shard
-    if not 0 <= index < count:
-        raise MoelangError(f"routing: shard {index}/{count} does not exist; use i/n with 0 <= i < n")
-    table = pq.read_table(token_file, columns=["split", "input_ids"])
-    ids = table.column("input_ids").filter(pc.equal(table.column("split"), split)).combine_chunks()
-    if len(ids) == 0:
-        raise MoelangError(f"routing: '{token_file}' has no '{split}' documents; check the corpus split")
+    ids = _split_documents(token_file, split, shard)
     lengths = np.diff(ids.offsets.to_numpy())
     if token_budget is not None:  # only the documents the budget reaches: held-out splits can be large
         ids = ids.slice(0, int(np.searchsorted(np.cumsum(lengths + 1), token_budget)) + 1)
