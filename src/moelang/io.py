@@ -106,6 +106,11 @@ def save_figure(fig, path: str | Path) -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    if not _stderr_is_terminal():
+        # the libraries' own bars (writing model shards, loading weights, dataset maps) redraw with a
+        # carriage return: in a log file each would be a line of control characters. Read once, at
+        # their import, which comes later.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
