@@ -104,3 +104,11 @@ def test_a_corrupt_parquet_input_is_one_line_naming_it(tmp_path):
     assert last.startswith(f"moelang: error: '{corpus}' is not a readable Parquet file")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "tok").exists()
+
+
+def test_library_progress_bars_are_off_in_a_log(monkeypatch):
+    from moelang.io import setup_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    setup_logging()  # pytest's stderr is not a terminal
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
