@@ -77,6 +77,65 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor():
     assert lr_factor(6, s) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
 
 
+def test_lr_schedule_warmup_from_a_ratio_and_a_long_cosine_horizon():
+    s = TrainSettings(steps=20, warmup_steps=4, warmup_start_ratio=0.1, cosine_horizon_steps=1004, min_lr_ratio=0.1)
+    assert [lr_factor(k, s) for k in range(4)] == pytest.approx([0.1 + 0.9 * (k + 1) / 4 for k in range(4)])
+    # 1000 steps of cosine after the warm-up: after 15 of them the rate has hardly moved
+    assert lr_factor(19, s) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 999)))
+    assert lr_factor(19, s) > 0.999
+    assert lr_factor(2000, s) == pytest.approx(0.1)  # and the floor is reached at the horizon
+
+
+def test_weight_decay_on_norms_and_biases_only_when_asked():
+    from moelang.train import make_optimizer
+
+    model = tiny_model("olmoe", seed=3)
+    for flag, decayed_vectors in ((False, 0), (True, sum(1 for p in model.parameters() if p.ndim < 2))):
+        optimizer = make_optimizer(model, TrainSettings(steps=1, weight_decay=0.1, decay_norms_and_biases=flag))
+        decayed = [p for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+        assert sum(1 for p in decayed if p.ndim < 2) == decayed_vectors
+        assert {id(p) for p in model.parameters() if p.ndim >= 2} <= {id(p) for p in decayed}
+
+
+def test_router_z_loss_is_added_and_logged(token_files, tmp_path):
+    from moelang.train import router_z_loss
+
+    model = tiny_model("olmoe", seed=3)
+    model.config.output_router_logits = True
+    batch = torch.randint(3, 90, (2, 16))
+    logits = model(input_ids=batch).router_logits
+    # independent: per layer, mean over tokens of log(sum(exp))^2, then the mean over layers
+    by_hand = np.mean([np.mean(np.log(np.exp(l.detach().double().numpy()).sum(-1)) ** 2) for l in logits])
+    assert float(router_z_loss(logits).detach()) == pytest.approx(by_hand, rel=1e-5)
+
+    stream = PackedStream(token_files, {"en": 1, "es": 1}, seq_len=16, eos_id=EOS, seed=0)
+    with_z = train(tiny_model("olmoe", seed=3), stream, settings(z_loss_coef=1e-3, aux_loss_coef=0.0, steps=3),
+                   tmp_path / "z")
+    stream = PackedStream(token_files, {"en": 1, "es": 1}, seq_len=16, eos_id=EOS, seed=0)
+    without = train(tiny_model("olmoe", seed=3), stream, settings(aux_loss_coef=0.0, steps=3), tmp_path / "plain")
+    assert all(r["z_loss"] > 0 for r in with_z.log) and "z_loss" not in without.log[0]
+    # the first step's language-modelling loss is the same (same weights, same batch), and z-loss with
+    # the balancing loss off adds no balancing term
+    assert with_z.log[0]["loss"] == pytest.approx(without.log[0]["loss"], rel=1e-6)
+    assert math.isnan(with_z.log[0]["aux_loss"])
+    assert with_z.log[-1]["loss"] != without.log[-1]["loss"]  # the z-loss gradient changed the weights
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])
+def test_the_logged_loss_is_the_language_modelling_loss_whatever_the_familys_default_weight(token_files, tmp_path,
+                                                                                               family):
+    # qwen3_moe's own balancing weight is 0.001, OLMoE's 0.01; ours is 0.05 here
+    model = tiny_model(family, seed=3)
+    stream = PackedStream(token_files, {"en": 1, "es": 1}, seq_len=16, eos_id=EOS, seed=0)
+    first = [stream.next_batch(4)[0] for _ in range(2)]  # the first step's two micro-batches
+    model.config.output_router_logits = False
+    with torch.no_grad():
+        lm = float(np.mean([float(model(input_ids=b, labels=b).loss) for b in first]))
+    stream = PackedStream(token_files, {"en": 1, "es": 1}, seq_len=16, eos_id=EOS, seed=0)
+    result = train(model, stream, settings(aux_loss_coef=0.05, steps=1), tmp_path / "s")
+    assert result.log[0]["loss"] == pytest.approx(lm, rel=1e-5)
+
+
 def test_mixture_follows_the_weights(token_files):
     stream = PackedStream(token_files, {"en": 3, "es": 1}, seq_len=8, eos_id=EOS, seed=0)
     _, langs = stream.next_batch(4000)

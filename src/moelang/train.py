@@ -107,14 +107,28 @@ def log_schema(rows: list[dict]) -> pa.Schema:
 LossFn = Callable[[torch.nn.Module, torch.Tensor, Any, list[str]], tuple[torch.Tensor, dict[str, Any]]]
 
 
-def lm_loss(aux_loss_coef: float, uses_aux: bool) -> LossFn:
+def router_z_loss(router_logits) -> torch.Tensor:
+    """ST-MoE's router z-loss: per MoE layer the mean over tokens of ``logsumexp(logits)^2``, averaged
+    over the layers (the OLMoE recipe weights it 0.001). It keeps router logits small, which bf16
+    needs. ``router_logits``: one ``[tokens, experts]`` tensor per MoE layer (transformers'
+    ``output_router_logits``); the packed batches have no padding, so every token counts."""
+    layers = [logits for logits in router_logits if logits is not None]
+    return torch.stack([torch.logsumexp(l.float(), dim=-1).square().mean() for l in layers]).mean()
+
+
+def lm_loss(aux_loss_coef: float, uses_aux: bool, z_loss_coef: float = 0.0) -> LossFn:
     """The default loss: the model's own (language modelling, plus ``aux_loss_coef`` x its
-    load-balancing loss when ``uses_aux``), logged as its two parts."""
+    load-balancing loss when ``uses_aux``), logged as its two parts; with ``z_loss_coef`` > 0 also
+    ``z_loss_coef`` x :func:`router_z_loss`, logged as ``z_loss`` (before its weight)."""
     def loss_fn(model, batch, outputs, langs):
         aux = getattr(outputs, "aux_loss", None)
         with_aux = uses_aux and aux is not None
         lm = outputs.loss - aux_loss_coef * aux if with_aux else outputs.loss
-        return outputs.loss, {"loss": lm, "aux_loss": aux if with_aux else float("nan")}
+        metrics = {"loss": lm, "aux_loss": aux if with_aux else float("nan")}
+        if z_loss_coef <= 0:
+            return outputs.loss, metrics
+        z = router_z_loss(outputs.router_logits)
+        return outputs.loss + z_loss_coef * z, metrics | {"z_loss": z}
 
     return loss_fn
 
@@ -133,6 +147,10 @@ class TrainSettings:
     weight_decay: float = 0.1
     clip_norm: float = 1.0
     aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0  # router z-loss weight (0: none; the OLMoE recipe: 0.001)
+    warmup_start_ratio: float = 0.0  # the warm-up goes linearly from this x lr to lr (0: from lr / warmup_steps)
+    cosine_horizon_steps: int | None = None  # the cosine reaches min_lr_ratio here (None: at the last step)
+    decay_norms_and_biases: bool = False  # weight decay on 1-D tensors too (the OLMo trainer's choice)
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     parallelism: str = "ddp"  # ddp | fsdp: how several processes share the work (one process: neither)
     checkpoint_every: int = 0  # 0: no intermediate checkpoint
@@ -254,7 +272,7 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 else no_decay).append(param)
+        (decay if param.ndim >= 2 or settings.decay_norms_and_biases else no_decay).append(param)
     if not decay and not no_decay:
         raise MoelangError("training: no parameter is trainable; check the method's selection")
     groups = [{"params": decay, "weight_decay": settings.weight_decay},
@@ -264,11 +282,15 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
 
 
 def lr_factor(step: int, settings: TrainSettings) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up, then cosine
-    from 1 down to ``min_lr_ratio`` at the last step."""
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up from
+    ``warmup_start_ratio`` (0: from 1 / warmup_steps at the first step), then cosine from 1 down to
+    ``min_lr_ratio`` at the last step, or at ``cosine_horizon_steps`` when that is set (a horizon far
+    beyond the run, as in the authors' OLMo config, leaves the rate nearly constant after warm-up)."""
     if settings.warmup_steps and step < settings.warmup_steps:
-        return (step + 1) / settings.warmup_steps
-    span = max(1, settings.steps - settings.warmup_steps - 1)
+        start = settings.warmup_start_ratio
+        return start + (1 - start) * (step + 1) / settings.warmup_steps
+    horizon = settings.cosine_horizon_steps or settings.steps
+    span = max(1, horizon - settings.warmup_steps - 1)
     progress_ = min(1.0, (step - settings.warmup_steps) / span)
     return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
 
@@ -694,11 +716,21 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
     torch.use_deterministic_algorithms(True, warn_only=True)
     config = getattr(model, "config", None)
     uses_aux = settings.aux_loss_coef > 0 and hasattr(config, "router_aux_loss_coef")
+    uses_z = settings.z_loss_coef > 0
+    if uses_z and not hasattr(config, "output_router_logits"):
+        raise MoelangError(f"training option z_loss_coef: {type(model).__name__} has no router logits to regularise; "
+                           f"set z_loss_coef: 0")
     if config is not None and hasattr(config, "output_router_logits"):
-        config.output_router_logits = uses_aux
-        if uses_aux:
-            config.router_aux_loss_coef = settings.aux_loss_coef
-    loss_fn = loss_fn or lm_loss(settings.aux_loss_coef, uses_aux)
+        config.output_router_logits = uses_aux or uses_z
+        if config.output_router_logits:  # the model adds its weighted balancing loss itself: 0 when off
+            coef = settings.aux_loss_coef if uses_aux else 0.0
+            config.router_aux_loss_coef = coef
+            # transformers' MoE heads copy the weight from the config when they are built and read only
+            # their copy: without this, a family whose default differs (qwen3_moe, mixtral: 0.001)
+            # trains with its default while the log subtracts ours from the loss
+            if hasattr(model, "router_aux_loss_coef"):
+                model.router_aux_loss_coef = coef
+    loss_fn = loss_fn or lm_loss(settings.aux_loss_coef, uses_aux, settings.z_loss_coef)
     world = accelerator.num_processes
     rank = accelerator.process_index
     if settings.parallelism == "fsdp":
