@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from moelang import config as cfg
+from moelang import registry
 from moelang.errors import ConfigError
 
 
@@ -121,10 +122,10 @@ def test_paper_config_uses_the_pretrained_base_as_step_zero(repo, monkeypatch):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     config = cfg.load(repo / "config" / "olmoe-m7.yaml")
     assert 0 not in cfg.cpt_options(config)["steps"]  # a 7B base is not copied into results/
-    models = cfg.profiled_models(config)
-    assert models["cpt-step0"]["ref"] == "allenai/OLMoE-1B-7B-0924"
-    assert list(models)[-1] == "cpt-step16700" and len(models) == 8
-    assert cfg.evaluated_models(config)["cpt-step0"]["method"] == "base"
+    models = registry.profiled(config)
+    assert models["cpt-step0"].ref == "allenai/OLMoE-1B-7B-0924"
+    assert list(models)[-1] == "cpt-step4172" and len(models) == 8
+    assert registry.evaluated(config)["cpt-step0"].method == "base"
     assert config["tokenizer"]["name_or_path"] == "allenai/OLMoE-1B-7B-0924"
     default = cfg.load(repo / "config" / "config.yaml")
     assert cfg.cpt_options(default)["steps"] == [0, 200, 400, 600, 800]

@@ -343,14 +343,15 @@ def test_cli_by_hand_gives_the_rules_plan(tmp_path, monkeypatch, experts):
     import yaml
 
     from moelang import config as cfg
+    from moelang import registry
 
     user = {"languages": {"high_resource": ["en", "es"], "targets": {"el": "es", "hu": "es"}},
             "allocation": {"new_experts": 7}}
     config = cfg.validate(json.loads(json.dumps(user)))
-    entry = cfg.profiled_models(config)[cfg.similarity_model(config)]
+    entry = registry.profiled(config)[cfg.similarity_model(config)]
     sim, spec = tmp_path / "sim.parquet", tmp_path / "spec.parquet"
     cross_script(experts).write_parquet(sim)
-    pl.DataFrame({"model": [entry["model"]] * 6, "checkpoint_step": [0] * 3 + [entry["checkpoint_step"]] * 3,
+    pl.DataFrame({"model": [entry.series] * 6, "checkpoint_step": [0] * 3 + [entry.checkpoint_step] * 3,
                   "layer": [0, 1, 2] * 2, "score": [0.9, 0.05, 0.05, 0.1, 0.2, 0.7]},
                  schema={"model": pl.String, "checkpoint_step": pl.Int64, "layer": pl.Int32, "score": pl.Float64}
                  ).write_parquet(spec)

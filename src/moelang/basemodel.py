@@ -10,10 +10,11 @@ English model itself: the routing-dynamics analysis compares them.
 Outputs
 -------
 ``results/models/base/``
-    ``save_pretrained`` directory (safetensors) with the tokenizer and ``train_log.parquet``
-    (:data:`moelang.train.LOG_SCHEMA`).
+    ``save_pretrained`` directory (safetensors) with the tokenizer, ``train_log.parquet``
+    (:data:`moelang.train.LOG_SCHEMA`) and the run's record ``moelang_run.json``
+    (:func:`moelang.registry.write_run_record`).
 ``results/models/cpt/step-{N}/``
-    one ``save_pretrained`` directory per kept checkpoint, with the tokenizer.
+    one ``save_pretrained`` directory per kept checkpoint, with the tokenizer and ``moelang_run.json``.
 ``results/models/cpt/train_log.parquet``
     the CPT step log.
 Training state for resuming lives in ``results/state/<run>/`` (not an output: Snakemake would delete
@@ -32,6 +33,7 @@ from pathlib import Path
 from moelang.io import log, write_table
 from moelang.models import build_config, init_model, load_model
 from moelang.models.methods import FullTraining
+from moelang.registry import write_run_record
 from moelang.train import (
     PackedStream,
     TrainSettings,
@@ -78,6 +80,7 @@ def pretrain_base(token_file: str | Path, tokenizer_dir: str | Path, options: di
                        method=FullTraining())
         if _is_main_process():
             write_table(result.log_table(), staged / "train_log.parquet")
+            write_run_record(staged, "pretrain", result.parameters, settings.steps, result.tokens_at(settings.steps))
             publish(state_dir, {"model": out_dir})
     log.info("pretrain: done, final loss %.3f, %d tokens in %.0f s", result.final_loss, result.tokens, result.seconds)
     return {"final_loss": result.final_loss, "tokens": result.tokens}
@@ -136,6 +139,8 @@ def continual_pretrain(base: str | Path, token_files: dict[str, str | Path], opt
         if not _is_main_process():
             return {"final_loss": result.final_loss, "tokens": result.tokens}
         write_table(result.log_table(), staged_path(state_dir, "train_log.parquet"))
+        for step, name in names.items():
+            write_run_record(staged_path(state_dir, name), "cpt", result.parameters, step, result.tokens_at(step))
         publish(state_dir, {name: out_root / name for name in names.values()}
                 | {"train_log.parquet": out_root / "train_log.parquet"})
     log.info("cpt: done, final loss %.3f, %d tokens in %.0f s", result.final_loss, result.tokens, result.seconds)

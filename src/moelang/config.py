@@ -19,6 +19,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
+from moelang import registry
 from moelang.errors import ConfigError, MoelangError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
@@ -121,9 +122,9 @@ def _check_semantics(config: dict) -> None:
     if (alloc["delta"] is None) == (alloc["new_experts"] is None):
         raise ConfigError("config key 'allocation': give exactly one budget, allocation.delta or allocation.new_experts")
     sim_model = config["similarity"]["model"]
-    if sim_model is not None and sim_model not in profiled_models(config):
+    if sim_model is not None and sim_model not in registry.profiled(config):
         raise ConfigError(f"config key 'similarity.model': '{sim_model}' is not a profiled model; use one of "
-                          f"{', '.join(profiled_models(config))}")
+                          f"{', '.join(registry.profiled(config))}")
     unknown = sorted(set(config["resources"]) - set(STAGE_RESOURCES) - {"default", "gpus"})
     if unknown:
         raise ConfigError(f"config key 'resources.{unknown[0]}': not a rule of the workflow; use one of "
@@ -350,9 +351,7 @@ def _check_evaluation(config: dict) -> None:
                 raise ConfigError(f"config key 'evaluation.codes.{family}.{lang}': '{lang}' is not a configured "
                                   f"language; add it to languages or remove the code")
     # the model directories this workflow makes, which need not exist yet
-    outputs = {entry["ref"] for entry in profiled_models(config).values() if entry["ref"].startswith("results/")}
-    if config["model"]["base"]["type"] == "train":
-        outputs.add("results/models/base")
+    outputs = registry.workflow_outputs(config)
     for name, entry in config["evaluation"]["models"].items():
         _reference_file(entry["ref"], f"evaluation.models.{name}.ref", ("config.json",),
                         outputs=tuple(sorted(outputs)))
@@ -483,37 +482,18 @@ def cpt_options(config: dict) -> dict:
     return {**model_options(config), "train": cpt["train"], "seed": config["seed"], "steps": steps}
 
 
-def profiled_models(config: dict) -> dict[str, dict]:
-    """Models whose routing is profiled: name -> {"ref": path or hub id, "model": name in the tables,
-    "checkpoint_step": int}. The CPT checkpoints (step 0 is the base model), or the base model alone
-    when CPT is off."""
-    if config["model"]["cpt"]["enabled"]:
-        models = {f"cpt-step{step}": {"ref": f"results/models/cpt/step-{step}", "model": "cpt", "checkpoint_step": step}
-                  for step in cpt_options(config)["steps"]}
-        if "cpt-step0" not in models:  # a pretrained base: step 0 is the base model itself
-            models = {"cpt-step0": {"ref": base_ref(config), "model": "cpt", "checkpoint_step": 0}} | models
-        return models
-    return {"base": {"ref": base_ref(config), "model": "base", "checkpoint_step": 0}}
-
-
-def _revision_for(config: dict, ref: str) -> str | None:
-    """The hub revision applies to the pretrained base itself, not to checkpoints made from it."""
-    base = config["model"]["base"]
-    return base.get("revision") if base["type"] == "pretrained" and ref == base["name_or_path"] else None
-
-
-def base_ref(config: dict) -> str:
-    """The base model: this workflow's pre-trained output, or the configured hub id / directory."""
-    base = config["model"]["base"]
-    return "results/models/base" if base["type"] == "train" else base["name_or_path"]
+def _routing_entry(entry: registry.ModelEntry) -> dict:
+    """A profiled model as the routing and similarity stages take it (``model``: the tables' column)."""
+    return {"ref": entry.ref, "model": entry.series, "checkpoint_step": entry.checkpoint_step}
 
 
 def routing_options(config: dict, name: str) -> dict:
-    entry = profiled_models(config)[name]
+    entry = registry.profiled(config)[name]
     base = config["model"]["base"]
-    return {**config["routing"], **entry, "dtype": config["model"]["dtype"], "device": config["model"]["device"],
+    return {**config["routing"], **_routing_entry(entry), "dtype": config["model"]["dtype"],
+            "device": config["model"]["device"],
             "trust_remote_code": base.get("trust_remote_code", False) if base["type"] == "pretrained" else False,
-            "revision": _revision_for(config, entry["ref"])}
+            "revision": entry.revision}
 
 
 def routing_metrics_options(config: dict) -> dict:
@@ -526,42 +506,30 @@ def routing_metrics_options(config: dict) -> dict:
 
 def similarity_model(config: dict) -> str:
     """The profiled model whose layer similarity drives the allocation (default: the last one)."""
-    return config["similarity"]["model"] or list(profiled_models(config))[-1]
+    return config["similarity"]["model"] or list(registry.profiled(config))[-1]
 
 
 def similarity_options(config: dict, name: str | None = None, method: str | None = None) -> dict:
     """Options of the similarity of profiled model ``name`` by ``method`` (default: the configured ones)."""
     name = name or similarity_model(config)
-    entry = profiled_models(config)[name]
+    entry = registry.profiled(config)[name]
     base = config["model"]["base"]
     pretrained = base["type"] == "pretrained"
-    return {**config["similarity"], **entry, "name": name, "method": method or config["similarity"]["method"],
+    return {**config["similarity"], **_routing_entry(entry), "name": name, "method": method or config["similarity"]["method"],
             "dtype": config["model"]["dtype"],
             "device": config["model"]["device"],
             "trust_remote_code": base.get("trust_remote_code", False) if pretrained else False,
-            "revision": _revision_for(config, entry["ref"])}
+            "revision": entry.revision}
 
 
 def allocation_options(config: dict, kept: list[str]) -> dict:
     langs = config["languages"]
     alloc = config["allocation"]
-    entry = profiled_models(config)[similarity_model(config)]
+    entry = registry.profiled(config)[similarity_model(config)]
     return {**alloc,
             "old": alloc["old"] or [l for l in langs["high_resource"] if l in kept],
             "new": alloc["new"] or [l for l in langs["targets"] if l in kept],
-            "model": entry["model"], "checkpoint_step": entry["checkpoint_step"]}
-
-
-def evaluated_models(config: dict) -> dict[str, dict]:
-    """name -> {"ref", "method", "trainable_fraction"}: the profiled models (step 0 is the base
-    model, method ``base``; later CPT checkpoints, method ``cpt``) and ``evaluation.models``."""
-    out = {}
-    for name, entry in profiled_models(config).items():
-        method = "base" if entry["checkpoint_step"] == 0 else entry["model"]
-        out[name] = {"ref": entry["ref"], "method": method, "trainable_fraction": 1.0 if method == "cpt" else None}
-    for name, entry in config["evaluation"]["models"].items():
-        out[name] = {"ref": entry["ref"], "method": entry["method"], "trainable_fraction": entry.get("trainable_fraction")}
-    return out
+            "model": entry.series, "checkpoint_step": entry.checkpoint_step}
 
 
 def evaluation_options(config: dict, name: str | None = None) -> dict:
@@ -572,8 +540,9 @@ def evaluation_options(config: dict, name: str | None = None) -> dict:
                "trust_remote_code": base.get("trust_remote_code", False) if pretrained else False}
     options.pop("models")
     if name is not None:
-        options["ref"] = evaluated_models(config)[name]["ref"]
-        options["revision"] = _revision_for(config, options["ref"])
+        entry = registry.evaluated(config)[name]
+        options["ref"] = entry.ref
+        options["revision"] = entry.revision
     return options
 
 

@@ -67,6 +67,7 @@ import torch
 
 from moelang.errors import MoelangError
 from moelang.io import atomic_dir, atomic_path, log, progress, write_json
+from moelang.registry import trainable_fraction
 
 # ISO 639-1/3 code of a language -> Belebele's FLORES code and MultiBLiMP's ISO 639-3 code.
 BELEBELE_CODES = {"en": "eng_Latn", "ar": "arb_Arab", "cs": "ces_Latn", "es": "spa_Latn", "fi": "fin_Latn",
@@ -617,7 +618,12 @@ def summary_markdown(table: pl.DataFrame, models: dict[str, dict], high_resource
 
 def summarize(eval_dir: str | Path, models: dict[str, dict], task_dir: str | Path, families: list[str],
               high_resource: list[str], targets: list[str], base_model: str | None) -> pl.DataFrame:
+    """Write ``results.parquet`` and ``summary.md`` of ``models`` (name -> {ref, method,
+    trainable_fraction}: :func:`moelang.registry.summary_models`). A model's trainable fraction is
+    the one its training run recorded (:func:`moelang.registry.trainable_fraction`); the configured
+    one only for a model without a record."""
     tasks = json.loads((Path(task_dir) / "tasks.json").read_text())
+    models = {name: {**entry, "trainable_fraction": trainable_fraction(entry)} for name, entry in models.items()}
     table = collect(eval_dir, models, tasks, families)
     with atomic_path(Path(eval_dir) / "results.parquet") as tmp:
         table.write_parquet(tmp)

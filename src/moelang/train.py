@@ -74,6 +74,7 @@ from safetensors.torch import load_file, save_file
 
 from moelang.errors import MoelangError
 from moelang.io import atomic_dir, atomic_path, log, progress
+from moelang.models.loading import count_parameters
 from moelang.models.methods import TrainingMethod
 
 LOG_SCHEMA = pa.schema(
@@ -651,6 +652,12 @@ class TrainResult:
     resumed_from: int | None
     seconds: float
     log: list[dict]  # one row per step: LOG_SCHEMA, then the loss function's other metrics
+    # moelang.models.loading.count_parameters of the model as the method prepared it (what trained)
+    parameters: dict = field(default_factory=dict)
+
+    def tokens_at(self, step: int) -> int:
+        """Tokens trained on up to optimizer step ``step`` (0 before the first)."""
+        return int(self.log[step - 1]["tokens"]) if step > 0 else 0
 
     def log_table(self) -> pa.Table:
         return pa.Table.from_pylist(self.log, schema=log_schema(self.log))
@@ -708,6 +715,7 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
     # Before the fingerprint: a selection the model does not have fails here, and the trainable set
     # is the method's. Every process prepares its own copy of the model.
     method.prepare(model)
+    parameters = count_parameters(model)  # what trains, for the exports' run records
     if accelerator.is_main_process:  # before the model is wrapped or sharded below
         claim_state(state_dir, run_fingerprint(model, stream, (inputs or {}) | {"training method": method.describe()}))
     accelerator.wait_for_everyone()  # the others look for a checkpoint only once the state is settled
@@ -845,12 +853,12 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
             accelerator.wait_for_everyone()
         if stop_after is not None and done >= stop_after:
             bar.close()
-            return TrainResult(done, tokens, lm_total, resumed, time.perf_counter() - started, rows)
+            return TrainResult(done, tokens, lm_total, resumed, time.perf_counter() - started, rows, parameters)
     bar.close()
     accelerator.wait_for_everyone()
     method.finalize(unwrapped)
     final_loss = rows[-1]["loss"] if rows else float("nan")
-    return TrainResult(settings.steps, tokens, final_loss, resumed, time.perf_counter() - started, rows)
+    return TrainResult(settings.steps, tokens, final_loss, resumed, time.perf_counter() - started, rows, parameters)
 
 
 def _check_full_training(model) -> None:

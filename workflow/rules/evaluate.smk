@@ -1,12 +1,11 @@
 # Stage: evaluation (lm-eval tasks, perplexity, one results table). See src/moelang/evaluate.py.
 
-EVALUATED = mcfg.evaluated_models(config)
+EVALUATED = model_registry.evaluated(config)
 EVAL_FAMILIES = list(config["evaluation"]["tasks"])
 
 
 def evaluated_model_input(wildcards):
-    ref = EVALUATED[wildcards.model]["ref"]
-    return [ref] if ref.startswith("results/") else []
+    return model_registry.workflow_inputs(EVALUATED[wildcards.model])
 
 
 rule eval_tasks:
@@ -91,10 +90,10 @@ rule eval_summary:
         summary="results/eval/summary.md",
     params:
         options=lambda w: mcfg.to_json({
-            "models": EVALUATED, "families": EVAL_FAMILIES,
+            "models": model_registry.summary_models(config), "families": EVAL_FAMILIES,
             "high_resource": config["languages"]["high_resource"],
             "targets": list(config["languages"]["targets"]),
-            "base_model": next((n for n, e in EVALUATED.items() if e["method"] == "base"), None)}),
+            "base_model": next((n for n, e in EVALUATED.items() if e.method == "base"), None)}),
     log:
         "results/logs/eval/summary.log",
     shell:

@@ -3,7 +3,7 @@
 BASE_MODEL = config["model"]["base"]
 BASE_LANGUAGE = config["languages"]["base"]
 # A trained base is this workflow's output; a pretrained one is a hub id or a directory used as is.
-BASE_REF = mcfg.base_ref(config)
+BASE_REF = model_registry.base_model(config).ref
 CPT_STEPS = mcfg.cpt_options(config)["steps"]
 
 
@@ -48,7 +48,7 @@ rule cpt:
     container:
         mcfg.rule_container(config, "cpt")
     input:
-        base=[BASE_REF] if BASE_MODEL["type"] == "train" else [],
+        base=model_registry.workflow_inputs(model_registry.base_model(config)),
         tokens=kept_high_resource_tokens,
     output:
         [directory(f"results/models/cpt/step-{step}") for step in CPT_STEPS],

@@ -1,6 +1,6 @@
 # Stage: routing profiles and routing metrics. See src/moelang/routing.py and routing_metrics.py.
 
-PROFILED = mcfg.profiled_models(config)
+PROFILED = model_registry.profiled(config)
 
 
 def kept_tokens(wildcards):
@@ -8,8 +8,7 @@ def kept_tokens(wildcards):
 
 
 def profiled_model_input(wildcards):
-    ref = PROFILED[wildcards.model]["ref"]
-    return [ref] if ref.startswith("results/") else []
+    return model_registry.workflow_inputs(PROFILED[wildcards.model])
 
 
 ROUTING_SHARDS = config["routing"]["shards"]
