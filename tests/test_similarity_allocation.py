@@ -362,7 +362,7 @@ def test_cli_by_hand_gives_the_rules_plan(tmp_path, monkeypatch, experts):
     assert allocate_cli("--options", rule_options, *common, "--out", "rule") == 0
     assert allocate_cli("--config", "config.yaml", *common, "--out", "config") == 0
     assert allocate_cli(*common, "--old", "en,es", "--new", "el,hu", "--new-experts", 7,
-                        "--checkpoint-step", entry["checkpoint_step"], "--out", "flags") == 0
+                        "--checkpoint-step", entry.checkpoint_step, "--out", "flags") == 0
     rule = json.loads(Path("rule/plan.json").read_text())
     assert set(rule) == set(al.METHODS) | {"_meta"} and rule["_meta"]["counts_existing"] is (experts == 1)
     assert rule["routing"]["new_experts_per_layer"] == list(al.spread(np.array([0.1, 0.2, 0.7]), 7))

@@ -219,7 +219,7 @@ def trainable_fraction(entry: dict) -> float | None:
     ``base``, a run's step 0) trained nothing of its own: None."""
     if entry["method"] == "base":
         return None
-    record = read_run_record(entry["ref"])
+    record = read_run_record(entry["ref"]) if entry.get("ref") else None
     if record is not None:
         return float(record["trainable_fraction"])
     return entry.get("trainable_fraction")
