@@ -139,6 +139,28 @@ def test_cpt_exports_carry_the_runs_record(tmp_path):
         assert registry.read_run_record(tmp_path / "cpt" / f"step-{step}") == record
 
 
+def test_the_pretrained_base_carries_the_runs_record(tmp_path):
+    from families import COMMON, FAMILY_CONFIGS
+    from test_resume_cli import make_base
+    from test_train import patterned_docs, write_tokens
+    from transformers import AutoModelForCausalLM
+
+    from moelang.basemodel import pretrain_base
+
+    make_base(tmp_path / "tokenizer")  # its tokenizer
+    tokens = write_tokens(tmp_path / "en.parquet", patterned_docs(200, 0))
+    architecture = {"model_type": "olmoe", **{k: v for k, v in COMMON.items() if not k.endswith("_token_id")},
+                    **FAMILY_CONFIGS["olmoe"]}
+    options = {"base": {"type": "train", "architecture": architecture}, "seed": 0, "language": "en",
+               "experts_implementation": None,
+               "train": {"steps": 3, "seq_len": 16, "micro_batch_size": 2, "lr": 0.005}}
+    pretrain_base(tokens, tmp_path / "tokenizer", options, tmp_path / "base", tmp_path / "state")
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tmp_path / "base").parameters())
+    assert registry.read_run_record(tmp_path / "base") == {
+        "method": "pretrain", "total_parameters": total, "trainable_parameters": total, "trainable_fraction": 1.0,
+        "steps": 3, "tokens": 3 * 2 * 16}
+
+
 def test_eval_summary_reads_the_trainable_fraction_from_the_record(tmp_path, monkeypatch):
     from test_evaluate import _fake_eval
 
