@@ -57,7 +57,7 @@ def test_progress_off_a_terminal_logs_a_line_every_tenth(caplog, monkeypatch):
 
     from moelang.io import LogProgress, progress
 
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setattr(LogProgress, "MIN_GAP_S", 0.0)  # a fast loop: no minimum time between lines
     caplog.set_level(logging.INFO, logger="moelang")
     bar = progress(total=1000, desc="train", unit=" steps")  # pytest's stderr is not a terminal
     assert isinstance(bar, LogProgress)
@@ -73,16 +73,28 @@ def test_progress_off_a_terminal_logs_a_line_every_tenth(caplog, monkeypatch):
     assert [r.getMessage() for r in caplog.records][-1].startswith("docs: 7 it done")
 
 
-def test_progress_can_be_silenced(caplog, monkeypatch):
+def test_progress_lines_are_spaced_and_can_be_silenced(caplog, monkeypatch):
     import logging
 
-    from moelang.io import progress
+    from moelang.io import LogProgress, progress
 
     caplog.set_level(logging.INFO, logger="moelang")
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    for _ in progress(range(50), desc="quiet"):
+    clock = iter(range(0, 10_000, 1))  # one second per reading of the clock
+    monkeypatch.setattr(LogProgress, "MIN_GAP_S", 25.0)
+    bar = LogProgress(total=100, desc="spaced", clock=lambda: next(clock))
+    for _ in range(100):
+        bar.update(1)
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    # 10% steps come every 10 s here; a line needs 25 s since the last one
+    assert [line.split("(")[1].split(")")[0] for line in lines[:-1]] == ["30%", "60%", "90%"]
+    assert lines[-1].startswith("spaced: 100 it done in")
+
+    caplog.clear()
+    for _ in progress(range(50), desc="short"):  # shorter than MIN_GAP_S: not worth a line
         pass
-    monkeypatch.delenv("TQDM_DISABLE")
+    for _ in progress(range(50), desc="quiet", disable=True):
+        pass
     bar = progress(total=10, desc="own lines", log_lines=False)
     bar.update(10)
     bar.close()

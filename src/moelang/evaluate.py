@@ -291,7 +291,9 @@ class RepeatedWarnings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        kind = (record.name, record.levelname, re.sub(r"\d+(\.\d+)?", "N", record.getMessage()))
+        # numbers and identifiers (task names such as moelang_synthetic_blimp_ar) blanked
+        message = re.sub(r"\w*_\w*", "X", record.getMessage())
+        kind = (record.name, record.levelname, re.sub(r"\d+(\.\d+)?", "N", message))
         self.counts[kind] = self.counts.get(kind, 0) + 1
         return self.counts[kind] == 1
 
@@ -308,13 +310,21 @@ def repeated_warnings(prefixes: tuple[str, ...] = ("lm_eval", "transformers")):
     counter = RepeatedWarnings()
     names = [n for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] in prefixes]
     loggers = [logging.getLogger(n) for n in sorted(set(names) | set(prefixes))]
+    # lm-eval's INFO lines are per task and per request batch ("Building contexts for ...", "Task: ...");
+    # they stay available with moelang -v
+    quiet = [lg for lg in loggers if lg.name.split(".")[0] == "lm_eval" and not log.isEnabledFor(logging.DEBUG)]
+    levels = {lg.name: lg.level for lg in quiet}
     for logger in loggers:
         logger.addFilter(counter)
+    for logger in quiet:
+        logger.setLevel(logging.WARNING)
     try:
         yield counter
     finally:
         for logger in loggers:
             logger.removeFilter(counter)
+        for logger in quiet:
+            logger.setLevel(levels[logger.name])
         for line in counter.summary_lines():
             log.warning("evaluation: %s", line)
 

@@ -107,10 +107,11 @@ def save_figure(fig, path: str | Path) -> None:
 
 def setup_logging(verbose: bool = False) -> None:
     if not _stderr_is_terminal():
-        # the libraries' own bars (writing model shards, loading weights, dataset maps) redraw with a
-        # carriage return: in a log file each would be a line of control characters. Read once, at
-        # their import, which comes later.
+        # the libraries' own bars (writing model shards, loading weights, dataset maps, lm-eval's
+        # requests) redraw with a carriage return: in a log file each would be a line of control
+        # characters. tqdm reads TQDM_DISABLE for every bar; the hub's flag at import, which comes later.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -121,13 +122,14 @@ def setup_logging(verbose: bool = False) -> None:
 
 def progress(iterable=None, *, log_lines: bool = True, **kwargs):
     """Progress of a long step: a tqdm bar on a terminal; elsewhere (a log file, a pipe to ``tee``, a
-    SLURM job's output) one log line every 10% of a known total, or every 30 s when the total is
-    unknown, instead of a carriage-return redraw per update that would fill the log.
+    SLURM job's output), or with ``TQDM_DISABLE=1``, log lines (:class:`LogProgress`) instead of a
+    carriage-return redraw per update that would fill the log.
 
-    ``log_lines=False``: nothing off a terminal (for loops that log their own lines). ``TQDM_DISABLE=1``
-    or ``disable=True`` turns both off. Takes tqdm's keyword arguments either way."""
-    disabled = kwargs.get("disable") or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
-    if not disabled and _stderr_is_terminal():
+    ``log_lines=False``: nothing off a terminal (for loops that log their own lines). ``disable=True``
+    turns both off. Takes tqdm's keyword arguments either way."""
+    disabled = bool(kwargs.get("disable"))
+    bars_off = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    if not disabled and not bars_off and _stderr_is_terminal():
         from tqdm.auto import tqdm
 
         kwargs.setdefault("dynamic_ncols", True)
@@ -146,16 +148,19 @@ def _stderr_is_terminal() -> bool:
 
 class LogProgress:
     """The part of tqdm's interface the stages use (iteration, ``update``, ``set_postfix``, ``close``),
-    reported as log lines: at every 10% of ``total``, or every 30 s without one, and at the end."""
+    reported as log lines: at a 10% step of ``total`` at least ``MIN_GAP_S`` after the last line, or
+    every ``INTERVAL_S`` without a total; at the end a line with the time taken, unless the loop was
+    shorter than ``MIN_GAP_S`` and said nothing before (a short loop is not worth a line)."""
 
     STEP_FRACTION = 0.1
+    MIN_GAP_S = 5.0
     INTERVAL_S = 30.0
 
     def __init__(self, iterable=None, *, disable: bool = False, total: int | None = None, initial: int = 0,
-                 desc: str = "", unit: str = " it"):
+                 desc: str = "", unit: str = " it", clock=None):
         import time
 
-        self._clock = time.monotonic
+        self._clock = clock or time.monotonic  # seconds; a test passes its own
         self.iterable = iterable
         self.disable = disable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
@@ -168,6 +173,7 @@ class LogProgress:
         self._start = self._clock()
         self._start_n = initial
         self._last_report = self._start
+        self._reported = False
         self._next_fraction = self._fraction_after(initial)
         self._closed = False
 
@@ -201,7 +207,8 @@ class LogProgress:
         now = self._clock()
         if self.total:
             if self.n / self.total + 1e-9 >= self._next_fraction and self.n < self.total:
-                self._report(now)
+                if now - self._last_report >= self.MIN_GAP_S:
+                    self._report(now)
                 self._next_fraction = self._fraction_after(self.n)
         elif now - self._last_report >= self.INTERVAL_S:
             self._report(now)
@@ -218,6 +225,7 @@ class LogProgress:
 
     def _report(self, now: float) -> None:
         self._last_report = now
+        self._reported = True
         elapsed = now - self._start
         rate = (self.n - self._start_n) / elapsed if elapsed > 0 else 0.0
         if self.total:
@@ -232,7 +240,7 @@ class LogProgress:
         if self._closed:
             return
         self._closed = True
-        if not self.disable and self.n > self._start_n:
-            elapsed = self._clock() - self._start
+        elapsed = self._clock() - self._start
+        if not self.disable and self.n > self._start_n and (self._reported or elapsed >= self.MIN_GAP_S):
             extra = f", {self.postfix}" if self.postfix else ""
             log.info("%s: %d%s done in %.1f s%s", self.desc, self.n, self.unit, elapsed, extra)
