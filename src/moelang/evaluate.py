@@ -403,6 +403,7 @@ def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n
     over the shot counts used) with ``moelang``: per task its ``fit`` (shots, items left out) and
     ``predictions`` (how often each choice was picked)."""
     import lm_eval
+    import lm_eval.evaluator  # imported lazily by lm_eval: its logger must exist before the filter goes on
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
