@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from moelang import config as cfg
+from moelang.options import CorpusOptions
 from moelang import registry
 from moelang.errors import ConfigError
 
@@ -77,7 +78,7 @@ def test_stage_options_are_stable_json():
     config = cfg.validate(minimal())
     a = cfg.to_json(cfg.corpus_options(config, "es"))
     b = cfg.to_json(cfg.corpus_options(cfg.validate(minimal()), "es"))
-    assert a == b and cfg.from_json(a)["source"] == {"type": "builtin"}
+    assert a == b and CorpusOptions.from_json(a).source == {"type": "builtin"}
 
 
 def test_cli_prints_one_line_error_without_traceback(tmp_path):
@@ -121,14 +122,14 @@ def test_paper_config_uses_the_pretrained_base_as_step_zero(repo, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     config = cfg.load(repo / "config" / "olmoe-m7.yaml")
-    assert 0 not in cfg.cpt_options(config)["steps"]  # a 7B base is not copied into results/
+    assert 0 not in cfg.cpt_options(config).steps  # a 7B base is not copied into results/
     models = registry.profiled(config)
     assert models["cpt-step0"].ref == "allenai/OLMoE-1B-7B-0924"
     assert list(models)[-1] == "cpt-step4172" and len(models) == 8
     assert registry.evaluated(config)["cpt-step0"].method == "base"
     assert config["tokenizer"]["name_or_path"] == "allenai/OLMoE-1B-7B-0924"
     default = cfg.load(repo / "config" / "config.yaml")
-    assert cfg.cpt_options(default)["steps"] == [0, 200, 400, 600, 800]
+    assert cfg.cpt_options(default).steps == [0, 200, 400, 600, 800]
 
 
 # --------------------------------------------------------------------------------------------------

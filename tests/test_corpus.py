@@ -235,13 +235,13 @@ def test_aligned_parallel_files_several_per_language(tmp_path):
     assert table["en"] == ["one", "two\u2028still two", "three"] and table["es"][2] == "tres"
     assert table["ca"] == [None] * 3
     assert table["origin"] == [f"en={en[0]},es={es[0]}", f"en={en[0]},es={es[0]}", f"en={en[1]},es={es[0]}"]
-    options["parallel"]["files"]["en"] = [str(en[0])]  # two lines against three
+    options.parallel["files"]["en"] = [str(en[0])]  # two lines against three
     with pytest.raises(MoelangError, match="corpus.parallel.files gives the languages different line totals \\{'en': 2, 'es': 3\\}"):
         corpus.build_parallel(options, tmp_path / "p2.parquet")
     assert not (tmp_path / "p2.parquet").exists()
     (tmp_path / "latin1.es").write_bytes("años\n".encode("latin-1"))
-    options["parallel"]["files"]["es"] = [str(tmp_path / "latin1.es")]
-    options["parallel"]["files"]["en"] = [str(en[1])]
+    options.parallel["files"]["es"] = [str(tmp_path / "latin1.es")]
+    options.parallel["files"]["en"] = [str(en[1])]
     with pytest.raises(MoelangError, match="corpus.parallel.files.es\\) is not valid UTF-8"):
         corpus.build_parallel(options, tmp_path / "p3.parquet")
 

@@ -41,7 +41,7 @@ def test_default_config_registry(repo):
     assert registry.workflow_outputs(config) == {"results/models/base"} | {f"results/models/cpt/step-{s}" for s in steps}
     # what the routing jobs get is what they got from the former name building
     options = cfg.routing_options(config, "cpt-step400")
-    assert (options["ref"], options["model"], options["checkpoint_step"], options["revision"]) == (
+    assert (options.ref, options.model, options.checkpoint_step, options.revision) == (
         "results/models/cpt/step-400", "cpt", 400, None)
 
 
@@ -52,7 +52,7 @@ def test_paper_config_step_zero_is_the_hub_base_with_its_revision(repo, monkeypa
     hub_id = config["model"]["base"]["name_or_path"]
     revision = config["model"]["base"].get("revision")
     models = registry.model_registry(config)
-    steps = cfg.cpt_options(config)["steps"]
+    steps = cfg.cpt_options(config).steps
     assert 0 not in steps  # a 7B base is not copied into results/
     assert list(models) == ["cpt-step0"] + [f"cpt-step{s}" for s in steps]
     step0 = models["cpt-step0"]
@@ -60,9 +60,9 @@ def test_paper_config_step_zero_is_the_hub_base_with_its_revision(repo, monkeypa
     assert step0.profiled and step0.evaluated and (step0.series, step0.checkpoint_step) == ("cpt", 0)
     assert registry.workflow_inputs(step0) == []  # read from the hub, not a job's output
     assert all(models[f"cpt-step{s}"].revision is None and models[f"cpt-step{s}"].rule == "cpt" for s in steps)
-    assert cfg.routing_options(config, "cpt-step0")["revision"] == revision
-    assert cfg.evaluation_options(config, "cpt-step0")["revision"] == revision
-    assert cfg.evaluation_options(config, f"cpt-step{steps[-1]}")["revision"] is None
+    assert cfg.routing_options(config, "cpt-step0").revision == revision
+    assert cfg.evaluation_options(config, "cpt-step0").revision == revision
+    assert cfg.evaluation_options(config, f"cpt-step{steps[-1]}").revision is None
 
 
 def test_cpt_off_with_listed_models(tmp_path):

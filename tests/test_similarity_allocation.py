@@ -11,6 +11,7 @@ import torch
 from families import tiny_model
 from moelang import allocation as al
 from moelang.errors import MoelangError
+from moelang.options import AllocationOptions
 from moelang.models import ModelAdapter
 from moelang.similarity import SIMILARITY_SCHEMA, mean_pair_cosine, sentence_vectors, token_unit_means
 from moelang.routing import length_batches
@@ -211,7 +212,7 @@ def direct_layermoe(used: list[float], delta: float) -> list[int]:
 def test_nonpositive_scores_shift_by_default():
     """S = 0.2, -0.1, 0.4: the default maps every score through (1 + S) / 2 and then applies the
     paper's formula; the order of the layers is kept (the least similar layer gets the most)."""
-    assert al.option_defaults()["nonpositive"] == "shift"
+    assert AllocationOptions().nonpositive == "shift"
     result = al.allocate(cross_script(), OLD, NEW, delta=10)
     used = [(1 + s) / 2 for s in (0.2, -0.1, 0.4)]
     assert result.scores_used == pytest.approx(used) and result.nonpositive_layers == [1]

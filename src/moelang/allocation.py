@@ -61,6 +61,7 @@ import polars as pl
 
 from moelang.errors import MoelangError
 from moelang.io import atomic_path, log, save_figure, write_json
+from moelang.options import AllocationOptions
 
 METHODS = ("layermoe", "uniform", "mola", "increasing", "routing")
 MOLA_STEPS = (2, 4, 6, 8)  # MoLA's experts per quarter of depth
@@ -533,27 +534,20 @@ def _plot(result: Allocation, path) -> None:
     save_figure(fig, path)
 
 
-def option_defaults() -> dict:
-    """The ``allocation`` section's defaults, from the config schema (the one place defaults live)."""
-    from moelang.config import load_schema
-
-    return {key: spec.get("default") for key, spec in load_schema()["properties"]["allocation"]["properties"].items()}
-
-
-def run_allocation(similarity_path: str | Path, options: dict, out_dir: str | Path,
+def run_allocation(similarity_path: str | Path, options: AllocationOptions | dict, out_dir: str | Path,
                    specialization_path: str | Path | None = None) -> Allocation:
     """The allocate stage: read the similarity (and specialisation) tables, write the plan. The
-    experts each layer has come from the similarity table unless ``options["existing"]`` is set;
-    options left out take the config schema's defaults."""
-    options = {**option_defaults(), **options}
-    given_existing = options.get("existing")
+    experts each layer has come from the similarity table unless ``options.existing`` is set;
+    options left out take the config schema's defaults (:class:`AllocationOptions`' own)."""
+    options = AllocationOptions.coerce(options)
+    given_existing = options.existing
     similarity = read_similarity(similarity_path, need_experts=given_existing is None)
     if given_existing is None:
         existing = layer_experts(similarity, similarity_path)
     else:
         existing = {int(layer): int(given_existing) for layer in similarity["layer"].unique()}
     is_moe = max(existing.values()) > 1
-    counts_existing = options.get("counts_existing")
+    counts_existing = options.counts_existing
     if counts_existing is None:
         counts_existing = not is_moe
     log.info("allocation: %s (%s experts per layer): N_i counts %s", "an MoE" if is_moe else "a dense model",
@@ -561,15 +555,15 @@ def run_allocation(similarity_path: str | Path, options: dict, out_dir: str | Pa
              "the existing experts too" if counts_existing else "new experts only")
     specialization, no_specialization = None, NO_SPECIALIZATION
     if specialization_path is not None:
-        specialization, no_specialization = read_specialization(specialization_path, options.get("model"),
-                                                                options.get("checkpoint_step"))
-    nonpositive = options["nonpositive"]
-    result = allocate(similarity, list(options["old"] or []), list(options["new"] or []), delta=options.get("delta"),
-                      new_experts=options.get("new_experts"), existing=existing, counts_existing=counts_existing,
-                      classifier=options.get("classifier_layers"), specialization=specialization,
-                      routing_weight=float(options["routing_weight"]), nonpositive=nonpositive,
+        specialization, no_specialization = read_specialization(specialization_path, options.model,
+                                                                options.checkpoint_step)
+    nonpositive = options.nonpositive
+    result = allocate(similarity, list(options.old or []), list(options.new or []), delta=options.delta,
+                      new_experts=options.new_experts, existing=existing, counts_existing=counts_existing,
+                      classifier=options.classifier_layers, specialization=specialization,
+                      routing_weight=float(options.routing_weight), nonpositive=nonpositive,
                       no_specialization=no_specialization or NO_SPECIALIZATION)
-    meta = {"old": list(options["old"]), "new": list(options["new"]),
+    meta = {"old": list(options.old), "new": list(options.new),
             "existing_experts_per_layer": [existing[layer] for layer in result.layers], "counts_existing": counts_existing,
             "nonpositive": nonpositive, "similarity": str(similarity_path),
             "specialization": None if specialization_path is None else str(specialization_path)}

@@ -34,6 +34,7 @@ from moelang.io import log, write_table
 from moelang.models import build_config, init_model, load_model
 from moelang.models.methods import FullTraining
 from moelang.registry import write_run_record
+from moelang.options import CptOptions, PretrainOptions
 from moelang.train import (
     PackedStream,
     TrainSettings,
@@ -53,20 +54,21 @@ def _is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def _settings(options: dict, mixture: dict[str, float]) -> TrainSettings:
-    return TrainSettings.from_dict({**options["train"], "seed": options["seed"], "mixture": mixture})
+def _settings(options: PretrainOptions | CptOptions, mixture: dict[str, float]) -> TrainSettings:
+    return options.train.replace(seed=options.seed, mixture=mixture)
 
 
-def pretrain_base(token_file: str | Path, tokenizer_dir: str | Path, options: dict, out_dir: str | Path,
+def pretrain_base(token_file: str | Path, tokenizer_dir: str | Path, options: PretrainOptions | dict, out_dir: str | Path,
                   state_dir: str | Path) -> dict:
     """Train the English-centric base model from scratch and export it."""
+    options = PretrainOptions.coerce(options)
     from transformers import AutoTokenizer
 
     with exclusive_state(state_dir):  # before any expensive work: a second run on this state stops here
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        config = build_config(options["base"]["architecture"], tokenizer)
-        model = init_model(config, seed=options["seed"], experts_implementation=options.get("experts_implementation"))
-        lang = options["language"]
+        config = build_config(options.base["architecture"], tokenizer)
+        model = init_model(config, seed=options.seed, experts_implementation=options.experts_implementation)
+        lang = options.language
         settings = _settings(options, {lang: 1.0})
         stream = PackedStream({lang: token_file}, {lang: 1.0}, settings.seq_len, tokenizer.eos_token_id, settings.seed)
         log.info("pretrain: %s model, %.2fM parameters, %d steps on '%s'", config.model_type,
@@ -107,13 +109,14 @@ def _hub_commit(repo_id: str, revision: str | None) -> str:
     return path.parent.name if path.parent.parent.name == "snapshots" else "unknown"
 
 
-def continual_pretrain(base: str | Path, token_files: dict[str, str | Path], options: dict, out_root: str | Path,
+def continual_pretrain(base: str | Path, token_files: dict[str, str | Path], options: CptOptions | dict, out_root: str | Path,
                        state_dir: str | Path) -> dict:
     """Continue pre-training ``base`` on a balanced mix of ``token_files``; export the checkpoints."""
+    options = CptOptions.coerce(options)
     from transformers import AutoTokenizer
 
     out_root = Path(out_root)
-    base_spec = options["base"]
+    base_spec = options.base
     revision = base_spec.get("revision") if base_spec.get("type") == "pretrained" else None
     trust = bool(base_spec.get("trust_remote_code", False))
     with exclusive_state(state_dir):  # before any expensive work: a second run on this state stops here
@@ -121,19 +124,19 @@ def continual_pretrain(base: str | Path, token_files: dict[str, str | Path], opt
         # Loaded on the CPU: the training engine places it (each process's own GPU under DDP; under FSDP
         # each process moves only its shard), whereas loading onto "cuda" would put every process's
         # whole copy on the first GPU.
-        model = load_model(base, revision=revision, dtype=options["dtype"], device="cpu", trust_remote_code=trust,
-                           experts_implementation=options.get("experts_implementation"))
+        model = load_model(base, revision=revision, dtype=options.dtype, device="cpu", trust_remote_code=trust,
+                           experts_implementation=options.experts_implementation)
         mixture = {lang: 1.0 for lang in token_files}
         settings = _settings(options, mixture)
         stream = PackedStream(token_files, mixture, settings.seq_len, tokenizer.eos_token_id, settings.seed)
         # Exports are staged in the training state, not in the outputs: if the job is killed, Snakemake
         # deletes its outputs, and a resumed run cannot re-create an export of a step before its checkpoint.
-        names = {step: f"step-{step}" for step in options["steps"]}
+        names = {step: f"step-{step}" for step in options.steps}
         exports = {step: (lambda m, sd, name=name: export_model(m, tokenizer, staged_path(state_dir, name),
                                                                 state_dict=sd))
                    for step, name in names.items()}
         log.info("cpt: %s on %s, %d steps, checkpoints at %s", base, ", ".join(sorted(token_files)), settings.steps,
-                 options["steps"])
+                 options.steps)
         result = train(model, stream, settings, state_dir, inputs=_source(base, revision), export_steps=exports,
                        method=FullTraining())
         if not _is_main_process():

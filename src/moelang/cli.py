@@ -1,8 +1,10 @@
 """``python -m moelang <stage> ...`` (also installed as ``moelang``).
 
-Each subcommand is one stage function. Options come either from the pipeline config
-(``--config config/config.yaml``, the way to run a stage by hand) or as the JSON object Snakemake
-passes (``--options``), which is exactly the config section that stage depends on.
+Each subcommand is one stage function. Its options are one typed dataclass of
+:mod:`moelang.options`, built either from the pipeline config (``--config config/config.yaml``, the
+way to run a stage by hand: the same options the workflow passes) or parsed from the JSON object
+Snakemake passes (``--options``), which holds exactly the options that stage depends on.
+``moelang options [STAGE]`` describes them.
 Bad input ends with one line, ``moelang: error: <problem>; <fix>``, and exit status 2.
 """
 
@@ -14,15 +16,17 @@ import sys
 from pathlib import Path
 
 from moelang import config as cfg
+from moelang import options as opts
 from moelang.errors import MoelangError
 
 
-def _options(args, derive) -> dict:
+def _options(args, options_class: type[opts.StageOptions], derive, needs: str = ""):
+    """The stage's options: parsed (and checked) from ``--options`` JSON, or built from ``--config``."""
     if args.options is not None:
-        return cfg.from_json(args.options)
+        return options_class.from_json(args.options)
     if args.config is not None:
         return derive(cfg.load(args.config))
-    raise MoelangError("pass --config CONFIG.yaml (or --options JSON, as the workflow does)")
+    raise MoelangError(f"pass --config CONFIG.yaml{needs} (or --options JSON, as the workflow does)")
 
 
 def _add_option_source(parser) -> None:
@@ -68,7 +72,7 @@ def cmd_corpus(args) -> None:
     from moelang.corpus import build_corpus, build_corpus_shard
 
     lang = cfg.check_lang(args.lang)
-    options = _options(args, lambda c: cfg.corpus_options(c, lang))
+    options = _options(args, opts.CorpusOptions, lambda c: cfg.corpus_options(c, lang))
     shard = _shard(args.shard, "corpus")
     if shard[1] > 1:
         build_corpus_shard(lang, options, shard, args.out, args.stats)
@@ -80,7 +84,7 @@ def cmd_corpus_gather(args) -> None:
     from moelang.corpus import gather_corpus
 
     lang = cfg.check_lang(args.lang)
-    options = _options(args, lambda c: cfg.corpus_options(c, lang))
+    options = _options(args, opts.CorpusOptions, lambda c: cfg.corpus_options(c, lang))
     if len(args.shards) != len(args.shard_stats):
         raise MoelangError("corpus-gather: pass one --shard-stats file per --shards file, in the same order")
     gather_corpus(lang, options, _existing(args.shards, "corpus-gather", "corpus shard"),
@@ -97,19 +101,19 @@ def cmd_corpus_summary(args) -> None:
 def cmd_parallel(args) -> None:
     from moelang.corpus import build_parallel
 
-    build_parallel(_options(args, cfg.parallel_options), args.out)
+    build_parallel(_options(args, opts.ParallelOptions, cfg.parallel_options), args.out)
 
 
 def cmd_tokenizer(args) -> None:
     from moelang.tokenize import fetch_tokenizer, train_tokenizer
 
-    options = _options(args, cfg.tokenizer_options)
-    if options["type"] == "pretrained":
+    options = _options(args, opts.TokenizerOptions, cfg.tokenizer_options)
+    if options.type == "pretrained":
         fetch_tokenizer(options, args.out)
     else:
         if not args.corpus:
             raise MoelangError("tokenizer: training a tokenizer needs --corpus files (results/corpus/<lang>.parquet)")
-        train_tokenizer(_lang_paths(args.corpus, "tokenizer"), options, options["base_language"], args.out)
+        train_tokenizer(_lang_paths(args.corpus, "tokenizer"), options, options.base_language, args.out)
 
 
 def cmd_tokenize(args) -> None:
@@ -141,9 +145,9 @@ def cmd_pretrain(args) -> None:
     from moelang.basemodel import pretrain_base
     from moelang.models.loading import check_process_devices
 
-    options = _options(args, cfg.pretrain_options)
-    check_process_devices(options.get("device", "auto"), "pretrain_base")
-    if options["base"]["type"] != "train":
+    options = _options(args, opts.PretrainOptions, cfg.pretrain_options)
+    check_process_devices(options.device, "pretrain_base")
+    if options.base["type"] != "train":
         raise MoelangError("pretrain: model.base.type is 'pretrained'; there is nothing to pre-train")
     if not Path(args.tokens).is_file():
         raise MoelangError(f"pretrain: token file '{args.tokens}' does not exist; run the tokenize stage first")
@@ -157,25 +161,18 @@ def cmd_cpt(args) -> None:
     from moelang.basemodel import continual_pretrain
     from moelang.models.loading import check_process_devices
 
-    options = _options(args, cfg.cpt_options)
-    check_process_devices(options.get("device", "auto"), "cpt")
+    options = _options(args, opts.CptOptions, cfg.cpt_options)
+    check_process_devices(options.device, "cpt")
     continual_pretrain(args.base, _lang_paths(args.tokens, "cpt"), options, args.out, args.state_dir)
 
 
 def cmd_profile(args) -> None:
     from moelang.routing import profile_model
 
-    if args.options is not None:
-        options = cfg.from_json(args.options)
-    elif args.config is not None:
-        options = cfg.routing_options(cfg.load(args.config), args.name)
-    else:
-        raise MoelangError("pass --config CONFIG.yaml --name MODEL (or --options JSON, as the workflow does)")
-    shard = _shard(args.shard, "profile-routing")
-    if shard[1] > 1:
-        options["shard"] = list(shard)
-    profile_model(options["ref"], _lang_paths(args.tokens, "routing"), options, args.out, options["model"],
-                  options["checkpoint_step"])
+    options = _options(args, opts.RoutingOptions, lambda c: cfg.routing_options(c, args.name), " --name MODEL")
+    options = options.replace(shard=_shard(args.shard, "profile-routing"))
+    profile_model(options.ref, _lang_paths(args.tokens, "routing"), options, args.out, options.model,
+                  options.checkpoint_step)
 
 
 def cmd_merge_routing(args) -> None:
@@ -187,7 +184,7 @@ def cmd_merge_routing(args) -> None:
 def cmd_routing_metrics(args) -> None:
     from moelang.routing_metrics import run_metrics
 
-    options = _options(args, cfg.routing_metrics_options)
+    options = _options(args, opts.RoutingMetricsOptions, cfg.routing_metrics_options)
     missing = [p for p in args.profiles + [args.overlap] if not Path(p).is_file()]
     if missing:
         raise MoelangError(f"routing metrics: {missing[0]} does not exist; run the profile and overlap stages first")
@@ -197,9 +194,9 @@ def cmd_routing_metrics(args) -> None:
 def cmd_similarity(args) -> None:
     from moelang.similarity import run_similarity
 
-    options = _options(args, cfg.similarity_options)
-    run_similarity(options["ref"], _lang_paths(args.tokens, "similarity"), options, args.out, args.plot,
-                   options["name"], parallel_path=args.parallel)
+    options = _options(args, opts.SimilarityOptions, cfg.similarity_options)
+    run_similarity(options.ref, _lang_paths(args.tokens, "similarity"), options, args.out, args.plot,
+                   options.name, parallel_path=args.parallel)
 
 
 def _codes(text: str | None, what: str) -> list[str] | None:
@@ -256,12 +253,13 @@ def cmd_allocate(args) -> None:
             raise MoelangError(f"allocate: {', '.join(ALLOCATE_FLAGS[k] for k in given)} cannot be combined with "
                                f"--config/--options, which give every allocation option; drop one or the other")
         if args.options is not None:
-            options = cfg.from_json(args.options)
+            options = opts.AllocationOptions.from_json(args.options)
         else:  # exactly what the workflow's rule passes for this config
             options = cfg.allocation_options(cfg.load(args.config), _kept_for_allocation(args.similarity))
     else:
-        options = {**given, "old": _codes(args.old, "--old"), "new": _codes(args.new, "--new")}
-        if options["old"] is None or options["new"] is None:
+        options = opts.AllocationOptions.from_dict({**given, "old": _codes(args.old, "--old"),
+                                                    "new": _codes(args.new, "--new")}, what="allocate")
+        if options.old is None or options.new is None:
             raise MoelangError("allocate: pass --old and --new language lists (or --config CONFIG.yaml, or --options JSON)")
         if (args.delta is None) == (args.new_experts is None):
             raise MoelangError("allocate: pass exactly one budget, --delta or --new-experts")
@@ -271,30 +269,30 @@ def cmd_allocate(args) -> None:
 def cmd_eval_tasks(args) -> None:
     from moelang.evaluate import build_tasks
 
-    options = _options(args, cfg.evaluation_options)
+    options = _options(args, opts.EvaluationOptions, cfg.evaluation_options)
     build_tasks(_lang_paths(args.corpus, "evaluation"), options, args.out)
 
 
 def cmd_evaluate(args) -> None:
     from moelang.evaluate import evaluate_model
 
-    if args.options is not None:
-        options = cfg.from_json(args.options)
-    elif args.config is not None:
-        options = cfg.evaluation_options(cfg.load(args.config), args.name)
-    else:
-        raise MoelangError("pass --config CONFIG.yaml --name MODEL (or --options JSON, as the workflow does)")
+    options = _options(args, opts.EvaluationOptions, lambda c: cfg.evaluation_options(c, args.name), " --name MODEL")
     tasks = json.loads((Path(args.tasks) / "tasks.json").read_text()) if args.tasks else {}
     tokens = _lang_paths(args.tokens, "evaluation") if args.tokens else {}
-    evaluate_model(options["ref"], args.family, tasks, args.tasks, tokens, options, args.out)
+    evaluate_model(options.ref, args.family, tasks, args.tasks, tokens, options, args.out)
 
 
 def cmd_eval_summary(args) -> None:
     from moelang.evaluate import summarize
 
-    options = cfg.from_json(args.options)
-    summarize(args.eval_dir, options["models"], args.tasks, options["families"], options["high_resource"],
-              options["targets"], options.get("base_model"))
+    options = opts.EvalSummaryOptions.from_json(args.options)
+    summarize(args.eval_dir, options.models, args.tasks, options.families, options.high_resource,
+              options.targets, options.base_model)
+
+
+def cmd_options(args) -> None:
+    stages = [args.stage] if args.stage else sorted(opts.STAGE_OPTIONS)
+    print("\n\n".join(f"moelang {stage}: {opts.describe(opts.STAGE_OPTIONS[stage])}" for stage in stages))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -455,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-dir", required=True)
     p.add_argument("--tasks", required=True)
     p.set_defaults(func=cmd_eval_summary)
+
+    p = sub.add_parser("options", help="describe a stage's options: fields, types, defaults, what each does")
+    p.add_argument("stage", nargs="?", choices=sorted(opts.STAGE_OPTIONS), help="subcommand (default: all)")
+    p.set_defaults(func=cmd_options)
     return parser
 
 

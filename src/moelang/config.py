@@ -19,6 +19,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
+from moelang import options as opts
 from moelang import registry
 from moelang.errors import ConfigError, MoelangError
 
@@ -125,6 +126,7 @@ def _check_semantics(config: dict) -> None:
     if sim_model is not None and sim_model not in registry.profiled(config):
         raise ConfigError(f"config key 'similarity.model': '{sim_model}' is not a profiled model; use one of "
                           f"{', '.join(registry.profiled(config))}")
+    selection_model(config)
     unknown = sorted(set(config["resources"]) - set(STAGE_RESOURCES) - {"default", "gpus"})
     if unknown:
         raise ConfigError(f"config key 'resources.{unknown[0]}': not a rule of the workflow; use one of "
@@ -406,19 +408,19 @@ def source_for(config: dict, lang: str) -> dict:
     return copy.deepcopy(source)
 
 
-def corpus_options(config: dict, lang: str) -> dict:
+def corpus_options(config: dict, lang: str) -> opts.CorpusOptions:
     """Everything the corpus stage needs for one language (and nothing else, so that changing another
     stage's options does not make Snakemake redo this one)."""
     corpus = config["corpus"]
-    return {
-        "source": source_for(config, lang),
-        "heldout_fraction": corpus["heldout_fraction"],
-        "split_salt": corpus["split_salt"],
-        "min_chars": corpus["min_chars"],
-        "min_doc_chars": corpus["min_doc_chars"],
-        "dedup": corpus["dedup"],
-        "builtin": corpus["builtin"],
-    }
+    return opts.CorpusOptions(
+        source=source_for(config, lang),
+        heldout_fraction=corpus["heldout_fraction"],
+        split_salt=corpus["split_salt"],
+        min_chars=corpus["min_chars"],
+        min_doc_chars=corpus["min_doc_chars"],
+        dedup=corpus["dedup"],
+        builtin=corpus["builtin"],
+    )
 
 
 def corpus_shards(config: dict, lang: str) -> int:
@@ -426,33 +428,25 @@ def corpus_shards(config: dict, lang: str) -> int:
     return int(source_for(config, lang).get("shards") or config["corpus"]["shards"])
 
 
-def parallel_options(config: dict) -> dict:
+def parallel_options(config: dict) -> opts.ParallelOptions:
     corpus = config["corpus"]
-    return {
-        "languages": all_languages(config),
-        "parallel": corpus["parallel"],
-        "builtin": corpus["builtin"],
-        "sources": {lang: source_for(config, lang) for lang in all_languages(config)},
-    }
+    return opts.ParallelOptions(
+        languages=all_languages(config),
+        parallel=corpus["parallel"],
+        builtin=corpus["builtin"],
+        sources={lang: source_for(config, lang) for lang in all_languages(config)},
+    )
 
 
-def to_json(options: dict) -> str:
+def to_json(options: opts.StageOptions | dict) -> str:
     """Stable JSON for a Snakemake ``params`` value (sorted keys: equal options, equal string)."""
+    if isinstance(options, opts.StageOptions):
+        return options.to_json()
     return json.dumps(options, sort_keys=True, separators=(",", ":"))
 
 
-def from_json(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--options is not valid JSON ({exc.msg} at position {exc.pos}); pass a JSON object") from None
-    if not isinstance(value, dict):
-        raise ConfigError("--options must be a JSON object")
-    return value
-
-
-def tokenizer_options(config: dict) -> dict:
-    return {**config["tokenizer"], "seed": config["seed"], "base_language": config["languages"]["base"]}
+def tokenizer_options(config: dict) -> opts.TokenizerOptions:
+    return opts.TokenizerOptions(**config["tokenizer"], seed=config["seed"], base_language=config["languages"]["base"])
 
 
 def checkpoint_steps(steps: int, n_checkpoints: int) -> list[int]:
@@ -460,48 +454,72 @@ def checkpoint_steps(steps: int, n_checkpoints: int) -> list[int]:
     return sorted({round(i * steps / (n_checkpoints - 1)) for i in range(n_checkpoints)})
 
 
-def model_options(config: dict) -> dict:
+def _model_fields(config: dict) -> dict:
     """What loading the base model needs."""
     model = config["model"]
     return {"base": model["base"], "dtype": model["dtype"], "device": model["device"],
             "experts_implementation": model["experts_implementation"]}
 
 
-def pretrain_options(config: dict) -> dict:
-    return {**model_options(config), "train": config["model"]["pretrain"], "seed": config["seed"],
-            "language": config["languages"]["base"]}
+def model_options(config: dict) -> opts.ModelOptions:
+    return opts.ModelOptions(**_model_fields(config))
 
 
-def cpt_options(config: dict) -> dict:
+def pretrain_options(config: dict) -> opts.PretrainOptions:
+    return opts.PretrainOptions(**_model_fields(config), seed=config["seed"], language=config["languages"]["base"],
+                                train=opts.TrainSettings.from_dict(config["model"]["pretrain"], what="model.pretrain"))
+
+
+def cpt_options(config: dict) -> opts.CptOptions:
     """CPT's settings; ``steps`` are the exported checkpoints. Step 0 (the starting model) is exported
     only for a base this workflow trained: a pretrained base is used from where it is, not copied."""
     cpt = config["model"]["cpt"]
     steps = checkpoint_steps(cpt["train"]["steps"], cpt["n_checkpoints"])
     if config["model"]["base"]["type"] == "pretrained":
         steps = [step for step in steps if step > 0]
-    return {**model_options(config), "train": cpt["train"], "seed": config["seed"], "steps": steps}
+    return opts.CptOptions(**_model_fields(config), seed=config["seed"], steps=steps,
+                           train=opts.TrainSettings.from_dict(cpt["train"], what="model.cpt.train"))
 
 
-def _routing_entry(entry: registry.ModelEntry) -> dict:
-    """A profiled model as the routing and similarity stages take it (``model``: the tables' column)."""
-    return {"ref": entry.ref, "model": entry.series, "checkpoint_step": entry.checkpoint_step}
-
-
-def routing_options(config: dict, name: str) -> dict:
-    entry = registry.profiled(config)[name]
+def _load_fields(config: dict, entry: registry.ModelEntry) -> dict:
+    """How a stage loads the registered model ``entry``."""
     base = config["model"]["base"]
-    return {**config["routing"], **_routing_entry(entry), "dtype": config["model"]["dtype"],
+    pretrained = base["type"] == "pretrained"
+    return {"ref": str(entry.ref), "revision": entry.revision, "dtype": config["model"]["dtype"],
             "device": config["model"]["device"],
-            "trust_remote_code": base.get("trust_remote_code", False) if base["type"] == "pretrained" else False,
-            "revision": entry.revision}
+            "trust_remote_code": base.get("trust_remote_code", False) if pretrained else False}
 
 
-def routing_metrics_options(config: dict) -> dict:
+def _section_fields(cls: type[opts.StageOptions], section: dict) -> dict:
+    """The keys of a config section that are options of ``cls`` (the others belong to other stages)."""
+    return {k: v for k, v in section.items() if k not in cls.NOT_OPTIONS}
+
+
+def routing_options(config: dict, name: str) -> opts.RoutingOptions:
+    entry = registry.profiled(config)[name]
+    return opts.RoutingOptions(**_section_fields(opts.RoutingOptions, config["routing"]), **_load_fields(config, entry),
+                               model=entry.series, checkpoint_step=entry.checkpoint_step)
+
+
+def selection_model(config: dict) -> registry.ModelEntry:
+    """The profiled model whose routing chooses the expert sets (``routing.selection_model``; default:
+    the last one, the model adaptation starts from)."""
+    profiled = registry.profiled(config)
+    name = config["routing"]["selection_model"] or list(profiled)[-1]
+    if name not in profiled:
+        raise ConfigError(f"config key 'routing.selection_model': '{name}' is not a profiled model; use one of "
+                          f"{', '.join(profiled)}")
+    return profiled[name]
+
+
+def routing_metrics_options(config: dict) -> opts.RoutingMetricsOptions:
     langs = config["languages"]
-    # how the profiles were split into jobs does not change them: not an option of the metrics
-    routing = {k: v for k, v in config["routing"].items() if k != "shards"}
-    return {**routing, "languages": all_languages(config), "base_language": langs["base"],
-            "high_resource": langs["high_resource"], "targets": langs["targets"], "seed": config["seed"]}
+    section = _section_fields(opts.RoutingMetricsOptions, config["routing"])
+    chosen = selection_model(config)
+    section["selection_model"] = (chosen.series, chosen.checkpoint_step)
+    return opts.RoutingMetricsOptions(**section, languages=all_languages(config), base_language=langs["base"],
+                                      high_resource=langs["high_resource"], targets=langs["targets"],
+                                      seed=config["seed"])
 
 
 def similarity_model(config: dict) -> str:
@@ -509,41 +527,43 @@ def similarity_model(config: dict) -> str:
     return config["similarity"]["model"] or list(registry.profiled(config))[-1]
 
 
-def similarity_options(config: dict, name: str | None = None, method: str | None = None) -> dict:
+def similarity_options(config: dict, name: str | None = None, method: str | None = None) -> opts.SimilarityOptions:
     """Options of the similarity of profiled model ``name`` by ``method`` (default: the configured ones)."""
     name = name or similarity_model(config)
     entry = registry.profiled(config)[name]
-    base = config["model"]["base"]
-    pretrained = base["type"] == "pretrained"
-    return {**config["similarity"], **_routing_entry(entry), "name": name, "method": method or config["similarity"]["method"],
-            "dtype": config["model"]["dtype"],
-            "device": config["model"]["device"],
-            "trust_remote_code": base.get("trust_remote_code", False) if pretrained else False,
-            "revision": entry.revision}
+    section = {**config["similarity"], "method": method or config["similarity"]["method"]}
+    return opts.SimilarityOptions(**section | {"model": entry.series}, **_load_fields(config, entry), name=name,
+                                  checkpoint_step=entry.checkpoint_step)
 
 
-def allocation_options(config: dict, kept: list[str]) -> dict:
+def allocation_options(config: dict, kept: list[str]) -> opts.AllocationOptions:
     langs = config["languages"]
     alloc = config["allocation"]
     entry = registry.profiled(config)[similarity_model(config)]
-    return {**alloc,
-            "old": alloc["old"] or [l for l in langs["high_resource"] if l in kept],
-            "new": alloc["new"] or [l for l in langs["targets"] if l in kept],
-            "model": entry.series, "checkpoint_step": entry.checkpoint_step}
+    return opts.AllocationOptions(**alloc | {
+        "old": alloc["old"] or [l for l in langs["high_resource"] if l in kept],
+        "new": alloc["new"] or [l for l in langs["targets"] if l in kept]},
+        model=entry.series, checkpoint_step=entry.checkpoint_step)
 
 
-def evaluation_options(config: dict, name: str | None = None) -> dict:
+def evaluation_options(config: dict, name: str | None = None) -> opts.EvaluationOptions:
+    """Evaluation options; with ``name``, of that registered model (without: what building the tasks needs)."""
+    section = _section_fields(opts.EvaluationOptions, config["evaluation"])
     base = config["model"]["base"]
     pretrained = base["type"] == "pretrained"
-    options = {**config["evaluation"], "seed": config["seed"], "dtype": config["model"]["dtype"],
-               "device": config["model"]["device"],
+    loading = {"dtype": config["model"]["dtype"], "device": config["model"]["device"],
                "trust_remote_code": base.get("trust_remote_code", False) if pretrained else False}
-    options.pop("models")
     if name is not None:
-        entry = registry.evaluated(config)[name]
-        options["ref"] = entry.ref
-        options["revision"] = entry.revision
-    return options
+        loading = _load_fields(config, registry.evaluated(config)[name])
+    return opts.EvaluationOptions(**section, **loading, seed=config["seed"])
+
+
+def eval_summary_options(config: dict, families: list[str]) -> opts.EvalSummaryOptions:
+    evaluated = registry.evaluated(config)
+    return opts.EvalSummaryOptions(
+        models=registry.summary_models(config), families=list(families),
+        high_resource=list(config["languages"]["high_resource"]), targets=list(config["languages"]["targets"]),
+        base_model=next((n for n, e in evaluated.items() if e.method == "base"), None))
 
 
 # Sensible SLURM resources per rule (overridden by the config's `resources` section): data stages

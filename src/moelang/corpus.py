@@ -70,6 +70,7 @@ from moelang import catalogs
 from moelang.config import check_lang, local_format, local_source_files
 from moelang.errors import MoelangError
 from moelang.io import atomic_path, log, progress, write_json, write_table
+from moelang.options import CorpusOptions, ParallelOptions
 
 CORPUS_SCHEMA = pa.schema(
     [
@@ -327,11 +328,12 @@ def _describe_source(source: dict) -> str:
     return f"hf {source['dataset']}" + (f"/{source['name']}" if source.get("name") else "")
 
 
-def documents(lang: str, options: dict, shard: Shard = (0, 1)) -> Iterator[Document]:
-    source = options["source"]
+def documents(lang: str, options: CorpusOptions | dict, shard: Shard = (0, 1)) -> Iterator[Document]:
+    options = CorpusOptions.coerce(options)
+    source = options.source
     kind = source.get("type")
     if kind == "builtin":
-        return builtin_documents(lang, source, options["builtin"], shard)
+        return builtin_documents(lang, source, options.builtin, shard)
     if kind == "local":
         return local_documents(lang, source, shard)
     if kind == "hf":
@@ -362,18 +364,18 @@ def _count(stats: CorpusStats, text: str, split: str, sign: int = 1) -> None:
         stats.n_heldout += sign
 
 
-def _kept_documents(docs: Iterable[Document], options: dict, stats: CorpusStats, caps: tuple) -> Iterator[tuple]:
+def _kept_documents(docs: Iterable[Document], options: CorpusOptions, stats: CorpusStats, caps: tuple) -> Iterator[tuple]:
     """Normalised, long enough and (``dedup``) first-seen documents as ``(doc_id, lang, text, split,
     position, text_key)`` rows, counted into ``stats``, until a cap is reached."""
-    salt, fraction = options["split_salt"], options["heldout_fraction"]
+    salt, fraction = options.split_salt, options.heldout_fraction
     seen: set[bytes] = set()
     for position, doc_id, raw in progress(docs, desc=f"corpus {stats.lang}", unit=" docs"):
         text = normalise(raw)
-        if len(text) < options["min_doc_chars"]:
+        if len(text) < options.min_doc_chars:
             stats.n_too_short += 1
             continue
         key = None
-        if options["dedup"]:
+        if options.dedup:
             key = _text_key(text)
             if key in seen:
                 stats.n_duplicates += 1
@@ -397,19 +399,19 @@ def _write_rows(rows: Iterable[tuple], path: Path, schema: pa.Schema) -> None:
             writer.write_table(pa.table({name: list(columns[i]) for i, name in enumerate(names)}, schema=schema))
 
 
-def _check_has_text(stats: CorpusStats, options: dict) -> None:
-    if stats.n_docs == 0 and options["source"]["type"] != "builtin":
+def _check_has_text(stats: CorpusStats, options: CorpusOptions) -> None:
+    if stats.n_docs == 0 and options.source["type"] != "builtin":
         # A file or dataset the user chose that holds no text is a mistake, not a small language.
         raise MoelangError(f"corpus for '{stats.lang}': {stats.source} gave no document with text; point "
                            f"corpus.sources.{stats.lang} at a source with text, or remove the language")
 
 
-def _finish(stats: CorpusStats, options: dict, stats_path: str | Path) -> CorpusStats:
+def _finish(stats: CorpusStats, options: CorpusOptions, stats_path: str | Path) -> CorpusStats:
     """Decide whether the language is kept, log it and write its stats."""
     if stats.n_docs == 0:
         stats.reason = "no text: the source gave no document"
-    elif stats.n_chars < options["min_chars"]:
-        stats.reason = f"too little text: {stats.n_chars} characters < min_chars {options['min_chars']}"
+    elif stats.n_chars < options.min_chars:
+        stats.reason = f"too little text: {stats.n_chars} characters < min_chars {options.min_chars}"
     elif stats.n_train == 0 or stats.n_heldout == 0:
         stats.reason = f"a split is empty (train {stats.n_train}, heldout {stats.n_heldout}); add text or change heldout_fraction"
     else:
@@ -423,10 +425,11 @@ def _finish(stats: CorpusStats, options: dict, stats_path: str | Path) -> Corpus
     return stats
 
 
-def build_corpus(lang: str, options: dict, out_path: str | Path, stats_path: str | Path) -> CorpusStats:
+def build_corpus(lang: str, options: CorpusOptions | dict, out_path: str | Path, stats_path: str | Path) -> CorpusStats:
     """Write one language's corpus and its stats. Returns the stats (``kept`` says if it is usable)."""
+    options = CorpusOptions.coerce(options)
     check_lang(lang)
-    source = options["source"]
+    source = options.source
     stats = CorpusStats(lang=lang, source=_describe_source(source))
     log.info("corpus %s: reading %s", lang, stats.source)
     docs = documents(lang, options)
@@ -437,15 +440,16 @@ def build_corpus(lang: str, options: dict, out_path: str | Path, stats_path: str
     return _finish(stats, options, stats_path)
 
 
-def build_corpus_shard(lang: str, options: dict, shard: Shard, out_path: str | Path, stats_path: str | Path) -> CorpusStats:
+def build_corpus_shard(lang: str, options: CorpusOptions | dict, shard: Shard, out_path: str | Path, stats_path: str | Path) -> CorpusStats:
     """Write the ``shard``-th part of one language's corpus (:data:`SHARD_SCHEMA`, deduplicated within
     the part) and its counts; :func:`gather_corpus` merges the parts. A cap applies to each part as
     ``ceil(cap / count)``."""
+    options = CorpusOptions.coerce(options)
     check_lang(lang)
     index, count = shard
     if not 0 <= index < count:
         raise MoelangError(f"corpus for '{lang}': shard {index}/{count} does not exist; use I/N with 0 <= I < N")
-    source = options["source"]
+    source = options.source
     stats = CorpusStats(lang=lang, source=_describe_source(source), reason=f"shard {index}/{count}")
     caps = tuple(-(-cap // count) if cap else cap for cap in (source.get("max_docs"), source.get("max_chars")))
     log.info("corpus %s: reading part %d of %d of %s", lang, index + 1, count, stats.source)
@@ -492,14 +496,15 @@ def _merged_tables(paths: list[Path]) -> Iterator[pa.Table]:
         yield table.take(np.argsort(table["position"].to_numpy(), kind="stable"))
 
 
-def gather_corpus(lang: str, options: dict, shard_paths: list[str | Path], shard_stats: list[str | Path],
+def gather_corpus(lang: str, options: CorpusOptions | dict, shard_paths: list[str | Path], shard_stats: list[str | Path],
                   out_path: str | Path, stats_path: str | Path) -> CorpusStats:
     """Merge a language's shards in source order into its corpus file and stats. Deduplication across
     shards keeps the first document in source order, so without caps the result is the file one job
     would have written."""
+    options = CorpusOptions.coerce(options)
     check_lang(lang)
     # The shards' counts, less those of the documents that turn out to repeat another shard's.
-    stats = CorpusStats(lang=lang, source=_describe_source(options["source"]))
+    stats = CorpusStats(lang=lang, source=_describe_source(options.source))
     for path in shard_stats:
         part = json.loads(Path(path).read_text(encoding="utf-8"))
         for name in ("n_docs", "n_train", "n_heldout", "n_chars", "n_words", "n_duplicates", "n_too_short"):
@@ -512,7 +517,7 @@ def gather_corpus(lang: str, options: dict, shard_paths: list[str | Path], shard
         with pq.ParquetWriter(tmp, CORPUS_SCHEMA, compression="zstd") as writer:
             for table in _merged_tables(paths):
                 bar.update(table.num_rows)
-                if options["dedup"]:
+                if options.dedup:
                     keep = []
                     for key in table["text_key"].to_pylist():
                         keep.append(key not in seen)
@@ -567,10 +572,11 @@ def _print_summary(records: list[dict]) -> None:
 # Parallel table
 # --------------------------------------------------------------------------------------------------
 
-def build_parallel(options: dict, out_path: str | Path) -> int:
+def build_parallel(options: ParallelOptions | dict, out_path: str | Path) -> int:
     """Write the parallel table; returns its number of rows."""
-    languages = [check_lang(lang) for lang in options["languages"]]
-    par = options["parallel"]
+    options = ParallelOptions.coerce(options)
+    languages = [check_lang(lang) for lang in options.languages]
+    par = options.parallel
     if par["source"] == "none":
         columns: dict[str, list] = {"item_id": [], "origin": [], **{lang: [] for lang in languages}}
     elif par["source"] == "builtin":
@@ -585,9 +591,10 @@ def build_parallel(options: dict, out_path: str | Path) -> int:
     return table.num_rows
 
 
-def _parallel_from_catalogs(languages: list[str], options: dict) -> dict[str, list]:
-    builtin = options["builtin"]
-    sources = options["sources"]
+def _parallel_from_catalogs(languages: list[str], options: ParallelOptions | dict) -> dict[str, list]:
+    options = ParallelOptions.coerce(options)
+    builtin = options.builtin
+    sources = options.sources
     src = catalogs.SOURCE_LANGUAGE
     locales = {lang: (sources.get(lang) or {}).get("locales") or [lang] for lang in languages if lang != src}
     harvest = catalogs.harvest(builtin["packages"], locales, want_source_text=True)

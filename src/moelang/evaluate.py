@@ -68,6 +68,7 @@ import torch
 from moelang.errors import MoelangError
 from moelang.io import atomic_dir, atomic_path, log, progress, write_json
 from moelang.registry import trainable_fraction
+from moelang.options import EvaluationOptions
 
 # ISO 639-1/3 code of a language -> Belebele's FLORES code and MultiBLiMP's ISO 639-3 code.
 BELEBELE_CODES = {"en": "eng_Latn", "ar": "arb_Arab", "cs": "ces_Latn", "es": "spa_Latn", "fi": "fin_Latn",
@@ -208,14 +209,15 @@ def _task_yaml(family: str, task: str, data_file: Path, split: str, tag: str, ov
     return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
 
 
-def build_tasks(corpus_files: dict[str, str | Path], options: dict, out_dir: str | Path) -> dict:
+def build_tasks(corpus_files: dict[str, str | Path], options: EvaluationOptions | dict, out_dir: str | Path) -> dict:
     """Write the local task data and YAMLs; returns tasks.json's content (task -> its description)."""
+    options = EvaluationOptions.coerce(options)
     out_dir = Path(out_dir)
     tasks: dict[str, dict] = {}
-    families = options["tasks"]
+    families = options.tasks
     # The cloze-scored synthetic Belebele task runs without shots: examples of other passages add length,
     # not information, for a base model.
-    shots = {"synthetic_blimp": 0, "multiblimp": 0, "synthetic_belebele": 0, "belebele": options["belebele_shots"]}
+    shots = {"synthetic_blimp": 0, "multiblimp": 0, "synthetic_belebele": 0, "belebele": options.belebele_shots}
     with atomic_dir(out_dir) as tmp:
         (tmp / "data").mkdir(parents=True)
         (tmp / "yaml").mkdir()
@@ -227,10 +229,10 @@ def build_tasks(corpus_files: dict[str, str | Path], options: dict, out_dir: str
             for family in families:
                 if family in ("synthetic_blimp", "synthetic_belebele"):
                     table = (synthetic_blimp if family == "synthetic_blimp" else synthetic_belebele)(
-                        lang, docs, options["max_items"], options.get("max_words", 40))
-                    if table.height < options["min_items"]:
+                        lang, docs, options.max_items, options.max_words)
+                    if table.height < options.min_items:
                         log.warning("evaluation: %s for '%s' has %d items (< %d); left out", family, lang, table.height,
-                                    options["min_items"])
+                                    options.min_items)
                         continue
                     name = f"moelang_{family}_{lang}"
                     data = tmp / "data" / f"{name}.parquet"
@@ -252,14 +254,14 @@ def build_tasks(corpus_files: dict[str, str | Path], options: dict, out_dir: str
     return tasks
 
 
-def _real_task(family: str, lang: str, options: dict, tmp: Path, out_dir: Path) -> tuple[str | None, dict]:
+def _real_task(family: str, lang: str, options: EvaluationOptions, tmp: Path, out_dir: Path) -> tuple[str | None, dict]:
     codes = BELEBELE_CODES if family == "belebele" else MULTIBLIMP_CODES
-    code = options.get("codes", {}).get(family, {}).get(lang) or codes.get(lang)
+    code = options.codes.get(family, {}).get(lang) or codes.get(lang)
     if code is None:
         log.warning("evaluation: no %s code known for '%s'; set evaluation.codes.%s.%s", family, lang, family, lang)
         return None, {}
     name = f"{family}_{code}"
-    mirror = options.get("mirror")
+    mirror = options.mirror
     if not mirror:
         return name, {}  # the shipped task, data from the hub
     data = Path(mirror) / family / f"{code}.parquet"
@@ -343,7 +345,7 @@ def _request_lengths(lm, task) -> dict[int, int]:
     return lengths
 
 
-def fit_prompts(lm, manager, task_names: list[str], n_shot: int, options: dict) -> dict[str, dict]:
+def fit_prompts(lm, manager, task_names: list[str], n_shot: int, options: EvaluationOptions | dict) -> dict[str, dict]:
     """Which items fit the model's context, per task: ``{"n_shot", "n_docs", "indices", "left_out"}``.
 
     The harness cuts a prompt longer than the model's positions from the left (the few-shot examples go first,
@@ -352,8 +354,9 @@ def fit_prompts(lm, manager, task_names: list[str], n_shot: int, options: dict) 
     ``min_items``) fit, the task drops a shot: more items, comparable across models, before more shots.
     The items that still do not fit are left out and counted.
     """
-    seed = options.get("seed", 0)
-    limit = options.get("limit")
+    options = EvaluationOptions.coerce(options)
+    seed = options.seed
+    limit = options.limit
     # The harness truncates when context + continuation exceed max_length + 1 (the last token is not fed).
     budget = lm.max_length + 1
     fitted = {}
@@ -366,7 +369,7 @@ def fit_prompts(lm, manager, task_names: list[str], n_shot: int, options: dict) 
             task.build_all_requests(limit=limit, rank=0, world_size=1)
             lengths = _request_lengths(lm, task)
             indices = sorted(i for i, n in lengths.items() if n <= budget)
-            needed = min(max(options.get("min_items", 1), math.ceil(FIT_SHARE * len(lengths))), len(lengths))
+            needed = min(max(options.min_items, math.ceil(FIT_SHARE * len(lengths))), len(lengths))
             if len(indices) >= needed or shots == 0 or task.get_config("num_fewshot") == 0:
                 break
         fitted[name] = {"n_shot": int(task.get_config("num_fewshot") or 0), "n_docs": len(lengths),
@@ -397,21 +400,22 @@ def _prediction_counts(samples: list[dict], delimiter: str) -> dict[str, list[in
     return counts
 
 
-def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n_shot: int, options: dict,
+def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n_shot: int, options: EvaluationOptions | dict,
                 log_samples: bool = False) -> dict:
     """The harness on the items that fit the model's context. Returns simple_evaluate's dict (merged
     over the shot counts used) with ``moelang``: per task its ``fit`` (shots, items left out) and
     ``predictions`` (how often each choice was picked)."""
+    options = EvaluationOptions.coerce(options)
     import lm_eval
     import lm_eval.evaluator  # imported lazily by lm_eval: its logger must exist before the filter goes on
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    seed = options.get("seed", 0)
+    seed = options.seed
     with repeated_warnings():
         manager = TaskManager(include_path=str(Path(task_dir) / "yaml"))
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.get("batch_size", 16),
-                  max_length=options.get("max_length"))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size,
+                  max_length=options.max_length)
         fitted = fit_prompts(lm, manager, task_names, n_shot, options)
         merged: dict = {"moelang": {"fit": fitted, "predictions": {}}}
         for shots in sorted({f["n_shot"] for f in fitted.values()}, reverse=True):
@@ -422,7 +426,7 @@ def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n
                 model=lm, tasks=names, task_manager=manager, num_fewshot=shots,
                 samples={n: fitted[n]["indices"] for n in names}, log_samples=True, random_seed=seed,
                 numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                bootstrap_iters=options.get("bootstrap_iters", 1000))
+                bootstrap_iters=options.bootstrap_iters)
             for key, value in result.items():
                 if isinstance(value, dict):
                     merged.setdefault(key, {}).update(value)
@@ -437,14 +441,15 @@ def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n
 
 
 @torch.no_grad()
-def perplexity(model, token_file: str | Path, eos_id: int, options: dict) -> dict:
+def perplexity(model, token_file: str | Path, eos_id: int, options: EvaluationOptions | dict) -> dict:
+    options = EvaluationOptions.coerce(options)
     from moelang.routing import heldout_chunks, length_batches
 
     device = next(model.parameters()).device
-    chunks = heldout_chunks(token_file, options["seq_len"] - 1, options.get("tokens_per_language"))
+    chunks = heldout_chunks(token_file, options.seq_len - 1, options.tokens_per_language)
     chunks = [np.concatenate([[eos_id], c]) for c in chunks]  # every real token gets a context
     total_nll, total = 0.0, 0
-    for ids, mask in progress(length_batches(chunks, options["batch_tokens"], eos_id), desc="perplexity", unit=" batches"):
+    for ids, mask in progress(length_batches(chunks, options.batch_tokens, eos_id), desc="perplexity", unit=" batches"):
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -455,15 +460,16 @@ def perplexity(model, token_file: str | Path, eos_id: int, options: dict) -> dic
 
 
 def evaluate_model(model_ref: str, family: str, tasks: dict, task_dir: str | Path, token_files: dict[str, str | Path],
-                   options: dict, out_path: str | Path) -> None:
+                   options: EvaluationOptions | dict, out_path: str | Path) -> None:
     """One (model, task family) job: the harness's JSON, or the perplexity table."""
+    options = EvaluationOptions.coerce(options)
     from transformers import AutoTokenizer
 
     from moelang.models import load_for_inference
 
     model = load_for_inference(model_ref, options)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_ref), revision=options.get("revision"),
-                                              trust_remote_code=options.get("trust_remote_code", False))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_ref), revision=options.revision,
+                                              trust_remote_code=options.trust_remote_code)
     if family == "perplexity":
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         rows = [{"lang": lang, **perplexity(model, path, eos, options)} for lang, path in token_files.items()]

@@ -94,7 +94,7 @@ def base_and_cpt_models(config: dict) -> list[ModelEntry]:
     base = base_model(config)
     if not config["model"]["cpt"]["enabled"]:
         return [ModelEntry(**{**asdict(base), "profiled": True, "evaluated": True})]
-    steps = cpt_options(config)["steps"]
+    steps = cpt_options(config).steps
     entries = [ModelEntry(name=f"cpt-step{step}", ref=f"results/models/cpt/step-{step}", revision=None,
                           method="base" if step == 0 else "cpt", rule="cpt", profiled=True, evaluated=True,
                           series="cpt", checkpoint_step=step) for step in steps]

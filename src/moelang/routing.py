@@ -51,6 +51,7 @@ import torch
 
 from moelang.errors import MoelangError
 from moelang.io import atomic_dir, log, progress, write_table
+from moelang.options import RoutingOptions
 
 PROFILE_SCHEMA = pa.schema(
     [
@@ -145,17 +146,18 @@ def heldout_windows(token_file: str | Path, window: int, token_budget: int | Non
     return list(windows[index::count])
 
 
-def routing_sequences(token_file: str | Path, options: dict, eos_id: int | None,
+def routing_sequences(token_file: str | Path, options: RoutingOptions | dict, eos_id: int | None,
                       shard: tuple[int, int] = (0, 1)) -> list[np.ndarray]:
-    """The sequences one language is profiled on, by ``options["windowing"]`` (default ``document``)."""
-    windowing = options.get("windowing", "document")
+    """The sequences one language is profiled on, by ``options.windowing`` (default ``document``)."""
+    options = RoutingOptions.coerce(options)
+    windowing = options.windowing
     if windowing == "document":
-        return heldout_chunks(token_file, options["seq_len"], options.get("tokens_per_language"), shard=shard)
+        return heldout_chunks(token_file, options.seq_len, options.tokens_per_language, shard=shard)
     if windowing == "stream":
         if eos_id is None:
             raise MoelangError("routing.windowing: stream needs the model's eos_token_id (config.json) to separate "
                                "documents; set it in the model config or use routing.windowing: document")
-        return heldout_windows(token_file, options["seq_len"], options.get("tokens_per_language"), eos_id, shard=shard)
+        return heldout_windows(token_file, options.seq_len, options.tokens_per_language, eos_id, shard=shard)
     raise MoelangError(f"routing.windowing '{windowing}' is not known; use 'document' or 'stream'")
 
 
@@ -290,9 +292,10 @@ class RoutingProfiler:
         return pa.concat_tables(parts) if parts else TOKEN_SCHEMA.empty_table()
 
 
-def profile_model(model_ref: str | Path, token_files: dict[str, str | Path], options: dict, out_dir: str | Path,
+def profile_model(model_ref: str | Path, token_files: dict[str, str | Path], options: RoutingOptions | dict, out_dir: str | Path,
                   model_name: str, checkpoint_step: int) -> None:
     """Profile one model on every language; writes ``{out_dir}/{lang}.parquet`` (and token tables)."""
+    options = RoutingOptions.coerce(options)
     from moelang.models import ModelAdapter, load_for_inference
 
     model = load_for_inference(model_ref, options)
@@ -300,13 +303,13 @@ def profile_model(model_ref: str | Path, token_files: dict[str, str | Path], opt
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     eos_id = model.config.eos_token_id
     eos_id = eos_id[0] if isinstance(eos_id, (list, tuple)) else eos_id  # some configs list several
-    token_layers = options.get("token_layers") or []
-    shard = tuple(options.get("shard") or (0, 1))
-    log.info("routing %s: %s windowing, sequences of %s %d tokens", model_name, options.get("windowing", "document"),
-             "exactly" if options.get("windowing") == "stream" else "at most", options["seq_len"])
+    token_layers = options.token_layers or []
+    shard = tuple(options.shard or (0, 1))
+    log.info("routing %s: %s windowing, sequences of %s %d tokens", model_name, options.windowing,
+             "exactly" if options.windowing == "stream" else "at most", options.seq_len)
     for lang, token_file in token_files.items():
         chunks = routing_sequences(token_file, options, eos_id, shard=shard)
-        batches = length_batches(chunks, options["batch_tokens"], pad_id)
+        batches = length_batches(chunks, options.batch_tokens, pad_id)
         profiler = RoutingProfiler(adapter, token_layers=token_layers)
         profiler.run(batches, desc=f"routing {model_name} {lang}")
         write_table(profiler.table(model_name, checkpoint_step, lang), Path(out_dir) / f"{lang}.parquet")

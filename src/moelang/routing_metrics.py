@@ -56,6 +56,7 @@ import polars as pl
 
 from moelang.errors import MoelangError
 from moelang.io import atomic_path, log, save_figure, write_json
+from moelang.options import RoutingMetricsOptions
 
 # --------------------------------------------------------------------------------------------------
 # Metrics on plain arrays
@@ -302,12 +303,14 @@ def jsd_overlap_table(jsd_table: pl.DataFrame, overlap: pl.DataFrame, layer: int
 
 
 def expert_selection(profiles: pl.DataFrame, model: str, step: int, high_resource: list[str],
-                     targets: dict[str, str], options: dict, seed: int) -> tuple[pl.DataFrame, dict]:
+                     targets: dict[str, str], options: RoutingMetricsOptions | dict,
+                     seed: int) -> tuple[pl.DataFrame, dict]:
     """experts.parquet rows and selected_experts.json for the final K MoE layers of one model."""
+    options = RoutingMetricsOptions.coerce(options)
     groups = {k: v for k, v in _groups(profiles).items() if k[0] == model and k[1] == step}
     if not groups:
         raise MoelangError(f"routing metrics: no profile of model '{model}' step {step} to select experts from")
-    layers = sorted(k[2] for k in groups)[-options["final_layers"]:]
+    layers = sorted(k[2] for k in groups)[-options.final_layers:]
     rows, chosen = [], {}
     for layer in layers:
         by_lang = groups[(model, step, layer)]
@@ -316,16 +319,16 @@ def expert_selection(profiles: pl.DataFrame, model: str, step: int, high_resourc
             raise MoelangError(f"routing metrics: expert selection needs at least two high-resource languages with "
                                f"profiles; have {hr}")
         shares = {l: normalise(by_lang[l]) for l in hr}
-        selection = select_experts(shares, options["alpha"], options["shared_k"])
+        selection = select_experts(shares, options.alpha, options.shared_k)
         for record in selection["per_expert"]:
             rows.append({"model": model, "checkpoint_step": step, "layer": layer, **record})
         chosen[layer] = (shares, selection)
     rng = np.random.default_rng(seed)
     selected: dict = {}
-    top_n = options["top_n"]
-    mode = options.get("shared_mode", "k_extra")
+    top_n = options.top_n
+    mode = options.shared_mode
     # from every configured target, so that a target the corpus dropped does not reshuffle the others' donors
-    donors = random_hr_donors(options.get("targets") or targets, high_resource)
+    donors = random_hr_donors(options.targets or targets, high_resource)
     for target, parent in targets.items():
         if any(parent not in shares for shares, _ in chosen.values()):
             continue  # a parent without a profile: nothing to select from
@@ -341,7 +344,7 @@ def expert_selection(profiles: pl.DataFrame, model: str, step: int, high_resourc
             specific = selection["specific"][parent]
             n_experts = len(shares[parent])
             methods["seft"][str(layer)] = specific
-            methods["ssft"][str(layer)] = ssft_experts(specific, selection["shared_order"], options["shared_k"], mode)
+            methods["ssft"][str(layer)] = ssft_experts(specific, selection["shared_order"], options.shared_k, mode)
             methods[f"seft_top{top_n}"][str(layer)] = top_by_gap(shares, parent, min(top_n, n_experts))
             methods["random"][str(layer)] = sorted(int(e) for e in rng.choice(n_experts, size=len(specific),
                                                                               replace=False))
@@ -522,24 +525,25 @@ def plot_jsd_overlap(jsd_table: pl.DataFrame, overlap: pl.DataFrame, summary: pl
 # The stage
 # --------------------------------------------------------------------------------------------------
 
-def run_metrics(profile_paths: list[str | Path], overlap_path: str | Path, options: dict, out_dir: str | Path,
+def run_metrics(profile_paths: list[str | Path], overlap_path: str | Path, options: RoutingMetricsOptions | dict, out_dir: str | Path,
                 selected_path: str | Path) -> dict:
     """Compute every metric table, the expert selection and the plots."""
+    options = RoutingMetricsOptions.coerce(options)
     out_dir = Path(out_dir)
     profiles = read_profiles(profile_paths)
-    languages = options["languages"]
-    base = options["base_language"]
-    high_resource = options["high_resource"]
+    languages = options.languages
+    base = options.base_language
+    high_resource = options.high_resource
     tables = metric_tables(profiles, languages, base, high_resource)
     overlap = pl.read_parquet(overlap_path)
-    tables["jsd_overlap"] = jsd_overlap_table(tables["jsd"], overlap, options.get("jsd_overlap_layer"),
-                                              high_resource, list(options["targets"]))
-    model, step = options.get("selection_model") or _last_checkpoint(profiles)
+    tables["jsd_overlap"] = jsd_overlap_table(tables["jsd"], overlap, options.jsd_overlap_layer,
+                                              high_resource, list(options.targets))
+    model, step = options.selection_model or _last_checkpoint(profiles)
     profiled = set(profiles["lang"].unique())
     # a target without a profile was dropped by the corpus stage: nothing to adapt it on
-    targets = {t: p for t, p in options["targets"].items() if t in profiled}
-    experts, selected = expert_selection(profiles, model, step, options["high_resource"], targets, options,
-                                         options["seed"])
+    targets = {t: p for t, p in options.targets.items() if t in profiled}
+    experts, selected = expert_selection(profiles, model, step, options.high_resource, targets, options,
+                                         options.seed)
     tables["experts"] = experts
     for name, table in tables.items():
         with atomic_path(out_dir / f"{name}.parquet") as tmp:
@@ -551,7 +555,7 @@ def run_metrics(profile_paths: list[str | Path], overlap_path: str | Path, optio
     plot_per_checkpoint(tables["specialization"], "score", out_dir / "specialization.png", "I(L; E) / H(L)",
                         "Language specialisation of routing per layer")
     plot_jsd_overlap(tables["jsd"], overlap, tables["jsd_overlap"], out_dir / "jsd_overlap.png",
-                     high_resource=high_resource, targets=list(options["targets"]))
+                     high_resource=high_resource, targets=list(options.targets))
     spec = tables["specialization"].filter(pl.col("checkpoint_step") == step).sort("layer")
     log.info("routing metrics: specialisation by layer at step %d: %s", step,
              ", ".join(f"{l}: {s:.3f}" for l, s in spec.select("layer", "score").iter_rows()))

@@ -42,6 +42,7 @@ import torch
 
 from moelang.errors import MoelangError
 from moelang.io import atomic_path, log, progress, save_figure
+from moelang.options import SimilarityOptions
 
 CONTEXTS = ("chunks", "documents", "stream")
 SIMILARITY_SCHEMA = {"model": pl.String, "layer": pl.Int32, "lang_a": pl.String, "lang_b": pl.String,
@@ -181,14 +182,14 @@ def context_sequences(documents: list[np.ndarray], context: str, seq_len: int, t
     return out
 
 
-def special_token_ids(model, options: dict) -> tuple[int | None, int | None]:
+def special_token_ids(model, options: SimilarityOptions) -> tuple[int | None, int | None]:
     """(the BOS id to prepend, or None; the end-of-text id of the ``stream`` context, or None) from
     the model's config."""
     def first(value):
         return value[0] if isinstance(value, (list, tuple)) else value
 
     bos = None
-    if options.get("bos"):
+    if options.bos:
         bos = first(model.config.bos_token_id)
         if bos is None:
             raise MoelangError(f"similarity.bos is true, but this {model.config.model_type} model has no BOS token "
@@ -196,24 +197,25 @@ def special_token_ids(model, options: dict) -> tuple[int | None, int | None]:
     return bos, first(model.config.eos_token_id)
 
 
-def token_similarity(adapter, token_files: dict[str, str | Path], options: dict, model_name: str) -> pl.DataFrame:
+def token_similarity(adapter, token_files: dict[str, str | Path], options: SimilarityOptions | dict, model_name: str) -> pl.DataFrame:
+    options = SimilarityOptions.coerce(options)
     from moelang.routing import length_batches
 
     pad = adapter.model.config.pad_token_id if adapter.model.config.pad_token_id is not None else 0
-    context = options.get("context", "chunks")
+    context = options.context
     bos_id, eos_id = special_token_ids(adapter.model, options)
     longest = getattr(adapter.model.config, "max_position_embeddings", None)
-    if longest is not None and options["seq_len"] > longest:  # positions the model never saw in training
+    if longest is not None and options.seq_len > longest:  # positions the model never saw in training
         log.warning("similarity: similarity.seq_len %d is longer than this model's context (max_position_embeddings "
                     "%d): sequences longer than that see positions it was never trained on; set similarity.seq_len "
-                    "to at most %d", options["seq_len"], longest, longest)
-    log.info("similarity %s: context %s of at most %d tokens%s", model_name, context, options["seq_len"],
+                    "to at most %d", options.seq_len, longest, longest)
+    log.info("similarity %s: context %s of at most %d tokens%s", model_name, context, options.seq_len,
              f", BOS {bos_id} first" if bos_id is not None else "")
     means, counts = {}, {}
     for lang, path in token_files.items():
-        chunks = context_sequences(heldout_documents(path), context, options["seq_len"],
-                                   options.get("tokens_per_language"), bos_id=bos_id, eos_id=eos_id)
-        batches = length_batches(chunks, options["batch_tokens"], pad)
+        chunks = context_sequences(heldout_documents(path), context, options.seq_len,
+                                   options.tokens_per_language, bos_id=bos_id, eos_id=eos_id)
+        batches = length_batches(chunks, options.batch_tokens, pad)
         means[lang], counts[lang] = token_unit_means(adapter, batches, f"similarity {model_name} {lang}")
     experts = layer_experts(adapter)
     rows = []
@@ -224,14 +226,15 @@ def token_similarity(adapter, token_files: dict[str, str | Path], options: dict,
     return pl.DataFrame(rows, schema=SIMILARITY_SCHEMA, orient="row")
 
 
-def parallel_similarity(adapter, tokenizer, parallel_path: str | Path, languages: list[str], options: dict,
+def parallel_similarity(adapter, tokenizer, parallel_path: str | Path, languages: list[str], options: SimilarityOptions | dict,
                         model_name: str) -> pl.DataFrame:
+    options = SimilarityOptions.coerce(options)
     table = pl.read_parquet(parallel_path)
     langs = [lang for lang in languages if lang in table.columns]
     if len(langs) < 2:
         raise MoelangError(f"similarity: the parallel table has columns for {langs} only; the parallel variant needs "
                            f"at least two of the languages (set corpus.parallel, or similarity.method: tokens)")
-    limit = options.get("max_parallel_items")
+    limit = options.max_parallel_items
     vectors, present, n_tokens = {}, {}, {}
     for lang in langs:
         column = table[lang]
@@ -283,26 +286,27 @@ def plot_similarity(table: pl.DataFrame, path, title: str) -> None:
     save_figure(fig, path)
 
 
-def run_similarity(model_ref: str | Path, token_files: dict[str, str | Path], options: dict, out_table: str | Path,
+def run_similarity(model_ref: str | Path, token_files: dict[str, str | Path], options: SimilarityOptions | dict, out_table: str | Path,
                    out_plot: str | Path | None, model_name: str, parallel_path: str | Path | None = None) -> pl.DataFrame:
+    options = SimilarityOptions.coerce(options)
     from transformers import AutoTokenizer
 
     from moelang.models import ModelAdapter, load_for_inference
 
     model = load_for_inference(model_ref, options)
     adapter = ModelAdapter(model)
-    if options.get("method", "tokens") == "parallel":
+    if options.method == "parallel":
         if parallel_path is None:
             raise MoelangError("similarity: the parallel method needs --parallel results/corpus/parallel.parquet")
-        tokenizer = AutoTokenizer.from_pretrained(str(model_ref), revision=options.get("revision"),
-                                                  trust_remote_code=options.get("trust_remote_code", False))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_ref), revision=options.revision,
+                                                  trust_remote_code=options.trust_remote_code)
         table = parallel_similarity(adapter, tokenizer, parallel_path, list(token_files), options, model_name)
     else:
         table = token_similarity(adapter, token_files, options, model_name)
     with atomic_path(out_table) as tmp:
         table.write_parquet(tmp, compression="zstd")
     if out_plot:
-        plot_similarity(table, out_plot, f"Cross-lingual similarity per layer ({model_name}, {options.get('method', 'tokens')})")
+        plot_similarity(table, out_plot, f"Cross-lingual similarity per layer ({model_name}, {options.method})")
     off = table.filter(pl.col("lang_a") != pl.col("lang_b")).group_by("layer").agg(pl.col("similarity").mean()).sort("layer")
     log.info("similarity %s: mean over pairs by layer: %s", model_name,
              ", ".join(f"{l}: {s:.3f}" for l, s in off.iter_rows()))

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from moelang.corpus import heldout_score
 from moelang.errors import MoelangError
 from moelang.io import atomic_dir, atomic_path, log, progress, write_json, write_table
+from moelang.options import TokenizerOptions
 
 TOKENS_SCHEMA = pa.schema(
     [
@@ -59,11 +60,11 @@ PAD_TOKEN = "<|pad|>"
 # Tokenizer: train a byte-level BPE, or fetch the model's
 # --------------------------------------------------------------------------------------------------
 
-def _mix_documents(corpus_paths: dict[str, Path], options: dict, base_language: str, counts: dict):
+def _mix_documents(corpus_paths: dict[str, Path], options: TokenizerOptions, base_language: str, counts: dict):
     """Train-split documents of the tokenizer's training mix, language by language (sorted)."""
-    salt = f"tokenizer-mix:{options.get('seed', 0)}"
+    salt = f"tokenizer-mix:{options.seed}"
     for lang in sorted(corpus_paths):
-        fraction = options["base_language_fraction"] if lang == base_language else options["other_language_fraction"]
+        fraction = options.base_language_fraction if lang == base_language else options.other_language_fraction
         n_docs = n_chars = 0
         if fraction > 0:
             pfile = pq.ParquetFile(corpus_paths[lang])
@@ -76,8 +77,9 @@ def _mix_documents(corpus_paths: dict[str, Path], options: dict, base_language: 
         counts[lang] = {"fraction": fraction, "n_docs": n_docs, "n_chars": n_chars}
 
 
-def train_tokenizer(corpus_paths: dict[str, str | Path], options: dict, base_language: str, out_dir: str | Path) -> dict:
+def train_tokenizer(corpus_paths: dict[str, str | Path], options: TokenizerOptions | dict, base_language: str, out_dir: str | Path) -> dict:
     """Train a byte-level BPE on the English-heavy mix and save it as a transformers tokenizer."""
+    options = TokenizerOptions.coerce(options)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -90,14 +92,14 @@ def train_tokenizer(corpus_paths: dict[str, str | Path], options: dict, base_lan
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=options["vocab_size"],
-        min_frequency=options["min_frequency"],
+        vocab_size=options.vocab_size,
+        min_frequency=options.min_frequency,
         special_tokens=[EOS_TOKEN, PAD_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=True,
     )
     mix: dict = {}
-    log.info("tokenizer: training a byte-level BPE (vocab %d) on %s", options["vocab_size"], ", ".join(sorted(corpus_paths)))
+    log.info("tokenizer: training a byte-level BPE (vocab %d) on %s", options.vocab_size, ", ".join(sorted(corpus_paths)))
     tokenizer.train_from_iterator(_mix_documents(corpus_paths, options, base_language, mix), trainer=trainer)
     total = sum(m["n_chars"] for m in mix.values()) or 1
     for m in mix.values():
@@ -117,14 +119,15 @@ def train_tokenizer(corpus_paths: dict[str, str | Path], options: dict, base_lan
     return mix
 
 
-def fetch_tokenizer(options: dict, out_dir: str | Path) -> None:
+def fetch_tokenizer(options: TokenizerOptions | dict, out_dir: str | Path) -> None:
     """Save the model's own tokenizer (hub id or local path) as the pipeline's tokenizer directory."""
+    options = TokenizerOptions.coerce(options)
     from transformers import AutoTokenizer
 
-    name = options["name_or_path"]
+    name = options.name_or_path
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=options.get("revision"),
-                                            trust_remote_code=options.get("trust_remote_code", False))
+        tok = AutoTokenizer.from_pretrained(name, revision=options.revision,
+                                            trust_remote_code=options.trust_remote_code)
     except Exception as exc:  # hub/network/format errors all mean "cannot load it here"
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise MoelangError(f"tokenizer: cannot load '{name}' ({type(exc).__name__}: {first}); check the hub id or "

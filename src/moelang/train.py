@@ -76,6 +76,7 @@ from moelang.errors import MoelangError
 from moelang.io import atomic_dir, atomic_path, log, progress
 from moelang.models.loading import count_parameters
 from moelang.models.methods import TrainingMethod
+from moelang.options import TrainSettings
 
 LOG_SCHEMA = pa.schema(
     [
@@ -134,46 +135,6 @@ def lm_loss(aux_loss_coef: float, uses_aux: bool, z_loss_coef: float = 0.0) -> L
     return loss_fn
 
 
-@dataclass
-class TrainSettings:
-    steps: int
-    seq_len: int = 256
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0  # router z-loss weight (0: none; the OLMoE recipe: 0.001)
-    warmup_start_ratio: float = 0.0  # the warm-up goes linearly from this x lr to lr (0: from lr / warmup_steps)
-    cosine_horizon_steps: int | None = None  # the cosine reaches min_lr_ratio here (None: at the last step)
-    decay_norms_and_biases: bool = False  # weight decay on 1-D tensors too (the OLMo trainer's choice)
-    dtype: str = "fp32"  # fp32 | bf16 (autocast)
-    parallelism: str = "ddp"  # ddp | fsdp: how several processes share the work (one process: neither)
-    checkpoint_every: int = 0  # 0: no intermediate checkpoint
-    seed: int = 0
-    mixture: dict[str, float] = field(default_factory=dict)  # language -> weight (normalised)
-
-    @classmethod
-    def from_dict(cls, options: dict) -> "TrainSettings":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(options) - known
-        if unknown:
-            raise MoelangError(f"training options: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-        values = dict(options)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        if values.get("parallelism", "ddp") not in PARALLELISMS:
-            raise MoelangError(f"training option parallelism: {values['parallelism']!r} is not one of "
-                               f"{', '.join(PARALLELISMS)}; fix the value")
-        return cls(**values)
-
-
-PARALLELISMS = ("ddp", "fsdp")
 # Settings a checkpoint may be resumed under with another value: they change neither the result's
 # definition nor the checkpoint's content (tensors are stored whole under every parallelism).
 RESUMABLE_ACROSS = ("checkpoint_every", "parallelism")

@@ -89,11 +89,7 @@ rule eval_summary:
         table="results/eval/results.parquet",
         summary="results/eval/summary.md",
     params:
-        options=lambda w: mcfg.to_json({
-            "models": model_registry.summary_models(config), "families": EVAL_FAMILIES,
-            "high_resource": config["languages"]["high_resource"],
-            "targets": list(config["languages"]["targets"]),
-            "base_model": next((n for n, e in EVALUATED.items() if e.method == "base"), None)}),
+        options=lambda w: mcfg.to_json(mcfg.eval_summary_options(config, EVAL_FAMILIES)),
     log:
         "results/logs/eval/summary.log",
     shell:

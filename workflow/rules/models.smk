@@ -4,7 +4,7 @@ BASE_MODEL = config["model"]["base"]
 BASE_LANGUAGE = config["languages"]["base"]
 # A trained base is this workflow's output; a pretrained one is a hub id or a directory used as is.
 BASE_REF = model_registry.base_model(config).ref
-CPT_STEPS = mcfg.cpt_options(config)["steps"]
+CPT_STEPS = mcfg.cpt_options(config).steps
 
 
 def kept_high_resource_tokens(wildcards):

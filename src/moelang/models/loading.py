@@ -23,6 +23,7 @@ import torch
 
 from moelang.errors import MoelangError
 from moelang.io import log
+from moelang.options import LoadOptions
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -72,12 +73,12 @@ def load_model(name_or_path: str | Path, *, revision: str | None = None, dtype: 
     return model
 
 
-def load_for_inference(model_ref: str | Path, options: dict):
+def load_for_inference(model_ref: str | Path, options: LoadOptions):
     """A model for the analysis and evaluation stages, in eval mode, with the stage's dtype, device,
     revision and ``trust_remote_code`` options."""
-    model = load_model(model_ref, dtype=options.get("dtype", "float32"),
-                       device=resolve_device(options.get("device", "auto")),
-                       trust_remote_code=options.get("trust_remote_code", False), revision=options.get("revision"))
+    model = load_model(model_ref, dtype=options.dtype,
+                       device=resolve_device(options.device),
+                       trust_remote_code=options.trust_remote_code, revision=options.revision)
     return model.eval()
 
 
