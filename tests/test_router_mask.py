@@ -156,15 +156,18 @@ def test_a_chosen_set_smaller_than_top_k_leaves_the_extra_slots_at_weight_zero(f
         assert param.grad is None or torch.isfinite(param.grad).all(), name
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_all_experts_chosen_is_the_familys_own_routing_bit_for_bit(family):
-    # the mask's re-statement of each family's router equals the installed transformers code
+def test_all_experts_chosen_is_the_familys_own_routing_bit_for_bit(family, bf16):
+    # the mask's re-statement of each family's router equals the installed transformers code, also
+    # in the dtypes of bf16 autocast (the engine's bf16 training)
     model = family_model(family).train()
     adapter = ModelAdapter(model)
     batch = random_batch(model, seed=1)
-    plain, _, plain_out = run(model, adapter, batch)
-    with router_mask(adapter, {layer.index: list(range(layer.num_experts)) for layer in adapter.moe_layers}):
-        masked, _, masked_out = run(model, adapter, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        plain, _, plain_out = run(model, adapter, batch)
+        with router_mask(adapter, {layer.index: list(range(layer.num_experts)) for layer in adapter.moe_layers}):
+            masked, _, masked_out = run(model, adapter, batch)
     for layer in adapter.moe_layers:
         assert torch.equal(plain[layer.index][0], masked[layer.index][0])
         assert torch.equal(plain[layer.index][1], masked[layer.index][1])
@@ -390,3 +393,28 @@ def test_deepseek_a_slot_that_finds_no_chosen_expert_in_the_kept_groups_has_weig
     assert expected[:, 0].ne(0).any() and expected[:, 6].ne(0).any()  # either group wins for some tokens
     torch.testing.assert_close(dense(index, weights, masked.num_experts), expected, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(out.loss)
+
+
+def test_a_router_wrapped_by_accelerates_dispatch_hook_keeps_its_hook():
+    # device_map loading wraps module forwards (accelerate's add_hook_to_module): the mask goes
+    # under that wrapper, so its device moves still run, and the wrapper is left as it was
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class CountingHook(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            CountingHook.calls += 1
+            return args, kwargs
+
+    model = family_model("olmoe").train()
+    adapter = ModelAdapter(model)
+    layer = adapter.moe_layers[-1]
+    add_hook_to_module(layer.router, CountingHook())
+    wrapper, own = layer.router.__dict__["forward"], layer.router.__dict__["_old_forward"]
+    with router_mask(adapter, {layer.index: [2, 5]}):
+        index = run(model, adapter, random_batch(model))[0][layer.index][0]
+    assert set(index.unique().tolist()) <= {2, 5} and CountingHook.calls == 1
+    assert layer.router.__dict__["forward"] is wrapper and layer.router.__dict__["_old_forward"] is own
+    remove_hook_from_module(layer.router)
+    assert layer.router.forward.__func__ is type(layer.router).forward  # the module's own forward, no mask
