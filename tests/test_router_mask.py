@@ -183,7 +183,7 @@ def test_eval_mode_routing_is_the_unmasked_routing(family):
     with torch.no_grad():
         plain, _, plain_out = run(model, adapter, batch)
         with router_mask(adapter, experts):
-            masked, _, masked_out = run(model, adapter, batch, backward=False)
+            masked, _, masked_out = run(model, adapter, batch)
             model.train()  # the mask acts the moment the model trains, inside the same block
             trained, _, _ = run(model, adapter, batch)
     for layer in adapter.moe_layers:
