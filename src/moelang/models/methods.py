@@ -7,7 +7,7 @@ The engine (:func:`moelang.train.train`) knows nothing of trainable subsets; it 
   built and before a checkpoint is restored (checkpoints key trainable tensors by parameter name,
   so the prepared model must have the names it had when the checkpoint was written);
 * ``step_context()``: a context manager around each training forward and backward, and only
-  those (SSFT's router mask will live there; evaluation never sees it);
+  those (the router mask of expert fine-tuning lives there; evaluation never sees it);
 * ``export_state(model)``: the weights to export under the original architecture's names, or
   ``None`` for the model's own state dict; called at every export step, training goes on after;
 * ``finalize(model)``: after the last step, in place: the model becomes a plain model of its
@@ -18,7 +18,8 @@ The engine (:func:`moelang.train.train`) knows nothing of trainable subsets; it 
 loaded model: everything); :class:`FullTraining` makes every parameter trainable;
 :class:`ExpertSubset` trains chosen experts, routers, shared experts (and optionally the embeddings)
 of chosen layers, with the chosen experts split out of the fused tensors
-(:func:`moelang.models.adapters.split_experts`).
+(:func:`moelang.models.adapters.split_experts`), and with ``mask_router`` the router mask of expert
+fine-tuning in its training steps (:func:`moelang.models.router_mask.router_mask`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from moelang.models.adapters import (
     split_experts,
     split_export_state,
 )
+from moelang.models.router_mask import check_router_mask, router_mask
 
 
 @dataclass
@@ -89,12 +91,20 @@ class ExpertSubset(TrainingMethod):
     """Freeze the model, then train ``experts`` ({layer: [expert ids]}; a layer's chosen experts as
     their own small experts module, folded back into the fused tensors by ``finalize``), the routers
     of the ``routers`` layers, the shared experts of the ``shared`` layers, and with ``embeddings``
-    the input and output embeddings."""
+    the input and output embeddings. With ``mask_router``, in every training step a token of a
+    layer with chosen experts is routed among those experts only (the router mask,
+    :mod:`moelang.models.router_mask`); evaluation and the saved model never see the mask."""
 
     experts: dict[int, list[int]] = field(default_factory=dict)
     routers: list[int] = field(default_factory=list)
     shared: list[int] = field(default_factory=list)
     embeddings: bool = False
+    mask_router: bool = False
+    _adapter: ModelAdapter | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _masked_experts(self) -> dict[int, list[int]]:
+        # a layer without chosen experts trains none: nothing to route to, no mask
+        return {index: ids for index, ids in self.experts.items() if ids}
 
     def check(self, adapter: ModelAdapter) -> None:
         """One-line errors for layers and experts the model does not have (before any change)."""
@@ -109,6 +119,9 @@ class ExpertSubset(TrainingMethod):
     def prepare(self, model: nn.Module) -> list[nn.Parameter]:
         adapter = ModelAdapter(model)
         self.check(adapter)
+        if self.mask_router:
+            check_router_mask(adapter, self._masked_experts())  # a family the mask refuses stops here
+        self._adapter = adapter
         model.requires_grad_(False)
         for index, expert_ids in sorted(self.experts.items()):
             layer = adapter.moe_layer(index)
@@ -127,7 +140,11 @@ class ExpertSubset(TrainingMethod):
         return [p for p in model.parameters() if p.requires_grad]
 
     def step_context(self):
-        return contextlib.nullcontext()
+        if not self.mask_router:
+            return contextlib.nullcontext()
+        if self._adapter is None:
+            raise RuntimeError("ExpertSubset.step_context() before prepare(model): the mask needs the prepared model")
+        return router_mask(self._adapter, self._masked_experts())
 
     def export_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         return split_export_state(model)
@@ -137,5 +154,6 @@ class ExpertSubset(TrainingMethod):
 
     def describe(self) -> str:
         experts = {k: sorted(set(v)) for k, v in sorted(self.experts.items())}
+        mask = ", router mask on the chosen experts" if self.mask_router else ""  # unchanged text without it
         return (f"expert subset: experts {experts}, routers {sorted(self.routers)}, shared {sorted(self.shared)}, "
-                f"embeddings {self.embeddings}")
+                f"embeddings {self.embeddings}{mask}")
