@@ -104,7 +104,8 @@ def test_bad_settings_fail_in_one_line_naming_the_key_before_the_model_changes(f
 
 
 def test_more_layers_than_the_model_has_and_dense_models_are_refused():
-    with pytest.raises(ConfigError, match="'adapt.lora.layers': 3 final MoE layers .* has 2 \\(\\[0, 1\\]\\); set at most 2"):
+    message = "'adapt.lora.layers': 3 final MoE layers .* has 2 \\(\\[0, 1\\]\\); set at most 2"
+    with pytest.raises(ConfigError, match=message):
         LoRATraining(LoRASettings(layers=3)).prepare(tiny_model("olmoe"))
     with pytest.raises(MoelangError, match="llama model has no MoE layer"):
         LoRATraining().prepare(tiny_model("llama"))
@@ -120,7 +121,8 @@ def test_a_second_prepare_is_refused():
 def test_targets_are_the_final_layers_tensors_by_their_full_names():
     model = tiny_model("deepseek_v3")  # layer 0 dense: MoE layers 1 and 2
     assert target_parameters(model, LoRASettings(layers=1)) == [
-        "model.layers.2.mlp.experts.gate_up_proj", "model.layers.2.mlp.experts.down_proj", "model.layers.2.mlp.gate.weight"]
+        "model.layers.2.mlp.experts.gate_up_proj", "model.layers.2.mlp.experts.down_proj",
+        "model.layers.2.mlp.gate.weight"]
     assert target_parameters(model, LoRASettings(layers=2, targets=("router",))) == [
         "model.layers.1.mlp.gate.weight", "model.layers.2.mlp.gate.weight"]
     gpt = target_parameters(tiny_model("gpt_oss"), LoRASettings(layers=1, targets=("experts",)))
@@ -143,7 +145,8 @@ def test_lora_starts_as_the_base_and_adapts_each_expert_with_its_own_rank_r_upda
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names == set(lora_parameters(model)) and all(".lora_A." in n or ".lora_B." in n for n in names)
     assert {id(p) for p in trainable} == {id(p) for n, p in model.named_parameters() if n in names}
-    assert sum(p.numel() for p in trainable) == formula(model, settings) == expected_lora_parameters(tiny_model(family), settings)
+    assert sum(p.numel() for p in trainable) == formula(model, settings)
+    assert formula(model, settings) == expected_lora_parameters(tiny_model(family), settings)
     last = ModelAdapter(model).moe_layers[-1].index  # the adapter sees through the wrappers
     assert all(f".layers.{last}.mlp." in n for n in names)
 
@@ -301,7 +304,8 @@ def test_the_engine_trains_lora_exports_merged_plain_models_and_resumes_bit_iden
     assert not torch.equal(final["model.layers.1.mlp.gate.weight"], start["model.layers.1.mlp.gate.weight"])
     assert all(torch.equal(final[k], start[k]) for k in start if ".layers.1.mlp." not in k)
     for step, weights in ((0, start), (8, final)):
-        loaded, info = AutoModelForCausalLM.from_pretrained(staged_path(state, f"step-{step}"), output_loading_info=True)
+        loaded, info = AutoModelForCausalLM.from_pretrained(staged_path(state, f"step-{step}"),
+                                                            output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
         got = loaded.state_dict()
         assert all(torch.equal(got[k], weights[k]) for k in weights), step
@@ -327,7 +331,8 @@ def test_lora_rank_8_on_olmoe_1b_7b_layers_14_and_15():
     total = count_parameters(model)["total"]
     settings = LoRASettings(rank=8, layers=2)
     assert target_parameters(model, settings) == [
-        f"model.layers.{i}.mlp.{t}" for i in (14, 15) for t in ("experts.gate_up_proj", "experts.down_proj", "gate.weight")]
+        f"model.layers.{i}.mlp.{t}" for i in (14, 15)
+        for t in ("experts.gate_up_proj", "experts.down_proj", "gate.weight")]
     LoRATraining(settings).prepare(model)
     counts = count_parameters(model)
     # per layer: 64 experts x 8 x (2048 + 2 x 1024) + 64 x 8 x (1024 + 2048) + 8 x (2048 + 64)

@@ -180,7 +180,8 @@ def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for name, wrapper in wrappers.items():
             base = wrapper.get_param()
-            merged[f"{_original_name(name)}.{wrapper.parameter_name}"] = base + wrapper.get_delta_weight(ADAPTER).to(base.dtype)
+            delta = wrapper.get_delta_weight(ADAPTER).to(base.dtype)
+            merged[f"{_original_name(name)}.{wrapper.parameter_name}"] = base + delta
     factors = set(lora_parameters(model))
     state = {}
     for name, tensor in model.state_dict().items():
@@ -234,8 +235,8 @@ class LoRATraining(TrainingMethod):
             param.requires_grad_(name in factors)
         count = sum(p.numel() for p in factors.values())
         if count != expected:  # a PEFT whose layout differs from the one this module was checked against
-            raise MoelangError(f"LoRA: peft created {count} adapter parameters where {expected} were expected; this peft "
-                               f"version is not the one moelang supports (see pyproject.toml)")
+            raise MoelangError(f"LoRA: peft created {count} adapter parameters where {expected} were expected; this "
+                               f"peft version is not the one moelang supports (see pyproject.toml)")
         base = sum(p.numel() for name, p in model.named_parameters() if name not in factors)
         log.info("lora: rank %d, alpha %g on %s of MoE layers %s: %d trainable parameters (%.4f%% of %d)",
                  self.settings.rank, self.settings.alpha, " and ".join(self.settings.targets),
