@@ -66,6 +66,14 @@ class MoELayer:
         return int(shape[1] if self.transposed else shape[2])
 
 
+def unwrapped(module: nn.Module | None) -> nn.Module | None:
+    """``module``, or the module inside it when a PEFT tuner layer wraps it (LoRA on its raw
+    parameters, :mod:`moelang.models.lora`; nested wrappers included): the family's own experts and
+    router modules, whose tensors and attributes the adapter reads and whose forward its hooks see."""
+    get_base_layer = getattr(module, "get_base_layer", None)
+    return get_base_layer() if callable(get_base_layer) else module
+
+
 class ModelAdapter:
     """The family-independent view of a causal LM (see the module docstring)."""
 
@@ -91,10 +99,10 @@ class ModelAdapter:
 
     def _moe_layer(self, index: int) -> MoELayer | None:
         mlp = self.layers[index].mlp
-        experts = getattr(mlp, "experts", None)
+        experts = unwrapped(getattr(mlp, "experts", None))
         if self.spec.router_attr is None or experts is None:
             return None  # a dense layer (a dense family, or DeepSeek's first_k_dense_replace layers)
-        router = getattr(mlp, self.spec.router_attr)
+        router = unwrapped(getattr(mlp, self.spec.router_attr))
         return MoELayer(
             index=index,
             block=mlp,

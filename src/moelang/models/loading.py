@@ -174,7 +174,8 @@ def check_process_devices(device: str, rule: str, environ=None) -> None:
 def count_parameters(model=None, config=None) -> dict:
     """Total and trainable parameters (and per-expert size) of ``model``, or of ``config`` built on the
     meta device. An expert-rows parametrization, or experts split into their own module, count the
-    full fused tensor once in the total and only the trainable experts as trainable.
+    full fused tensor once in the total and only the trainable experts as trainable; LoRA factors count
+    as trainable, not in the total (the total is the model's, as saved).
 
     A config may record ``num_experts_per_layer`` (one entry per decoder layer: an expanded model whose
     MoE layers have different expert counts; 1 for a dense layer); the meta model then gets those
@@ -194,7 +195,8 @@ def count_parameters(model=None, config=None) -> dict:
     for name, param in model.named_parameters():
         is_rows = name.endswith(".rows") and ".parametrizations." in name
         is_split_copy = ".experts.chosen." in name  # moelang.models.adapters.SPLIT_CHILD
-        if not (is_rows or is_split_copy):
+        is_lora_factor = ".lora_A." in name or ".lora_B." in name  # moelang.models.lora: merged away at the end
+        if not (is_rows or is_split_copy or is_lora_factor):
             total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
