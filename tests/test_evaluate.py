@@ -316,11 +316,22 @@ def _fake_eval(tmp_path, models, accuracies, picks):
     return tasks
 
 
-def test_models_sort_by_step_and_results_flag_chance_and_constant_answers(tmp_path):
+def test_models_keep_the_registry_order_and_results_flag_chance_and_constant_answers(tmp_path):
     import math
 
-    models = {"cpt-step200": {"method": "cpt"}, "lora": {"method": "lora"}, "cpt-step50": {"method": "cpt"},
-              "cpt-step0": {"method": "base"}, "cpt-step1000": {"method": "cpt"}}
+    from moelang import config as cfg
+
+    # the rule's options list the models in the registry's order (base, CPT by step, others), which
+    # JSON's sorted keys would lose
+    (tmp_path / "lora-model").mkdir()
+    (tmp_path / "lora-model" / "config.json").write_text("{}")
+    config = cfg.validate({"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}},
+                           "allocation": {"new_experts": 4}, "model": {"cpt": {"train": {"steps": 1000}}},
+                           "evaluation": {"models": {"lora": {"ref": str(tmp_path / "lora-model"), "method": "lora"}}}})
+    summary_options = cfg.eval_summary_options(config, ["synthetic_belebele"])
+    assert summary_options.order == ["cpt-step0", "cpt-step250", "cpt-step500", "cpt-step750", "cpt-step1000", "lora"]
+    models = {"cpt-step0": {"method": "base"}, "cpt-step50": {"method": "cpt"}, "cpt-step200": {"method": "cpt"},
+              "cpt-step1000": {"method": "cpt"}, "lora": {"method": "lora"}}
     accuracies = {"cpt-step0": 0.25, "cpt-step50": 0.31, "cpt-step200": 0.36, "cpt-step1000": 0.45, "lora": 0.28}
     picks = {name: [25, 25, 25, 25] for name in models} | {"cpt-step0": [100, 0, 0, 0]}
     _fake_eval(tmp_path, models, accuracies, picks)

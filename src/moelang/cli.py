@@ -286,7 +286,10 @@ def cmd_eval_summary(args) -> None:
     from moelang.evaluate import summarize
 
     options = opts.EvalSummaryOptions.from_json(args.options)
-    summarize(args.eval_dir, options.models, args.tasks, options.families, options.high_resource,
+    missing = sorted(set(options.models) - set(options.order))
+    if missing:
+        raise MoelangError(f"eval-summary: models {missing} have no place in --options' order; list every model there")
+    summarize(args.eval_dir, {name: options.models[name] for name in options.order}, args.tasks, options.families, options.high_resource,
               options.targets, options.base_model)
 
 

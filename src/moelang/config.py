@@ -561,7 +561,7 @@ def evaluation_options(config: dict, name: str | None = None) -> opts.Evaluation
 def eval_summary_options(config: dict, families: list[str]) -> opts.EvalSummaryOptions:
     evaluated = registry.evaluated(config)
     return opts.EvalSummaryOptions(
-        models=registry.summary_models(config), families=list(families),
+        models=registry.summary_models(config), order=list(evaluated), families=list(families),
         high_resource=list(config["languages"]["high_resource"]), targets=list(config["languages"]["targets"]),
         base_model=next((n for n, e in evaluated.items() if e.method == "base"), None))
 

@@ -492,18 +492,6 @@ def evaluate_model(model_ref: str, family: str, tasks: dict, task_dir: str | Pat
 # The results table and summary
 # --------------------------------------------------------------------------------------------------
 
-def model_order(models: dict[str, dict]) -> list[str]:
-    """The base model first, then CPT checkpoints by step (``cpt-step200`` after ``cpt-step50``), then
-    the other models by name."""
-    def key(name: str):
-        step = re.fullmatch(r"cpt-step(\d+)", name)
-        if models[name].get("method") == "base":
-            return (0, int(step.group(1)) if step else 0, name)
-        return (1, int(step.group(1)), name) if step else (2, 0, name)
-
-    return sorted(models, key=key)
-
-
 def p_above_chance(value: float, n_items: int | None, chance: float) -> float | None:
     """One-sided binomial test: the probability that guessing at ``chance`` scores ``value`` or more
     on ``n_items`` items."""
@@ -517,7 +505,7 @@ def p_above_chance(value: float, n_items: int | None, chance: float) -> float | 
 def collect(eval_dir: str | Path, models: dict[str, dict], tasks: dict, families: list[str]) -> pl.DataFrame:
     eval_dir = Path(eval_dir)
     rows = []
-    for name in model_order(models):
+    for name in list(models):
         entry = models[name]
         for family in families:
             data = json.loads((eval_dir / name / f"{family}.json").read_text())
@@ -546,7 +534,7 @@ def collect(eval_dir: str | Path, models: dict[str, dict], tasks: dict, families
                              row["n_tokens"], None, None, None, None))
     table = pl.DataFrame(rows, schema=RESULTS_SCHEMA, orient="row")
     # Rows in model order (base, CPT steps ascending, others), then by task, language and metric.
-    rank = {name: i for i, name in enumerate(model_order(models))}
+    rank = {name: i for i, name in enumerate(list(models))}
     return (table.with_columns(pl.col("model").replace_strict(rank, return_dtype=pl.Int64).alias("_rank"))
             .sort("_rank", "task", "lang", "metric", maintain_order=True).drop("_rank"))
 
@@ -603,7 +591,7 @@ def summary_markdown(table: pl.DataFrame, models: dict[str, dict], high_resource
                   "|---|---|---:|---:|---:|---:|" + ("---:|" if accuracy else "") + "---:|"]
         base = part.filter((pl.col("model") == base_model) & pl.col("lang").is_in(high_resource)) if base_model else None
         flagged = []
-        for name in model_order(models):
+        for name in list(models):
             entry = models[name]
             rows = part.filter(pl.col("model") == name)
             if rows.height == 0:
@@ -636,7 +624,8 @@ def summary_markdown(table: pl.DataFrame, models: dict[str, dict], high_resource
 def summarize(eval_dir: str | Path, models: dict[str, dict], task_dir: str | Path, families: list[str],
               high_resource: list[str], targets: list[str], base_model: str | None) -> pl.DataFrame:
     """Write ``results.parquet`` and ``summary.md`` of ``models`` (name -> {ref, method,
-    trainable_fraction}: :func:`moelang.registry.summary_models`). A model's trainable fraction is
+    trainable_fraction}: :func:`moelang.registry.summary_models`), rows in the order of ``models``
+    (the registry's: the base, CPT checkpoints by step, adapted models, the listed ones). A model's trainable fraction is
     the one its training run recorded (:func:`moelang.registry.trainable_fraction`); the configured
     one only for a model without a record."""
     tasks = json.loads((Path(task_dir) / "tasks.json").read_text())

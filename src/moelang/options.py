@@ -547,8 +547,11 @@ class EvaluationOptions(LoadOptions):
 class EvalSummaryOptions(StageOptions):
     """The results table (``moelang eval-summary``)."""
 
-    models: list[str] = field(default_factory=list)
-    """Models in the table, in order."""
+    models: dict[str, dict] = field(default_factory=dict)
+    """Name -> {ref, method, trainable_fraction} of every evaluated model
+    (:func:`moelang.registry.summary_models`)."""
+    order: list[str] = field(default_factory=list)
+    """The models' order in the table: the registry's (JSON objects do not keep one)."""
     families: list[str] = field(default_factory=list)
     """Task families evaluated."""
     high_resource: list[str] = field(default_factory=list)
