@@ -239,6 +239,41 @@ def _kept_for_allocation(similarity_path: str) -> list[str]:
     return sorted(set(table["lang_a"]) | set(table["lang_b"]))
 
 
+def cmd_adapt(args) -> None:
+    from moelang.train import die_with_launcher
+
+    die_with_launcher()
+    from moelang.adapt import adapt_target
+    from moelang.models.loading import check_process_devices
+
+    def from_config(config):
+        return cfg.adapt_options(config, cfg.check_lang(args.lang), args.methods.split(",") if args.methods else None)
+
+    options = _options(args, opts.AdaptOptions, from_config, " --lang LANG")
+    check_process_devices(options.device, "adapt")
+    tokens = _lang_paths([args.tokens], "adapt")
+    if options.lang not in tokens:
+        raise MoelangError(f"adapt: --tokens '{args.tokens}' is not the token file of '{options.lang}' "
+                           f"(results/tokens/{options.lang}.parquet)")
+    if not Path(args.selected).is_file():
+        raise MoelangError(f"adapt: '{args.selected}' does not exist; run the routing metrics first")
+    adapt_target(tokens[options.lang], args.selected, options, args.out, args.state_dir)
+
+
+def cmd_adapt_select(args) -> None:
+    from moelang.adapt import select_target
+
+    cfg.check_lang(args.lang)
+    select_target(args.lang, {"runs": _existing(args.runs, "adapt-select", "adaptation run")}, args.out,
+                  Path(args.root) / args.lang)
+
+
+def cmd_adapt_gather(args) -> None:
+    from moelang.adapt import gather_runs
+
+    gather_runs(_existing(args.tables, "adapt-gather", "runs table"), args.out)
+
+
 def cmd_allocate(args) -> None:
     from moelang.allocation import run_allocation
 
@@ -405,6 +440,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results/similarity/<model>.<method>.parquet")
     p.add_argument("--plot", default=None, help="results/similarity/<model>.<method>.png")
     p.set_defaults(func=cmd_similarity)
+
+    p = sub.add_parser("adapt", help="final-layer expert fine-tuning of one target: every method and learning rate")
+    _add_option_source(p)
+    p.add_argument("--lang", help="with --config: the target language")
+    p.add_argument("--methods", help="with --config: comma-separated methods (default: adapt.methods)")
+    p.add_argument("--tokens", required=True, help="results/tokens/<lang>.parquet")
+    p.add_argument("--selected", required=True, help="results/routing/selected_experts.json")
+    p.add_argument("--out", required=True, help="results/adapt (runs go to <out>/<lang>/<method>/lr-<lr>)")
+    p.add_argument("--state-dir", required=True, help="training states for resuming (removed on success)")
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("adapt-select", help="select each method's learning rate by held-out perplexity")
+    p.add_argument("--lang", required=True)
+    p.add_argument("--runs", nargs="+", required=True, help="results/adapt/<lang>/<method>/lr-<lr> directories")
+    p.add_argument("--root", required=True, help="results/adapt (selected runs go to <root>/<lang>/<method>/selected)")
+    p.add_argument("--out", required=True, help="results/adapt/<lang>/runs.parquet")
+    p.set_defaults(func=cmd_adapt_select)
+
+    p = sub.add_parser("adapt-gather", help="every target's runs in one table")
+    p.add_argument("--tables", nargs="*", default=[], help="results/adapt/<lang>/runs.parquet files (none: an empty table)")
+    p.add_argument("--out", required=True, help="results/adapt/runs.parquet")
+    p.set_defaults(func=cmd_adapt_gather)
 
     p = sub.add_parser("allocate", help="LayerMoE's new experts per layer (and baselines) from a similarity table")
     _add_option_source(p)

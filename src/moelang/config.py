@@ -127,6 +127,7 @@ def _check_semantics(config: dict) -> None:
         raise ConfigError(f"config key 'similarity.model': '{sim_model}' is not a profiled model; use one of "
                           f"{', '.join(registry.profiled(config))}")
     selection_model(config)
+    _check_adapt(config)
     unknown = sorted(set(config["resources"]) - set(STAGE_RESOURCES) - {"default", "gpus"})
     if unknown:
         raise ConfigError(f"config key 'resources.{unknown[0]}': not a rule of the workflow; use one of "
@@ -138,6 +139,33 @@ def _check_semantics(config: dict) -> None:
     _check_local_sources(config)
     _check_model(config)
     _check_evaluation(config)
+
+
+def _check_adapt(config: dict) -> None:
+    """Adaptation keys that a schema cannot check: targets, methods, the start model."""
+    section = config["adapt"]
+    if not section["enabled"]:
+        return
+    targets = config["languages"]["targets"]
+    for lang in section["targets"] or []:
+        if lang not in targets:
+            raise ConfigError(f"config key 'adapt.targets': '{lang}' is not in languages.targets "
+                              f"({', '.join(targets)}); adapt configured targets only")
+    top = f"seft_top{config['routing']['top_n']}"
+    known = ["ssft", "seft", top, "random", "random_hr", "aeft", "full-ft", "lora"]
+    for name in section["methods"]:
+        if name not in known:
+            hint = (f"the routing metrics choose seft_top{{N}} with N = routing.top_n ({config['routing']['top_n']})"
+                    if name.startswith("seft_top") else f"use one of {', '.join(known)}")
+            raise ConfigError(f"config key 'adapt.methods': '{name}' is not a method; {hint}")
+    if "random_hr" in section["methods"] and len(set(targets.values())) < 2:
+        raise ConfigError("config key 'adapt.methods': random_hr trains another parent's experts, and every target has "
+                          "the same parent; remove random_hr or add a target with another parent")
+    start = adapt_start(config)
+    if start.name != selection_model(config).name:
+        raise ConfigError(f"config key 'adapt.start_model': '{start.name}' differs from the model whose routing chose the "
+                          f"expert sets ('{selection_model(config).name}'); set routing.selection_model to "
+                          f"'{start.name}' too, so that the experts are chosen on the model being adapted")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -546,6 +574,41 @@ def allocation_options(config: dict, kept: list[str]) -> opts.AllocationOptions:
         model=entry.series, checkpoint_step=entry.checkpoint_step)
 
 
+def adapt_targets(config: dict) -> list[str]:
+    """The targets to adapt (``adapt.targets``, default every configured target), in config order;
+    the workflow adapts those of them that the corpus stage kept."""
+    if not config["adapt"]["enabled"]:
+        return []
+    chosen = config["adapt"]["targets"]
+    return [t for t in config["languages"]["targets"] if chosen is None or t in chosen]
+
+
+def adapt_start(config: dict) -> registry.ModelEntry:
+    """The model adaptation starts from: ``adapt.start_model`` (a profiled model's name), default the
+    model whose routing chose the expert sets (``routing.selection_model``)."""
+    name = config["adapt"]["start_model"]
+    if name is None:
+        return selection_model(config)
+    profiled = registry.profiled(config)
+    if name not in profiled:
+        raise ConfigError(f"config key 'adapt.start_model': '{name}' is not a profiled model; use one of "
+                          f"{', '.join(profiled)}")
+    return profiled[name]
+
+
+def adapt_options(config: dict, lang: str, methods: list[str] | None = None) -> opts.AdaptOptions:
+    """Options of the adaptation job of target ``lang`` (all configured methods, or ``methods``)."""
+    section = {k: v for k, v in config["adapt"].items() if k not in opts.AdaptOptions.NOT_OPTIONS}
+    start = adapt_start(config)
+    evaluation = config["evaluation"]
+    return opts.AdaptOptions(
+        **section | {"methods": list(methods or section["methods"]),
+                     "train": opts.TrainSettings.from_dict(section["train"], what="adapt.train")},
+        **_load_fields(config, start), lang=lang, parent=config["languages"]["targets"][lang], start=start.name,
+        final_layers=config["routing"]["final_layers"], seed=config["seed"],
+        heldout={k: evaluation[k] for k in ("tokens_per_language", "seq_len", "batch_tokens")})
+
+
 def evaluation_options(config: dict, name: str | None = None) -> opts.EvaluationOptions:
     """Evaluation options; with ``name``, of that registered model (without: what building the tasks needs)."""
     section = _section_fields(opts.EvaluationOptions, config["evaluation"])
@@ -558,10 +621,12 @@ def evaluation_options(config: dict, name: str | None = None) -> opts.Evaluation
     return opts.EvaluationOptions(**section, **loading, seed=config["seed"])
 
 
-def eval_summary_options(config: dict, families: list[str]) -> opts.EvalSummaryOptions:
-    evaluated = registry.evaluated(config)
+def eval_summary_options(config: dict, families: list[str], names: list[str] | None = None) -> opts.EvalSummaryOptions:
+    """The summary of the evaluated models (``names``: those of this run, default all), in registry order."""
+    evaluated = {n: e for n, e in registry.evaluated(config).items() if names is None or n in names}
+    models = registry.summary_models(config)
     return opts.EvalSummaryOptions(
-        models=registry.summary_models(config), order=list(evaluated), families=list(families),
+        models={n: models[n] for n in evaluated}, order=list(evaluated), families=list(families),
         high_resource=list(config["languages"]["high_resource"]), targets=list(config["languages"]["targets"]),
         base_model=next((n for n, e in evaluated.items() if e.method == "base"), None))
 
@@ -588,6 +653,9 @@ STAGE_RESOURCES: dict[str, dict] = {
     "routing_metrics": {"runtime": 30, "mem_mb": 8000},
     "layer_similarity": {"runtime": 240, "mem_mb": 64000, "gpu": 1},
     "allocate_experts": {"runtime": 10, "mem_mb": 2000},
+    "adapt": {"runtime": 1440, "mem_mb": 64000, "gpu": 1},
+    "select_adapt": {"runtime": 10, "mem_mb": 4000},
+    "gather_adapt": {"runtime": 5, "mem_mb": 2000},
     "eval_tasks": {"runtime": 30, "mem_mb": 8000},
     "evaluate_tasks": {"runtime": 480, "mem_mb": 64000, "gpu": 1},
     "evaluate_perplexity": {"runtime": 240, "mem_mb": 64000, "gpu": 1},
@@ -619,6 +687,9 @@ RULE_CONTAINER_FAMILY: dict[str, str] = {
     "routing_metrics": "model",
     "layer_similarity": "model",
     "allocate_experts": "model",
+    "adapt": "model",
+    "select_adapt": "model",
+    "gather_adapt": "model",
     "eval_tasks": "eval",
     "evaluate_tasks": "eval",
     "evaluate_perplexity": "eval",

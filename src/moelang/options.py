@@ -498,6 +498,48 @@ class AllocationOptions(StageOptions):
 
 
 # --------------------------------------------------------------------------------------------------
+# Adaptation
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AdaptOptions(LoadOptions):
+    """Final-layer expert fine-tuning of one target language (``moelang adapt``): every method and
+    learning rate of the job, each run trained from the start model on the target's train split."""
+
+    SECTION: ClassVar[str] = "adapt"
+    DERIVED: ClassVar[frozenset[str]] = frozenset({"ref", "revision", "dtype", "device", "trust_remote_code", "lang",
+                                                   "parent", "final_layers", "start", "seed", "heldout"})
+    NOT_OPTIONS: ClassVar[frozenset[str]] = frozenset({"enabled", "targets", "start_model", "job_per"})
+
+    lang: str = ""
+    """The target language."""
+    parent: str = ""
+    """Its high-resource parent (``languages.targets``)."""
+    start: str = ""
+    """The start model's name in the registry (the run records name it)."""
+    methods: list[str] = field(default_factory=lambda: ["ssft", "seft", "aeft", "full-ft"])
+    """Methods to run (``moelang.adapt.ADAPT_METHODS``; ``seft_top{N}`` with N = ``routing.top_n``)."""
+    learning_rates: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
+    """Peak learning rates of the sweep; each (method, rate) is one run."""
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=100, aux_loss_coef=0.0))
+    """Every run's training settings (its ``lr`` is the run's rate from ``learning_rates``)."""
+    final_layers: int = 2
+    """K: the final K MoE layers are adapted (``routing.final_layers``: where the expert sets were chosen)."""
+    mask_router: bool = True
+    """Expert methods: while training, route each token of the K layers among the chosen experts only."""
+    lora: dict = field(default_factory=lambda: {"rank": 8, "alpha": 16.0, "targets": ["experts", "router"]})
+    """The ``lora`` method's settings (``moelang.models.lora.LoRASettings``: rank, alpha, targets)."""
+    share_frozen_pass: bool = True
+    """Runs whose trainable parameters all lie in the final K layers share one pass of the frozen layers
+    below them (``moelang.sweep``); ``full-ft`` always trains alone."""
+    seed: int = 0
+    """The run's seed (data order; every run of a target sees the same batches)."""
+    heldout: dict = field(default_factory=lambda: {"tokens_per_language": 100000, "seq_len": 512, "batch_tokens": 8192})
+    """Held-out perplexity of each run on the target, which selects the learning rate
+    (``evaluation.tokens_per_language``, ``seq_len``, ``batch_tokens``)."""
+
+
+# --------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------
 
@@ -572,6 +614,7 @@ STAGE_OPTIONS: dict[str, type[StageOptions]] = {
     "routing-metrics": RoutingMetricsOptions,
     "similarity": SimilarityOptions,
     "allocate": AllocationOptions,
+    "adapt": AdaptOptions,
     "evaluate": EvaluationOptions,
     "eval-summary": EvalSummaryOptions,
 }

@@ -64,6 +64,10 @@ class ModelEntry:
     trainable_fraction: float | None = None
     """The configured ``evaluation.models.<name>.trainable_fraction`` of an external model; the
     evaluation summary prefers the run's record (:func:`trainable_fraction`)."""
+    target: str | None = None
+    """The language an adapted model was adapted to (None for every other model)."""
+    start: str | None = None
+    """The name of the model an adapted model started from (its gains are measured against it)."""
 
     @property
     def is_output(self) -> bool:
@@ -118,7 +122,26 @@ def listed_models(config: dict) -> list[ModelEntry]:
             for name, spec in config["evaluation"]["models"].items()]
 
 
-MODEL_PRODUCERS: list[Producer] = [base_and_cpt_models, listed_models]
+def adapted_models(config: dict) -> list[ModelEntry]:
+    """The selected run of every (target, method) of the adaptation stage (``adapt``), evaluated,
+    named ``adapt-{target}-{method}``; made by the target's ``select_adapt`` job. A target the corpus
+    stage drops has entries too: the rules ask only for the kept ones."""
+    from moelang.config import adapt_targets
+
+    if not config["adapt"]["enabled"]:
+        return []
+    # from the profiled models alone (the registry is still being built): adapt.start_model, else
+    # routing.selection_model, else the last profiled model; moelang.config checks the names
+    candidates = [e.name for e in base_and_cpt_models(config) if e.profiled]
+    start = config["adapt"]["start_model"] or config["routing"]["selection_model"] or candidates[-1]
+    return [ModelEntry(name=f"adapt-{lang}-{method}", ref=f"results/adapt/{lang}/{method}/selected", revision=None,
+                       method=method, rule="select_adapt", profiled=False, evaluated=True,
+                       series=f"adapt-{lang}-{method}", checkpoint_step=config["adapt"]["train"]["steps"],
+                       target=lang, start=start)
+            for lang in adapt_targets(config) for method in config["adapt"]["methods"]]
+
+
+MODEL_PRODUCERS: list[Producer] = [base_and_cpt_models, adapted_models, listed_models]
 """The functions that make the registry, in DAG order. An adaptation stage appends its own
 (:func:`model_producer`); ``listed_models`` stays last so that a listed model may point at any
 workflow output made before it."""
@@ -175,7 +198,8 @@ def workflow_inputs(entry: ModelEntry) -> list[str]:
 def summary_models(config: dict) -> dict[str, dict]:
     """What the evaluation summary needs of each evaluated model: name -> {ref, method,
     trainable_fraction (the configured one of an external model; the run's record wins)}."""
-    return {name: {"ref": e.ref, "method": e.method, "trainable_fraction": e.trainable_fraction}
+    return {name: {"ref": e.ref, "method": e.method, "trainable_fraction": e.trainable_fraction, "target": e.target,
+                   "start": e.start}
             for name, e in evaluated(config).items()}
 
 

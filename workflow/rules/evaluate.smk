@@ -70,10 +70,17 @@ rule evaluate_perplexity:
         " --tokens {input.tokens:q} --out {output:q} 2>&1 | tee {log:q}"
 
 
+def evaluated_names(wildcards=None):
+    """The evaluated models of this run: an adapted model only when the corpus kept its target."""
+    kept = set(kept_languages())
+    return [name for name, entry in EVALUATED.items() if entry.target is None or entry.target in kept]
+
+
 def eval_outputs(wildcards=None):
-    files = [f"results/eval/{name}/{family}.json" for name in EVALUATED for family in EVAL_FAMILIES]
+    names = evaluated_names()
+    files = [f"results/eval/{name}/{family}.json" for name in names for family in EVAL_FAMILIES]
     if config["evaluation"]["perplexity"]:
-        files += [f"results/eval/{name}/perplexity.parquet" for name in EVALUATED]
+        files += [f"results/eval/{name}/perplexity.parquet" for name in names]
     return files
 
 
@@ -89,7 +96,7 @@ rule eval_summary:
         table="results/eval/results.parquet",
         summary="results/eval/summary.md",
     params:
-        options=lambda w: mcfg.to_json(mcfg.eval_summary_options(config, EVAL_FAMILIES)),
+        options=lambda w: mcfg.to_json(mcfg.eval_summary_options(config, EVAL_FAMILIES, evaluated_names())),
     log:
         "results/logs/eval/summary.log",
     shell:

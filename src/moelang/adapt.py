@@ -1,0 +1,456 @@
+"""Stage: adaptation I, final-layer expert fine-tuning of a new language (paper A).
+
+Every run starts from the same model (``adapt.start_model``; default the model whose routing chose the
+expert sets, the last CPT checkpoint) and trains on the target language's train split only, through the
+one training engine (:func:`moelang.train.train`). What trains is the method's (:data:`ADAPT_METHODS`,
+a name -> builder registry; a new method is one :func:`adapt_method` entry):
+
+* ``ssft``, ``seft``, ``seft_top{N}``, ``random``, ``random_hr``: the expert set of that name in
+  ``results/routing/selected_experts.json`` (the routing metrics chose them on the parent language),
+  in each of the final K MoE layers, plus the whole router of each of those layers (the authors do;
+  weight decay then also shrinks the rows of the experts that are not trained);
+* ``aeft``: every expert of the final K layers, plus their routers;
+* ``full-ft``: every parameter;
+* ``lora``: PEFT LoRA on the final K layers' fused expert tensors and routers
+  (:mod:`moelang.models.lora`), merged into the weights before saving.
+
+The expert methods train the chosen slices as their own small experts module
+(:func:`moelang.models.adapters.split_experts`): optimizer state and weight decay touch nothing else,
+and every other slice, layer, norm and the embeddings end bit-identical to the start. With
+``adapt.mask_router`` (default) the router of each adapted layer routes among the chosen experts only
+while training (:mod:`moelang.models.router_mask`); evaluation and the saved model never see the
+mask. No load-balancing loss by default (``adapt.train.aux_loss_coef: 0``, as the authors).
+
+Every (method, learning rate) of the job is one run with its own training state
+(``results/state/adapt/{lang}/{method}/lr-{lr}``, resumable like any training job). Runs whose trainable
+parameters all lie in the final K layers share one pass of the frozen layers below them
+(``adapt.share_frozen_pass``, :mod:`moelang.sweep`); ``full-ft`` trains alone. After training, each
+run's held-out perplexity on the target is measured; it selects the learning rate per (target, method)
+(:func:`select_runs`).
+
+Outputs
+-------
+``results/adapt/{lang}/{method}/lr-{lr}/``
+    the adapted model (a plain ``save_pretrained`` checkpoint of the start model's architecture, with
+    its tokenizer), ``train_log.parquet`` (the engine's log), ``moelang_run.json`` (method, parameter
+    counts, steps, tokens) and ``heldout.json`` (``lang``, ``perplexity``, ``tokens``: the target's
+    held-out perplexity, ``experts``: the trained experts per layer, ``lr``).
+``results/adapt/{lang}/{method}/selected/``
+    the selected run's files (hard links: no second copy), the model the evaluation stage sees.
+``results/adapt/{lang}/runs.parquet``, ``results/adapt/runs.parquet`` (:data:`RUNS_SCHEMA`)
+    one row per run: ``lang``, ``method``, ``lr`` float64, ``layers`` list<int32> (the adapted layers),
+    ``experts_per_layer`` list<int32> (experts trained in each of them; every expert for aeft, full-ft
+    and lora), ``trainable_params`` int64, ``total_params`` int64, ``trainable_fraction`` float64,
+    ``steps`` int64, ``tokens`` int64, ``final_loss`` float64 (mean of the last 10% of steps),
+    ``heldout_perplexity`` float64, ``selected`` bool (the lowest perplexity of its (lang, method);
+    ties go to the smaller rate).
+
+Our schedule differs from the authors' (authors-code.md): their cosine horizon runs past the end of
+training, so their rate stays near its peak; ours (``adapt.train``) decays to ``min_lr_ratio`` x lr
+at the last step unless ``cosine_horizon_steps`` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+import pyarrow as pa
+
+from moelang.errors import ConfigError, MoelangError
+from moelang.io import atomic_dir, atomic_path, log, write_json, write_table
+from moelang.options import AdaptOptions
+
+RUNS_SCHEMA = pa.schema([
+    ("lang", pa.string()),
+    ("method", pa.string()),
+    ("lr", pa.float64()),
+    ("layers", pa.list_(pa.int32())),
+    ("experts_per_layer", pa.list_(pa.int32())),
+    ("trainable_params", pa.int64()),
+    ("total_params", pa.int64()),
+    ("trainable_fraction", pa.float64()),
+    ("steps", pa.int64()),
+    ("tokens", pa.int64()),
+    ("final_loss", pa.float64()),
+    ("heldout_perplexity", pa.float64()),
+    ("selected", pa.bool_()),
+])
+HELDOUT_FILE = "heldout.json"
+SELECTED_DIR = "selected"
+EXPERT_SET_METHODS = ("ssft", "seft", "random", "random_hr")  # and seft_top{N}: sets in selected_experts.json
+
+
+def lr_name(lr: float) -> str:
+    """The run directory's name for learning rate ``lr``: ``lr-0.001``, ``lr-1e-05`` (Python's ``g``)."""
+    return f"lr-{lr:g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The method registry
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class AdaptContext:
+    """What a method's builder gets: the start model's adapter, the adapted layers, the target's
+    expert sets (method -> {layer: expert ids}) and the job's options."""
+
+    adapter: object
+    layers: list[int]
+    expert_sets: dict[str, dict[str, list[int]]]
+    options: AdaptOptions
+
+    def expert_set(self, name: str) -> dict[int, list[int]]:
+        if name not in self.expert_sets:
+            raise MoelangError(f"adapt: results/routing/selected_experts.json has no '{name}' set for "
+                               f"'{self.options.lang}' (it has {', '.join(sorted(self.expert_sets))}); use one of "
+                               f"those in adapt.methods, or rerun the routing metrics")
+        sets = {int(layer): list(ids) for layer, ids in self.expert_sets[name].items()}
+        if sorted(sets) != self.layers:
+            raise MoelangError(f"adapt: the '{name}' experts of '{self.options.lang}' are for layers {sorted(sets)}, "
+                               f"the start model's final {len(self.layers)} MoE layers are {self.layers}; rerun the "
+                               f"routing metrics on the start model (routing.selection_model = adapt.start_model)")
+        return sets
+
+
+Builder = Callable[[AdaptContext], object]  # -> moelang.models.methods.TrainingMethod
+ADAPT_METHODS: dict[str, Builder] = {}
+"""Method name -> builder of its :class:`~moelang.models.methods.TrainingMethod`."""
+
+
+def adapt_method(name: str):
+    """Register a builder under ``name`` (decorator)."""
+    def register(builder: Builder) -> Builder:
+        ADAPT_METHODS[name] = builder
+        return builder
+    return register
+
+
+def method_builder(name: str) -> Builder:
+    """The builder of ``name``; ``seft_top{N}`` names the chosen-set method of that set."""
+    if name in ADAPT_METHODS:
+        return ADAPT_METHODS[name]
+    if re.fullmatch(r"seft_top\d+", name):
+        return lambda ctx: _expert_subset(ctx, ctx.expert_set(name))
+    raise ConfigError(f"config key 'adapt.methods': '{name}' is not a method; use one of "
+                      f"{', '.join(known_methods())}")
+
+
+def known_methods(top_n: int | None = None) -> list[str]:
+    return list(ADAPT_METHODS) + [f"seft_top{top_n if top_n is not None else 'N'}"]
+
+
+def trains_final_layers_only(name: str) -> bool:
+    """True for methods whose trainable parameters all lie in the adapted layers (they may share the
+    frozen pass below them)."""
+    return name != "full-ft"
+
+
+def _expert_subset(ctx: AdaptContext, experts: dict[int, list[int]]):
+    from moelang.models.methods import ExpertSubset
+
+    return ExpertSubset(experts=experts, routers=list(ctx.layers), mask_router=ctx.options.mask_router)
+
+
+for _name in EXPERT_SET_METHODS:
+    adapt_method(_name)(lambda ctx, name=_name: _expert_subset(ctx, ctx.expert_set(name)))
+
+
+@adapt_method("aeft")
+def _aeft(ctx: AdaptContext):
+    counts = ctx.adapter.experts_per_layer
+    return _expert_subset(ctx, {layer: list(range(counts[layer])) for layer in ctx.layers})
+
+
+@adapt_method("full-ft")
+def _full_ft(ctx: AdaptContext):
+    from moelang.models.methods import FullTraining
+
+    return FullTraining()
+
+
+@adapt_method("lora")
+def _lora(ctx: AdaptContext):
+    from moelang.models.lora import LoRASettings, LoRATraining
+
+    spec = ctx.options.lora
+    settings = LoRASettings(rank=spec["rank"], alpha=float(spec["alpha"]), targets=tuple(spec["targets"]),
+                            layers=len(ctx.layers), seed=ctx.options.seed)
+    settings.check("adapt.lora")
+    return LoRATraining(settings)
+
+
+def trained_experts(name: str, ctx: AdaptContext) -> list[int]:
+    """Experts trained in each adapted layer (for the runs table)."""
+    counts = ctx.adapter.experts_per_layer
+    if name in ("aeft", "full-ft", "lora"):
+        return [counts[layer] for layer in ctx.layers]
+    sets = ctx.expert_set(name)
+    return [len(sets[layer]) for layer in ctx.layers]
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+def final_moe_layers(adapter, k: int) -> list[int]:
+    layers = sorted(adapter.experts_per_layer)
+    if k > len(layers):
+        raise MoelangError(f"config key 'routing.final_layers': {k} adapted layers, the start model has "
+                           f"{len(layers)} MoE layers; use at most {len(layers)}")
+    return layers[-k:]
+
+
+def read_expert_sets(selected_path: str | Path, lang: str) -> dict[str, dict[str, list[int]]]:
+    selected = json.loads(Path(selected_path).read_text(encoding="utf-8"))
+    if lang not in selected:
+        raise MoelangError(f"adapt: '{lang}' has no selected experts in {selected_path} (its parent has no routing "
+                           f"profile, or the corpus dropped it); remove it from adapt.targets")
+    return selected[lang]
+
+
+def run_dirs(out_root: str | Path, lang: str, methods: list[str], learning_rates: list[float]) -> dict[tuple, Path]:
+    return {(m, lr): Path(out_root) / lang / m / lr_name(lr) for m in methods for lr in learning_rates}
+
+
+def adapt_target(token_file: str | Path, selected_path: str | Path, options: AdaptOptions | dict,
+                 out_root: str | Path, state_root: str | Path) -> list[dict]:
+    """Train every (method, learning rate) of ``options`` on ``options.lang``; write each run's
+    directory under ``out_root/{lang}/{method}/lr-{lr}`` (see the module docstring). A run whose
+    export is already staged in its state (a job killed after it) is not trained again."""
+    options = AdaptOptions.coerce(options)
+    from transformers import AutoTokenizer
+
+    from moelang.models import ModelAdapter, load_model
+    from moelang.train import exclusive_state
+
+    lang = options.lang
+    for name in options.methods:
+        method_builder(name)  # an unknown method stops before anything loads
+    expert_sets = read_expert_sets(selected_path, lang)
+    state_root = Path(state_root) / lang
+    state_root.mkdir(parents=True, exist_ok=True)
+    with exclusive_state(state_root / "job"):
+        tokenizer = AutoTokenizer.from_pretrained(options.ref, revision=options.revision,
+                                                  trust_remote_code=options.trust_remote_code)
+        start = load_model(options.ref, revision=options.revision, dtype=options.dtype, device="cpu",
+                           trust_remote_code=options.trust_remote_code)
+        adapter = ModelAdapter(start)
+        if not adapter.is_moe:
+            raise MoelangError(f"adapt: the start model '{options.start}' has no MoE layers; expert fine-tuning needs "
+                               f"an MoE model (adapt.start_model)")
+        ctx = AdaptContext(adapter=adapter, layers=final_moe_layers(adapter, options.final_layers),
+                           expert_sets=expert_sets, options=options)
+        methods = {name: method_builder(name)(ctx) for name in options.methods}  # checks every set first
+        runs = [(name, lr) for name in options.methods for lr in options.learning_rates]
+        log.info("adapt %s: %d runs (%s x lr %s) from %s, layers %s", lang, len(runs), ", ".join(options.methods),
+                 ", ".join(f"{lr:g}" for lr in options.learning_rates), options.start, ctx.layers)
+        _train_runs(start, tokenizer, token_file, ctx, methods, runs, state_root)
+        results = []
+        for name, lr in runs:
+            staged = _staged(state_root, name, lr)
+            results.append(json.loads((staged / HELDOUT_FILE).read_text()))
+        from moelang.train import publish
+
+        for name, lr in runs:
+            publish(_run_state(state_root, name, lr), {"model": Path(out_root) / lang / name / lr_name(lr)})
+        for name in options.methods:
+            for leftover in sorted((state_root / name).glob("*.lock")):  # the published runs' locks
+                leftover.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (state_root / name).rmdir()
+    return results
+
+
+def _run_state(state_root: Path, name: str, lr: float) -> Path:
+    return state_root / name / lr_name(lr)
+
+
+def _staged(state_root: Path, name: str, lr: float) -> Path:
+    from moelang.train import staged_path
+
+    return staged_path(_run_state(state_root, name, lr), "model")
+
+
+def _finished(staged: Path) -> bool:
+    return (staged / HELDOUT_FILE).is_file()
+
+
+def _train_runs(start, tokenizer, token_file, ctx: AdaptContext, methods: dict, runs: list[tuple[str, float]],
+                state_root: Path) -> None:
+    """Train the runs not finished yet: those that may share the frozen pass together (when the
+    options say so and :mod:`moelang.sweep` is there), the others one by one."""
+    from moelang.train import PackedStream
+
+    options = ctx.options
+    todo = [(name, lr) for name, lr in runs if not _finished(_staged(state_root, name, lr))]
+    for name, lr in runs:
+        if (name, lr) not in todo:
+            log.info("adapt %s: %s lr %g already trained (staged in %s)", options.lang, name, lr,
+                     _run_state(state_root, name, lr))
+    settings = {run: options.train.replace(lr=run[1], seed=options.seed, mixture={options.lang: 1.0}) for run in todo}
+
+    def stream():
+        first = next(iter(settings.values()))
+        return PackedStream({options.lang: token_file}, {options.lang: 1.0}, first.seq_len, tokenizer.eos_token_id,
+                            options.seed)
+
+    shared = [run for run in todo if options.share_frozen_pass and trains_final_layers_only(run[0])]
+    alone = [run for run in todo if run not in shared]
+    if len(shared) > 1 and _sweep_available():
+        from moelang.sweep import SweepRun, train_sweep
+
+        sweep_runs = []
+        for name, lr in shared:
+            sweep_runs.append(SweepRun(settings=settings[(name, lr)], method=copy.deepcopy(methods[name]),
+                                       state_dir=_run_state(state_root, name, lr),
+                                       export_steps=_exports(tokenizer, state_root, name, lr, settings[(name, lr)]),
+                                       inputs=_inputs(options, name)))
+        log.info("adapt %s: %d runs share one pass of the layers below %d", options.lang, len(shared), ctx.layers[0])
+        results = train_sweep(start, stream(), sweep_runs)
+        for (name, lr), result in zip(shared, results):
+            _finish_run(result, ctx, name, lr, settings[(name, lr)], state_root, token_file, tokenizer)
+    else:
+        alone = shared + alone
+    for name, lr in alone:
+        from moelang.train import train
+
+        model = copy.deepcopy(start)
+        result = train(model, stream(), settings[(name, lr)], _run_state(state_root, name, lr),
+                       inputs=_inputs(options, name), method=copy.deepcopy(methods[name]),
+                       export_steps=_exports(tokenizer, state_root, name, lr, settings[(name, lr)]))
+        _finish_run(result, ctx, name, lr, settings[(name, lr)], state_root, token_file, tokenizer)
+        del model
+
+
+def _sweep_available() -> bool:
+    try:
+        import moelang.sweep  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _inputs(options: AdaptOptions, name: str) -> dict[str, str]:
+    """What else a run's training state depends on (the engine fingerprints weights, data and method)."""
+    return {"start model": f"{options.start} ({options.ref})", "adaptation method": name,
+            "lora": json.dumps(options.lora, sort_keys=True) if name == "lora" else ""}
+
+
+def _exports(tokenizer, state_root: Path, name: str, lr: float, settings) -> dict:
+    from moelang.train import export_model
+
+    staged = _staged(state_root, name, lr)
+    return {settings.steps: lambda m, sd: export_model(m, tokenizer, staged, state_dict=sd)}
+
+
+def _finish_run(result, ctx: AdaptContext, name: str, lr: float, settings, state_root: Path, token_file,
+                tokenizer) -> None:
+    """After a run: its log, run record and held-out perplexity on the target, staged with its model."""
+    from moelang.evaluate import perplexity
+    from moelang.models import load_model
+    from moelang.options import EvaluationOptions
+    from moelang.registry import write_run_record
+
+    staged = _staged(state_root, name, lr)
+    write_table(result.log_table(), staged / "train_log.parquet")
+    write_run_record(staged, name, result.parameters, settings.steps, result.tokens_at(settings.steps))
+    # measured on the exported model, as the evaluation stage will load it
+    model = load_model(staged, dtype=ctx.options.dtype, device=ctx.options.device).eval()
+    heldout = EvaluationOptions(**ctx.options.heldout)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    measured = perplexity(model, token_file, eos, heldout)
+    record = {"lang": ctx.options.lang, "method": name, "lr": lr, "layers": ctx.layers,
+              "experts_per_layer": trained_experts(name, ctx), "final_loss": result.final_loss, **measured}
+    write_json(record, staged / HELDOUT_FILE)  # last: its presence marks the run finished
+    log.info("adapt %s: %s lr %g: loss %.3f, held-out perplexity %.2f, %s trainable (%.3f%%)", ctx.options.lang,
+             name, lr, result.final_loss, measured["perplexity"], f"{result.parameters['trainable']:,}",
+             100 * result.parameters["trainable_fraction"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------------
+
+def runs_table(run_dirs: list[str | Path]) -> pl.DataFrame:
+    """One row per run directory (:data:`RUNS_SCHEMA`), ``selected`` set by :func:`select_runs`."""
+    from moelang.registry import read_run_record
+
+    rows = []
+    for directory in map(Path, run_dirs):
+        heldout_file = directory / HELDOUT_FILE
+        if not heldout_file.is_file():
+            raise MoelangError(f"adapt: '{directory}' has no {HELDOUT_FILE}; it is not a finished adaptation run "
+                               f"(rerun the adapt job)")
+        heldout = json.loads(heldout_file.read_text(encoding="utf-8"))
+        record = read_run_record(directory)
+        if record is None:
+            raise MoelangError(f"adapt: '{directory}' has no run record; rerun the adapt job")
+        rows.append({"lang": heldout["lang"], "method": heldout["method"], "lr": float(heldout["lr"]),
+                     "layers": heldout["layers"], "experts_per_layer": heldout["experts_per_layer"],
+                     "trainable_params": record["trainable_parameters"], "total_params": record["total_parameters"],
+                     "trainable_fraction": record["trainable_fraction"], "steps": record["steps"],
+                     "tokens": record["tokens"], "final_loss": heldout["final_loss"],
+                     "heldout_perplexity": heldout["perplexity"], "selected": False})
+    return pl.from_arrow(pa.Table.from_pylist(rows, schema=RUNS_SCHEMA))
+
+
+def select_runs(table: pl.DataFrame) -> pl.DataFrame:
+    """Mark, per (lang, method), the run with the lowest held-out perplexity (ties: the smaller rate;
+    a non-finite perplexity is never chosen over a finite one)."""
+    ranked = table.with_columns(
+        pl.when(pl.col("heldout_perplexity").is_finite()).then(pl.col("heldout_perplexity"))
+        .otherwise(float("inf")).alias("_ppl"))
+    best = ranked.sort(["lang", "method", "_ppl", "lr"]).group_by(["lang", "method"], maintain_order=True).first()
+    chosen = set(zip(best["lang"], best["method"], best["lr"]))
+    return table.with_columns(
+        pl.Series("selected", [(l, m, lr) in chosen for l, m, lr in zip(table["lang"], table["method"], table["lr"])]))
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+    """``dest`` as a tree of hard links to ``source``'s files (a copy where links cannot be made)."""
+    for path in sorted(source.rglob("*")):
+        target = dest / path.relative_to(source)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+
+
+def select_target(lang: str, method_dirs: dict[str, list[str | Path]], out_table: str | Path,
+                  selected_root: str | Path) -> pl.DataFrame:
+    """The selection job of one target: ``runs.parquet`` of its runs and, per method,
+    ``{selected_root}/{method}/selected`` holding the chosen run's files."""
+    runs = [d for dirs in method_dirs.values() for d in dirs]
+    table = select_runs(runs_table(runs))
+    if set(table["lang"]) - {lang}:
+        raise MoelangError(f"adapt selection: runs of {sorted(set(table['lang']) - {lang})} given for '{lang}'")
+    for row in table.filter(pl.col("selected")).iter_rows(named=True):
+        source = Path(selected_root) / row["method"] / lr_name(row["lr"])
+        with atomic_dir(Path(selected_root) / row["method"] / SELECTED_DIR) as tmp:
+            _link_tree(source, tmp)
+        log.info("adapt %s: %s selects lr %g (held-out perplexity %.2f)", lang, row["method"], row["lr"],
+                 row["heldout_perplexity"])
+    write_table(table.to_arrow().cast(RUNS_SCHEMA), out_table)
+    return table
+
+
+def gather_runs(tables: list[str | Path], out_table: str | Path) -> pl.DataFrame:
+    """``results/adapt/runs.parquet``: every target's runs table."""
+    parts = [pl.read_parquet(t) for t in tables]
+    table = pl.concat(parts) if parts else pl.from_arrow(RUNS_SCHEMA.empty_table())
+    write_table(table.to_arrow().cast(RUNS_SCHEMA), out_table)
+    return table

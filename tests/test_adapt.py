@@ -1,0 +1,211 @@
+"""Adaptation I: final-layer expert fine-tuning runs, their outputs and the learning-rate selection."""
+
+import json
+import math
+import re
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moelang import adapt
+from moelang import config as cfg
+from moelang.errors import ConfigError, MoelangError
+from moelang.options import AdaptOptions, TrainSettings
+from test_resume_cli import make_base
+from test_train import patterned_docs, write_tokens
+
+SETS = {"ssft": {"0": [1, 2, 5], "1": [0, 3, 6]}, "seft": {"0": [1, 2], "1": [3]},
+        "random": {"0": [4, 7], "1": [2]}, "seft_top3": {"0": [1, 2, 6], "1": [3, 4, 5]}}
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapt")
+    make_base(root / "start")
+    write_tokens(root / "ca.parquet", patterned_docs(60, seed=3), splits=["train"] * 48 + ["heldout"] * 12)
+    (root / "selected.json").write_text(json.dumps({"ca": SETS}))
+    return root
+
+
+def options(start, **overrides) -> AdaptOptions:
+    values = dict(ref=str(start / "start"), device="cpu", lang="ca", parent="es", start="cpt-step4",
+                  methods=["ssft", "aeft", "full-ft", "lora"], learning_rates=[1e-3, 2e-2],
+                  train=TrainSettings(steps=4, seq_len=16, micro_batch_size=4, lr=1e-3, aux_loss_coef=0.0,
+                                      checkpoint_every=2),
+                  final_layers=2, lora={"rank": 2, "alpha": 4.0, "targets": ["experts", "router"]},
+                  heldout={"tokens_per_language": 400, "seq_len": 32, "batch_tokens": 256})
+    return AdaptOptions(**values | overrides)
+
+
+def weights(directory):
+    return load_file(str(directory / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def adapted(start, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    results = adapt.adapt_target(start / "ca.parquet", start / "selected.json", options(start), out / "adapt",
+                                 out / "state")
+    return out, results
+
+
+def test_expert_methods_change_only_the_chosen_slices_and_routers(start, adapted):
+    out, _ = adapted
+    before = weights(start / "start")
+    for method, chosen in [("ssft", {0: [1, 2, 5], 1: [0, 3, 6]}), ("aeft", {0: list(range(8)), 1: list(range(8))})]:
+        after = weights(out / "adapt" / "ca" / method / "lr-0.02")
+        assert set(after) == set(before)  # the original architecture's names, nothing added
+        for name, tensor in before.items():
+            layer = next((i for i in (0, 1) if f"layers.{i}.mlp." in name), None)
+            expert = re.search(r"\.experts\.(\d+)\.", name)  # saved one tensor per expert
+            if layer is not None and expert is not None:
+                changed = not torch.equal(after[name], tensor)
+                assert changed == (int(expert.group(1)) in chosen[layer]), (method, name)
+            elif layer is not None and name.endswith("mlp.gate.weight"):
+                assert not torch.equal(after[name], tensor), (method, name)  # the whole router trains
+            else:  # embeddings, attention, norms, lm_head
+                assert torch.equal(after[name], tensor), (method, name)
+    full = weights(out / "adapt" / "ca" / "full-ft" / "lr-0.02")
+    assert not torch.equal(full["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+
+
+def test_runs_are_plain_checkpoints_with_their_records(start, adapted):
+    from transformers import AutoModelForCausalLM
+
+    out, results = adapted
+    assert len(results) == 8
+    for method in ("ssft", "aeft", "full-ft", "lora"):
+        for lr in ("lr-0.001", "lr-0.02"):
+            run = out / "adapt" / "ca" / method / lr
+            model, info = AutoModelForCausalLM.from_pretrained(run, output_loading_info=True)
+            assert type(model).__name__ == "OlmoeForCausalLM" and not any(info.values()), (method, info)
+            assert not (run / "adapter_config.json").exists()
+            record = json.loads((run / "moelang_run.json").read_text())
+            assert record["method"] == method and record["steps"] == 4
+            heldout = json.loads((run / "heldout.json").read_text())
+            assert heldout["lang"] == "ca" and math.isfinite(heldout["perplexity"])
+            assert pq.read_table(run / "train_log.parquet").num_rows == 4
+    # trainable counts from the configuration, computed here: an expert is gate_up (2 x 16 x 32) +
+    # down (32 x 16) = 1536 parameters, a router 8 x 32
+    records = {m: json.loads((out / "adapt" / "ca" / m / "lr-0.001" / "moelang_run.json").read_text())
+               for m in ("ssft", "aeft", "full-ft")}
+    assert records["ssft"]["trainable_parameters"] == 6 * 1536 + 2 * 8 * 32
+    assert records["aeft"]["trainable_parameters"] == 16 * 1536 + 2 * 8 * 32
+    assert records["full-ft"]["trainable_parameters"] == records["full-ft"]["total_parameters"]
+    assert not (out / "state" / "ca" / "ssft").exists()  # published: the training state is gone
+
+
+def test_selection_picks_the_lowest_heldout_perplexity(start, adapted, tmp_path):
+    out, _ = adapted
+    root = out / "adapt" / "ca"
+    runs = [root / m / lr for m in ("ssft", "aeft", "full-ft", "lora") for lr in ("lr-0.001", "lr-0.02")]
+    table = adapt.select_target("ca", {"runs": runs}, tmp_path / "runs.parquet", root)
+    assert pq.read_schema(tmp_path / "runs.parquet") == adapt.RUNS_SCHEMA
+    for method in ("ssft", "aeft", "full-ft", "lora"):
+        ppl = {lr: json.loads((root / method / f"lr-{lr:g}" / "heldout.json").read_text())["perplexity"]
+               for lr in (1e-3, 2e-2)}
+        best = min(ppl, key=lambda lr: (ppl[lr], lr))
+        rows = table.filter(pl.col("method") == method)
+        assert rows.filter(pl.col("selected"))["lr"].to_list() == [best]
+        chosen = root / method / "selected"
+        assert (chosen / "model.safetensors").samefile(root / method / f"lr-{best:g}" / "model.safetensors")
+    ssft = table.filter((pl.col("method") == "ssft") & (pl.col("lr") == 1e-3)).row(0, named=True)
+    assert ssft["layers"] == [0, 1] and ssft["experts_per_layer"] == [3, 3]
+    assert ssft["trainable_fraction"] == pytest.approx(ssft["trainable_params"] / ssft["total_params"])
+    gathered = adapt.gather_runs([tmp_path / "runs.parquet"], tmp_path / "all.parquet")
+    assert gathered.height == 8 and adapt.gather_runs([], tmp_path / "none.parquet").height == 0
+
+
+def test_ties_and_nan_in_selection():
+    table = pl.DataFrame({"lang": ["ca"] * 4, "method": ["ssft"] * 3 + ["seft"], "lr": [1e-3, 1e-4, 4e-3, 1e-3],
+                          "heldout_perplexity": [5.0, 5.0, float("nan"), float("nan")], "selected": [False] * 4})
+    chosen = adapt.select_runs(table)
+    assert chosen["selected"].to_list() == [False, True, False, True]
+
+
+def test_a_killed_job_resumes_to_the_same_models(start, adapted, tmp_path, monkeypatch):
+    out, _ = adapted
+    finish = adapt._finish_run
+    calls = []
+
+    def dies_after_two_runs(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the job is killed after two runs
+        calls.append(args[2:4])
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(adapt, "_finish_run", dies_after_two_runs)
+    with pytest.raises(KeyboardInterrupt):
+        adapt.adapt_target(start / "ca.parquet", start / "selected.json", options(start), tmp_path / "adapt",
+                           tmp_path / "state")
+    assert not (tmp_path / "adapt").exists()  # nothing published before every run is done
+    monkeypatch.setattr(adapt, "_finish_run", finish)
+    adapt.adapt_target(start / "ca.parquet", start / "selected.json", options(start), tmp_path / "adapt",
+                       tmp_path / "state")
+    for method in ("ssft", "aeft", "full-ft", "lora"):
+        for lr in ("lr-0.001", "lr-0.02"):
+            a, b = weights(out / "adapt" / "ca" / method / lr), weights(tmp_path / "adapt" / "ca" / method / lr)
+            assert all(torch.equal(a[k], b[k]) for k in a), (method, lr)
+
+
+def test_bad_input_stops_before_training(start, tmp_path):
+    with pytest.raises(MoelangError, match="no selected experts.*remove it from adapt.targets"):
+        adapt.adapt_target(start / "ca.parquet", start / "selected.json", options(start, lang="et"),
+                           tmp_path / "adapt", tmp_path / "state")
+    with pytest.raises(MoelangError, match="no 'random_hr' set for 'ca'"):
+        adapt.adapt_target(start / "ca.parquet", start / "selected.json", options(start, methods=["random_hr"]),
+                           tmp_path / "adapt", tmp_path / "state")
+    with pytest.raises(MoelangError, match="routing.final_layers': 3 adapted layers"):
+        adapt.adapt_target(start / "ca.parquet", start / "selected.json", options(start, final_layers=3),
+                           tmp_path / "adapt", tmp_path / "state")
+    assert not (tmp_path / "adapt").exists()
+    base = {"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}}, "allocation": {"new_experts": 4}}
+    with pytest.raises(ConfigError, match="adapt.methods': 'sft' is not a method; use one of ssft, seft, seft_top20"):
+        cfg.validate(base | {"adapt": {"methods": ["sft"]}})
+    with pytest.raises(ConfigError, match="seft_top5.*routing.top_n \\(20\\)"):
+        cfg.validate(base | {"adapt": {"methods": ["seft_top5"]}})
+    with pytest.raises(ConfigError, match="adapt.learning_rates"):
+        cfg.validate(base | {"adapt": {"learning_rates": []}})
+    with pytest.raises(ConfigError, match="adapt.learning_rates"):
+        cfg.validate(base | {"adapt": {"learning_rates": [0.001, -1]}})
+    with pytest.raises(ConfigError, match="adapt.targets': 'et' is not in languages.targets"):
+        cfg.validate(base | {"adapt": {"targets": ["et"]}})
+    with pytest.raises(ConfigError, match="random_hr trains another parent's experts"):
+        cfg.validate(base | {"adapt": {"methods": ["random_hr"]}})
+    with pytest.raises(ConfigError, match="adapt.start_model': 'cpt-step200' differs"):
+        cfg.validate(base | {"adapt": {"start_model": "cpt-step200"}})
+
+
+def test_ssft_trains_between_1_5_and_2_5_percent_of_olmoe_1b_7b():
+    """SSFT with 11 experts in each of layers 14 and 15 plus their routers, on the real OLMoE-1B-7B
+    architecture (meta device: no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from moelang.models import count_parameters, load_config
+    from moelang.models.methods import ExpertSubset
+
+    config = load_config("allenai/OLMoE-1B-7B-0924")  # offline: moelang's copy of its config.json
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    ExpertSubset(experts={14: list(range(11)), 15: list(range(20, 31))}, routers=[14, 15]).prepare(model)
+    counts = count_parameters(model)
+    expert = 3 * 2048 * 1024  # gate, up and down projections of one expert
+    assert counts["trainable"] == 22 * expert + 2 * 64 * 2048
+    assert counts["total"] == 6_919_161_856
+    assert 0.015 < counts["trainable_fraction"] < 0.025  # 2.0%
+
+
+def test_default_config_builds_the_adaptation_jobs(repo):
+    config = cfg.load(repo / "config" / "config.yaml")
+    from moelang import registry
+
+    adapted = {n: e for n, e in registry.evaluated(config).items() if e.target is not None}
+    assert adapted and all(e.start == cfg.adapt_start(config).name for e in adapted.values())
+    for lang in cfg.adapt_targets(config):
+        options = cfg.adapt_options(config, lang)
+        assert options.lang == lang and options.parent == config["languages"]["targets"][lang]
+        assert options.train.aux_loss_coef == 0.0 and options.final_layers == config["routing"]["final_layers"]
+        assert {f"adapt-{lang}-{m}" for m in options.methods} <= set(adapted)

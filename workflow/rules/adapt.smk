@@ -1,0 +1,100 @@
+# Stage: adaptation I, final-layer expert fine-tuning of the targets. See src/moelang/adapt.py.
+
+from moelang.adapt import lr_name
+
+ADAPT = config["adapt"]
+ADAPT_TARGETS = mcfg.adapt_targets(config)
+ADAPT_METHODS = list(ADAPT["methods"])
+ADAPT_LRS = list(ADAPT["learning_rates"])
+ADAPT_START = mcfg.adapt_start(config) if ADAPT_TARGETS else None
+
+
+def adapted_targets(wildcards=None):
+    """The targets adapted in this run: adapt.targets that the corpus stage kept."""
+    kept = set(kept_languages())
+    return [lang for lang in ADAPT_TARGETS if lang in kept]
+
+
+def adapt_run_dirs(lang, methods):
+    return [f"results/adapt/{lang}/{method}/{lr_name(lr)}" for method in methods for lr in ADAPT_LRS]
+
+
+if ADAPT_TARGETS and ADAPT["job_per"] == "target":
+
+    rule adapt:
+        resources:
+            **mcfg.rule_resources(config, "adapt"),
+        container:
+            mcfg.rule_container(config, "adapt")
+        input:
+            start=model_registry.workflow_inputs(ADAPT_START),
+            tokens="results/tokens/{lang}.parquet",
+            selected="results/routing/selected_experts.json",
+        output:
+            [directory(path) for path in adapt_run_dirs("{lang}", ADAPT_METHODS)],
+        params:
+            options=lambda w: mcfg.to_json(mcfg.adapt_options(config, w.lang)),
+            launcher=mcfg.launcher(config, "adapt"),
+        threads: 2
+        log:
+            "results/logs/adapt/{lang}.log",
+        shell:
+            "OMP_NUM_THREADS={threads} {params.launcher} adapt --options {params.options:q} --tokens {input.tokens:q}"
+            " --selected {input.selected:q} --out results/adapt --state-dir results/state/adapt 2>&1 | tee {log:q}"
+
+elif ADAPT_TARGETS:
+
+    rule adapt:
+        resources:
+            **mcfg.rule_resources(config, "adapt"),
+        container:
+            mcfg.rule_container(config, "adapt")
+        input:
+            start=model_registry.workflow_inputs(ADAPT_START),
+            tokens="results/tokens/{lang}.parquet",
+            selected="results/routing/selected_experts.json",
+        output:
+            [directory(path) for path in adapt_run_dirs("{lang}", ["{method}"])],
+        wildcard_constraints:
+            method="|".join(map(re.escape, ADAPT_METHODS)),
+        params:
+            options=lambda w: mcfg.to_json(mcfg.adapt_options(config, w.lang, [w.method])),
+            launcher=mcfg.launcher(config, "adapt"),
+        threads: 2
+        log:
+            "results/logs/adapt/{lang}.{method}.log",
+        shell:
+            "OMP_NUM_THREADS={threads} {params.launcher} adapt --options {params.options:q} --tokens {input.tokens:q}"
+            " --selected {input.selected:q} --out results/adapt --state-dir results/state/adapt 2>&1 | tee {log:q}"
+
+
+rule select_adapt:
+    resources:
+        **mcfg.rule_resources(config, "select_adapt"),
+    container:
+        mcfg.rule_container(config, "select_adapt")
+    input:
+        lambda w: adapt_run_dirs(w.lang, ADAPT_METHODS),
+    output:
+        [directory(f"results/adapt/{{lang}}/{method}/selected") for method in ADAPT_METHODS],
+        table="results/adapt/{lang}/runs.parquet",
+    log:
+        "results/logs/adapt/{lang}.select.log",
+    shell:
+        "{MOELANG} adapt-select --lang {wildcards.lang:q} --runs {input:q} --root results/adapt"
+        " --out {output.table:q} 2>&1 | tee {log:q}"
+
+
+rule gather_adapt:
+    resources:
+        **mcfg.rule_resources(config, "gather_adapt"),
+    container:
+        mcfg.rule_container(config, "gather_adapt")
+    input:
+        lambda w: expand("results/adapt/{lang}/runs.parquet", lang=adapted_targets()),
+    output:
+        "results/adapt/runs.parquet",
+    log:
+        "results/logs/adapt/gather.log",
+    shell:
+        "{MOELANG} adapt-gather --tables {input:q} --out {output:q} 2>&1 | tee {log:q}"
