@@ -198,6 +198,15 @@ def test_ssft_trains_between_1_5_and_2_5_percent_of_olmoe_1b_7b():
     assert 0.015 < counts["trainable_fraction"] < 0.025  # 2.0%
 
 
+def test_adaptation_trains_without_load_balancing_unless_asked():
+    base = {"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}}, "allocation": {"new_experts": 4}}
+    assert cfg.adapt_options(cfg.validate(base | {"adapt": {"train": {"steps": 5}}}), "ca").train.aux_loss_coef == 0
+    assert cfg.adapt_options(cfg.validate(base), "ca").train.aux_loss_coef == 0
+    given = cfg.validate(base | {"adapt": {"train": {"steps": 5, "aux_loss_coef": 0.02}}})
+    assert cfg.adapt_options(given, "ca").train.aux_loss_coef == 0.02
+    assert cfg.validate(base)["model"]["cpt"]["train"]["aux_loss_coef"] == 0.01  # pre-training keeps its own
+
+
 def test_default_config_builds_the_adaptation_jobs(repo):
     config = cfg.load(repo / "config" / "config.yaml")
     from moelang import registry

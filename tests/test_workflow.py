@@ -35,6 +35,9 @@ def tiny_run(tmp_path_factory):
         "languages": {"high_resource": ["en", "es"], "targets": {"ca": "es", "gl": "es"}},
         "allocation": {"new_experts": 3},
         "evaluation": {"max_items": 20, "min_items": 5, "belebele_shots": 1, "batch_size": 8, "max_words": 12},
+        # gl is dropped by the corpus stage: only ca is adapted
+        "adapt": {"methods": ["ssft", "full-ft", "lora"], "learning_rates": [0.001, 0.01],
+                  "train": {"steps": 4, "seq_len": 32, "micro_batch_size": 4}},
         "corpus": {
             "min_chars": 2000,
             "builtin": {"packages": ["Django"], "english_prose": []},
@@ -153,8 +156,9 @@ def test_every_model_is_evaluated_into_one_table(tiny_run):
     work, _ = tiny_run
     table = pl.read_parquet(work / "results" / "eval" / "results.parquet")
     assert table.schema == pl.Schema(RESULTS_SCHEMA)
-    assert sorted(table["model"].unique()) == ["cpt-step0", "cpt-step3", "cpt-step6"]
-    assert set(table["method"]) == {"base", "cpt"}
+    adapted = ["adapt-ca-ssft", "adapt-ca-full-ft", "adapt-ca-lora"]
+    assert table["model"].unique(maintain_order=True).to_list() == ["cpt-step0", "cpt-step3", "cpt-step6"] + adapted
+    assert set(table["method"]) == {"base", "cpt", "ssft", "full-ft", "lora"}
     ppl = table.filter(pl.col("metric") == "perplexity")
     assert sorted(ppl["lang"].unique()) == ["ca", "en", "es"] and (ppl["value"] > 1).all()
     blimp = table.filter(pl.col("task").str.starts_with("moelang_synthetic_blimp") & (pl.col("metric") == "acc"))
@@ -162,6 +166,25 @@ def test_every_model_is_evaluated_into_one_table(tiny_run):
     raw = json.loads((work / "results" / "eval" / "cpt-step6" / "synthetic_blimp.json").read_text())
     assert "results" in raw and all(name.startswith("moelang_synthetic_blimp_") for name in raw["results"])
     assert "| cpt-step6 | cpt |" in (work / "results" / "eval" / "summary.md").read_text()
+
+
+def test_adaptation_runs_and_selection(tiny_run):
+    from moelang.adapt import RUNS_SCHEMA
+
+    work, _ = tiny_run
+    runs = pl.read_parquet(work / "results" / "adapt" / "runs.parquet")
+    assert runs.to_arrow().schema.equals(RUNS_SCHEMA)
+    assert runs.height == 3 * 2 and set(runs["lang"]) == {"ca"}  # gl was dropped: not adapted
+    assert runs.group_by("method").agg(pl.col("selected").sum())["selected"].to_list() == [1, 1, 1]
+    for row in runs.filter(pl.col("selected")).iter_rows(named=True):
+        run = work / "results" / "adapt" / "ca" / row["method"]
+        lr = f"lr-{row['lr']:g}"
+        assert (run / "selected" / "model.safetensors").samefile(run / lr / "model.safetensors")
+        record = json.loads((run / "selected" / "moelang_run.json").read_text())
+        assert record["method"] == row["method"] and record["trainable_parameters"] == row["trainable_params"]
+    selected = json.loads((work / "results" / "routing" / "selected_experts.json").read_text())
+    ssft = runs.filter(pl.col("method") == "ssft").row(0, named=True)
+    assert ssft["experts_per_layer"] == [len(selected["ca"]["ssft"][str(l)]) for l in ssft["layers"]]
 
 
 def test_sharded_jobs_give_what_one_job_gives(tiny_run, tmp_path):

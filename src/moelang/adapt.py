@@ -41,7 +41,7 @@ Outputs
     one row per run: ``lang``, ``method``, ``lr`` float64, ``layers`` list<int32> (the adapted layers),
     ``experts_per_layer`` list<int32> (experts trained in each of them; every expert for aeft, full-ft
     and lora), ``trainable_params`` int64, ``total_params`` int64, ``trainable_fraction`` float64,
-    ``steps`` int64, ``tokens`` int64, ``final_loss`` float64 (mean of the last 10% of steps),
+    ``steps`` int64, ``tokens`` int64, ``final_loss`` float64 (the training loss of the last step),
     ``heldout_perplexity`` float64, ``selected`` bool (the lowest perplexity of its (lang, method);
     ties go to the smaller rate).
 
@@ -358,6 +358,7 @@ def _finish_run(result, ctx: AdaptContext, name: str, lr: float, settings, state
     """After a run: its log, run record and held-out perplexity on the target, staged with its model."""
     from moelang.evaluate import perplexity
     from moelang.models import load_model
+    from moelang.models.loading import resolve_device
     from moelang.options import EvaluationOptions
     from moelang.registry import write_run_record
 
@@ -365,7 +366,7 @@ def _finish_run(result, ctx: AdaptContext, name: str, lr: float, settings, state
     write_table(result.log_table(), staged / "train_log.parquet")
     write_run_record(staged, name, result.parameters, settings.steps, result.tokens_at(settings.steps))
     # measured on the exported model, as the evaluation stage will load it
-    model = load_model(staged, dtype=ctx.options.dtype, device=ctx.options.device).eval()
+    model = load_model(staged, dtype=ctx.options.dtype, device=resolve_device(ctx.options.device)).eval()
     heldout = EvaluationOptions(**ctx.options.heldout)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     measured = perplexity(model, token_file, eos, heldout)

@@ -75,6 +75,11 @@ def validate(config: dict) -> dict:
     """
     if not isinstance(config, dict):
         raise ConfigError("the config must be a YAML mapping (key: value); see config/config.yaml")
+    adapt_train = (config.get("adapt") or {}).get("train") if isinstance(config.get("adapt"), dict) else None
+    if isinstance(adapt_train, dict):
+        # adaptation trains without a load-balancing loss unless asked (the authors use none); the
+        # shared training definition's default (0.01, for pre-training) must not fill it in
+        adapt_train.setdefault("aux_loss_coef", 0.0)
     validator = _validator_with_defaults()(load_schema())
     error = best_match(validator.iter_errors(config))
     if error is not None:

@@ -90,13 +90,15 @@ rule eval_summary:
     container:
         mcfg.rule_container(config, "eval_summary")
     input:
-        results=eval_outputs(),
+        results=eval_outputs,
         tasks="results/eval/tasks",
     output:
         table="results/eval/results.parquet",
         summary="results/eval/summary.md",
     params:
-        options=lambda w: mcfg.to_json(mcfg.eval_summary_options(config, EVAL_FAMILIES, evaluated_names())),
+        # from the inputs: they are known once the corpus checkpoint has decided the kept languages
+        options=lambda w, input: mcfg.to_json(mcfg.eval_summary_options(
+            config, EVAL_FAMILIES, [n for n in EVALUATED if any(f.startswith(f"results/eval/{n}/") for f in input.results)])),
     log:
         "results/logs/eval/summary.log",
     shell:
