@@ -261,6 +261,31 @@ def test_frozen_layers_with_dropout_are_refused(token_files, tmp_path):
         sweep(model, token_files, [tmp_path / "a"], [ssft()], [settings()])
 
 
+def with_top_dropout(model):
+    """Attention dropout in the trained layers 2 and 3 only: each training forward draws random numbers there."""
+    for layer in model.model.layers[2:]:
+        layer.self_attn.attention_dropout = 0.2
+    return model
+
+
+def test_each_run_draws_its_own_random_numbers_above_the_boundary(token_files, tmp_path):
+    # Alone, a run's dropout masks come from its own seeded generator; in the sweep the runs take turns,
+    # and each must still draw the masks it would alone (also across a stop and a resume).
+    run_settings = [settings(lr=lr, steps=4) for lr in LRS[1:]]
+    states = [tmp_path / f"sweep-{i}" for i in range(2)]
+    sweep(with_top_dropout(deep()), token_files, states, [ssft(), ssft()], run_settings, steps=(4,), stop_after=3)
+    results = sweep(with_top_dropout(deep()), token_files, states, [ssft(), ssft()], run_settings, steps=(4,))
+    assert [r.resumed_from for r in results] == [2, 2]
+    for i, result in enumerate(results):
+        single = alone(with_top_dropout(deep()), token_files, tmp_path / f"alone-{i}", ssft(), run_settings[i],
+                       steps=(4,))
+        assert_same_exports(states[i], tmp_path / f"alone-{i}", steps=(4,))
+        assert strip(result.log) == strip(single.log)
+    # the dropout is real: without it the same run ends elsewhere
+    plain = alone(deep(), token_files, tmp_path / "plain", ssft(), run_settings[0], steps=(4,))
+    assert strip(plain.log) != strip(results[0].log)
+
+
 def test_the_log_reports_each_runs_loss(token_files, tmp_path, caplog):
     import logging
 
