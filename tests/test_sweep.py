@@ -127,6 +127,7 @@ def test_lora_and_expert_runs_with_their_own_losses_share_a_pass(token_files, tm
     # LoRA on the last 2 layers, an expert run on the last layer only (layer 2 is then frozen in its own
     # copy), each with its own loss weights: z-loss without a balancing loss, and neither
     model = deep()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
     calls = count_calls(model)
     lora = lambda: LoRATraining(LoRASettings(rank=4, alpha=8.0, layers=2, seed=1))
     last = lambda: ExpertSubset(experts={3: [2, 4]}, routers=[3])
@@ -136,6 +137,8 @@ def test_lora_and_expert_runs_with_their_own_losses_share_a_pass(token_files, tm
     states = [tmp_path / f"sweep-{i}" for i in range(3)]
     results = sweep(model, token_files, states, [m() for m in methods], run_settings)
     assert calls == [STEPS * 2, STEPS * 2, 3 * STEPS * 2, 3 * STEPS * 2]
+    # merging LoRA and folding the split experts back wrote into the runs' own copies only
+    assert all(torch.equal(model.state_dict()[k], start[k]) for k in start)
     for i, (method, run_settings_, result) in enumerate(zip(methods, run_settings, results)):
         single = alone(deep(), token_files, tmp_path / f"alone-{i}", method(), run_settings_)
         assert_same_exports(states[i], tmp_path / f"alone-{i}")
