@@ -299,3 +299,14 @@ def test_the_log_reports_each_runs_loss(token_files, tmp_path, caplog):
     assert plan and "decoder layers 0-1 (of 4)" in plan[0] and "layers 2-3" in plan[0]
     last = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"sweep: step {STEPS}/{STEPS}")]
     assert last and "lr-1e-4 " in last[0] and "lr-4e-3 " in last[0]
+
+
+def test_a_bf16_sweep_ends_as_each_run_alone(token_files, tmp_path):
+    # bf16 autocast: the shared pass runs under the same autocast as each run's forward
+    run_settings = [settings(steps=3, lr=lr, dtype="bf16", checkpoint_every=0) for lr in LRS[1:]]
+    states = [tmp_path / f"sweep-{i}" for i in range(2)]
+    results = sweep(deep(), token_files, states, [ssft(), ssft()], run_settings, steps=(3,))
+    for i, result in enumerate(results):
+        single = alone(deep(), token_files, tmp_path / f"alone-{i}", ssft(), run_settings[i], steps=(3,))
+        assert_same_exports(states[i], tmp_path / f"alone-{i}", steps=(3,))
+        assert strip(result.log) == strip(single.log)
