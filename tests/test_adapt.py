@@ -218,3 +218,22 @@ def test_default_config_builds_the_adaptation_jobs(repo):
         assert options.lang == lang and options.parent == config["languages"]["targets"][lang]
         assert options.train.aux_loss_coef == 0.0 and options.final_layers == config["routing"]["final_layers"]
         assert {f"adapt-{lang}-{m}" for m in options.methods} <= set(adapted)
+
+
+def test_shared_frozen_pass_gives_the_models_of_separate_runs(start, adapted, tmp_path, monkeypatch):
+    import moelang.sweep
+
+    out, _ = adapted
+    calls = []
+    sweep = moelang.sweep.train_sweep
+    monkeypatch.setattr(moelang.sweep, "train_sweep", lambda *a, **k: calls.append(len(a[2])) or sweep(*a, **k))
+    adapt.adapt_target(start / "ca.parquet", start / "selected.json", options(start, share_frozen_pass=False),
+                       tmp_path / "adapt", tmp_path / "state")
+    assert calls == []  # every run alone
+    for method in ("ssft", "aeft", "lora", "full-ft"):
+        for lr in ("lr-0.001", "lr-0.02"):
+            a, b = weights(out / "adapt" / "ca" / method / lr), weights(tmp_path / "adapt" / "ca" / method / lr)
+            assert all(torch.equal(a[k], b[k]) for k in a), (method, lr)
+    adapt.adapt_target(start / "ca.parquet", start / "selected.json", options(start, methods=["ssft", "lora"]),
+                       tmp_path / "again", tmp_path / "state2")
+    assert calls == [4]  # ssft and lora at both rates in one pass
