@@ -19,7 +19,12 @@ def adapt_run_dirs(lang, methods):
     return [f"results/adapt/{lang}/{method}/{lr_name(lr)}" for method in methods for lr in ADAPT_LRS]
 
 
-if ADAPT_TARGETS and ADAPT["job_per"] == "target":
+# One job per target (every method and rate), or per (target, method) with a {method} wildcard.
+PER_METHOD = ADAPT["job_per"] == "method"
+JOB_METHODS = ["{method}"] if PER_METHOD else ADAPT_METHODS
+
+
+if ADAPT_TARGETS:
 
     rule adapt:
         resources:
@@ -31,38 +36,15 @@ if ADAPT_TARGETS and ADAPT["job_per"] == "target":
             tokens="results/tokens/{lang}.parquet",
             selected="results/routing/selected_experts.json",
         output:
-            [directory(path) for path in adapt_run_dirs("{lang}", ADAPT_METHODS)],
-        params:
-            options=lambda w: mcfg.to_json(mcfg.adapt_options(config, w.lang)),
-            launcher=mcfg.launcher(config, "adapt"),
-        threads: 2
-        log:
-            "results/logs/adapt/{lang}.log",
-        shell:
-            "OMP_NUM_THREADS={threads} {params.launcher} adapt --options {params.options:q} --tokens {input.tokens:q}"
-            " --selected {input.selected:q} --out results/adapt --state-dir results/state/adapt 2>&1 | tee {log:q}"
-
-elif ADAPT_TARGETS:
-
-    rule adapt:
-        resources:
-            **mcfg.rule_resources(config, "adapt"),
-        container:
-            mcfg.rule_container(config, "adapt")
-        input:
-            start=model_registry.workflow_inputs(ADAPT_START),
-            tokens="results/tokens/{lang}.parquet",
-            selected="results/routing/selected_experts.json",
-        output:
-            [directory(path) for path in adapt_run_dirs("{lang}", ["{method}"])],
+            [directory(path) for path in adapt_run_dirs("{lang}", JOB_METHODS)],
         wildcard_constraints:
             method="|".join(map(re.escape, ADAPT_METHODS)),
         params:
-            options=lambda w: mcfg.to_json(mcfg.adapt_options(config, w.lang, [w.method])),
+            options=lambda w: mcfg.to_json(mcfg.adapt_options(config, w.lang, [w.method] if PER_METHOD else None)),
             launcher=mcfg.launcher(config, "adapt"),
         threads: 2
         log:
-            "results/logs/adapt/{lang}.{method}.log",
+            "results/logs/adapt/{lang}.{method}.log" if PER_METHOD else "results/logs/adapt/{lang}.log",
         shell:
             "OMP_NUM_THREADS={threads} {params.launcher} adapt --options {params.options:q} --tokens {input.tokens:q}"
             " --selected {input.selected:q} --out results/adapt --state-dir results/state/adapt 2>&1 | tee {log:q}"
