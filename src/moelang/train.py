@@ -683,23 +683,7 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    config = getattr(model, "config", None)
-    uses_aux = settings.aux_loss_coef > 0 and hasattr(config, "router_aux_loss_coef")
-    uses_z = settings.z_loss_coef > 0
-    if uses_z and not hasattr(config, "output_router_logits"):
-        raise MoelangError(f"training option z_loss_coef: {type(model).__name__} has no router logits to regularise; "
-                           f"set z_loss_coef: 0")
-    if config is not None and hasattr(config, "output_router_logits"):
-        config.output_router_logits = uses_aux or uses_z
-        if config.output_router_logits:  # the model adds its weighted balancing loss itself: 0 when off
-            coef = settings.aux_loss_coef if uses_aux else 0.0
-            config.router_aux_loss_coef = coef
-            # transformers' MoE heads copy the weight from the config when they are built and read only
-            # their copy: without this, a family whose default differs (qwen3_moe, mixtral: 0.001)
-            # trains with its default while the log subtracts ours from the loss
-            if hasattr(model, "router_aux_loss_coef"):
-                model.router_aux_loss_coef = coef
-    loss_fn = loss_fn or lm_loss(settings.aux_loss_coef, uses_aux, settings.z_loss_coef)
+    loss_fn = configure_loss(model, settings, loss_fn)
     world = accelerator.num_processes
     rank = accelerator.process_index
     if settings.parallelism == "fsdp":
@@ -820,6 +804,29 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
     method.finalize(unwrapped)
     final_loss = rows[-1]["loss"] if rows else float("nan")
     return TrainResult(settings.steps, tokens, final_loss, resumed, time.perf_counter() - started, rows, parameters)
+
+
+def configure_loss(model, settings: TrainSettings, loss_fn: LossFn | None = None) -> LossFn:
+    """Set ``model``'s config for ``settings``' losses (router logits only when a load-balancing or
+    z-loss needs them; the balancing weight the model adds itself) and return ``loss_fn``, or the
+    default :func:`lm_loss` for ``settings``. Every training loop calls it on the model it trains."""
+    config = getattr(model, "config", None)
+    uses_aux = settings.aux_loss_coef > 0 and hasattr(config, "router_aux_loss_coef")
+    uses_z = settings.z_loss_coef > 0
+    if uses_z and not hasattr(config, "output_router_logits"):
+        raise MoelangError(f"training option z_loss_coef: {type(model).__name__} has no router logits to regularise; "
+                           f"set z_loss_coef: 0")
+    if config is not None and hasattr(config, "output_router_logits"):
+        config.output_router_logits = uses_aux or uses_z
+        if config.output_router_logits:  # the model adds its weighted balancing loss itself: 0 when off
+            coef = settings.aux_loss_coef if uses_aux else 0.0
+            config.router_aux_loss_coef = coef
+            # transformers' MoE heads copy the weight from the config when they are built and read only
+            # their copy: without this, a family whose default differs (qwen3_moe, mixtral: 0.001)
+            # trains with its default while the log subtracts ours from the loss
+            if hasattr(model, "router_aux_loss_coef"):
+                model.router_aux_loss_coef = coef
+    return loss_fn or lm_loss(settings.aux_loss_coef, uses_aux, settings.z_loss_coef)
 
 
 def _check_full_training(model) -> None:
