@@ -475,7 +475,8 @@ def main() -> None:
                 print(f"  {r['seconds']:.1f} s for {len(r['lrs'])} runs of {r['steps_per_run']} steps, "
                       f"{r['cpu_per_wall_s']:.2f} CPU s per wall s", flush=True)
     if not has_sweep:
-        print("moelang.sweep is not there (the shared-pass sweep, issue 13): the sweep part is skipped", file=sys.stderr)
+        print("moelang.sweep is not there (the shared-pass sweep, issue 13): the sweep part is skipped",
+              file=sys.stderr)
     contended = [v for v, r in results.items() if r["cpu_per_wall_s"] < CONTENDED_BELOW * THREADS]
     if contended:
         print(f"WARNING: {', '.join(contended)} got less than {CONTENDED_BELOW:.0%} of {THREADS} cores (another "
@@ -548,8 +549,9 @@ def limit_explanation(result: dict) -> str:
         return rates + "; another process shared the cores, so no conclusion is drawn."
     fraction = result["ssft_fraction_of_flop_limit"]
     if fraction > 1.05:
-        return (rates + ": the Full-FT step spends more time per FLOP, on work the limit does not count (for example an AdamW "
-                "update, gradient zeroing and clipping over every parameter; the element-wise backward of every layer).")
+        return (rates + ": the Full-FT step spends more time per FLOP, on work the limit does not count (for "
+                "example an AdamW update, gradient zeroing and clipping over every parameter; the element-wise "
+                "backward of every layer).")
     if fraction < 0.95:
         return (rates + ": the SSFT step spends more time per FLOP, on work that does not shrink with its backward "
                 "(the per-step overhead of the engine and the kernels' fixed cost per call, the same in both steps).")
@@ -588,8 +590,10 @@ def results_section(result: dict) -> str:
     else:
         shared, separate = details["sweep_shared"], details["sweep_separate"]
         sweep = (f"Sweep of {len(SWEEP_LRS)} SSFT learning rates ({', '.join(f'{lr:g}' for lr in SWEEP_LRS)}), "
-                 f"{training['sweep_steps_per_run']} steps each on the same batches: 5 `train` runs "
-                 f"{separate['seconds']:.1f} s, one `train_sweep` {shared['seconds']:.1f} s; "
+                 f"{training['sweep_steps_per_run']} steps each on the same batches, each way in its own process: "
+                 f"{len(SWEEP_LRS)} `train` runs {separate['seconds']:.1f} s (peak RSS "
+                 f"{separate['peak_rss_net_mib']:,.0f} MiB over the baseline, one run's model at a time), one "
+                 f"`train_sweep` {shared['seconds']:.1f} s ({shared['peak_rss_net_mib']:,.0f} MiB, every run at once); "
                  f"sweep_time_vs_separate = **{s['sweep_time_vs_separate']:.2f}x** (target <= "
                  f"{TARGETS['sweep_time_vs_separate']}x, {_met(s, 'sweep_time_vs_separate')}); the runs' final losses "
                  f"differ by at most {s['sweep_final_loss_max_difference']:.1e} between the two.")
@@ -614,7 +618,8 @@ lr {training['lr']:g}, no balancing loss. Each variant runs in its own process. 
 the process at the end minus its `ru_maxrss` just before the model is built (all imports done); the whole \
 process's peak beside it.
 
-| variant | trains | params trained | fraction | tokens/s (median) | range | peak RSS over baseline (MiB) | whole process (MiB) |
+| variant | trains | params trained | fraction | tokens/s (median) | range | peak RSS over baseline (MiB) \
+| whole process (MiB) |
 |---|---|---:|---:|---:|---:|---:|---:|
 {rows}
 
