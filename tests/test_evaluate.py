@@ -263,6 +263,65 @@ def test_shots_are_kept_while_nine_in_ten_prompts_fit(tmp_path):
     assert result["n-shot"]["moelang_belebele_cat_Latn"] == 1
 
 
+def test_one_job_per_model_writes_what_the_per_family_jobs_wrote(tmp_path, monkeypatch):
+    """All families through one harness run (two shot counts: a 1-shot mirrored Belebele task and
+    zero-shot synthetic ones) give each family's file exactly as a job of that family alone."""
+    import lm_eval.tasks
+
+    _mirrored_belebele(tmp_path, [4, 6, 8, 5, 7] * 4)
+    rng = np.random.default_rng(2)
+    docs = [" ".join(rng.choice(WORDS, rng.integers(6, 14))) for _ in range(80)]
+    pl.DataFrame({"doc_id": [f"d{i}" for i in range(80)], "lang": ["ca"] * 80, "text": docs,
+                  "split": ["heldout"] * 80}).write_parquet(tmp_path / "ca.parquet")
+    families = ["synthetic_blimp", "synthetic_belebele", "belebele"]
+    tasks = ev.build_tasks({"ca": tmp_path / "ca.parquet"}, {"tasks": families, "belebele_shots": 1, "max_items": 16,
+                                                            "min_items": 4, "mirror": str(tmp_path / "m")},
+                           tmp_path / "tasks")
+    assert sorted(t["n_shot"] for t in tasks.values()) == [0, 0, 1]
+    model = tiny_model("olmoe", seed=1).eval()
+    model.config.eos_token_id = model.config.bos_token_id = 2
+    model.save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    tokens = {"ca": write_tokens(tmp_path / "tokens.parquet", [[5, 6, 7, 8, 9, 10], [11, 12, 13]], ["heldout"] * 2)}
+    options = {"batch_size": 4, "seed": 0, "bootstrap_iters": 50, "tokens_per_language": None, "seq_len": 4,
+               "batch_tokens": 8}
+    indexed = []
+    manager_class = lm_eval.tasks.TaskManager
+
+    class RecordingManager(manager_class):
+        def __init__(self, *args, **kwargs):
+            indexed.append(kwargs.get("include_defaults", True))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", RecordingManager)
+    ev.evaluate_model(str(tmp_path / "model"), [*families, "perplexity"], tasks, tmp_path / "tasks", tokens, options,
+                      tmp_path / "one")
+    for family in [*families, "perplexity"]:
+        ev.evaluate_model(str(tmp_path / "model"), [family], tasks, tmp_path / "tasks", tokens, options,
+                          tmp_path / "apart")
+    # local tasks only: the harness's own task index (thousands of YAMLs) is never built
+    assert indexed == [False] * 4
+    for family in families:
+        one = json.loads((tmp_path / "one" / f"{family}.json").read_text())
+        apart = json.loads((tmp_path / "apart" / f"{family}.json").read_text())
+        names = {n for n, t in tasks.items() if t["family"] == family}
+        assert set(one["results"]) == set(one["moelang"]["fit"]) == set(one["n-shot"]) == names
+        assert one == apart
+    assert json.loads((tmp_path / "one" / "belebele.json").read_text())["n-shot"] == {"moelang_belebele_cat_Latn": 1}
+    one, apart = (pl.read_parquet(tmp_path / d / "perplexity.parquet") for d in ("one", "apart"))
+    assert one.equals(apart) and one["n_tokens"].to_list() == [9]  # every held-out token is predicted
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted([f"{f}.json" for f in families]
+                                                                         + ["perplexity.parquet"])
+
+
+def test_an_unknown_family_or_perplexity_without_tokens_stops_before_loading_the_model(tmp_path):
+    with pytest.raises(MoelangError, match="unknown task family 'blimp'"):
+        ev.evaluate_model(str(tmp_path / "absent"), ["blimp"], {}, tmp_path, {}, {}, tmp_path / "out")
+    with pytest.raises(MoelangError, match="perplexity needs --tokens"):
+        ev.evaluate_model(str(tmp_path / "absent"), ["perplexity"], {}, tmp_path, {}, {}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_repeated_warnings_are_counted_and_summarised_once_per_kind():
     import logging
 

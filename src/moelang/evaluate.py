@@ -59,6 +59,7 @@ import json
 import logging
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -345,8 +346,10 @@ def _request_lengths(lm, task) -> dict[int, int]:
     return lengths
 
 
-def fit_prompts(lm, manager, task_names: list[str], n_shot: int, options: EvaluationOptions | dict) -> dict[str, dict]:
+def fit_prompts(lm, manager, task_names: list[str], n_shot: int | dict[str, int],
+                options: EvaluationOptions | dict) -> dict[str, dict]:
     """Which items fit the model's context, per task: ``{"n_shot", "n_docs", "indices", "left_out"}``.
+    ``n_shot``: the shots asked for, one number for every task or task -> its own.
 
     The harness cuts a prompt longer than the model's positions from the left (the few-shot examples go first,
     then the passage) and scores what remains. Here each task's prompts are built by the harness itself
@@ -359,9 +362,10 @@ def fit_prompts(lm, manager, task_names: list[str], n_shot: int, options: Evalua
     limit = options.limit
     # The harness truncates when context + continuation exceed max_length + 1 (the last token is not fed).
     budget = lm.max_length + 1
+    asked = n_shot if isinstance(n_shot, dict) else dict.fromkeys(task_names, n_shot)
     fitted = {}
     for name in task_names:
-        for shots in range(n_shot, -1, -1):
+        for shots in range(asked[name], -1, -1):
             task = manager.load([name])["tasks"][name]
             if task.get_config("num_fewshot") != 0:  # as the harness: a task's own 0 shots are kept
                 task.set_config(key="num_fewshot", value=shots)
@@ -374,9 +378,9 @@ def fit_prompts(lm, manager, task_names: list[str], n_shot: int, options: Evalua
                 break
         fitted[name] = {"n_shot": int(task.get_config("num_fewshot") or 0), "n_docs": len(lengths),
                         "indices": indices, "left_out": len(lengths) - len(indices), "max_length": lm.max_length}
-        if fitted[name]["left_out"] or fitted[name]["n_shot"] < n_shot:
+        if fitted[name]["left_out"] or fitted[name]["n_shot"] < asked[name]:
             log.warning("evaluation: %s: %d of %d items fit %d positions with %d shots (asked for %d); %d left out",
-                        name, len(indices), len(lengths), lm.max_length, fitted[name]["n_shot"], n_shot,
+                        name, len(indices), len(lengths), lm.max_length, fitted[name]["n_shot"], asked[name],
                         fitted[name]["left_out"])
     return fitted
 
@@ -400,11 +404,12 @@ def _prediction_counts(samples: list[dict], delimiter: str) -> dict[str, list[in
     return counts
 
 
-def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n_shot: int, options: EvaluationOptions | dict,
-                log_samples: bool = False) -> dict:
-    """The harness on the items that fit the model's context. Returns simple_evaluate's dict (merged
-    over the shot counts used) with ``moelang``: per task its ``fit`` (shots, items left out) and
-    ``predictions`` (how often each choice was picked)."""
+def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n_shot: int | dict[str, int],
+                options: EvaluationOptions | dict, log_samples: bool = False) -> dict:
+    """The harness on the items that fit the model's context, for tasks of any families at once
+    (``n_shot``: one number, or task -> its shots). Returns simple_evaluate's dict (merged over the
+    shot counts used: one call per count) with ``moelang``: per task its ``fit`` (shots, items left
+    out) and ``predictions`` (how often each choice was picked)."""
     options = EvaluationOptions.coerce(options)
     import lm_eval
     import lm_eval.evaluator  # imported lazily by lm_eval: its logger must exist before the filter goes on
@@ -412,8 +417,13 @@ def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n
     from lm_eval.tasks import TaskManager
 
     seed = options.seed
+    yaml_dir = Path(task_dir) / "yaml"
+    # Indexing the harness's own task YAMLs (about 14,000 files) took 6-15 s of every job. Our local
+    # tasks include their shipped template by path, so the index is built only for a task that is
+    # the harness's own by name (a real task read from the hub).
+    shipped = [n for n in task_names if not (yaml_dir / f"{n}.yaml").is_file()]
     with repeated_warnings():
-        manager = TaskManager(include_path=str(Path(task_dir) / "yaml"))
+        manager = TaskManager(include_path=str(yaml_dir), include_defaults=bool(shipped))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size,
                   max_length=options.max_length)
         fitted = fit_prompts(lm, manager, task_names, n_shot, options)
@@ -459,33 +469,73 @@ def perplexity(model, token_file: str | Path, eos_id: int, options: EvaluationOp
     return {"n_tokens": total, "nll": total_nll / total, "perplexity": math.exp(total_nll / total)}
 
 
-def evaluate_model(model_ref: str, family: str, tasks: dict, task_dir: str | Path, token_files: dict[str, str | Path],
-                   options: EvaluationOptions | dict, out_path: str | Path) -> None:
-    """One (model, task family) job: the harness's JSON, or the perplexity table."""
+# The harness's output keys kept in ``{family}.json``; each is a dict keyed by task.
+HARNESS_KEYS = ("results", "configs", "versions", "n-shot", "n-samples", "higher_is_better")
+
+
+def family_output(result: dict, names: list[str]) -> dict:
+    """The part of :func:`run_harness`'s result that concerns tasks ``names`` (one family's): what
+    that family's job wrote when each family was a job of its own."""
+    part = {key: {n: v for n, v in result[key].items() if n in names} for key in HARNESS_KEYS if key in result}
+    own = result.get("moelang", {})
+    part["moelang"] = {key: {n: v for n, v in own.get(key, {}).items() if n in names} for key in ("fit", "predictions")}
+    return json.loads(json.dumps(part, default=str))
+
+
+def write_perplexity(model, tokenizer, token_files: dict[str, str | Path], options: EvaluationOptions,
+                     out_path: str | Path) -> None:
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    rows = [{"lang": lang, **perplexity(model, path, eos, options)} for lang, path in token_files.items()]
+    with atomic_path(out_path) as tmp:
+        pl.DataFrame(rows, schema={"lang": pl.String, "n_tokens": pl.Int64, "nll": pl.Float64,
+                                   "perplexity": pl.Float64}).write_parquet(tmp)
+
+
+def evaluate_model(model_ref: str, families: list[str], tasks: dict, task_dir: str | Path | None,
+                   token_files: dict[str, str | Path], options: EvaluationOptions | dict, out_dir: str | Path) -> None:
+    """One model's evaluation job: ``{out_dir}/{family}.json`` for each task family in ``families``
+    and, when it lists ``perplexity``, ``{out_dir}/perplexity.parquet``.
+
+    The model, its tokenizer and the harness's model wrapper are built once, and the tasks of all
+    families go through the harness together (one ``simple_evaluate`` per shot count): each family's
+    file holds what a job of that family alone writes. Start-up (imports, loading, the task index)
+    was most of a job when each (model, family) was one."""
     options = EvaluationOptions.coerce(options)
+    task_families = [f for f in families if f != "perplexity"]
+    unknown = [f for f in task_families if f not in CHANCE]
+    if unknown:
+        raise MoelangError(f"evaluate: unknown task family '{unknown[0]}'; use {', '.join(CHANCE)} or perplexity")
+    if task_families and task_dir is None:
+        raise MoelangError("evaluate: task families need --tasks results/eval/tasks (made by moelang eval-tasks)")
+    if "perplexity" in families and not token_files:
+        raise MoelangError("evaluate: perplexity needs --tokens results/tokens/<lang>.parquet of the kept languages")
     from transformers import AutoTokenizer
 
     from moelang.models import load_for_inference
 
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
     model = load_for_inference(model_ref, options)
     tokenizer = AutoTokenizer.from_pretrained(str(model_ref), revision=options.revision,
                                               trust_remote_code=options.trust_remote_code)
-    if family == "perplexity":
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        rows = [{"lang": lang, **perplexity(model, path, eos, options)} for lang, path in token_files.items()]
-        with atomic_path(out_path) as tmp:
-            pl.DataFrame(rows, schema={"lang": pl.String, "n_tokens": pl.Int64, "nll": pl.Float64,
-                                       "perplexity": pl.Float64}).write_parquet(tmp)
-        return
-    names = sorted(name for name, t in tasks.items() if t["family"] == family)
-    if not names:
-        write_json({"results": {}, "note": f"no {family} task for these languages"}, out_path)
-        return
-    shots = {tasks[n]["n_shot"] for n in names}
-    result = run_harness(model, tokenizer, names, task_dir, shots.pop(), options)
-    keep = {k: result[k] for k in ("results", "configs", "versions", "n-shot", "n-samples", "higher_is_better", "moelang")
-            if k in result}
-    write_json(json.loads(json.dumps(keep, default=str)), out_path)
+    log.info("evaluation: %s loaded in %.1f s", model_ref, time.perf_counter() - started)
+    names = {family: sorted(n for n, t in tasks.items() if t["family"] == family) for family in task_families}
+    run = [n for family in task_families for n in names[family]]
+    if run:
+        began = time.perf_counter()
+        result = run_harness(model, tokenizer, run, task_dir, {n: tasks[n]["n_shot"] for n in run}, options)
+        log.info("evaluation: %d tasks of %s in %.1f s", len(run), ", ".join(f for f in task_families if names[f]),
+                 time.perf_counter() - began)
+    for family in task_families:
+        if names[family]:
+            write_json(family_output(result, names[family]), out_dir / f"{family}.json")
+        else:
+            write_json({"results": {}, "note": f"no {family} task for these languages"}, out_dir / f"{family}.json")
+    if "perplexity" in families:
+        began = time.perf_counter()
+        write_perplexity(model, tokenizer, token_files, options, out_dir / "perplexity.parquet")
+        log.info("evaluation: perplexity of %d languages in %.1f s", len(token_files), time.perf_counter() - began)
+    log.info("evaluation: %s done in %.1f s", model_ref, time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------------------------------
