@@ -83,6 +83,10 @@ MULTIBLIMP_CODES = {"en": "eng", "ar": "arb", "cs": "ces", "es": "spa", "fi": "f
 BLIMP_COLUMNS = ["sen", "wrong_sen", "prefix", "phenomenon", "lang", "grammatical_feature", "ungrammatical_feature"]
 BELEBELE_COLUMNS = ["link", "question_number", "flores_passage", "question", "mc_answer1", "mc_answer2", "mc_answer3",
                     "mc_answer4", "correct_answer_num", "dialect", "ds"]
+ADAPTATION_SCHEMA = {"target": pl.String, "method": pl.String, "model": pl.String, "start": pl.String,
+                     "trainable_fraction": pl.Float64, "family": pl.String, "metric": pl.String,
+                     "start_value": pl.Float64, "value": pl.Float64, "target_gain": pl.Float64,
+                     "hr_change": pl.Float64, "n_hr": pl.Int64}
 RESULTS_SCHEMA = {"model": pl.String, "method": pl.String, "lang": pl.String, "task": pl.String, "n_shot": pl.Int64,
                   "metric": pl.String, "value": pl.Float64, "stderr": pl.Float64, "n_items": pl.Int64,
                   "chance": pl.Float64, "p_chance": pl.Float64, "top_choice_share": pl.Float64, "n_left_out": pl.Int64}
@@ -194,6 +198,10 @@ CLOZE_OVERRIDES = {"doc_to_text": "{{flores_passage}}",
                                    for m in ("acc", "acc_norm", "acc_mutual_info")]}
 # Chance level of each family: one over the number of choices.
 CHANCE = {"synthetic_blimp": 0.5, "multiblimp": 0.5, "synthetic_belebele": 0.25, "belebele": 0.25}
+# The headline metric of each family: the papers' acc_norm; acc_mutual_info for the cloze-scored
+# synthetic Belebele-format task (its shared choices make acc_norm rank the choices themselves).
+HEADLINE = {"synthetic_blimp": "acc_norm", "multiblimp": "acc_norm", "synthetic_belebele": "acc_mutual_info",
+            "belebele": "acc_norm"}
 
 
 def _task_yaml(family: str, task: str, data_file: Path, split: str, tag: str, overrides: dict | None = None) -> str:
@@ -615,7 +623,7 @@ def _flags(rows: pl.DataFrame) -> list[str]:
 
 
 def summary_markdown(table: pl.DataFrame, models: dict[str, dict], high_resource: list[str], targets: list[str],
-                     base_model: str | None) -> str:
+                     base_model: str | None, adaptation: pl.DataFrame | None = None) -> str:
     lines = ["# Evaluation summary", "",
              "Tasks named `moelang_synthetic_*` are synthetic, built from the held-out corpus (see "
              "`src/moelang/evaluate.py`); they are not the published benchmarks. Accuracy columns are means over "
@@ -668,13 +676,97 @@ def summary_markdown(table: pl.DataFrame, models: dict[str, dict], high_resource
         if flagged:
             chance = part["chance"].drop_nulls()
             lines += [f"Flags (chance level {chance[0]:g}):" if chance.len() else "Flags:", "", *flagged, ""]
+    if adaptation is not None:
+        lines += adaptation_markdown(adaptation, list(models))
     return "\n".join(lines)
+
+
+def _change(values: list[float], starts: list[float], metric: str) -> float | None:
+    """Mean difference of accuracies; geometric mean of the ratios of perplexities."""
+    if not values:
+        return None
+    if metric == "perplexity":
+        return float(np.exp(np.mean(np.log(np.array(values) / np.array(starts)))))
+    return float(np.mean(np.array(values) - np.array(starts)))
+
+
+def adaptation_table(table: pl.DataFrame, models: dict[str, dict], tasks: dict, high_resource: list[str],
+                     targets: list[str]) -> pl.DataFrame:
+    """One row per adapted model (an entry with a ``target``) and task family (its headline metric,
+    :data:`HEADLINE`) or perplexity: the model and its ``start`` model on the target language, the
+    gain (a difference of accuracy, a ratio of perplexity) and the mean change on the high-resource
+    languages other than the target (forgetting). Rows by target (in ``targets``' order), then in the
+    order of ``models``. A start model that was not evaluated leaves the comparisons null."""
+    family_of = {task: entry["family"] for task, entry in tasks.items()}
+    scores: dict[tuple[str, str, str], dict[str, float]] = {}  # (model, family, metric) -> lang -> value
+    for row in table.iter_rows(named=True):
+        family = "perplexity" if row["metric"] == "perplexity" else family_of.get(row["task"])
+        if family == "perplexity" or HEADLINE.get(family) == row["metric"]:
+            scores.setdefault((row["model"], family, row["metric"]), {})[row["lang"]] = row["value"]
+    present = sorted({(f, m) for _, f, m in scores if f != "perplexity"}) + \
+        sorted({(f, m) for _, f, m in scores if f == "perplexity"})
+    rank = {lang: i for i, lang in enumerate(targets)}
+    adapted = sorted((name for name, entry in models.items() if entry.get("target")),
+                     key=lambda name: (rank.get(models[name]["target"], len(rank)), models[name]["target"]))
+    rows = []
+    for name in adapted:
+        entry = models[name]
+        target, start = entry["target"], entry.get("start")
+        for family, metric in present:
+            mine = scores.get((name, family, metric), {})
+            theirs = scores.get((start, family, metric), {})
+            value, start_value = mine.get(target), theirs.get(target)
+            old = [lang for lang in high_resource if lang != target and lang in mine and lang in theirs]
+            gain = _change([value], [start_value], metric) if value is not None and start_value is not None else None
+            rows.append((target, entry["method"], name, start, entry.get("trainable_fraction"), family, metric,
+                         start_value, value, gain, _change([mine[l] for l in old], [theirs[l] for l in old], metric),
+                         len(old)))
+    return pl.DataFrame(rows, schema=ADAPTATION_SCHEMA, orient="row")
+
+
+def adaptation_markdown(adaptation: pl.DataFrame, evaluated: list[str]) -> list[str]:
+    """The summary's "Adaptation" section: one row per (target, method)."""
+    if adaptation.height == 0:
+        return []
+    columns = adaptation.select("family", "metric").unique(maintain_order=True).rows()
+    lines = ["## Adaptation", "",
+             "Each adapted model against the model its adaptation started from: the gain on its target language "
+             "and the mean change on the high-resource languages other than the target (forgetting), per task "
+             "family's headline metric (a difference of accuracy: negative on the high-resource languages is "
+             "forgetting) and for perplexity (a ratio: below 1 is better, above 1 on the high-resource languages "
+             "is forgetting). The numbers are in `adaptation.parquet`.", "",
+             "| target | method | model | start | trainable fraction | "
+             + " | ".join(f"{'perplexity ratio on the target' if f == 'perplexity' else f'{f} gain ({m})'}"
+                          for f, m in columns)
+             + " | " + " | ".join(f"{'perplexity ratio' if f == 'perplexity' else f'{f} change'} on high-resource"
+                                  for f, m in columns) + " |",
+             "|---|---|---|---|---:|" + "---:|" * (2 * len(columns))]
+
+    def cell(value, metric):
+        if value is None or np.isnan(value):
+            return "-"
+        return f"x{value:.3g}" if metric == "perplexity" else f"{value:+.3f}"
+
+    for (target, model), part in adaptation.group_by(["target", "model"], maintain_order=True):
+        by = {(r["family"], r["metric"]): r for r in part.iter_rows(named=True)}
+        first = part.row(0, named=True)
+        fraction = first["trainable_fraction"]
+        lines.append(f"| {target} | {first['method']} | {model} | {first['start'] or '-'} | "
+                     f"{f'{fraction:.3g}' if fraction is not None else '-'} | "
+                     + " | ".join(cell(by[c]["target_gain"] if c in by else None, c[1]) for c in columns) + " | "
+                     + " | ".join(cell(by[c]["hr_change"] if c in by else None, c[1]) for c in columns) + " |")
+    missing = sorted({s or "(none)" for s in adaptation["start"].to_list() if s not in evaluated})
+    lines.append("")
+    if missing:
+        lines += [f"No comparison where the start model was not evaluated: {', '.join(missing)}.", ""]
+    return lines
 
 
 def summarize(eval_dir: str | Path, models: dict[str, dict], task_dir: str | Path, families: list[str],
               high_resource: list[str], targets: list[str], base_model: str | None) -> pl.DataFrame:
-    """Write ``results.parquet`` and ``summary.md`` of ``models`` (name -> {ref, method,
-    trainable_fraction}: :func:`moelang.registry.summary_models`), rows in the order of ``models``
+    """Write ``results.parquet``, ``adaptation.parquet`` and ``summary.md`` of ``models`` (name ->
+    {ref, method, trainable_fraction, target, start}: :func:`moelang.registry.summary_models`; an
+    adapted model names its ``target`` language and its ``start`` model), rows in the order of ``models``
     (the registry's: the base, CPT checkpoints by step, adapted models, the listed ones). A model's trainable fraction is
     the one its training run recorded (:func:`moelang.registry.trainable_fraction`); the configured
     one only for a model without a record."""
@@ -683,7 +775,10 @@ def summarize(eval_dir: str | Path, models: dict[str, dict], task_dir: str | Pat
     table = collect(eval_dir, models, tasks, families)
     with atomic_path(Path(eval_dir) / "results.parquet") as tmp:
         table.write_parquet(tmp)
+    adaptation = adaptation_table(table, models, tasks, high_resource, targets)
+    with atomic_path(Path(eval_dir) / "adaptation.parquet") as tmp:
+        adaptation.write_parquet(tmp)
     with atomic_path(Path(eval_dir) / "summary.md") as tmp:
-        tmp.write_text(summary_markdown(table, models, high_resource, targets, base_model), encoding="utf-8")
+        tmp.write_text(summary_markdown(table, models, high_resource, targets, base_model, adaptation), encoding="utf-8")
     log.info("evaluation: %d result rows over %d models", table.height, len(models))
     return table

@@ -174,8 +174,12 @@ def workflow_inputs(entry: ModelEntry) -> list[str]:
 
 def summary_models(config: dict) -> dict[str, dict]:
     """What the evaluation summary needs of each evaluated model: name -> {ref, method,
-    trainable_fraction (the configured one of an external model; the run's record wins)}."""
-    return {name: {"ref": e.ref, "method": e.method, "trainable_fraction": e.trainable_fraction}
+    trainable_fraction (the configured one of an external model; the run's record wins), target
+    (the language an adapted model was adapted to, else None), start (the model its adaptation
+    started from)}."""
+    # getattr: target and start are fields of the adaptation stage's entries
+    return {name: {"ref": e.ref, "method": e.method, "trainable_fraction": e.trainable_fraction,
+                   "target": getattr(e, "target", None), "start": getattr(e, "start", None)}
             for name, e in evaluated(config).items()}
 
 

@@ -71,6 +71,7 @@ rule eval_summary:
         tasks="results/eval/tasks",
     output:
         table="results/eval/results.parquet",
+        adaptation="results/eval/adaptation.parquet",
         summary="results/eval/summary.md",
     params:
         options=lambda w: mcfg.to_json(mcfg.eval_summary_options(config, EVAL_FAMILIES)),
