@@ -505,3 +505,15 @@ def test_without_adapted_models_the_adaptation_table_is_empty_and_the_summary_ha
     table = pl.read_parquet(tmp_path / "adaptation.parquet")
     assert table.height == 0 and table.schema == pl.Schema(ev.ADAPTATION_SCHEMA)
     assert "## Adaptation" not in (tmp_path / "summary.md").read_text()
+
+
+def test_docs_list_the_adaptation_table_columns_with_their_types():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "outputs.md").read_text()
+    section = text[text.index("`results/eval/adaptation.parquet`"):]
+    section = section[:section.index("\n\n", section.index("| column |"))]
+    documented = {cells[1].strip("` "): cells[2].strip() for cells in (line.split("|") for line in section.splitlines()
+                                                                       if line.startswith("| `"))}
+    names = {pl.String: "string", pl.Float64: "float64", pl.Int64: "int64"}
+    assert documented == {column: names[dtype] for column, dtype in ev.ADAPTATION_SCHEMA.items()}

@@ -30,6 +30,11 @@ are counted and summarised once per kind at the end of the job (``repeated_warni
 computed here: every held-out chunk is preceded by the end-of-text token and all of its tokens are
 predicted; ``exp(total NLL / tokens)`` per language.
 
+One job per model (:func:`evaluate_model`): the model, its tokenizer and the harness's model wrapper
+are built once and the tasks of all families go through one ``simple_evaluate`` per shot count; each
+family's file holds exactly what a job of that family alone wrote. The harness's index of its own
+tasks is built only when a task is not local (a real task read from the hub).
+
 Outputs
 -------
 ``results/eval/tasks/``: the local task data (``data/*.parquet``), YAMLs and ``tasks.json``
@@ -48,7 +53,10 @@ four are null for perplexity. Rows are in model order: the base model, CPT steps
 ``results/eval/summary.md``: per method the mean over high-resource, low-resource and all languages,
 the trainable fraction, the languages scored above chance, and the change on the old (high-resource)
 languages against the base model; below each table the flags: scores within noise of chance,
-constant answers, items left out.
+constant answers, items left out. With adapted models, an "Adaptation" section: per (target,
+method) the gain on the target over the start model and the change on the other high-resource
+languages (forgetting), per family's headline metric (:data:`HEADLINE`) and perplexity.
+``results/eval/adaptation.parquet``: those numbers (:data:`ADAPTATION_SCHEMA`, docs/outputs.md).
 """
 
 from __future__ import annotations
