@@ -517,3 +517,16 @@ def test_docs_list_the_adaptation_table_columns_with_their_types():
                                                                        if line.startswith("| `"))}
     names = {pl.String: "string", pl.Float64: "float64", pl.Int64: "int64"}
     assert documented == {column: names[dtype] for column, dtype in ev.ADAPTATION_SCHEMA.items()}
+
+
+def test_templates_compiled_once_render_as_the_harness_does_and_are_put_back():
+    from lm_eval import utils
+
+    original = utils.apply_template
+    docs = [{"flores_passage": f"w{i} w{i + 1}", "mc_answer1": "a", "mc_answer2": f"b{i}"} for i in range(5)]
+    templates = ["P: {{flores_passage}}\nAnswer:", "{{[mc_answer1, mc_answer2]}}", "{{flores_passage | upper}}"]
+    expected = [original(t, d) for t in templates for d in docs]
+    with ev.templates_compiled_once():
+        assert utils.apply_template is not original
+        assert [utils.apply_template(t, d) for t in templates for d in docs] == expected
+    assert utils.apply_template is original

@@ -348,6 +348,32 @@ def repeated_warnings(prefixes: tuple[str, ...] = ("lm_eval", "transformers")):
             log.warning("evaluation: %s", line)
 
 
+@contextlib.contextmanager
+def templates_compiled_once():
+    """lm-eval compiles a task's Jinja template again for every document and field it renders
+    (``lm_eval.utils.apply_template``: about a quarter of an evaluation job on the embedded default).
+    Within the block each distinct template is compiled once, by the harness's own environment, and
+    rendered as before."""
+    import functools
+
+    from lm_eval import utils
+
+    if not hasattr(utils, "env"):  # another lm-eval layout: leave it as it is
+        yield
+        return
+    original = utils.apply_template
+    compile_once = functools.lru_cache(maxsize=4096)(utils.env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compile_once(template).render(**doc)
+
+    utils.apply_template = apply_template
+    try:
+        yield
+    finally:
+        utils.apply_template = original
+
+
 def _request_lengths(lm, task) -> dict[int, int]:
     """doc id -> tokens of its longest request (context + continuation), encoded as the harness
     encodes them (an empty context is the prefix token)."""
@@ -438,7 +464,7 @@ def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n
     # tasks include their shipped template by path, so the index is built only for a task that is
     # the harness's own by name (a real task read from the hub).
     shipped = [n for n in task_names if not (yaml_dir / f"{n}.yaml").is_file()]
-    with repeated_warnings():
+    with repeated_warnings(), templates_compiled_once():
         manager = TaskManager(include_path=str(yaml_dir), include_defaults=bool(shipped))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size,
                   max_length=options.max_length)
