@@ -314,12 +314,14 @@ def test_one_job_per_model_writes_what_the_per_family_jobs_wrote(tmp_path, monke
                                                                          + ["perplexity.parquet"])
 
 
-def test_an_unknown_family_or_perplexity_without_tokens_stops_before_loading_the_model(tmp_path):
+def test_an_unknown_family_perplexity_without_tokens_or_a_file_as_out_stop_before_loading_the_model(tmp_path):
     with pytest.raises(MoelangError, match="unknown task family 'blimp'"):
         ev.evaluate_model(str(tmp_path / "absent"), ["blimp"], {}, tmp_path, {}, {}, tmp_path / "out")
     with pytest.raises(MoelangError, match="perplexity needs --tokens"):
         ev.evaluate_model(str(tmp_path / "absent"), ["perplexity"], {}, tmp_path, {}, {}, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(MoelangError, match="looks like a file; give the model's directory"):
+        ev.evaluate_model(str(tmp_path / "absent"), ["synthetic_blimp"], {}, tmp_path, {}, {}, tmp_path / "out.json")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.json").exists()
 
 
 def test_repeated_warnings_are_counted_and_summarised_once_per_kind():

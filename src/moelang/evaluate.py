@@ -551,6 +551,9 @@ def evaluate_model(model_ref: str, families: list[str], tasks: dict, task_dir: s
         raise MoelangError("evaluate: task families need --tasks results/eval/tasks (made by moelang eval-tasks)")
     if "perplexity" in families and not token_files:
         raise MoelangError("evaluate: perplexity needs --tokens results/tokens/<lang>.parquet of the kept languages")
+    if Path(out_dir).suffix in (".json", ".parquet"):
+        raise MoelangError(f"evaluate: --out {out_dir} looks like a file; give the model's directory (results/eval/"
+                           f"<model>), which receives <family>.json and perplexity.parquet")
     from transformers import AutoTokenizer
 
     from moelang.models import load_for_inference
