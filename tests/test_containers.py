@@ -492,7 +492,7 @@ def test_the_default_images_are_the_built_sif_files():
                                     "eval": "containers/eval.sif"}
     assert cfg.rule_container(config, "tokenize") == "containers/data.sif"
     assert cfg.rule_container(config, "cpt") == "containers/model.sif"
-    assert cfg.rule_container(config, "evaluate_perplexity") == "containers/eval.sif"
+    assert cfg.rule_container(config, "evaluate") == "containers/eval.sif"
     for family in cfg.CONTAINER_FAMILIES:
         assert config["containers"][family] == f"containers/{family}.sif"
         assert (CONTAINERS / f"{family}.def").is_file()

@@ -263,6 +263,67 @@ def test_shots_are_kept_while_nine_in_ten_prompts_fit(tmp_path):
     assert result["n-shot"]["moelang_belebele_cat_Latn"] == 1
 
 
+def test_one_job_per_model_writes_what_the_per_family_jobs_wrote(tmp_path, monkeypatch):
+    """All families through one harness run (two shot counts: a 1-shot mirrored Belebele task and
+    zero-shot synthetic ones) give each family's file exactly as a job of that family alone."""
+    import lm_eval.tasks
+
+    _mirrored_belebele(tmp_path, [4, 6, 8, 5, 7] * 4)
+    rng = np.random.default_rng(2)
+    docs = [" ".join(rng.choice(WORDS, rng.integers(6, 14))) for _ in range(80)]
+    pl.DataFrame({"doc_id": [f"d{i}" for i in range(80)], "lang": ["ca"] * 80, "text": docs,
+                  "split": ["heldout"] * 80}).write_parquet(tmp_path / "ca.parquet")
+    families = ["synthetic_blimp", "synthetic_belebele", "belebele"]
+    tasks = ev.build_tasks({"ca": tmp_path / "ca.parquet"}, {"tasks": families, "belebele_shots": 1, "max_items": 16,
+                                                            "min_items": 4, "mirror": str(tmp_path / "m")},
+                           tmp_path / "tasks")
+    assert sorted(t["n_shot"] for t in tasks.values()) == [0, 0, 1]
+    model = tiny_model("olmoe", seed=1).eval()
+    model.config.eos_token_id = model.config.bos_token_id = 2
+    model.save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    tokens = {"ca": write_tokens(tmp_path / "tokens.parquet", [[5, 6, 7, 8, 9, 10], [11, 12, 13]], ["heldout"] * 2)}
+    options = {"batch_size": 4, "seed": 0, "bootstrap_iters": 50, "tokens_per_language": None, "seq_len": 4,
+               "batch_tokens": 8}
+    indexed = []
+    manager_class = lm_eval.tasks.TaskManager
+
+    class RecordingManager(manager_class):
+        def __init__(self, *args, **kwargs):
+            indexed.append(kwargs.get("include_defaults", True))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", RecordingManager)
+    ev.evaluate_model(str(tmp_path / "model"), [*families, "perplexity"], tasks, tmp_path / "tasks", tokens, options,
+                      tmp_path / "one")
+    for family in [*families, "perplexity"]:
+        ev.evaluate_model(str(tmp_path / "model"), [family], tasks, tmp_path / "tasks", tokens, options,
+                          tmp_path / "apart")
+    # local tasks only: the harness's own task index (thousands of YAMLs) is never built
+    assert indexed == [False] * 4
+    for family in families:
+        one = json.loads((tmp_path / "one" / f"{family}.json").read_text())
+        apart = json.loads((tmp_path / "apart" / f"{family}.json").read_text())
+        names = {n for n, t in tasks.items() if t["family"] == family}
+        assert set(one["results"]) == set(one["moelang"]["fit"]) == set(one["n-shot"]) == names
+        assert one == apart
+    assert json.loads((tmp_path / "one" / "belebele.json").read_text())["n-shot"] == {"moelang_belebele_cat_Latn": 1}
+    one, apart = (pl.read_parquet(tmp_path / d / "perplexity.parquet") for d in ("one", "apart"))
+    assert one.equals(apart) and one["n_tokens"].to_list() == [9]  # every held-out token is predicted
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted([f"{f}.json" for f in families]
+                                                                         + ["perplexity.parquet"])
+
+
+def test_an_unknown_family_perplexity_without_tokens_or_a_file_as_out_stop_before_loading_the_model(tmp_path):
+    with pytest.raises(MoelangError, match="unknown task family 'blimp'"):
+        ev.evaluate_model(str(tmp_path / "absent"), ["blimp"], {}, tmp_path, {}, {}, tmp_path / "out")
+    with pytest.raises(MoelangError, match="perplexity needs --tokens"):
+        ev.evaluate_model(str(tmp_path / "absent"), ["perplexity"], {}, tmp_path, {}, {}, tmp_path / "out")
+    with pytest.raises(MoelangError, match="looks like a file; give the model's directory"):
+        ev.evaluate_model(str(tmp_path / "absent"), ["synthetic_blimp"], {}, tmp_path, {}, {}, tmp_path / "out.json")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.json").exists()
+
+
 def test_repeated_warnings_are_counted_and_summarised_once_per_kind():
     import logging
 
@@ -353,3 +414,121 @@ def test_models_keep_the_registry_order_and_results_flag_chance_and_constant_ans
     assert {f.split(":")[0][2:] for f in flags if "within noise of chance" in f} == {"cpt-step0", "cpt-step50", "lora"}
     assert [f for f in flags if "same choice for every item" in f] == ["- cpt-step0: the same choice for every item (ca, es)"]
     assert "| cpt-step1000 | cpt | - | 0.450 | 0.450 | 0.450 | 2/2 | +0.200 |" in summary
+
+
+def _fake_adaptation_eval(tmp_path, models, langs, rng):
+    """results/eval for ``models`` with a value per (model, family, metric, language) and perplexities;
+    returns them as nested dicts for an independent computation."""
+    metrics = {"synthetic_blimp": ["acc", "acc_norm"], "synthetic_belebele": ["acc", "acc_norm", "acc_mutual_info"]}
+    tasks = {f"moelang_{family}_{lang}": {"family": family, "lang": lang, "n_shot": 0, "synthetic": True}
+             for family in metrics for lang in langs}
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tasks.json").write_text(json.dumps(tasks))
+    values, ppl = {}, {}
+    for name in models:
+        (tmp_path / name).mkdir()
+        for family, names in metrics.items():
+            results = {}
+            for lang in langs:
+                for metric in names:
+                    values[name, family, metric, lang] = round(float(rng.uniform(0.2, 0.9)), 2)
+                results[f"moelang_{family}_{lang}"] = {f"{m},none": values[name, family, m, lang] for m in names}
+            (tmp_path / name / f"{family}.json").write_text(json.dumps({
+                "results": results, "n-samples": {t: {"effective": 100} for t in results}, "moelang": {}}))
+        ppl[name] = {lang: float(rng.uniform(20, 400)) for lang in langs}
+        pl.DataFrame({"lang": langs, "n_tokens": [1000] * len(langs), "nll": [0.0] * len(langs),
+                      "perplexity": [ppl[name][lang] for lang in langs]}).write_parquet(tmp_path / name / "perplexity.parquet")
+    return values, ppl
+
+
+def test_adapted_models_get_their_gain_forgetting_and_fraction_against_their_start_model(tmp_path):
+    import math
+
+    high_resource, targets = ["en", "es", "ru"], ["ca", "uk"]
+    start = {"method": "cpt", "target": None, "start": None}
+    adapted = {"ssft-ca": ("ssft", "ca", 0.021), "aeft-ca": ("aeft", "ca", 0.18), "ssft-uk": ("ssft", "uk", 0.019)}
+    models = {"cpt-step0": {"method": "base"}, "cpt-step800": start,
+              **{name: {"method": method, "target": target, "start": "cpt-step800", "trainable_fraction": fraction,
+                        "ref": str(tmp_path / "no-record")} for name, (method, target, fraction) in adapted.items()},
+              "listed": {"method": "lora", "trainable_fraction": 0.01}}
+    values, ppl = _fake_adaptation_eval(tmp_path, models, high_resource + targets, np.random.default_rng(4))
+    # uk's models are listed before ca's: rows follow the targets' order, then the models'
+    models = {name: models[name] for name in ["cpt-step0", "cpt-step800", "ssft-uk", "ssft-ca", "aeft-ca", "listed"]}
+    ev.summarize(tmp_path, models, tmp_path / "tasks", ["synthetic_blimp", "synthetic_belebele"], high_resource,
+                 targets, "cpt-step0")
+    table = pl.read_parquet(tmp_path / "adaptation.parquet")
+    assert table.schema == pl.Schema(ev.ADAPTATION_SCHEMA)
+    assert table.select("target", "model").unique(maintain_order=True).rows() == \
+        [("ca", "ssft-ca"), ("ca", "aeft-ca"), ("uk", "ssft-uk")]
+    headline = {"synthetic_belebele": "acc_mutual_info", "synthetic_blimp": "acc_norm"}
+    for name, (method, target, fraction) in adapted.items():
+        rows = {r["family"]: r for r in table.filter(pl.col("model") == name).iter_rows(named=True)}
+        assert set(rows) == {"synthetic_belebele", "synthetic_blimp", "perplexity"}
+        for family, metric in headline.items():
+            row = rows[family]
+            mine, theirs = values[name, family, metric, target], values["cpt-step800", family, metric, target]
+            changes = [values[name, family, metric, l] - values["cpt-step800", family, metric, l] for l in high_resource]
+            assert (row["method"], row["start"], row["metric"], row["n_hr"]) == (method, "cpt-step800", metric, 3)
+            assert row["trainable_fraction"] == fraction
+            assert (row["value"], row["start_value"]) == (mine, theirs)
+            assert row["target_gain"] == pytest.approx(mine - theirs, abs=1e-12)
+            assert row["hr_change"] == pytest.approx(sum(changes) / 3, abs=1e-12)
+        row = rows["perplexity"]
+        assert row["target_gain"] == pytest.approx(ppl[name][target] / ppl["cpt-step800"][target], rel=1e-12)
+        ratios = [ppl[name][l] / ppl["cpt-step800"][l] for l in high_resource]
+        assert row["hr_change"] == pytest.approx(math.prod(ratios) ** (1 / 3), rel=1e-12)
+    summary = (tmp_path / "summary.md").read_text()
+    section = summary[summary.index("## Adaptation"):]
+    rows = [line for line in section.splitlines() if line.startswith("| ca ") or line.startswith("| uk ")]
+    assert [r.split(" | ")[2] for r in rows] == ["ssft-ca", "aeft-ca", "ssft-uk"]  # not the base, CPT or listed models
+    ca = table.filter(pl.col("model") == "ssft-ca")
+    cells = [f"{ca.filter(pl.col('family') == f)['target_gain'][0]:+.3f}" for f in ("synthetic_belebele", "synthetic_blimp")]
+    cells += [f"x{ca.filter(pl.col('family') == 'perplexity')['target_gain'][0]:.3g}"]
+    assert rows[0].startswith(f"| ca | ssft | ssft-ca | cpt-step800 | 0.021 | {' | '.join(cells)} | ")
+
+
+def test_an_adapted_model_whose_start_was_not_evaluated_has_no_comparison(tmp_path):
+    models = {"cpt-step0": {"method": "base"},
+              "seft-ca": {"method": "seft", "target": "ca", "start": "hub-model", "trainable_fraction": 0.01}}
+    _fake_adaptation_eval(tmp_path, models, ["es", "ca"], np.random.default_rng(5))
+    ev.summarize(tmp_path, models, tmp_path / "tasks", ["synthetic_blimp", "synthetic_belebele"], ["es"], ["ca"],
+                 "cpt-step0")
+    table = pl.read_parquet(tmp_path / "adaptation.parquet")
+    assert table.height == 3 and table["target_gain"].is_null().all() and table["value"].is_not_null().all()
+    assert (table["n_hr"] == 0).all()
+    assert "No comparison where the start model was not evaluated: hub-model." in (tmp_path / "summary.md").read_text()
+
+
+def test_without_adapted_models_the_adaptation_table_is_empty_and_the_summary_has_no_section(tmp_path):
+    models = {"cpt-step0": {"method": "base"}, "cpt-step800": {"method": "cpt"}}
+    _fake_adaptation_eval(tmp_path, models, ["es", "ca"], np.random.default_rng(6))
+    ev.summarize(tmp_path, models, tmp_path / "tasks", ["synthetic_blimp", "synthetic_belebele"], ["es"], ["ca"],
+                 "cpt-step0")
+    table = pl.read_parquet(tmp_path / "adaptation.parquet")
+    assert table.height == 0 and table.schema == pl.Schema(ev.ADAPTATION_SCHEMA)
+    assert "## Adaptation" not in (tmp_path / "summary.md").read_text()
+
+
+def test_docs_list_the_adaptation_table_columns_with_their_types():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "outputs.md").read_text()
+    section = text[text.index("`results/eval/adaptation.parquet`"):]
+    section = section[:section.index("\n\n", section.index("| column |"))]
+    documented = {cells[1].strip("` "): cells[2].strip() for cells in (line.split("|") for line in section.splitlines()
+                                                                       if line.startswith("| `"))}
+    names = {pl.String: "string", pl.Float64: "float64", pl.Int64: "int64"}
+    assert documented == {column: names[dtype] for column, dtype in ev.ADAPTATION_SCHEMA.items()}
+
+
+def test_templates_compiled_once_render_as_the_harness_does_and_are_put_back():
+    from lm_eval import utils
+
+    original = utils.apply_template
+    docs = [{"flores_passage": f"w{i} w{i + 1}", "mc_answer1": "a", "mc_answer2": f"b{i}"} for i in range(5)]
+    templates = ["P: {{flores_passage}}\nAnswer:", "{{[mc_answer1, mc_answer2]}}", "{{flores_passage | upper}}"]
+    expected = [original(t, d) for t in templates for d in docs]
+    with ev.templates_compiled_once():
+        assert utils.apply_template is not original
+        assert [utils.apply_template(t, d) for t in templates for d in docs] == expected
+    assert utils.apply_template is original

@@ -82,7 +82,8 @@ def test_cpt_off_with_listed_models(tmp_path):
     assert registry.workflow_inputs(lora) == []
     assert list(registry.profiled(config)) == ["base"]
     assert list(registry.evaluated(config)) == ["base", "again", "lora"]
-    assert registry.summary_models(config)["lora"] == {"ref": outside, "method": "lora", "trainable_fraction": 0.03}
+    assert registry.summary_models(config)["lora"] == {"ref": outside, "method": "lora", "trainable_fraction": 0.03,
+                                                   "target": None, "start": None}
 
 
 def test_a_listed_model_cannot_take_a_workflow_models_name(tmp_path):

@@ -314,7 +314,7 @@ def cmd_evaluate(args) -> None:
     options = _options(args, opts.EvaluationOptions, lambda c: cfg.evaluation_options(c, args.name), " --name MODEL")
     tasks = json.loads((Path(args.tasks) / "tasks.json").read_text()) if args.tasks else {}
     tokens = _lang_paths(args.tokens, "evaluation") if args.tokens else {}
-    evaluate_model(options.ref, args.family, tasks, args.tasks, tokens, options, args.out)
+    evaluate_model(options.ref, args.families, tasks, args.tasks, tokens, options, args.out)
 
 
 def cmd_eval_summary(args) -> None:
@@ -499,13 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results/eval/tasks")
     p.set_defaults(func=cmd_eval_tasks)
 
-    p = sub.add_parser("evaluate", help="one model on one task family (or perplexity)")
+    p = sub.add_parser("evaluate", help="one model on its task families and perplexity (model loaded once)")
     _add_option_source(p)
     p.add_argument("--name", help="with --config: the model to evaluate")
-    p.add_argument("--family", required=True, help="synthetic_blimp, synthetic_belebele, multiblimp, belebele, perplexity")
+    p.add_argument("--families", "--family", nargs="+", required=True,
+                   help="any of synthetic_blimp, synthetic_belebele, multiblimp, belebele, perplexity")
     p.add_argument("--tasks", default=None, help="results/eval/tasks")
     p.add_argument("--tokens", nargs="*", default=[], help="results/tokens/<lang>.parquet (perplexity)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="results/eval/<model>: receives <family>.json and perplexity.parquet")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("eval-summary", help="one results table and summary.md")

@@ -662,8 +662,7 @@ STAGE_RESOURCES: dict[str, dict] = {
     "select_adapt": {"runtime": 10, "mem_mb": 4000},
     "gather_adapt": {"runtime": 5, "mem_mb": 2000},
     "eval_tasks": {"runtime": 30, "mem_mb": 8000},
-    "evaluate_tasks": {"runtime": 480, "mem_mb": 64000, "gpu": 1},
-    "evaluate_perplexity": {"runtime": 240, "mem_mb": 64000, "gpu": 1},
+    "evaluate": {"runtime": 720, "mem_mb": 64000, "gpu": 1},
     "eval_summary": {"runtime": 10, "mem_mb": 4000},
 }
 RESOURCE_KEYS = ("slurm_partition", "slurm_account", "runtime", "mem_mb", "cpus_per_task", "gpu", "slurm_extra")
@@ -696,8 +695,7 @@ RULE_CONTAINER_FAMILY: dict[str, str] = {
     "select_adapt": "model",
     "gather_adapt": "model",
     "eval_tasks": "eval",
-    "evaluate_tasks": "eval",
-    "evaluate_perplexity": "eval",
+    "evaluate": "eval",
     "eval_summary": "eval",
 }
 

@@ -590,8 +590,8 @@ class EvalSummaryOptions(StageOptions):
     """The results table (``moelang eval-summary``)."""
 
     models: dict[str, dict] = field(default_factory=dict)
-    """Name -> {ref, method, trainable_fraction} of every evaluated model
-    (:func:`moelang.registry.summary_models`)."""
+    """Name -> {ref, method, trainable_fraction, target, start} of every evaluated model
+    (:func:`moelang.registry.summary_models`; an adapted model's target language and start model)."""
     order: list[str] = field(default_factory=list)
     """The models' order in the table: the registry's (JSON objects do not keep one)."""
     families: list[str] = field(default_factory=list)

@@ -197,7 +197,9 @@ def workflow_inputs(entry: ModelEntry) -> list[str]:
 
 def summary_models(config: dict) -> dict[str, dict]:
     """What the evaluation summary needs of each evaluated model: name -> {ref, method,
-    trainable_fraction (the configured one of an external model; the run's record wins)}."""
+    trainable_fraction (the configured one of an external model; the run's record wins), target
+    (the language an adapted model was adapted to, else None), start (the model its adaptation
+    started from)}."""
     return {name: {"ref": e.ref, "method": e.method, "trainable_fraction": e.trainable_fraction, "target": e.target,
                    "start": e.start}
             for name, e in evaluated(config).items()}

@@ -25,49 +25,36 @@ rule eval_tasks:
         "{MOELANG} eval-tasks --options {params.options:q} --corpus {input:q} --out {output:q} 2>&1 | tee {log:q}"
 
 
-rule evaluate_tasks:
-    resources:
-        **mcfg.rule_resources(config, "evaluate_tasks"),
-    container:
-        mcfg.rule_container(config, "evaluate_tasks")
-    input:
-        model=evaluated_model_input,
-        tasks="results/eval/tasks",
-    output:
-        "results/eval/{model}/{family}.json",
-    wildcard_constraints:
-        model="|".join(map(re.escape, EVALUATED)),
-        family="|".join(EVAL_FAMILIES) if EVAL_FAMILIES else "^$",
-    params:
-        options=lambda w: mcfg.to_json(mcfg.evaluation_options(config, w.model)),
-    threads: 2
-    log:
-        "results/logs/eval/{model}.{family}.log",
-    shell:
-        "OMP_NUM_THREADS={threads} {MOELANG} evaluate --options {params.options:q} --family {wildcards.family:q}"
-        " --tasks {input.tasks:q} --out {output:q} 2>&1 | tee {log:q}"
+# One job per model: every task family and perplexity with the model loaded once (start-up was most of
+# a job when each (model, family) was one).
+EVAL_PERPLEXITY = bool(config["evaluation"]["perplexity"])
+EVAL_MODEL_OUTPUTS = [f"{family}.json" for family in EVAL_FAMILIES] + (["perplexity.parquet"] if EVAL_PERPLEXITY else [])
 
+if EVAL_MODEL_OUTPUTS:
 
-rule evaluate_perplexity:
-    resources:
-        **mcfg.rule_resources(config, "evaluate_perplexity"),
-    container:
-        mcfg.rule_container(config, "evaluate_perplexity")
-    input:
-        model=evaluated_model_input,
-        tokens=kept_tokens,
-    output:
-        "results/eval/{model}/perplexity.parquet",
-    wildcard_constraints:
-        model="|".join(map(re.escape, EVALUATED)),
-    params:
-        options=lambda w: mcfg.to_json(mcfg.evaluation_options(config, w.model)),
-    threads: 2
-    log:
-        "results/logs/eval/{model}.perplexity.log",
-    shell:
-        "OMP_NUM_THREADS={threads} {MOELANG} evaluate --options {params.options:q} --family perplexity"
-        " --tokens {input.tokens:q} --out {output:q} 2>&1 | tee {log:q}"
+    rule evaluate:
+        resources:
+            **mcfg.rule_resources(config, "evaluate"),
+        container:
+            mcfg.rule_container(config, "evaluate")
+        input:
+            model=evaluated_model_input,
+            tasks="results/eval/tasks",
+            tokens=kept_tokens if EVAL_PERPLEXITY else [],
+        output:
+            [f"results/eval/{{model}}/{name}" for name in EVAL_MODEL_OUTPUTS],
+        wildcard_constraints:
+            model="|".join(map(re.escape, EVALUATED)),
+        params:
+            options=lambda w: mcfg.to_json(mcfg.evaluation_options(config, w.model)),
+            families=" ".join(EVAL_FAMILIES + (["perplexity"] if EVAL_PERPLEXITY else [])),
+        threads: 2
+        log:
+            "results/logs/eval/{model}.log",
+        shell:
+            "OMP_NUM_THREADS={threads} {MOELANG} evaluate --options {params.options:q} --families {params.families}"
+            " --tasks {input.tasks:q}" + (" --tokens {input.tokens:q}" if EVAL_PERPLEXITY else "")
+            + " --out results/eval/{wildcards.model} 2>&1 | tee {log:q}"
 
 
 def evaluated_names(wildcards=None):
@@ -77,11 +64,7 @@ def evaluated_names(wildcards=None):
 
 
 def eval_outputs(wildcards=None):
-    names = evaluated_names()
-    files = [f"results/eval/{name}/{family}.json" for name in names for family in EVAL_FAMILIES]
-    if config["evaluation"]["perplexity"]:
-        files += [f"results/eval/{name}/perplexity.parquet" for name in names]
-    return files
+    return [f"results/eval/{name}/{output}" for name in evaluated_names() for output in EVAL_MODEL_OUTPUTS]
 
 
 rule eval_summary:
@@ -94,6 +77,7 @@ rule eval_summary:
         tasks="results/eval/tasks",
     output:
         table="results/eval/results.parquet",
+        adaptation="results/eval/adaptation.parquet",
         summary="results/eval/summary.md",
     params:
         # from the inputs: they are known once the corpus checkpoint has decided the kept languages
