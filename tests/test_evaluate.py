@@ -390,7 +390,9 @@ def test_models_keep_the_registry_order_and_results_flag_chance_and_constant_ans
                            "allocation": {"new_experts": 4}, "model": {"cpt": {"train": {"steps": 1000}}},
                            "evaluation": {"models": {"lora": {"ref": str(tmp_path / "lora-model"), "method": "lora"}}}})
     summary_options = cfg.eval_summary_options(config, ["synthetic_belebele"])
-    assert summary_options.order == ["cpt-step0", "cpt-step250", "cpt-step500", "cpt-step750", "cpt-step1000", "lora"]
+    adapted = [f"adapt-ca-{m}" for m in config["adapt"]["methods"]]
+    assert summary_options.order == ["cpt-step0", "cpt-step250", "cpt-step500", "cpt-step750", "cpt-step1000",
+                                     *adapted, "lora"]
     models = {"cpt-step0": {"method": "base"}, "cpt-step50": {"method": "cpt"}, "cpt-step200": {"method": "cpt"},
               "cpt-step1000": {"method": "cpt"}, "lora": {"method": "lora"}}
     accuracies = {"cpt-step0": 0.25, "cpt-step50": 0.31, "cpt-step200": 0.36, "cpt-step1000": 0.45, "lora": 0.28}

@@ -26,7 +26,12 @@ def test_default_config_registry(repo):
     config = cfg.load(repo / "config" / "config.yaml")
     models = registry.model_registry(config)
     steps = [0, 200, 400, 600, 800]
-    assert list(models) == ["base"] + [f"cpt-step{s}" for s in steps]
+    adapted = [f"adapt-{lang}-{m}" for lang in ("ca", "uk") for m in config["adapt"]["methods"]]
+    assert list(models) == ["base"] + [f"cpt-step{s}" for s in steps] + adapted
+    for name in adapted:  # the selected run of each (target, method), evaluated against its start
+        entry = models[name]
+        assert entry.ref == f"results/adapt/{entry.target}/{entry.method}/selected" and entry.rule == "select_adapt"
+        assert entry.evaluated and not entry.profiled and entry.start == "cpt-step800"
     base = models["base"]
     assert (base.ref, base.rule, base.method, base.profiled, base.evaluated) == (
         "results/models/base", "pretrain_base", "base", False, False)
@@ -37,8 +42,10 @@ def test_default_config_registry(repo):
         assert entry.profiled and entry.evaluated
         assert (entry.series, entry.checkpoint_step) == ("cpt", step)
         assert registry.workflow_inputs(entry) == [entry.ref]
-    assert list(registry.profiled(config)) == list(registry.evaluated(config)) == [f"cpt-step{s}" for s in steps]
-    assert registry.workflow_outputs(config) == {"results/models/base"} | {f"results/models/cpt/step-{s}" for s in steps}
+    assert list(registry.profiled(config)) == [f"cpt-step{s}" for s in steps]
+    assert list(registry.evaluated(config)) == [f"cpt-step{s}" for s in steps] + adapted
+    assert registry.workflow_outputs(config) == {"results/models/base"} | {f"results/models/cpt/step-{s}" for s in steps} | {
+        models[name].ref for name in adapted}
     # what the routing jobs get is what they got from the former name building
     options = cfg.routing_options(config, "cpt-step400")
     assert (options.ref, options.model, options.checkpoint_step, options.revision) == (
@@ -54,7 +61,8 @@ def test_paper_config_step_zero_is_the_hub_base_with_its_revision(repo, monkeypa
     models = registry.model_registry(config)
     steps = cfg.cpt_options(config).steps
     assert 0 not in steps  # a 7B base is not copied into results/
-    assert list(models) == ["cpt-step0"] + [f"cpt-step{s}" for s in steps]
+    adapted = [f"adapt-{lang}-{m}" for lang in config["languages"]["targets"] for m in config["adapt"]["methods"]]
+    assert list(models) == ["cpt-step0"] + [f"cpt-step{s}" for s in steps] + adapted
     step0 = models["cpt-step0"]
     assert (step0.ref, step0.revision, step0.rule, step0.method) == (hub_id, revision, None, "base")
     assert step0.profiled and step0.evaluated and (step0.series, step0.checkpoint_step) == ("cpt", 0)
@@ -67,7 +75,7 @@ def test_paper_config_step_zero_is_the_hub_base_with_its_revision(repo, monkeypa
 
 def test_cpt_off_with_listed_models(tmp_path):
     outside = save_pretrained_dir(tmp_path / "lora-merged")
-    config = cfg.validate(minimal(model={"cpt": {"enabled": False}}, evaluation={"models": {
+    config = cfg.validate(minimal(model={"cpt": {"enabled": False}}, adapt={"enabled": False}, evaluation={"models": {
         "again": {"ref": "results/models/base", "method": "base-copy"},
         "lora": {"ref": outside, "method": "lora", "trainable_fraction": 0.03}}}))
     models = registry.model_registry(config)

@@ -356,10 +356,10 @@ def _exports(tokenizer, state_root: Path, name: str, lr: float, settings) -> dic
 def _finish_run(result, ctx: AdaptContext, name: str, lr: float, settings, state_root: Path, token_file,
                 tokenizer) -> None:
     """After a run: its log, run record and held-out perplexity on the target, staged with its model."""
-    from moelang.evaluate import perplexity
     from moelang.models import load_model
     from moelang.models.loading import resolve_device
     from moelang.options import EvaluationOptions
+    from moelang.perplexity import perplexity
     from moelang.registry import write_run_record
 
     staged = _staged(state_root, name, lr)

@@ -78,6 +78,7 @@ from moelang.errors import MoelangError
 from moelang.io import atomic_dir, atomic_path, log, progress, write_json
 from moelang.registry import trainable_fraction
 from moelang.options import EvaluationOptions
+from moelang.perplexity import perplexity  # noqa: F401  (part of this stage; the adapt stage uses it too)
 
 # ISO 639-1/3 code of a language -> Belebele's FLORES code and MultiBLiMP's ISO 639-3 code.
 BELEBELE_CODES = {"en": "eng_Latn", "ar": "arb_Arab", "cs": "ces_Latn", "es": "spa_Latn", "fi": "fin_Latn",
@@ -490,25 +491,6 @@ def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n
     if not log_samples:
         merged.pop("samples", None)
     return merged
-
-
-@torch.no_grad()
-def perplexity(model, token_file: str | Path, eos_id: int, options: EvaluationOptions | dict) -> dict:
-    options = EvaluationOptions.coerce(options)
-    from moelang.routing import heldout_chunks, length_batches
-
-    device = next(model.parameters()).device
-    chunks = heldout_chunks(token_file, options.seq_len - 1, options.tokens_per_language)
-    chunks = [np.concatenate([[eos_id], c]) for c in chunks]  # every real token gets a context
-    total_nll, total = 0.0, 0
-    for ids, mask in progress(length_batches(chunks, options.batch_tokens, eos_id), desc="perplexity", unit=" batches"):
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        valid = mask[:, 1:].bool()
-        total_nll -= float(logp[valid].double().sum())
-        total += int(valid.sum())
-    return {"n_tokens": total, "nll": total_nll / total, "perplexity": math.exp(total_nll / total)}
 
 
 # The harness's output keys kept in ``{family}.json``; each is a dict keyed by task.

@@ -1,0 +1,39 @@
+"""Held-out perplexity of a causal LM on one language's token file: the evaluation stage's
+``perplexity.parquet`` and the adaptation stage's learning-rate selection (a module of its own so that
+the model image, which has no lm-eval, can import it).
+
+Every held-out chunk (at most ``seq_len`` - 1 tokens, within documents, up to ``tokens_per_language``)
+is preceded by the EOS token, so that every real token is predicted from a context; padding is never
+scored. Returns ``n_tokens`` (tokens scored), ``nll`` (mean negative log-likelihood, nats) and
+``perplexity`` (exp of it).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moelang.io import progress
+from moelang.options import EvaluationOptions
+
+
+@torch.no_grad()
+def perplexity(model, token_file: str | Path, eos_id: int, options: EvaluationOptions | dict) -> dict:
+    options = EvaluationOptions.coerce(options)
+    from moelang.routing import heldout_chunks, length_batches
+
+    device = next(model.parameters()).device
+    chunks = heldout_chunks(token_file, options.seq_len - 1, options.tokens_per_language)
+    chunks = [np.concatenate([[eos_id], c]) for c in chunks]  # every real token gets a context
+    total_nll, total = 0.0, 0
+    for ids, mask in progress(length_batches(chunks, options.batch_tokens, eos_id), desc="perplexity", unit=" batches"):
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        valid = mask[:, 1:].bool()
+        total_nll -= float(logp[valid].double().sum())
+        total += int(valid.sum())
+    return {"n_tokens": total, "nll": total_nll / total, "perplexity": math.exp(total_nll / total)}
