@@ -93,6 +93,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from _results import update_results_md  # noqa: E402
+from train_step import _rss_mib, write_tokens  # noqa: E402  (the same synthetic data and RSS reading)
 
 THREADS = 2
 CONTENDED_BELOW = 0.8  # a process whose CPU/wall ratio is below this x THREADS shared its cores
@@ -196,37 +197,6 @@ def frozen_forward(architecture: dict, seq_len: int, adapted_layers: int) -> flo
 # --------------------------------------------------------------------------------------------------
 # One variant, in its own process
 # --------------------------------------------------------------------------------------------------
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def write_tokens(path: Path, n_tokens: int, vocab: int, seed: int) -> int:
-    """A token Parquet file of random documents (train split) with at least ``n_tokens`` tokens."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from moelang.tokenize import TOKENS_SCHEMA
-
-    rng = np.random.default_rng(seed)
-    docs, total = [], 0
-    while total < n_tokens:
-        n = int(rng.integers(64, 1024))
-        docs.append(rng.integers(3, vocab, size=n, dtype=np.int32))
-        total += n
-    table = pa.table(
-        {
-            "doc_id": pa.array([f"synthetic-{i}" for i in range(len(docs))], pa.string()),
-            "split": pa.array(["train"] * len(docs), pa.string()),
-            "input_ids": pa.array([d.tolist() for d in docs], pa.list_(pa.int32())),
-            "n_tokens": pa.array([len(d) for d in docs], pa.int32()),
-        },
-        schema=TOKENS_SCHEMA,
-    )
-    pq.write_table(table, path)
-    return total
-
 
 def ssft_experts(architecture: dict, layers: list[int]) -> dict[int, list[int]]:
     """The SSFT set: ``SSFT_EXPERTS_PER_LAYER`` experts per adapted layer, a seeded draw (the same in

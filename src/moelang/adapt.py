@@ -56,9 +56,7 @@ import contextlib
 import copy
 import json
 import math
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -146,7 +144,9 @@ def method_builder(name: str) -> Builder:
 
 
 def known_methods(top_n: int | None = None) -> list[str]:
-    return list(ADAPT_METHODS) + [f"seft_top{top_n if top_n is not None else 'N'}"]
+    names = list(ADAPT_METHODS)
+    names.insert(names.index("seft") + 1, f"seft_top{top_n if top_n is not None else 'N'}")
+    return names
 
 
 def trains_final_layers_only(name: str) -> bool:
@@ -419,16 +419,12 @@ def select_runs(table: pl.DataFrame) -> pl.DataFrame:
 
 def _link_tree(source: Path, dest: Path) -> None:
     """``dest`` as a tree of hard links to ``source``'s files (a copy where links cannot be made)."""
-    for path in sorted(source.rglob("*")):
+    from moelang.train import _link_or_copy
+
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
         target = dest / path.relative_to(source)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
+        _link_or_copy(path, target)
 
 
 def select_target(lang: str, method_dirs: dict[str, list[str | Path]], out_table: str | Path,

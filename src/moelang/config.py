@@ -156,8 +156,9 @@ def _check_adapt(config: dict) -> None:
         if lang not in targets:
             raise ConfigError(f"config key 'adapt.targets': '{lang}' is not in languages.targets "
                               f"({', '.join(targets)}); adapt configured targets only")
-    top = f"seft_top{config['routing']['top_n']}"
-    known = ["ssft", "seft", top, "random", "random_hr", "aeft", "full-ft", "lora"]
+    from moelang.adapt import known_methods
+
+    known = known_methods(config["routing"]["top_n"])
     for name in section["methods"]:
         if name not in known:
             hint = (f"the routing metrics choose seft_top{{N}} with N = routing.top_n ({config['routing']['top_n']})"
