@@ -237,3 +237,11 @@ def test_shared_frozen_pass_gives_the_models_of_separate_runs(start, adapted, tm
     adapt.adapt_target(start / "ca.parquet", start / "selected.json", options(start, methods=["ssft", "lora"]),
                        tmp_path / "again", tmp_path / "state2")
     assert calls == [4]  # ssft and lora at both rates in one pass
+
+
+def test_the_config_knows_the_registered_methods():
+    # config.py spells the registry's names (the data image validates configs without torch).
+    from moelang import adapt, config
+
+    assert config.adapt_method_names(7) == adapt.known_methods(7)
+    assert config.adapt_method_names(3) == adapt.known_methods(3)

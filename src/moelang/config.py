@@ -146,6 +146,16 @@ def _check_semantics(config: dict) -> None:
     _check_evaluation(config)
 
 
+# The names of moelang.adapt's method registry, spelled here because config runs in the data image,
+# which has no torch (the builders import it); tests/test_adapt.py ties the two lists.
+ADAPT_METHOD_NAMES = ("ssft", "seft", "seft_top{N}", "random", "random_hr", "aeft", "full-ft", "lora")
+
+
+def adapt_method_names(top_n: int) -> list[str]:
+    """The adaptation methods a config may list, with seft_top{N} spelled for routing.top_n."""
+    return [name.replace("{N}", str(top_n)) for name in ADAPT_METHOD_NAMES]
+
+
 def _check_adapt(config: dict) -> None:
     """Adaptation keys that a schema cannot check: targets, methods, the start model."""
     section = config["adapt"]
@@ -156,9 +166,7 @@ def _check_adapt(config: dict) -> None:
         if lang not in targets:
             raise ConfigError(f"config key 'adapt.targets': '{lang}' is not in languages.targets "
                               f"({', '.join(targets)}); adapt configured targets only")
-    from moelang.adapt import known_methods
-
-    known = known_methods(config["routing"]["top_n"])
+    known = adapt_method_names(config["routing"]["top_n"])
     for name in section["methods"]:
         if name not in known:
             hint = (f"the routing metrics choose seft_top{{N}} with N = routing.top_n ({config['routing']['top_n']})"
