@@ -72,6 +72,29 @@ FAMILIES: dict[str, FamilySpec] = {
 TOP_K_FIELD = "num_experts_per_tok"  # the same name in every MoE family
 
 
+def _expanded_layers(config) -> list[int]:
+    # an expanded model (moelang.models.layermoe): the layers with more than one expert, and every
+    # layer grown from an MoE layer
+    originals = config.num_original_experts or [1] * config.num_hidden_layers
+    return [i for i, (n, o) in enumerate(zip(config.num_experts_per_layer, originals)) if n > 1 or o > 1]
+
+
+# Expanded models (LayerMoE) of these base families: model_type "layermoe_<base>". Their layers keep
+# the base family's layout, with the router at layer.mlp.gate (moelang.models.layermoe).
+EXPANDABLE = ("llama", "qwen2", "olmoe", "qwen2_moe", "mixtral")
+EXPANDED_PREFIX = "layermoe_"
+EXPANDED_FAMILIES: dict[str, FamilySpec] = {
+    EXPANDED_PREFIX + base: FamilySpec(router_attr="gate", shared_attrs=FAMILIES[base].shared_attrs,
+                                       experts_field=None, moe_layers=_expanded_layers)
+    for base in EXPANDABLE
+}
+
+
+def family_spec(model_type: str | None) -> FamilySpec | None:
+    """The spec of a supported family or of an expanded model's type; None for anything else."""
+    return FAMILIES.get(model_type) or EXPANDED_FAMILIES.get(model_type)
+
+
 # Set from the tokenizer by build_config: a value in the config would be silently replaced.
 TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from moelang.architecture import FAMILIES, TOP_K_FIELD, FamilySpec  # noqa: F401 (re-exported)
+from moelang.architecture import FAMILIES, TOP_K_FIELD, FamilySpec, family_spec  # noqa: F401 (re-exported)
 from moelang.errors import MoelangError
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
@@ -79,12 +79,13 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in FAMILIES:
+        spec = family_spec(model_type)
+        if spec is None:
             raise MoelangError(f"model family '{model_type}' is not supported; supported families: "
-                               f"{', '.join(sorted(FAMILIES))}")
+                               f"{', '.join(sorted(FAMILIES))} (and their LayerMoE expansions)")
         self.model = model
         self.family = model_type
-        self.spec = FAMILIES[model_type]
+        self.spec = spec
         self.layers: list[nn.Module] = list(self._decoder_layers(model))
         self.moe_layers: list[MoELayer] = [m for m in map(self._moe_layer, range(len(self.layers))) if m]
 

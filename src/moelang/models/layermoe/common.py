@@ -1,0 +1,356 @@
+"""The parts every expanded family shares: config fields, router, router classifier, upcycled
+experts, the expanded block and the mixins that the per-family model classes are made of.
+
+An *expanded* model (LayerMoE, arXiv 2505.22582; MoE-LPR, arXiv 2408.11396) is a base model whose
+layers were given new experts, a different number per layer. Its config records, one entry per
+decoder layer, ``num_experts_per_layer`` (1: the layer stayed a dense FFN) and
+``num_original_experts`` (the experts the layer had in the model it was expanded from: 1 for a dense
+base, E for an MoE base; after a second expansion, the experts of the first expanded model), the
+router ``num_experts_per_tok``, ``norm_topk_prob``, the ``classifier_layers`` and
+``classifier_groups``.
+
+Routing in an expanded layer (:class:`ExpandedTopKRouter`): softmax over all of the layer's experts
+in fp32, top-k with ``k = min(num_experts_per_tok, experts)``, the k weights renormalised when
+``norm_topk_prob`` (the upcycled dense families: always, as the paper does; an MoE base keeps its
+family's choice). Router logits are returned for every token (``output_router_logits``), also where
+a classifier restricts the choice.
+
+Router classifier (:class:`RouterClassifier`, on ``classifier_layers``): a bias-free linear layer
+(hidden -> ``classifier_groups``) on the **sum over the sequence** of the layer's MLP input (padding
+positions included, as the authors' code does); its argmax labels the whole sequence, in training
+too (hard decision). Class 0 (old): each token is routed among the layer's original experts only,
+exactly as top-k routing would route among them alone (softmax over the original experts' logits;
+a dense base: expert 0 with weight 1; slots beyond the original count point at the first chosen
+expert with weight 0). Any other class: normal top-k over all experts. The classifier's logits are
+recorded (``output_classifier_logits``) for its training loss.
+
+**Generation with a KV cache:** each forward sees only the tokens it is given, so the prefill step
+classifies the prompt, and every later step classifies the single new token from its own MLP input
+(the decision becomes per generated token; the earlier tokens' decisions are in the cache and are
+not revisited). Scoring a whole sequence (perplexity, lm-eval log-likelihoods) is one forward and
+one decision per sequence.
+
+Load balancing (:func:`load_balancing_loss`): Mixtral's form, ``N_i * sum_e f_e P_e`` in each MoE
+layer with that layer's own expert count and top-k, averaged over the layers (transformers'
+function assumes one count for all layers). Its balanced value is k, not 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.integrations import use_experts_implementation
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.output_capturing import OutputRecorder
+
+# Fields an expanded config adds to its base family's config, with their defaults; a field the base
+# already has (an MoE family's top-k, norm_topk_prob, router_aux_loss_coef, output_router_logits)
+# keeps the base's definition and value.
+EXPANDED_FIELDS: dict[str, tuple[object, object]] = {
+    "num_experts_per_layer": (list[int] | None, None),
+    "num_original_experts": (list[int] | None, None),
+    "num_experts_per_tok": (int, 2),
+    "norm_topk_prob": (bool, True),
+    "classifier_layers": (list[int] | None, None),
+    "classifier_groups": (int, 2),
+    "output_router_logits": (bool, False),
+    "output_classifier_logits": (bool, False),
+    "router_aux_loss_coef": (float, 0.01),
+    "expanded_from": (str | None, None),
+}
+
+
+def expanded_config_class(base: type, model_type: str, name: str) -> type:
+    """A subclass of the family's config class ``base`` with :data:`EXPANDED_FIELDS` and
+    ``model_type`` (the per-family configuration files call this)."""
+    have = {f.name for f in dataclasses.fields(base)}
+    annotations = {k: t for k, (t, _) in EXPANDED_FIELDS.items() if k not in have}
+    namespace = {"__annotations__": annotations, "model_type": model_type, "__module__": base.__module__,
+                 "__doc__": f"{base.__name__} of a model expanded with new experts (moelang.models.layermoe)."}
+    namespace.update({k: d for k, (_, d) in EXPANDED_FIELDS.items() if k in annotations})
+    cls = strict(type(name, (base,), namespace))
+    return cls
+
+
+def layer_counts(config) -> list[int]:
+    counts = list(config.num_experts_per_layer or [])
+    if len(counts) != config.num_hidden_layers:
+        raise ValueError(f"{config.model_type}: num_experts_per_layer has {len(counts)} entries for "
+                         f"{config.num_hidden_layers} layers; give one per layer (1 for a dense layer)")
+    return counts
+
+
+def original_counts(config) -> list[int]:
+    counts = list(config.num_original_experts or [1] * config.num_hidden_layers)
+    if len(counts) != config.num_hidden_layers:
+        raise ValueError(f"{config.model_type}: num_original_experts has {len(counts)} entries for "
+                         f"{config.num_hidden_layers} layers")
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Router, classifier, experts
+# --------------------------------------------------------------------------------------------------
+
+class ExpandedTopKRouter(nn.Module):
+    """Top-k router over a layer's experts (see the module docstring). ``restrict`` (set by the
+    block for one forward): a bool per token, True where the token may use the original experts
+    only. Returns ``(router_logits, top_k_weights, top_k_index)`` like the families' routers."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_original: int, norm_topk_prob: bool):
+        super().__init__()
+        self.hidden_dim = hidden_size
+        self.num_experts = num_experts
+        self.num_original = num_original
+        self.top_k = min(top_k, num_experts)
+        self.norm_topk_prob = norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.restrict: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states, self.weight)
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        weights, index = torch.topk(probs, self.top_k, dim=-1)
+        if self.restrict is not None and bool(self.restrict.any()):
+            old_weights, old_index = self._original_top_k(router_logits)
+            keep = self.restrict.view(-1, 1)
+            weights = torch.where(keep, old_weights, weights)
+            index = torch.where(keep, old_index, index)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return router_logits, weights.to(router_logits.dtype), index
+
+    def _original_top_k(self, router_logits: torch.Tensor):
+        """Top-k as if the layer had its original experts only (the old class of the classifier)."""
+        k = min(self.top_k, self.num_original)
+        probs = torch.softmax(router_logits[:, : self.num_original].float(), dim=-1)
+        weights, index = torch.topk(probs, k, dim=-1)
+        if k < self.top_k:  # spare slots: the first chosen expert again, with weight 0
+            spare = self.top_k - k
+            index = torch.cat([index, index[:, :1].expand(-1, spare)], dim=-1)
+            weights = torch.cat([weights, weights.new_zeros(weights.shape[0], spare)], dim=-1)
+        return weights, index
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, original={self.num_original}, top_k={self.top_k}"
+
+
+class RouterClassifier(nn.Module):
+    """Sequence-level old/new classifier of one layer: logits ``[batch, groups]`` from the sum over
+    the sequence of the layer's MLP input."""
+
+    def __init__(self, hidden_size: int, groups: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(groups, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states.sum(dim=1), self.weight)
+
+
+@use_experts_implementation
+class UpcycledExperts(nn.Module):
+    """Fused experts of an upcycled dense layer (the layout of transformers' MoE families:
+    ``gate_up_proj [E, 2 I, d]``, ``down_proj [E, d, I]``), each a copy of the dense SwiGLU FFN."""
+
+    def __init__(self, config, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in hit:
+            expert = expert[0]
+            slot, token = torch.where(mask[expert])
+            gate, up = F.linear(hidden_states[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(self.act_fn(gate) * up, self.down_proj[expert]) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------------
+
+class ClassifiedRoutingMixin:
+    """Forward of an expanded block with an optional ``classifier`` (see the module docstring): the
+    classifier decides per sequence, the router learns it through ``restrict`` for this forward."""
+
+    classifier: RouterClassifier | None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        classifier = getattr(self, "classifier", None)
+        if classifier is None:
+            return super().forward(hidden_states)
+        old = classifier(hidden_states).argmax(dim=-1) == 0  # [batch]
+        self.gate.restrict = old.repeat_interleave(hidden_states.shape[1])
+        try:
+            return super().forward(hidden_states)
+        finally:
+            self.gate.restrict = None
+
+
+def _router_for(config, layer_idx: int) -> ExpandedTopKRouter:
+    return ExpandedTopKRouter(config.hidden_size, layer_counts(config)[layer_idx], config.num_experts_per_tok,
+                              original_counts(config)[layer_idx], bool(config.norm_topk_prob))
+
+
+def _classifier_for(config, layer_idx: int) -> RouterClassifier | None:
+    if layer_idx in (config.classifier_layers or []):
+        return RouterClassifier(config.hidden_size, config.classifier_groups)
+    return None
+
+
+class _UpcycledBlock(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.gate = _router_for(config, layer_idx)
+        self.experts = UpcycledExperts(config, layer_counts(config)[layer_idx])
+        self.classifier = _classifier_for(config, layer_idx)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = hidden_states.shape
+        flat = hidden_states.reshape(-1, hidden)
+        _, weights, index = self.gate(flat)
+        return self.experts(flat, index, weights).reshape(batch, seq, hidden)
+
+
+class UpcycledSparseMoeBlock(ClassifiedRoutingMixin, _UpcycledBlock):
+    """An upcycled dense layer: expert 0 is the original FFN, the others start as its copies."""
+
+
+class GrownBlockMixin(ClassifiedRoutingMixin):
+    """Mixed into an MoE family's sparse block (``gate``, ``experts``): the layer's experts grow to
+    its ``num_experts_per_layer`` entry and the router becomes an :class:`ExpandedTopKRouter`; the
+    family's forward (shared experts included) is unchanged."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config)
+        count = layer_counts(config)[layer_idx]
+        experts = self.experts
+        for name, param in list(experts._parameters.items()):
+            if param is not None:
+                experts._parameters[name] = nn.Parameter(param.new_empty((count, *param.shape[1:])))
+        experts.num_experts = count
+        self.gate = _router_for(config, layer_idx)
+        self.classifier = _classifier_for(config, layer_idx)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+def expanded_recorders(base_model_class: type) -> dict:
+    """The base family's recorded outputs plus the expanded routers' logits and the classifiers'."""
+    return {**base_model_class._can_record_outputs,
+            "router_logits": OutputRecorder(ExpandedTopKRouter, index=0),
+            "classifier_logits": OutputRecorder(RouterClassifier, index=0)}
+
+
+class ExpandedInitMixin:
+    """Weights of the modules that the base family's ``_init_weights`` does not know (a model built
+    from its config; the expansion copies real weights over them)."""
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, (ExpandedTopKRouter, RouterClassifier)):
+            init.xavier_normal_(module.weight)  # the authors' router and classifier initialisation
+        elif isinstance(module, UpcycledExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)
+
+
+class ExpandedModelMixin(ExpandedInitMixin):
+    """The base family's decoder stack, every layer's MLP replaced by ``block_class`` where the
+    layer has more than one expert."""
+
+    block_class: type
+
+    def __init__(self, config):
+        super().__init__(config)
+        for index, count in enumerate(layer_counts(config)):
+            if count > 1 or hasattr(self.layers[index].mlp, "experts"):  # an MoE base's layers all grow
+                self.layers[index].mlp = self.block_class(config, index)
+        self.post_init()
+
+
+@dataclasses.dataclass
+class ExpandedCausalLMOutput(MoeCausalLMOutputWithPast):
+    """:class:`MoeCausalLMOutputWithPast` plus the router classifiers' logits (one ``[batch, groups]``
+    tensor per classifier layer) when ``output_classifier_logits``."""
+
+    classifier_logits: tuple[torch.Tensor, ...] | None = None
+
+
+def load_balancing_loss(router_logits, top_k: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mixtral's load-balancing loss per MoE layer with that layer's expert count, averaged over the
+    layers (see the module docstring). ``router_logits``: one ``[tokens, experts]`` tensor per layer."""
+    losses = []
+    for logits in router_logits:
+        experts = logits.shape[-1]
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = torch.topk(probs, min(top_k, experts), dim=-1).indices
+        assigned = F.one_hot(chosen, experts).float().sum(dim=1)  # [tokens, experts]
+        if attention_mask is not None:
+            weight = attention_mask.reshape(-1, 1).to(probs)
+            fraction = (assigned * weight).sum(0) / weight.sum()
+            mean_prob = (probs * weight).sum(0) / weight.sum()
+        else:
+            fraction, mean_prob = assigned.mean(0), probs.mean(0)
+        losses.append(experts * (fraction * mean_prob).sum())
+    return torch.stack(losses).mean()
+
+
+class ExpandedCausalLMMixin(ExpandedInitMixin):
+    """The base family's causal LM head on the expanded decoder stack (``model_class``), with the
+    per-layer load-balancing loss and the classifier logits in its output."""
+
+    model_class: type
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.model_class(config)
+        self.router_aux_loss_coef = config.router_aux_loss_coef
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_router_logits=None, output_classifier_logits=None,
+                logits_to_keep=0, **kwargs):
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if output_classifier_logits is None:
+            output_classifier_logits = self.config.output_classifier_logits
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_router_logits=output_router_logits,
+                             output_classifier_logits=output_classifier_logits, **kwargs)
+        hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden)
+        loss = self.loss_function(logits, labels, self.vocab_size, **kwargs) if labels is not None else None
+        router_logits = outputs.get("router_logits") if output_router_logits else None
+        aux_loss = None
+        if router_logits:
+            aux_loss = load_balancing_loss(router_logits, self.config.num_experts_per_tok, attention_mask)
+            if loss is not None:
+                loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+        return ExpandedCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits,
+                                      past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.get("hidden_states"), attentions=outputs.get("attentions"),
+                                      router_logits=router_logits,
+                                      classifier_logits=outputs.get("classifier_logits") if output_classifier_logits
+                                      else None)
