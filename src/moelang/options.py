@@ -539,6 +539,60 @@ class AdaptOptions(LoadOptions):
     (``evaluation.tokens_per_language``, ``seq_len``, ``batch_tokens``)."""
 
 
+@dataclass(frozen=True)
+class ExpandOptions(LoadOptions):
+    """LayerMoE expansion of one variant (``moelang expand``, ``moelang expand-train``): the model is
+    grown by its allocation plan's new experts, trained in two stages (see :mod:`moelang.expand`)."""
+
+    SECTION: ClassVar[str] = "expand"
+    DERIVED: ClassVar[frozenset[str]] = frozenset({"ref", "revision", "dtype", "device", "trust_remote_code",
+                                                   "variant", "plan", "classifier", "start", "old", "new",
+                                                   "parents", "profile_model", "seed"})
+    NOT_OPTIONS: ClassVar[frozenset[str]] = frozenset({"enabled", "model", "variants"})
+
+    variant: str = ""
+    """The variant's name (``expand.variants``): the directory and the registry name ``expand-{variant}``."""
+    plan: str = "layermoe"
+    """The allocation method whose plan gives the new experts per layer (``results/allocation/plan.json``)."""
+    classifier: bool = True
+    """Stage 2 puts router classifiers on the plan's classifier layers (False: the ablation)."""
+    start: str = ""
+    """The expanded model's name in the registry (gains and forgetting are measured against it)."""
+    old: list[str] = field(default_factory=list)
+    """Old languages: replayed in stage 2, class 0 of the classifier, pushed to the original experts."""
+    new: list[str] = field(default_factory=list)
+    """New languages: stage 1 trains on them alone; class 1 of the classifier."""
+    parents: dict = field(default_factory=dict)
+    """New language -> its high-resource parent: whose most-used experts seed an MoE base's new experts."""
+    profile_model: str | None = None
+    """The profiled model whose routing counts rank the experts (``init: most_used``; None: random copies)."""
+    top_k: int = 2
+    """Experts per token in an upcycled dense layer (k = min(top_k, experts)); an MoE base keeps its own."""
+    init: str = "most_used"
+    """MoE base: new experts start as copies of the parents' most-used experts (``most_used``) or of
+    random existing experts (``random``). A dense base always copies its FFN."""
+    noise: float = 0.0
+    """Relative std of Gaussian noise added to the copies (0: exact copies, the authors' way)."""
+    stage1: TrainSettings = field(default_factory=lambda: TrainSettings(
+        steps=100, lr=5e-5, warmup_steps=0, min_lr_ratio=0.0, betas=(0.9, 0.999), weight_decay=0.0, aux_loss_coef=0.01))
+    """Stage 1 (new experts and routers on the new languages): the authors' optimiser as default
+    (AdamW 0.9/0.999, weight decay 0, cosine to 0, no warm-up), load balancing 0.01."""
+    stage2: TrainSettings = field(default_factory=lambda: TrainSettings(
+        steps=100, lr=5e-5, warmup_steps=0, min_lr_ratio=0.0, betas=(0.9, 0.999), weight_decay=0.0, aux_loss_coef=0.0))
+    """Stage 2 (routers and classifiers on new languages plus a replay of the old), no balance loss."""
+    replay_fraction: float = 0.33
+    """Stage 2: the share of sequences drawn from the old languages (the authors: about a third)."""
+    lpr_weight: float = 0.1
+    """Stage 2: weight of the routing-prior loss (old-language tokens pushed to the original experts)."""
+    lpr_form: str = "probabilities"
+    """``probabilities``: the authors' code, cross-entropy over the softmax probabilities (a double
+    softmax); ``logits``: the plain cross-entropy on the router logits."""
+    classifier_weight: float = 0.1
+    """Stage 2: weight of the classifier's cross-entropy on each sequence's group (old 0, new 1)."""
+    seed: int = 0
+    """The run's seed (router and classifier initialisation, data order)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------
@@ -615,6 +669,7 @@ STAGE_OPTIONS: dict[str, type[StageOptions]] = {
     "similarity": SimilarityOptions,
     "allocate": AllocationOptions,
     "adapt": AdaptOptions,
+    "expand": ExpandOptions,
     "evaluate": EvaluationOptions,
     "eval-summary": EvalSummaryOptions,
 }
