@@ -201,3 +201,39 @@ def test_stage1_killed_and_resumed_ends_bit_identical(setup, stages, tmp_path):
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "sa").exists()
+
+
+def test_a_dense_llama_upcycles_through_the_whole_stage(setup, tmp_path):
+    """The paper's setting: a dense model upcycled (logits unchanged), stage 1 keeps expert 0 (the FFN)
+    and everything but the new experts and routers, stage 2 only routers and classifiers."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from families import tiny_model
+
+    dense = tiny_model("llama", seed=3)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, dense.config.vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t3")),
+                                        eos_token="</s>", pad_token="<pad>")
+    dense.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    (tmp_path / "plan.json").write_text(json.dumps({"layermoe": {"experts_per_layer": [3, 1],
+                                                                  "new_experts_per_layer": [2, 0],
+                                                                  "classifier_layers": [0]}}))
+    opts = options(setup, ref=str(tmp_path / "dense"), profile_model=None)
+    expand.expand_variant(opts, tmp_path / "plan.json", tmp_path / "s0")
+    ids = torch.tensor([patterned_docs(1, seed=4)[0][:12]])
+    upcycled = AutoModelForCausalLM.from_pretrained(tmp_path / "s0").eval()
+    assert torch.allclose(upcycled(ids).logits, dense.eval()(ids).logits, atol=1e-5)
+    expand.train_stage(1, opts, tmp_path / "s0", tokens(setup, NEW), tmp_path / "s1", tmp_path / "st1")
+    expand.train_stage(2, opts, tmp_path / "s1", tokens(setup, NEW + OLD), tmp_path / "s2", tmp_path / "st2",
+                       tmp_path / "plan.json")
+    s0, s1, s2 = weights(tmp_path / "s0"), weights(tmp_path / "s1"), weights(tmp_path / "s2")
+    for key in s0:
+        if ".mlp.experts." in key:
+            assert torch.equal(s0[key][0], s1[key][0]) and not torch.equal(s0[key][1:], s1[key][1:]), key
+        elif ".mlp.gate." not in key:
+            assert torch.equal(s0[key], s1[key]), key
+    assert set(s2) - set(s1) == {"model.layers.0.mlp.classifier.weight"}
+    assert all(torch.equal(s1[k], s2[k]) for k in s1 if ".mlp.gate." not in k)
+    assert not torch.equal(s1["model.layers.0.mlp.gate.weight"], s2["model.layers.0.mlp.gate.weight"])
