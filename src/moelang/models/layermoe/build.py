@@ -153,7 +153,8 @@ def _copy_weights(base, expanded, old: list[int], new: list[int], sources: dict[
             if noise > 0:
                 for param in (dst.experts.gate_up_proj, dst.experts.down_proj):
                     jitter = torch.randn(param[1:].shape, generator=generator, dtype=torch.float32) * noise
-                    param[1:] += (jitter * param[0].float().std()).to(param.dtype)
+                    # drawn on the CPU (the same numbers on any device), added where the model is
+                    param[1:] += (jitter.to(param.device) * param[0].float().std()).to(param.dtype)
             continue
         # an MoE layer (or an expanded one): existing experts and router rows, then the copies
         src_state = src.state_dict()

@@ -316,6 +316,15 @@ def load_balancing_loss(router_logits, top_k: int, attention_mask: torch.Tensor 
     return torch.stack(losses).mean()
 
 
+def _mask_of_new_tokens(attention_mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """The part of a ``[batch, length]`` attention mask that covers the tokens of this forward: with
+    a KV cache the mask spans the cached tokens too, the router logits only the new ones (the last
+    positions). A mask of another shape (a 4-D custom mask) is not a padding mask: no masking."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, attention_mask.shape[1] - tokens // attention_mask.shape[0]:]
+
+
 class ExpandedCausalLMMixin(ExpandedInitMixin):
     """The base family's causal LM head on the expanded decoder stack (``model_class``), with the
     per-layer load-balancing loss and the classifier logits in its output."""
@@ -345,7 +354,8 @@ class ExpandedCausalLMMixin(ExpandedInitMixin):
         router_logits = outputs.get("router_logits") if output_router_logits else None
         aux_loss = None
         if router_logits:
-            aux_loss = load_balancing_loss(router_logits, self.config.num_experts_per_tok, attention_mask)
+            aux_loss = load_balancing_loss(router_logits, self.config.num_experts_per_tok,
+                                           _mask_of_new_tokens(attention_mask, router_logits[0].shape[0]))
             if loss is not None:
                 loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
         return ExpandedCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits,
