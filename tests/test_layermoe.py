@@ -180,6 +180,25 @@ def test_save_and_reload_through_the_auto_classes(family, tmp_path):
     torch.testing.assert_close(logits_of(reloaded, ids), logits_of(expanded, ids), atol=1e-6, rtol=0)
 
 
+def test_an_upcycled_model_loads_with_each_experts_implementation(tmp_path):
+    from moelang.models import load_model
+
+    expanded, _ = expand_model(dense_base(), DENSE_NEW, noise=0.3)
+    expanded.save_pretrained(tmp_path)
+    ids = token_ids()
+    results = {}
+    for implementation in ("eager", "grouped_mm", "batched_mm"):
+        model = load_model(tmp_path, experts_implementation=implementation)
+        assert model.config._experts_implementation == implementation
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results[implementation] = (out.logits.detach(), model.model.layers[3].mlp.experts.gate_up_proj.grad)
+    logits, grad = results["eager"]
+    for implementation in ("grouped_mm", "batched_mm"):
+        torch.testing.assert_close(results[implementation][0], logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(results[implementation][1], grad, atol=1e-5, rtol=1e-4)
+
+
 def test_a_fresh_process_loads_expanded_models_after_importing_moelang_models(tmp_path, repo):
     ids = token_ids()
     expected = {}

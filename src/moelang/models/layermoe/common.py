@@ -47,7 +47,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils.output_capturing import OutputRecorder
 
 # Fields an expanded config adds to its base family's config, with their defaults; a field the base
@@ -266,6 +266,13 @@ class ExpandedInitMixin:
     """Weights of the modules that the base family's ``_init_weights`` does not know (a model built
     from its config; the expansion copies real weights over them)."""
 
+    # Every expanded family's experts take transformers' experts kernels (grouped_mm, batched_mm,
+    # eager). transformers decides whether a class may choose one by looking for
+    # "@use_experts_implementation" in the source of the class's own module, which the per-family
+    # files do not contain (the decorator is on UpcycledExperts here): without this, an upcycled
+    # model refused experts_implementation="grouped_mm" and ran the eager loop over experts.
+    _can_set_experts_implementation_cached_value = True
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, (ExpandedTopKRouter, RouterClassifier)):
@@ -332,9 +339,18 @@ class ExpandedCausalLMMixin(ExpandedInitMixin):
     model_class: type
 
     def __init__(self, config):
-        super().__init__(config)
+        # The family's causal-LM __init__ is skipped (its parent's runs): it would build the family's own
+        # decoder first, only to replace it (the construction done twice), and that decoder refuses an
+        # experts implementation (grouped_mm) that the expanded one takes, so an upcycled model could not
+        # load with one. What it sets is set here: the five families' causal LMs set the same attributes.
+        family_causal_lm = next(c for c in type(self).__mro__
+                                if issubclass(c, PreTrainedModel) and not issubclass(c, ExpandedInitMixin))
+        super(family_causal_lm, self).__init__(config)
         self.model = self.model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.router_aux_loss_coef = config.router_aux_loss_coef
+        self.num_experts_per_tok = config.num_experts_per_tok
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
