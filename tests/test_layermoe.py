@@ -592,6 +592,34 @@ def test_expanding_an_expanded_model():
     torch.testing.assert_close(logits_of(second, ids), logits_of(first, ids), atol=1e-5, rtol=0)
 
 
+def test_expanding_a_grown_model():
+    first, _ = expand_model(tiny_model("olmoe").eval(), GROWN_NEW, sources=GROWN_SOURCES, classifier_layers=[1])
+    second, _ = expand_model(first, [1, 2], sources={0: [9], 1: [8, 0]})  # a source may be a first-round expert
+    assert second.config.num_experts_per_layer == [12, 11] and second.config.num_original_experts == [11, 9]
+    assert second.config.classifier_layers == [] and second.config.expanded_from == "olmoe"
+    for i, extra in enumerate(([9], [8, 0])):
+        old, new = first.model.layers[i].mlp, second.model.layers[i].mlp
+        for e, source in enumerate(list(range(old.gate.num_experts)) + extra):
+            assert torch.equal(new.gate.weight[e], old.gate.weight[source])
+            assert torch.equal(new.experts.down_proj[e], old.experts.down_proj[source])
+    add_classifiers(first, [])
+    add_classifiers(second, [0, 1])
+    ids = token_ids(seed=13)
+    force_classes(second, ids, [0, 0])
+    torch.testing.assert_close(logits_of(second, ids), logits_of(first, ids), atol=1e-5, rtol=0)
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    base = tiny_model("llama", num_hidden_layers=4, tie_word_embeddings=True).eval()  # as Llama-3.2-3B
+    expanded, _ = expand_model(base, DENSE_NEW)
+    assert expanded.lm_head.weight is expanded.model.embed_tokens.weight
+    expanded.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    ids = token_ids()
+    torch.testing.assert_close(logits_of(reloaded, ids), logits_of(base, ids), atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # 7. Bad input
 # --------------------------------------------------------------------------------------------------

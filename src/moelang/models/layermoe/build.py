@@ -7,10 +7,13 @@
   (every chosen expert is the FFN and the top-k weights sum to 1). An MoE base (OLMoE, Qwen-MoE,
   Mixtral) grows: each new expert starts as a copy of an existing expert of its layer (``sources``:
   the caller's choice, for example the parent languages' most-used experts, :func:`most_used_experts`;
-  default: random existing experts, seeded), and its router row as a copy of that expert's row. An
+  default: random existing experts, seeded), and its router row as a copy of that expert's row.
+  ``sources`` are keyed by layer (``"3"`` as in a JSON record also works); sources for a layer that
+  grows nothing from existing experts (out of range, no new experts, a dense layer) are an error. An
   already expanded model expands the same way (the paper's lifelong setting): its experts are the
   original ones of the new model, which keeps no router classifier of the earlier expansion.
-* :func:`add_classifiers`: put router classifiers on layers (LayerMoE's stage 2), or take them off.
+* :func:`add_classifiers`: put router classifiers on layers (LayerMoE's stage 2), or take them off;
+  also on a model that has already run (``output_classifier_logits`` sees the new classifiers).
 """
 
 from __future__ import annotations

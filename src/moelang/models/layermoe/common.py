@@ -32,7 +32,12 @@ one decision per sequence.
 
 Load balancing (:func:`load_balancing_loss`): Mixtral's form, ``N_i * sum_e f_e P_e`` in each MoE
 layer with that layer's own expert count and top-k, averaged over the layers (transformers'
-function assumes one count for all layers). Its balanced value is k, not 1.
+function assumes one count for all layers). Its balanced value is k, not 1. Padding is left out
+(``attention_mask``); in a forward with a KV cache the mask spans the cached tokens too, and only
+its last positions, those of the new tokens, are used.
+
+Experts kernels: the expanded classes take transformers' ``experts_implementation`` (``grouped_mm``,
+the default where it runs; ``batched_mm``; ``eager``), the upcycled families too.
 """
 
 from __future__ import annotations
