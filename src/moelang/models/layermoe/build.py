@@ -128,8 +128,8 @@ def _source_lists(sources: dict | None, old: list[int], new: list[int]) -> dict[
         chosen = [int(e) for e in chosen or []]
         if chosen and (layer is None or not 0 <= layer < len(old) or not new[layer] or old[layer] < 2):
             takes = [i for i in range(len(old)) if new[i] and old[i] > 1]
-            raise MoelangError(f"expansion: sources given for layer {key!r}, which grows no expert from existing experts; "
-                               f"give sources only for the MoE layers with new experts ({takes})")
+            raise MoelangError(f"expansion: sources given for layer {key!r}, which grows no expert from existing "
+                               f"experts; give sources only for the MoE layers with new experts ({takes})")
         if layer is not None:
             lists[layer] = chosen
     return lists
@@ -205,4 +205,5 @@ def _record_outputs_of(model, classifier: RouterClassifier) -> None:
 
     decoder = model.model
     if getattr(decoder, "_output_capturing_hooks_installed", False):
-        install_output_capuring_hook(classifier, "classifier_logits", decoder._can_record_outputs["classifier_logits"].index)
+        recorder = decoder._can_record_outputs["classifier_logits"]
+        install_output_capuring_hook(classifier, "classifier_logits", recorder.index)
