@@ -20,10 +20,11 @@ FAMILY_CONFIGS = {
 MOE_FAMILIES = [f for f in FAMILY_CONFIGS if f not in ("llama", "qwen2")]
 
 
-def tiny_model(family: str, seed: int = 0):
+def tiny_model(family: str, seed: int = 0, **fields):
+    """A tiny random model of ``family``; ``fields`` override its config (e.g. ``num_hidden_layers``)."""
     from moelang.models import build_config, init_model
 
-    config = build_config({"model_type": family, **COMMON, **FAMILY_CONFIGS[family]})
+    config = build_config({"model_type": family, **COMMON, **FAMILY_CONFIGS[family], **fields})
     return init_model(config, seed=seed)
 
 

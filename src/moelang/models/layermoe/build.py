@@ -7,10 +7,13 @@
   (every chosen expert is the FFN and the top-k weights sum to 1). An MoE base (OLMoE, Qwen-MoE,
   Mixtral) grows: each new expert starts as a copy of an existing expert of its layer (``sources``:
   the caller's choice, for example the parent languages' most-used experts, :func:`most_used_experts`;
-  default: random existing experts, seeded), and its router row as a copy of that expert's row. An
+  default: random existing experts, seeded), and its router row as a copy of that expert's row.
+  ``sources`` are keyed by layer (``"3"`` as in a JSON record also works); sources for a layer that
+  grows nothing from existing experts (out of range, no new experts, a dense layer) are an error. An
   already expanded model expands the same way (the paper's lifelong setting): its experts are the
   original ones of the new model, which keeps no router classifier of the earlier expansion.
-* :func:`add_classifiers`: put router classifiers on layers (LayerMoE's stage 2), or take them off.
+* :func:`add_classifiers`: put router classifiers on layers (LayerMoE's stage 2), or take them off;
+  also on a model that has already run (``output_classifier_logits`` sees the new classifiers).
 """
 
 from __future__ import annotations
@@ -76,19 +79,21 @@ def expand_model(model, new_experts: list[int], *, top_k: int = 2, classifier_la
                            f"from this model's similarity table")
     bad = [i for i, n in enumerate(new_experts) if not isinstance(n, (int, np.integer)) or n < 0]
     if bad:
-        raise MoelangError(f"expansion: layers {bad} have a negative or non-integer number of new experts")
+        raise MoelangError(f"expansion: layers {bad} have a negative or non-integer number of new experts; give each "
+                           f"layer an integer 0 or more (the plan's new experts, not its total N_i)")
     counts = [o + int(n) for o, n in zip(old, new_experts)]
     wrong = [i for i in classifier_layers if not 0 <= i < len(old) or counts[i] < 2]
     if wrong:
         raise MoelangError(f"expansion: classifier layers {wrong} are out of range or have a single expert; choose "
                            f"among the layers with new experts")
+    given = _source_lists(sources, old, new_experts)
     rng = np.random.default_rng(seed)
-    sources = {i: list((sources or {}).get(i) or random_sources(old[i], new_experts[i], rng))
+    sources = {i: list(given.get(i) or random_sources(old[i], new_experts[i], rng))
                for i in range(len(old)) if new_experts[i] and old[i] > 1}
     for i, chosen in sources.items():
         if len(chosen) != new_experts[i] or any(not 0 <= e < old[i] for e in chosen):
             raise MoelangError(f"expansion: layer {i} needs {new_experts[i]} source experts among 0..{old[i] - 1}, "
-                               f"got {chosen}")
+                               f"got {chosen}; give that many ids of the layer's existing experts")
 
     fields = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_ARCHITECTURE}
     fields.update(num_experts_per_layer=counts, num_original_experts=old, classifier_layers=sorted(classifier_layers),
@@ -108,6 +113,26 @@ def expand_model(model, new_experts: list[int], *, top_k: int = 2, classifier_la
               "classifier_layers": sorted(classifier_layers), "sources": {str(i): s for i, s in sources.items()},
               "top_k": int(config.num_experts_per_tok), "noise": noise, "seed": seed}
     return expanded, record
+
+
+def _source_lists(sources: dict | None, old: list[int], new: list[int]) -> dict[int, list[int]]:
+    """``sources`` keyed by layer index (keys as written in a JSON record, ``"3"``, accepted). A
+    non-empty list for a layer that grows no expert from existing ones (out of range, no new experts, or
+    a dense layer, whose new experts are copies of its FFN) is a mistake, not something to ignore."""
+    lists: dict[int, list[int]] = {}
+    for key, chosen in (sources or {}).items():
+        try:
+            layer = int(key)
+        except (TypeError, ValueError):
+            layer = None
+        chosen = [int(e) for e in chosen or []]
+        if chosen and (layer is None or not 0 <= layer < len(old) or not new[layer] or old[layer] < 2):
+            takes = [i for i in range(len(old)) if new[i] and old[i] > 1]
+            raise MoelangError(f"expansion: sources given for layer {key!r}, which grows no expert from existing "
+                               f"experts; give sources only for the MoE layers with new experts ({takes})")
+        if layer is not None:
+            lists[layer] = chosen
+    return lists
 
 
 @torch.no_grad()
@@ -131,7 +156,8 @@ def _copy_weights(base, expanded, old: list[int], new: list[int], sources: dict[
             if noise > 0:
                 for param in (dst.experts.gate_up_proj, dst.experts.down_proj):
                     jitter = torch.randn(param[1:].shape, generator=generator, dtype=torch.float32) * noise
-                    param[1:] += (jitter * param[0].float().std()).to(param.dtype)
+                    # drawn on the CPU (the same numbers on any device), added where the model is
+                    param[1:] += (jitter.to(param.device) * param[0].float().std()).to(param.dtype)
             continue
         # an MoE layer (or an expanded one): existing experts and router rows, then the copies
         src_state = src.state_dict()
@@ -164,6 +190,20 @@ def add_classifiers(model, layers: list[int], seed: int = 0) -> None:
             classifier = RouterClassifier(config.hidden_size, config.classifier_groups)
             nn.init.xavier_normal_(classifier.weight, generator=generator)
             block.classifier = classifier.to(dtype=weight.dtype, device=weight.device)
+            _record_outputs_of(model, block.classifier)
         elif getattr(block, "classifier", None) is not None:
             block.classifier = None
     config.classifier_layers = sorted(layers)
+
+
+def _record_outputs_of(model, classifier: RouterClassifier) -> None:
+    """Make ``output_classifier_logits`` see a classifier added after the model's first forward:
+    transformers installs its output-recording hooks once, on the modules the decoder has at that
+    forward, so a module added later needs its hook installed here (without it the logits were
+    silently missing)."""
+    from transformers.utils.output_capturing import install_output_capuring_hook  # sic, transformers' spelling
+
+    decoder = model.model
+    if getattr(decoder, "_output_capturing_hooks_installed", False):
+        recorder = decoder._can_record_outputs["classifier_logits"]
+        install_output_capuring_hook(classifier, "classifier_logits", recorder.index)

@@ -32,7 +32,12 @@ one decision per sequence.
 
 Load balancing (:func:`load_balancing_loss`): Mixtral's form, ``N_i * sum_e f_e P_e`` in each MoE
 layer with that layer's own expert count and top-k, averaged over the layers (transformers'
-function assumes one count for all layers). Its balanced value is k, not 1.
+function assumes one count for all layers). Its balanced value is k, not 1. Padding is left out
+(``attention_mask``); in a forward with a KV cache the mask spans the cached tokens too, and only
+its last positions, those of the new tokens, are used.
+
+Experts kernels: the expanded classes take transformers' ``experts_implementation`` (``grouped_mm``,
+the default where it runs; ``batched_mm``; ``eager``), the upcycled families too.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils.output_capturing import OutputRecorder
 
 # Fields an expanded config adds to its base family's config, with their defaults; a field the base
@@ -266,6 +271,13 @@ class ExpandedInitMixin:
     """Weights of the modules that the base family's ``_init_weights`` does not know (a model built
     from its config; the expansion copies real weights over them)."""
 
+    # Every expanded family's experts take transformers' experts kernels (grouped_mm, batched_mm,
+    # eager). transformers decides whether a class may choose one by looking for
+    # "@use_experts_implementation" in the source of the class's own module, which the per-family
+    # files do not contain (the decorator is on UpcycledExperts here): without this, an upcycled
+    # model refused experts_implementation="grouped_mm" and ran the eager loop over experts.
+    _can_set_experts_implementation_cached_value = True
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, (ExpandedTopKRouter, RouterClassifier)):
@@ -316,6 +328,15 @@ def load_balancing_loss(router_logits, top_k: int, attention_mask: torch.Tensor 
     return torch.stack(losses).mean()
 
 
+def _mask_of_new_tokens(attention_mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """The part of a ``[batch, length]`` attention mask that covers the tokens of this forward: with
+    a KV cache the mask spans the cached tokens too, the router logits only the new ones (the last
+    positions). A mask of another shape (a 4-D custom mask) is not a padding mask: no masking."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, attention_mask.shape[1] - tokens // attention_mask.shape[0]:]
+
+
 class ExpandedCausalLMMixin(ExpandedInitMixin):
     """The base family's causal LM head on the expanded decoder stack (``model_class``), with the
     per-layer load-balancing loss and the classifier logits in its output."""
@@ -323,9 +344,18 @@ class ExpandedCausalLMMixin(ExpandedInitMixin):
     model_class: type
 
     def __init__(self, config):
-        super().__init__(config)
+        # The family's causal-LM __init__ is skipped (its parent's runs): it would build the family's own
+        # decoder first, only to replace it (the construction done twice), and that decoder refuses an
+        # experts implementation (grouped_mm) that the expanded one takes, so an upcycled model could not
+        # load with one. What it sets is set here: the five families' causal LMs set the same attributes.
+        family_causal_lm = next(c for c in type(self).__mro__
+                                if issubclass(c, PreTrainedModel) and not issubclass(c, ExpandedInitMixin))
+        super(family_causal_lm, self).__init__(config)
         self.model = self.model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.router_aux_loss_coef = config.router_aux_loss_coef
+        self.num_experts_per_tok = config.num_experts_per_tok
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
@@ -345,7 +375,8 @@ class ExpandedCausalLMMixin(ExpandedInitMixin):
         router_logits = outputs.get("router_logits") if output_router_logits else None
         aux_loss = None
         if router_logits:
-            aux_loss = load_balancing_loss(router_logits, self.config.num_experts_per_tok, attention_mask)
+            aux_loss = load_balancing_loss(router_logits, self.config.num_experts_per_tok,
+                                           _mask_of_new_tokens(attention_mask, router_logits[0].shape[0]))
             if loss is not None:
                 loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
         return ExpandedCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits,
