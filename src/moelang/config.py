@@ -753,14 +753,21 @@ def evaluation_options(config: dict, name: str | None = None) -> opts.Evaluation
     return opts.EvaluationOptions(**section, **loading, seed=config["seed"])
 
 
-def eval_summary_options(config: dict, families: list[str], names: list[str] | None = None) -> opts.EvalSummaryOptions:
-    """The summary of the evaluated models (``names``: those of this run, default all), in registry order."""
+def eval_summary_options(config: dict, families: list[str], names: list[str] | None = None,
+                         kept: list[str] | None = None) -> opts.EvalSummaryOptions:
+    """The summary of the evaluated models (``names``: those of this run, default all), in registry order;
+    ``kept``: the languages the corpus stage kept (default every configured one), which decide the
+    expansion's old and new languages."""
     evaluated = {n: e for n, e in registry.evaluated(config).items() if names is None or n in names}
     models = registry.summary_models(config)
+    expanding = bool(expand_variants(config))
+    allocation = allocation_options(config, all_languages(config) if kept is None else kept) if expanding else None
     return opts.EvalSummaryOptions(
         models={n: models[n] for n in evaluated}, order=list(evaluated), families=list(families),
         high_resource=list(config["languages"]["high_resource"]), targets=list(config["languages"]["targets"]),
-        base_model=next((n for n, e in evaluated.items() if e.method == "base"), None))
+        base_model=next((n for n, e in evaluated.items() if e.method == "base"), None),
+        expand_old=list(allocation.old) if expanding else [], expand_new=list(allocation.new) if expanding else [],
+        expand_runs="results/expand/runs.parquet" if expanding else None)
 
 
 # Sensible SLURM resources per rule (overridden by the config's `resources` section): data stages
