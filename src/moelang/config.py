@@ -453,7 +453,7 @@ def _check_expand(config: dict, base_config) -> None:
         dense = [i for i in range(base_config.num_hidden_layers) if i not in moe]
         if dense:
             raise ConfigError(f"config key 'expand.variants.{routing[0]}.plan': the routing plan needs a "
-                              f"specialisation score at every layer, and layers {_layer_range(dense)} of the "
+                              f"specialisation score at every layer, and layers {dense} of the "
                               f"similarity model '{similarity_model(config)}' are dense (no routing profile); "
                               f"remove the variant or give it another plan")
 
