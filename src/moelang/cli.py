@@ -274,6 +274,38 @@ def cmd_adapt_gather(args) -> None:
     gather_runs(_existing(args.tables, "adapt-gather", "runs table"), args.out)
 
 
+def _expand_options(args) -> opts.ExpandOptions:
+    return _options(args, opts.ExpandOptions, lambda config: cfg.expand_options(config, args.variant), " --variant NAME")
+
+
+def cmd_expand(args) -> None:
+    from moelang.expand import expand_variant
+
+    options = _expand_options(args)
+    if args.profile_dir is not None and not Path(args.profile_dir).is_dir():
+        raise MoelangError(f"expand: --profile-dir '{args.profile_dir}' does not exist; profile the start model first")
+    expand_variant(options, args.plan, args.out, args.profile_dir)
+
+
+def cmd_expand_train(args) -> None:
+    from moelang.train import die_with_launcher
+
+    die_with_launcher()
+    from moelang.expand import train_stage
+
+    options = _expand_options(args)
+    tokens = _lang_paths(args.tokens, "expand-train")
+    if args.plan is not None and not Path(args.plan).is_file():
+        raise MoelangError(f"expand-train: '{args.plan}' does not exist; run the allocation stage first")
+    train_stage(args.stage, options, args.model, tokens, args.out, args.state_dir, args.plan)
+
+
+def cmd_expand_gather(args) -> None:
+    from moelang.expand import gather_runs
+
+    gather_runs(_existing(args.runs, "expand-gather", "expand_stage2"), args.out)
+
+
 def cmd_allocate(args) -> None:
     from moelang.allocation import run_allocation
 
@@ -463,6 +495,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tables", nargs="*", default=[], help="results/adapt/<lang>/runs.parquet files (none: an empty table)")
     p.add_argument("--out", required=True, help="results/adapt/runs.parquet")
     p.set_defaults(func=cmd_adapt_gather)
+
+    p = sub.add_parser("expand", help="LayerMoE: grow a model by a variant's allocation plan (no training)")
+    _add_option_source(p)
+    p.add_argument("--variant", help="with --config: the variant (expand.variants)")
+    p.add_argument("--plan", required=True, help="results/allocation/plan.json")
+    p.add_argument("--profile-dir", default=None,
+                   help="results/routing/<model>: the start model's routing profile (an MoE base's init: most_used)")
+    p.add_argument("--out", required=True, help="results/expand/<variant>/stage0")
+    p.set_defaults(func=cmd_expand)
+
+    p = sub.add_parser("expand-train", help="LayerMoE: stage 1 (new experts, routers) or stage 2 (routers, classifiers)")
+    _add_option_source(p)
+    p.add_argument("--variant", help="with --config: the variant (expand.variants)")
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    p.add_argument("--model", required=True, help="stage 1: results/expand/<v>/stage0; stage 2: the stage-1 model")
+    p.add_argument("--tokens", nargs="+", required=True,
+                   help="results/tokens/<lang>.parquet of the new languages (stage 2: and of the old ones)")
+    p.add_argument("--plan", default=None, help="results/allocation/plan.json (stage 2 with classifiers)")
+    p.add_argument("--out", required=True, help="results/expand/<variant>/stage<N>")
+    p.add_argument("--state-dir", required=True, help="training state for resuming (removed on success)")
+    p.set_defaults(func=cmd_expand_train)
+
+    p = sub.add_parser("expand-gather", help="LayerMoE: every variant's stages in one table")
+    p.add_argument("--runs", nargs="+", required=True, help="results/expand/<variant>/stage2 directories")
+    p.add_argument("--out", required=True, help="results/expand/runs.parquet")
+    p.set_defaults(func=cmd_expand_gather)
 
     p = sub.add_parser("allocate", help="LayerMoE's new experts per layer (and baselines) from a similarity table")
     _add_option_source(p)

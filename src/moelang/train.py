@@ -816,8 +816,11 @@ def configure_loss(model, settings: TrainSettings, loss_fn: LossFn | None = None
     if uses_z and not hasattr(config, "output_router_logits"):
         raise MoelangError(f"training option z_loss_coef: {type(model).__name__} has no router logits to regularise; "
                            f"set z_loss_coef: 0")
+    # a loss function may need outputs the model gives only when asked (LayerMoE's stage 2: router
+    # and classifier logits without a balancing loss); it names those config flags
+    flags = set(getattr(loss_fn, "config_flags", ()))
     if config is not None and hasattr(config, "output_router_logits"):
-        config.output_router_logits = uses_aux or uses_z
+        config.output_router_logits = uses_aux or uses_z or "output_router_logits" in flags
         if config.output_router_logits:  # the model adds its weighted balancing loss itself: 0 when off
             coef = settings.aux_loss_coef if uses_aux else 0.0
             config.router_aux_loss_coef = coef
@@ -826,6 +829,10 @@ def configure_loss(model, settings: TrainSettings, loss_fn: LossFn | None = None
             # trains with its default while the log subtracts ours from the loss
             if hasattr(model, "router_aux_loss_coef"):
                 model.router_aux_loss_coef = coef
+    for flag in flags - {"output_router_logits"}:
+        if not hasattr(config, flag):
+            raise MoelangError(f"the training loss needs {flag}, which {type(model).__name__} does not give")
+        setattr(config, flag, True)
     return loss_fn or lm_loss(settings.aux_loss_coef, uses_aux, settings.z_loss_coef)
 
 

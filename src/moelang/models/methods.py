@@ -157,3 +157,35 @@ class ExpertSubset(TrainingMethod):
         mask = ", router mask on the chosen experts" if self.mask_router else ""  # unchanged text without it
         return (f"expert subset: experts {experts}, routers {sorted(self.routers)}, shared {sorted(self.shared)}, "
                 f"embeddings {self.embeddings}{mask}")
+
+
+@dataclass
+class ModuleSubset(TrainingMethod):
+    """Freeze the model, then train every parameter of the named submodules (for example LayerMoE's
+    stage 2: the routers and router classifiers, ``model.layers.{i}.mlp.gate`` and ``...classifier``)."""
+
+    modules: list[str] = field(default_factory=list)
+
+    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
+        chosen = []
+        for name in self.modules:
+            try:
+                chosen.append(model.get_submodule(name))
+            except AttributeError:
+                raise MoelangError(f"the model has no module '{name}' to train") from None
+        model.requires_grad_(False)
+        for module in chosen:
+            module.requires_grad_(True)
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def step_context(self):
+        return contextlib.nullcontext()
+
+    def export_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def finalize(self, model: nn.Module) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"modules {sorted(self.modules)}"

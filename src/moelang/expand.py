@@ -1,0 +1,387 @@
+"""Stage: LayerMoE expansion (paper B), one variant at a time, in three steps.
+
+A *variant* (``expand.variants``) is an allocation plan (``results/allocation/plan.json``: the new
+experts per layer and the classifier layers of a method: ``layermoe``, ``uniform`` (MoE-LPR),
+``mola``, ``routing``) and whether stage 2 adds router classifiers.
+
+1. **expand** (:func:`expand_variant`): the model the plan was made on grows by the plan's new
+   experts (:func:`moelang.models.layermoe.build.expand_model`): a dense base is upcycled (the FFN
+   stays as expert 0, the new experts are its copies, the new router is xavier-normal); an MoE base's
+   new experts copy its parent languages' most-used experts of that layer (the routing profile of the
+   start model, summed over the parents of the new languages; ``init: random`` copies random
+   experts). The result is a ``layermoe_<family>`` transformers model, saved with its tokenizer and
+   ``expansion.json``.
+2. **stage 1** (:func:`train_stage`, ``stage=1``): the new experts and the routers of the expanded
+   layers train on the new languages (equal mixture), LM loss + ``stage1.aux_loss_coef`` x load
+   balancing (each layer with its own expert count). The original experts, attention, norms and
+   embeddings stay bit-identical.
+3. **stage 2** (``stage=2``): with ``classifier``, router classifiers go on the plan's classifier
+   layers; then only routers and classifiers train, on the new languages plus a replay of the old
+   ones (``replay_fraction`` of the sequences), with the loss of :func:`stage2_loss`: LM +
+   ``lpr_weight`` x routing prior + ``classifier_weight`` x classifier cross-entropy, no balance loss.
+
+Variants with the same plan share steps 1 and 2 (the workflow trains stage 1 once). Every training
+step runs through the one engine (:func:`moelang.train.train`): resumable, bit-identical on resume,
+each loss term a column of the train log.
+
+Routing prior (MoE-LPR's loss, generalised from "expert 0" to "the layer's original experts"): over
+the tokens of old-language sequences, in every expanded layer, the cross-entropy of the original
+experts as the target class, ``-log(sum_{e original} q_e / sum_e q_e)``; averaged over (layer,
+token). ``lpr_form: probabilities`` (the authors' code): ``q = exp(softmax(logits))``, a double
+softmax (for a dense base: ``-P_0 + log sum_j exp P_j``); ``lpr_form: logits``: ``q = exp(logits)``,
+the plain cross-entropy on the router logits.
+
+Outputs
+-------
+``results/expand/{variant}/stage0|stage1|stage2/``
+    the model (safetensors, ``config.json`` of ``layermoe_<family>``), its tokenizer,
+    ``expansion.json`` (what was expanded, how; the plan), ``expand_run.json`` (trained stages: the
+    stage's trainable parameters and final losses, and those of the stages before),
+    ``train_log.parquet`` (trained stages, :data:`moelang.train.LOG_SCHEMA` plus the loss terms) and
+    the registry's run record.
+``results/expand/runs.parquet`` (:func:`gather_runs`), one row per variant, :data:`RUNS_SCHEMA`:
+    ``variant``, ``plan``, ``base`` (the model expanded), ``classifier`` bool, ``experts_per_layer``
+    list<int32>, ``new_experts`` int64, ``classifier_layers`` list<int32>, ``total_params`` int64,
+    ``stage1_trainable_params`` / ``stage2_trainable_params`` int64, ``stage1_trainable_fraction`` /
+    ``stage2_trainable_fraction`` float64, ``stage1_loss`` / ``stage1_aux_loss`` (last step),
+    ``stage2_loss``, ``stage2_lpr_loss``, ``stage2_classifier_loss``, ``stage2_classifier_accuracy``
+    float64 (NaN where a term does not exist).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from moelang.errors import MoelangError
+from moelang.io import atomic_path, log, write_json, write_table
+from moelang.options import ExpandOptions
+
+EXPANSION_FILE = "expansion.json"
+RUN_FILE = "expand_run.json"
+LPR_FORMS = ("probabilities", "logits")
+INITS = ("most_used", "random")
+
+RUNS_SCHEMA = pa.schema([
+    ("variant", pa.string()),
+    ("plan", pa.string()),
+    ("base", pa.string()),
+    ("classifier", pa.bool_()),
+    ("experts_per_layer", pa.list_(pa.int32())),
+    ("new_experts", pa.int64()),
+    ("classifier_layers", pa.list_(pa.int32())),
+    ("total_params", pa.int64()),
+    ("stage1_trainable_params", pa.int64()),
+    ("stage1_trainable_fraction", pa.float64()),
+    ("stage2_trainable_params", pa.int64()),
+    ("stage2_trainable_fraction", pa.float64()),
+    ("stage1_loss", pa.float64()),
+    ("stage1_aux_loss", pa.float64()),
+    ("stage2_loss", pa.float64()),
+    ("stage2_lpr_loss", pa.float64()),
+    ("stage2_classifier_loss", pa.float64()),
+    ("stage2_classifier_accuracy", pa.float64()),
+])
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan and the profile
+# --------------------------------------------------------------------------------------------------
+
+def read_plan(plan_path: str | Path, method: str) -> dict:
+    """The ``method`` entry of ``plan.json``, checked; one line naming what is wrong otherwise."""
+    path = Path(plan_path)
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MoelangError(f"expansion: cannot read the allocation plan '{path}' ({type(exc).__name__}); run the "
+                           f"allocation stage (`moelang allocate`) first") from None
+    if method not in plan:
+        failed = plan.get("_meta", {}).get("failed", {})
+        why = f" (the allocation left it out: {failed[method]})" if method in failed else ""
+        methods = ", ".join(k for k in plan if not k.startswith("_"))
+        raise MoelangError(f"expansion: the plan '{path}' has no method '{method}'{why}; its methods: {methods}; "
+                           f"change the variant's plan (expand.variants) or the allocation")
+    entry = plan[method]
+    new = entry.get("new_experts_per_layer")
+    if not isinstance(new, list) or any(not isinstance(n, int) or n < 0 for n in new):
+        raise MoelangError(f"expansion: plan '{path}' method '{method}' has no valid new_experts_per_layer; remake it "
+                           f"with the allocation stage")
+    return entry
+
+
+def parent_expert_counts(profile_dir: str | Path, parents: list[str]) -> dict[int, np.ndarray]:
+    """Per layer, how often the ``parents``' held-out tokens used each expert (summed over the
+    parents), from a routing profile directory (``results/routing/{model}``)."""
+    frames = []
+    for lang in sorted(set(parents)):
+        path = Path(profile_dir) / f"{lang}.parquet"
+        if not path.is_file():
+            raise MoelangError(f"expansion: the routing profile '{path}' of parent language '{lang}' does not exist; "
+                               f"profile the start model first, or set expand.init: random")
+        frames.append(pl.read_parquet(path, columns=["layer", "expert", "count"]))
+    table = pl.concat(frames).group_by(["layer", "expert"]).agg(pl.col("count").sum()).sort(["layer", "expert"])
+    counts: dict[int, np.ndarray] = {}
+    for layer, part in table.group_by("layer", maintain_order=True):
+        size = int(part["expert"].max()) + 1
+        array = np.zeros(size)
+        array[part["expert"].to_numpy()] = part["count"].to_numpy()
+        counts[int(layer[0])] = array
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 1: expand
+# --------------------------------------------------------------------------------------------------
+
+def check_options(options: ExpandOptions) -> None:
+    if options.init not in INITS:
+        raise MoelangError(f"expansion option init: '{options.init}'; use one of {', '.join(INITS)}")
+    if options.lpr_form not in LPR_FORMS:
+        raise MoelangError(f"expansion option lpr_form: '{options.lpr_form}'; use one of {', '.join(LPR_FORMS)}")
+    if not 0 <= options.replay_fraction < 1:
+        raise MoelangError(f"expansion option replay_fraction: {options.replay_fraction}; choose in [0, 1)")
+    if not options.new:
+        raise MoelangError("expansion: no new language; set allocation.new (or keep a target language)")
+
+
+def expand_variant(options: ExpandOptions | dict, plan_path: str | Path, out_dir: str | Path,
+                   profile_dir: str | Path | None = None) -> dict:
+    """Step 1: the start model grown by the variant's plan, saved to ``out_dir`` (see the module
+    docstring). Returns the expansion record."""
+    options = ExpandOptions.coerce(options)
+    check_options(options)
+    entry = read_plan(plan_path, options.plan)  # a bad plan stops before the model loads
+    from transformers import AutoTokenizer
+
+    from moelang.models import load_model
+    from moelang.models.layermoe.build import expand_model, expansion_family, most_used_experts
+    from moelang.train import export_model
+
+    tokenizer = AutoTokenizer.from_pretrained(options.ref, revision=options.revision,
+                                              trust_remote_code=options.trust_remote_code)
+    model = load_model(options.ref, revision=options.revision, dtype=options.dtype, device="cpu",
+                       trust_remote_code=options.trust_remote_code)
+    family, old = expansion_family(model)
+    new = entry["new_experts_per_layer"]
+    if len(new) != len(old):
+        raise MoelangError(f"expansion: the plan '{plan_path}' ({options.plan}) has {len(new)} layers and the model "
+                           f"'{options.start}' {len(old)}; make the plan on this model (similarity.model, "
+                           f"expand.model)")
+    sources = None
+    if not family.dense or any(o > 1 for o in old):
+        if options.init == "most_used" and options.profile_model and profile_dir is not None:
+            parents = [options.parents.get(lang, lang) for lang in options.new]
+            usage = parent_expert_counts(profile_dir, parents)
+            sources = {i: most_used_experts(usage[i][:old[i]] if i in usage else np.zeros(old[i]), n)
+                       for i, n in enumerate(new) if n and old[i] > 1}
+            log.info("expansion %s: new experts copy the most-used experts of %s", options.variant,
+                     ", ".join(sorted(set(parents))))
+        else:
+            log.info("expansion %s: new experts copy random existing experts (seed %d)", options.variant, options.seed)
+    expanded, record = expand_model(model, new, top_k=options.top_k, sources=sources, noise=options.noise,
+                                    seed=options.seed)
+    del model
+    record.update(variant=options.variant, plan=options.plan, start=options.start, start_ref=options.ref,
+                  plan_classifier_layers=list(entry.get("classifier_layers") or []))
+    log.info("expansion %s (%s plan): %d new experts, experts per layer %s", options.variant, options.plan,
+             record["new_experts"], record["experts_per_layer"])
+    export_model(expanded, tokenizer, out_dir,
+                 extra_files={EXPANSION_FILE: lambda path: path.write_text(json.dumps(record, indent=1) + "\n")})
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps 2 and 3: training
+# --------------------------------------------------------------------------------------------------
+
+def _routing_prior(router_logits, originals: list[int], token_old, form: str):
+    import torch
+
+    terms = []
+    for logits, n_orig in zip(router_logits, originals):
+        chosen = logits[token_old].float()
+        scores = torch.softmax(chosen, dim=-1) if form == "probabilities" else chosen
+        terms.append(torch.logsumexp(scores, dim=-1) - torch.logsumexp(scores[:, :n_orig], dim=-1))
+    return torch.cat(terms).mean()
+
+
+def stage2_loss(old_languages: list[str], originals: list[int], options: ExpandOptions):
+    """Stage 2's loss (see the module docstring): ``loss_fn(model, batch, outputs, langs)`` for the
+    engine; it asks the model for router and classifier logits (``config_flags``). ``originals``:
+    the original expert count of each expanded layer, in the order of the router logits."""
+    import torch
+    import torch.nn.functional as F
+
+    old_set = set(old_languages)
+
+    def loss_fn(model, batch, outputs, langs):
+        lm = outputs.loss
+        old = torch.tensor([lang in old_set for lang in langs], device=batch.device)
+        metrics = {"loss": lm}
+        loss = lm
+        router_logits = outputs.router_logits or ()
+        if options.lpr_weight > 0 and router_logits:
+            token_old = old.repeat_interleave(batch.shape[1])
+            if bool(token_old.any()):
+                lpr = _routing_prior(router_logits, originals, token_old, options.lpr_form)
+            else:  # no old-language sequence in this micro-batch: a zero term that keeps the graph
+                lpr = router_logits[0].sum() * 0.0
+            loss = loss + options.lpr_weight * lpr
+            metrics["lpr_loss"] = lpr
+        classifier_logits = getattr(outputs, "classifier_logits", None) or ()
+        if classifier_logits:
+            groups = (~old).long()  # old 0, new 1
+            cls = torch.stack([F.cross_entropy(c.float(), groups) for c in classifier_logits]).mean()
+            accuracy = torch.stack([(c.argmax(-1) == groups).float().mean() for c in classifier_logits]).mean()
+            loss = loss + options.classifier_weight * cls
+            metrics |= {"classifier_loss": cls, "classifier_accuracy": accuracy.detach()}
+        return loss, metrics
+
+    loss_fn.config_flags = ("output_router_logits", "output_classifier_logits")
+    return loss_fn
+
+
+def stage_settings(options: ExpandOptions, stage: int, languages: list[str]):
+    """The stage's training settings and mixture over ``languages`` (those with token files)."""
+    settings = options.stage1 if stage == 1 else options.stage2
+    new = [lang for lang in options.new if lang in languages]
+    old = [lang for lang in options.old if lang in languages] if stage == 2 else []
+    if not new:
+        raise MoelangError(f"expansion stage {stage}: no token file of a new language ({', '.join(options.new)}) "
+                           f"given; pass them with --tokens")
+    if stage == 2 and options.replay_fraction > 0 and not old:
+        raise MoelangError(f"expansion stage 2: replay_fraction {options.replay_fraction} but no token file of an old "
+                           f"language ({', '.join(options.old)}); pass them with --tokens, or set "
+                           f"expand.replay_fraction: 0")
+    replay = options.replay_fraction if old else 0.0
+    mixture = {lang: (1 - replay) / len(new) for lang in new}
+    mixture |= {lang: replay / len(old) for lang in old if replay > 0}
+    return settings.replace(seed=options.seed, mixture=mixture), mixture
+
+
+def _finished(staged: Path) -> bool:
+    return (staged / RUN_FILE).is_file()
+
+
+def train_stage(stage: int, options: ExpandOptions | dict, model_dir: str | Path, token_files: dict[str, str | Path],
+                out_dir: str | Path, state_dir: str | Path, plan_path: str | Path | None = None) -> dict:
+    """Step 2 (``stage=1``) or 3 (``stage=2``) of the variant, from the model in ``model_dir`` (the
+    expanded model, or stage 1's), into ``out_dir`` (see the module docstring). Killed and started
+    again, it resumes from its last checkpoint in ``state_dir``. Returns the stage's run record."""
+    options = ExpandOptions.coerce(options)
+    check_options(options)
+    if stage not in (1, 2):
+        raise MoelangError(f"expansion: stage {stage}; the stages are 1 and 2")
+    model_dir = Path(model_dir)
+    if not (model_dir / EXPANSION_FILE).is_file():
+        before = "the expanded model (moelang expand)" if stage == 1 else "the stage-1 model (moelang expand-train --stage 1)"
+        raise MoelangError(f"expansion stage {stage}: '{model_dir}' is not an expanded model (no {EXPANSION_FILE}); "
+                           f"give {before}")
+    classifier_layers: list[int] = []
+    if stage == 2 and options.classifier:
+        if plan_path is None:
+            raise MoelangError("expansion stage 2 with classifiers: pass --plan results/allocation/plan.json")
+        classifier_layers = list(read_plan(plan_path, options.plan).get("classifier_layers") or [])
+    settings, mixture = stage_settings(options, stage, list(token_files))
+    from moelang.train import publish, staged_path
+
+    state_dir = Path(state_dir)
+    staged = staged_path(state_dir, "model")
+    if not _finished(staged):
+        _train(stage, options, model_dir, token_files, settings, mixture, classifier_layers, state_dir, staged)
+    else:
+        log.info("expansion %s stage %d: already trained (staged in %s)", options.variant, stage, state_dir)
+    record = json.loads((staged / RUN_FILE).read_text(encoding="utf-8"))
+    publish(state_dir, {"model": Path(out_dir)})
+    return record
+
+
+def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dict, settings, mixture: dict,
+           classifier_layers: list[int], state_dir: Path, staged: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from moelang.models import ModelAdapter, load_model
+    from moelang.models.layermoe.build import add_classifiers
+    from moelang.models.methods import ExpertSubset, ModuleSubset
+    from moelang.registry import write_run_record
+    from moelang.train import PackedStream, export_model, train
+
+    expansion = json.loads((model_dir / EXPANSION_FILE).read_text(encoding="utf-8"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_model(model_dir, dtype=options.dtype, device="cpu")
+    adapter = ModelAdapter(model)
+    layers = [layer for layer in adapter.moe_layers if layer.num_experts > layer.router.num_original]
+    loss_fn = None
+    if stage == 1:
+        method = ExpertSubset(experts={m.index: list(range(m.router.num_original, m.num_experts)) for m in layers},
+                              routers=[m.index for m in layers])
+    else:
+        add_classifiers(model, classifier_layers, seed=options.seed)
+        adapter = ModelAdapter(model)
+        names = [f"model.layers.{m.index}.mlp.gate" for m in adapter.moe_layers]
+        names += [f"model.layers.{i}.mlp.classifier" for i in classifier_layers]
+        method = ModuleSubset(modules=names)
+        originals = [m.router.num_original for m in adapter.moe_layers]
+        loss_fn = stage2_loss(options.old, originals, options)
+    languages = ", ".join(f"{lang} {share:.2f}" for lang, share in mixture.items())
+    log.info("expansion %s stage %d: %d steps on %s%s", options.variant, stage, settings.steps, languages,
+             f"; classifiers on layers {classifier_layers}" if classifier_layers else "")
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    stream = PackedStream({lang: token_files[lang] for lang in mixture}, mixture, settings.seq_len, eos, options.seed)
+    inputs = {"expanded model": str(model_dir), "expansion": json.dumps(expansion, sort_keys=True),
+              "stage": str(stage), "classifier layers": json.dumps(classifier_layers),
+              "loss": json.dumps({k: getattr(options, k) for k in ("lpr_weight", "lpr_form", "classifier_weight")})
+              if stage == 2 else ""}
+    if stage == 2:
+        expansion = expansion | {"classifier_layers": classifier_layers}
+    result = train(model, stream, settings, state_dir, inputs=inputs, method=method, loss_fn=loss_fn,
+                   export_steps={settings.steps: lambda m, sd: export_model(m, tokenizer, staged, state_dict=sd)})
+    write_table(result.log_table(), staged / "train_log.parquet")
+    write_run_record(staged, f"{options.variant} stage {stage}", result.parameters, settings.steps,
+                     result.tokens_at(settings.steps))
+    write_json(expansion, staged / EXPANSION_FILE)
+    last = result.log[-1] if result.log else {}
+    previous = {}
+    if stage == 2 and (model_dir / RUN_FILE).is_file():
+        previous = json.loads((model_dir / RUN_FILE).read_text(encoding="utf-8"))
+    run = {**previous, "variant": options.variant, "plan": options.plan, "base": options.start,
+           "classifier": bool(classifier_layers), "experts_per_layer": expansion["experts_per_layer"],
+           "new_experts": expansion["new_experts"], "classifier_layers": classifier_layers,
+           "total_params": int(result.parameters["total"]),
+           f"stage{stage}_trainable_params": int(result.parameters["trainable"]),
+           f"stage{stage}_trainable_fraction": float(result.parameters["trainable_fraction"]),
+           f"stage{stage}_steps": settings.steps}
+    for key in ("loss", "aux_loss", "lpr_loss", "classifier_loss", "classifier_accuracy"):
+        if key in last:
+            run[f"stage{stage}_{key}"] = float(last[key])
+    with atomic_path(staged / RUN_FILE) as tmp:  # last: its presence marks the stage finished
+        tmp.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
+    log.info("expansion %s stage %d: loss %.3f, %s of %s parameters trained (%.2f%%)", options.variant, stage,
+             result.final_loss, f"{result.parameters['trainable']:,}", f"{result.parameters['total']:,}",
+             100 * result.parameters["trainable_fraction"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The runs table
+# --------------------------------------------------------------------------------------------------
+
+def gather_runs(stage2_dirs: list[str | Path], out_table: str | Path) -> pl.DataFrame:
+    """``results/expand/runs.parquet``: one row per variant, from its stage-2 directory."""
+    rows = []
+    for directory in map(Path, stage2_dirs):
+        path = directory / RUN_FILE
+        if not path.is_file():
+            raise MoelangError(f"expand-gather: '{directory}' has no {RUN_FILE}; it is not a finished stage-2 "
+                               f"model (rerun its expand_stage2 job)")
+        run = json.loads(path.read_text(encoding="utf-8"))
+        rows.append({name: run.get(name, math.nan if pa.types.is_floating(RUNS_SCHEMA.field(name).type) else None)
+                     for name in RUNS_SCHEMA.names})
+    table = pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
+    write_table(table, out_table)
+    return pl.from_arrow(table)

@@ -1,0 +1,239 @@
+"""The expansion stage (moelang.expand): a variant's model grown by its plan, stage 1, stage 2, the runs table."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from moelang import expand
+from moelang.errors import MoelangError
+from moelang.options import ExpandOptions, TrainSettings
+from test_resume_cli import kill_after_first_checkpoint, make_base
+from test_train import patterned_docs, write_tokens
+
+PLAN = {"layermoe": {"experts_per_layer": [2, 1], "new_experts_per_layer": [2, 1], "classifier_layers": [1]},
+        "uniform": {"experts_per_layer": [2, 1], "new_experts_per_layer": [1, 2], "classifier_layers": []},
+        "_meta": {"failed": {"routing": "no specialisation scores"}}}
+NEW, OLD = ["ca", "uk"], ["es", "ru"]
+
+
+def profile_rows(lang, usage):
+    rows = [{"model": "start", "checkpoint_step": 0, "lang": lang, "layer": layer, "expert": e, "count": int(c),
+             "weight_sum": float(c), "n_tokens": 100} for layer, counts in usage.items() for e, c in enumerate(counts)]
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("expand")
+    make_base(root / "start")
+    for i, lang in enumerate(NEW + OLD):
+        write_tokens(root / f"{lang}.parquet", patterned_docs(60, seed=10 + i), splits=["train"] * 50 + ["heldout"] * 10)
+    (root / "plan.json").write_text(json.dumps(PLAN))
+    (root / "profile").mkdir()
+    # parents es and ru: summed, layer 0 ranks 5, 3, ...; layer 1 ranks 7 first
+    pq.write_table(profile_rows("es", {0: [0, 1, 0, 9, 0, 4, 0, 0], 1: [0] * 7 + [3]}), root / "profile" / "es.parquet")
+    pq.write_table(profile_rows("ru", {0: [0, 0, 0, 0, 0, 8, 0, 0], 1: [1] + [0] * 7}), root / "profile" / "ru.parquet")
+    return root
+
+
+def options(setup, **overrides) -> ExpandOptions:
+    train = TrainSettings(steps=4, seq_len=16, micro_batch_size=4, lr=1e-2, warmup_steps=0, min_lr_ratio=0.0,
+                          betas=(0.9, 0.999), weight_decay=0.0, aux_loss_coef=0.01, checkpoint_every=2)
+    values = dict(ref=str(setup / "start"), device="cpu", variant="layermoe", plan="layermoe", classifier=True,
+                  start="cpt-step4", old=OLD, new=NEW, parents={"ca": "es", "uk": "ru"}, profile_model="cpt-step4",
+                  stage1=train, stage2=train.replace(aux_loss_coef=0.0))
+    return ExpandOptions(**values | overrides)
+
+
+def tokens(setup, langs):
+    return {lang: setup / f"{lang}.parquet" for lang in langs}
+
+
+@pytest.fixture(scope="module")
+def stages(setup):
+    out = setup / "out"
+    opts = options(setup)
+    record = expand.expand_variant(opts, setup / "plan.json", out / "stage0", setup / "profile")
+    expand.train_stage(1, opts, out / "stage0", tokens(setup, NEW), out / "stage1", setup / "state1")
+    expand.train_stage(2, opts, out / "stage1", tokens(setup, NEW + OLD), out / "stage2", setup / "state2",
+                       setup / "plan.json")
+    return out, record
+
+
+def weights(directory):
+    """The model's tensors as loaded (the base OLMoE checkpoint stores experts one by one; loading fuses them)."""
+    from transformers import AutoModelForCausalLM
+
+    import moelang.models  # noqa: F401 (registers the expanded classes)
+
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_expansion_copies_the_parents_most_used_experts(setup, stages):
+    out, record = stages
+    assert record["experts_per_layer"] == [10, 9] and record["original_experts_per_layer"] == [8, 8]
+    assert record["sources"] == {"0": [5, 3], "1": [7]}  # es + ru counts: layer 0 5 (12), 3 (9); layer 1 7 (3)
+    base, grown = weights(setup / "start"), weights(out / "stage0")
+    for layer, sources in ((0, [5, 3]), (1, [7])):
+        for name in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{layer}.mlp.experts.{name}"
+            assert torch.equal(grown[key][:8], base[key])
+            assert torch.equal(grown[key][8:], base[key][sources])
+        router = f"model.layers.{layer}.mlp.gate.weight"
+        assert torch.equal(grown[router][8:], base[router][sources])
+    config = json.loads((out / "stage0" / "config.json").read_text())
+    assert config["model_type"] == "layermoe_olmoe" and config["classifier_layers"] == []
+
+
+def test_stage1_trains_only_new_experts_and_routers(stages):
+    out, _ = stages
+    before, after = weights(out / "stage0"), weights(out / "stage1")
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "stage 1 changed nothing"
+    for key in before:
+        if ".mlp.experts." in key:
+            assert torch.equal(before[key][:8], after[key][:8]), key  # original experts frozen
+            assert not torch.equal(before[key][8:], after[key][8:]), key  # new experts trained
+        elif ".mlp.gate." not in key:
+            assert key not in changed, key  # attention, norms, embeddings
+    log = pl.read_parquet(out / "stage1" / "train_log.parquet")
+    assert log.height == 4 and log["aux_loss"].is_finite().all()
+    run = json.loads((out / "stage1" / expand.RUN_FILE).read_text())
+    new_params = sum(before[k][8:].numel() for k in before if ".mlp.experts." in k)
+    routers = sum(before[k].numel() for k in before if ".mlp.gate." in k)
+    assert run["stage1_trainable_params"] == new_params + routers
+
+
+def test_stage2_trains_only_routers_and_classifiers(stages):
+    out, _ = stages
+    before, after = weights(out / "stage1"), weights(out / "stage2")
+    assert set(after) - set(before) == {"model.layers.1.mlp.classifier.weight"}
+    for key in before:
+        assert (".mlp.gate." in key) or torch.equal(before[key], after[key]), key
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".mlp.gate." in k)
+    log = pl.read_parquet(out / "stage2" / "train_log.parquet")
+    assert {"lpr_loss", "classifier_loss", "classifier_accuracy"} <= set(log.columns)
+    assert log["aux_loss"].is_nan().all()
+    config = json.loads((out / "stage2" / "config.json").read_text())
+    assert config["classifier_layers"] == [1]
+    from transformers import AutoModelForCausalLM
+
+    import moelang.models  # noqa: F401 (registers the expanded classes)
+
+    model = AutoModelForCausalLM.from_pretrained(out / "stage2")
+    assert model.model.layers[1].mlp.classifier is not None and model.model.layers[0].mlp.classifier is None
+
+
+def test_stage2_loss_against_its_definition():
+    opts = ExpandOptions(old=["es"], new=["ca"], lpr_weight=0.1, classifier_weight=0.1)
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 5), torch.randn(6, 4))  # 2 sequences x 3 tokens
+    classifier = (torch.randn(2, 2),)
+    lm = torch.tensor(2.0)
+    outputs = type("Out", (), {"loss": lm, "router_logits": logits, "classifier_logits": classifier})()
+    batch = torch.zeros(2, 3, dtype=torch.long)
+    langs = ["es", "ca"]  # the first sequence (tokens 0-2) is old
+    for form in ("probabilities", "logits"):
+        loss_fn = expand.stage2_loss(["es"], [3, 2], opts.replace(lpr_form=form))
+        loss, metrics = loss_fn(None, batch, outputs, langs)
+        terms = []
+        for layer, n_orig in zip(logits, (3, 2)):
+            for t in range(3):
+                row = layer[t].double()
+                q = torch.exp(torch.softmax(row, 0) if form == "probabilities" else row)
+                terms.append(-math.log(q[:n_orig].sum() / q.sum()))
+        lpr = float(np.mean(terms))
+        cls = float(torch.nn.functional.cross_entropy(classifier[0], torch.tensor([0, 1])))
+        assert float(metrics["lpr_loss"]) == pytest.approx(lpr, rel=1e-5)
+        assert float(metrics["classifier_loss"]) == pytest.approx(cls, rel=1e-5)
+        assert float(loss) == pytest.approx(2.0 + 0.1 * lpr + 0.1 * cls, rel=1e-5)
+
+
+def test_gather_runs_writes_one_row_per_variant(stages, tmp_path):
+    out, _ = stages
+    table = expand.gather_runs([out / "stage2"], tmp_path / "runs.parquet")
+    assert pq.read_schema(tmp_path / "runs.parquet") == expand.RUNS_SCHEMA
+    row = table.row(0, named=True)
+    assert row["variant"] == "layermoe" and row["new_experts"] == 3 and row["classifier_layers"] == [1]
+    assert row["experts_per_layer"] == [10, 9] and row["classifier"] is True
+    assert 0 < row["stage2_trainable_fraction"] < row["stage1_trainable_fraction"] < 1
+    assert math.isfinite(row["stage1_aux_loss"]) and math.isfinite(row["stage2_lpr_loss"])
+
+
+def test_bad_input_stops_with_one_line(setup, tmp_path):
+    opts = options(setup)
+    with pytest.raises(MoelangError, match="left it out: no specialisation scores"):
+        expand.expand_variant(opts.replace(plan="routing"), setup / "plan.json", tmp_path / "x")
+    (tmp_path / "short.json").write_text(json.dumps({"layermoe": {"new_experts_per_layer": [1, 1, 1]}}))
+    with pytest.raises(MoelangError, match="has 3 layers and the model 'cpt-step4' 2"):
+        expand.expand_variant(opts, tmp_path / "short.json", tmp_path / "x")
+    with pytest.raises(MoelangError, match="is not an expanded model"):
+        expand.train_stage(2, opts, setup / "start", tokens(setup, NEW + OLD), tmp_path / "y", tmp_path / "s",
+                           setup / "plan.json")
+    with pytest.raises(MoelangError, match="no token file of an old language"):
+        expand.stage_settings(opts, 2, NEW)
+    with pytest.raises(MoelangError, match="init: 'copy'"):
+        expand.check_options(opts.replace(init="copy"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def stage1_command(setup, opts, out, state):
+    return [sys.executable, "-m", "moelang", "expand-train", "--stage", "1", "--options", opts.to_json(),
+            "--model", str(setup / "out" / "stage0"), "--tokens", *(str(p) for p in tokens(setup, NEW).values()),
+            "--out", str(out), "--state-dir", str(state)]
+
+
+def test_stage1_killed_and_resumed_ends_bit_identical(setup, stages, tmp_path):
+    opts = options(setup, stage1=options(setup).stage1.replace(steps=6, checkpoint_every=2))
+    kill_after_first_checkpoint(stage1_command(setup, opts, tmp_path / "a", tmp_path / "sa"), tmp_path / "sa")
+    subprocess.run(stage1_command(setup, opts, tmp_path / "a", tmp_path / "sa"), check=True, capture_output=True)
+    subprocess.run(stage1_command(setup, opts, tmp_path / "b", tmp_path / "sb"), check=True, capture_output=True)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "sa").exists()
+
+
+def test_a_dense_llama_upcycles_through_the_whole_stage(setup, tmp_path):
+    """The paper's setting: a dense model upcycled (logits unchanged), stage 1 keeps expert 0 (the FFN)
+    and everything but the new experts and routers, stage 2 only routers and classifiers."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from families import tiny_model
+
+    dense = tiny_model("llama", seed=3)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, dense.config.vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t3")),
+                                        eos_token="</s>", pad_token="<pad>")
+    dense.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    (tmp_path / "plan.json").write_text(json.dumps({"layermoe": {"experts_per_layer": [3, 1],
+                                                                  "new_experts_per_layer": [2, 0],
+                                                                  "classifier_layers": [0]}}))
+    opts = options(setup, ref=str(tmp_path / "dense"), profile_model=None)
+    expand.expand_variant(opts, tmp_path / "plan.json", tmp_path / "s0")
+    ids = torch.tensor([patterned_docs(1, seed=4)[0][:12]])
+    upcycled = AutoModelForCausalLM.from_pretrained(tmp_path / "s0").eval()
+    assert torch.allclose(upcycled(ids).logits, dense.eval()(ids).logits, atol=1e-5)
+    expand.train_stage(1, opts, tmp_path / "s0", tokens(setup, NEW), tmp_path / "s1", tmp_path / "st1")
+    expand.train_stage(2, opts, tmp_path / "s1", tokens(setup, NEW + OLD), tmp_path / "s2", tmp_path / "st2",
+                       tmp_path / "plan.json")
+    s0, s1, s2 = weights(tmp_path / "s0"), weights(tmp_path / "s1"), weights(tmp_path / "s2")
+    for key in s0:
+        if ".mlp.experts." in key:
+            assert torch.equal(s0[key][0], s1[key][0]) and not torch.equal(s0[key][1:], s1[key][1:]), key
+        elif ".mlp.gate." not in key:
+            assert torch.equal(s0[key], s1[key]), key
+    assert set(s2) - set(s1) == {"model.layers.0.mlp.classifier.weight"}
+    assert all(torch.equal(s1[k], s2[k]) for k in s1 if ".mlp.gate." not in k)
+    assert not torch.equal(s1["model.layers.0.mlp.gate.weight"], s2["model.layers.0.mlp.gate.weight"])
