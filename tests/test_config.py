@@ -339,3 +339,133 @@ def test_a_hub_id_in_the_local_cache_is_read_offline(tmp_path, monkeypatch):
     cfg.validate(pretrained("lab/tiny-moe", routing={"token_layers": [1, 2]}))
     with pytest.raises(ConfigError, match="MoE layers are 1..2"):  # layer 0 is dense (first_k_dense_replace)
         cfg.validate(pretrained("lab/tiny-moe", routing={"token_layers": [0]}))
+
+
+# --------------------------------------------------------------------------------------------------
+# The expansion stage
+# --------------------------------------------------------------------------------------------------
+
+def expanding(**section):
+    return minimal(expand={"enabled": True, **section})
+
+
+def test_allocation_methods_are_the_allocation_stages():
+    from moelang.allocation import METHODS
+
+    assert cfg.ALLOCATION_METHODS == METHODS
+
+
+@pytest.mark.parametrize(
+    "section, key, words",
+    [
+        ({"variants": {"big": {"plan": "layer-moe"}}}, "expand.variants.big.plan", "not an allocation method"),
+        ({"variants": {"Big Plan": {"plan": "layermoe"}}}, "expand.variants", "does not match"),
+        ({"variants": {"a": {"classifier": True}}}, "expand.variants.a", "'plan' is a required property"),
+        ({"init": "most-used"}, "expand.init", "'most-used' is not one of"),
+        ({"lpr_form": "logit"}, "expand.lpr_form", "'logit' is not one of"),
+        ({"replay_fraction": 1.0}, "expand.replay_fraction", "1.0"),
+        ({"replay_fraction": -0.1}, "expand.replay_fraction", "-0.1"),
+        ({"model": "cpt-step401"}, "expand.model", "neither a model of this workflow"),
+        ({"model": "/no/such/model"}, "expand.model", "neither a model of this workflow"),
+        ({"model": "results/models/other"}, "expand.model", "no stage of this workflow makes it"),
+        ({"model": "expand-uniform"}, "expand.model", "made by this expansion itself"),
+        ({"stage1": {"steps": 0}}, "expand.stage1.steps", "minimum"),
+    ],
+)
+def test_bad_expansion_config_names_the_key(section, key, words):
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(expanding(**section))
+    message = str(info.value)
+    assert message.startswith(f"config key '{key}'") and words in message and "\n" not in message, message
+
+
+def test_expansion_off_skips_its_checks():
+    cfg.validate(minimal(expand={"variants": {"big": {"plan": "layer-moe"}}, "model": "nothing"}))
+
+
+def test_a_family_without_an_expansion_class_stops_at_start_up(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    deepseek = save_config_json(tmp_path / "deepseek", "deepseek_v3", num_hidden_layers=2)
+    with pytest.raises(ConfigError, match=r"^config key 'expand.model': '.*deepseek' is a deepseek_v3 model, a family "
+                                          r"with no expansion class"):
+        cfg.validate(expanding(model=deepseek))
+    # the base model's own family, when it is the model expanded
+    arch = {"model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "n_routed_experts": 8, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 2,
+            "first_k_dense_replace": 0}
+    with pytest.raises(ConfigError, match=r"^config key 'expand.model': 'cpt-step800' is a deepseek_v3 model"):
+        cfg.validate(trained(arch, expand={"enabled": True}))
+    cfg.validate(trained(arch))  # not expanding: fine
+    # expandable families pass: a dense llama directory, an expanded model (lifelong), the default olmoe
+    cfg.validate(expanding(model=save_config_json(tmp_path / "llama", "llama", num_hidden_layers=2)))
+    cfg.validate(expanding(model=save_config_json(tmp_path / "grown", "layermoe_olmoe")))
+    cfg.validate(trained(tiny_arch(), expand={"enabled": True}))
+
+
+def test_a_routing_variant_needs_a_specialisation_score_at_every_layer():
+    # qwen2_moe with a dense first layer: no routing profile there, so no routing plan
+    arch = {"model_type": "qwen2_moe", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "mlp_only_layers": [0]}
+    with pytest.raises(ConfigError, match=r"^config key 'expand.variants.routing-informed.plan': the routing plan "
+                                          r"needs a specialisation score at every layer, and layers \[0\]"):
+        cfg.validate(trained(arch, expand={"enabled": True}))
+    # without a routing variant the same model expands
+    cfg.validate(trained(arch, expand={"enabled": True, "variants": {"layermoe": {"plan": "layermoe"}}}))
+    cfg.validate(trained(tiny_arch(), expand={"enabled": True}))  # every layer an MoE layer
+
+
+def test_stage_settings_left_out_take_the_authors_recipe():
+    from moelang.options import ExpandOptions
+
+    config = cfg.validate(expanding(stage1={"steps": 7, "seq_len": 64}, stage2={"steps": 3, "lr": 0.01}))
+    options = cfg.expand_options(config, "layermoe")
+    authors = ExpandOptions()
+    assert options.stage1 == authors.stage1.replace(steps=7, seq_len=64)
+    assert options.stage2 == authors.stage2.replace(steps=3, lr=0.01)
+    assert (options.stage1.lr, options.stage1.betas, options.stage1.weight_decay, options.stage1.aux_loss_coef) == (
+        5e-5, (0.9, 0.999), 0.0, 0.01)
+    assert options.stage2.aux_loss_coef == 0.0 and options.stage2.min_lr_ratio == 0.0
+    # the section's defaults are the dataclass's
+    default = cfg.expand_options(cfg.validate(expanding()), "layermoe")
+    assert (default.stage1, default.stage2) == (authors.stage1, authors.stage2)
+
+
+def test_expand_options_of_each_variant():
+    config = cfg.validate(minimal(languages={"high_resource": ["en", "es", "ru"], "targets": {"ca": "es", "uk": "ru"}},
+                                  expand={"enabled": True, "lpr_form": "logits", "replay_fraction": 0.25}, seed=3))
+    assert list(cfg.expand_variants(config)) == ["layermoe", "uniform", "mola", "routing-informed",
+                                                 "layermoe-no-classifier"]
+    assert [cfg.expand_stage1_owner(config, v) for v in cfg.expand_variants(config)] == \
+        ["layermoe", "uniform", "mola", "routing-informed", "layermoe"]
+    # the corpus stage dropped uk and ru: the allocation's languages, as the allocation resolves them
+    options = cfg.expand_options(config, "layermoe-no-classifier", ["en", "es", "ca"])
+    assert (options.variant, options.plan, options.classifier) == ("layermoe-no-classifier", "layermoe", False)
+    assert (options.old, options.new, options.parents) == (["en", "es"], ["ca"], {"ca": "es"})
+    assert (options.start, options.ref, options.profile_model) == ("cpt-step800", "results/models/cpt/step-800",
+                                                                   "cpt-step800")
+    assert (options.lpr_form, options.replay_fraction, options.seed) == ("logits", 0.25, 3)
+    everything = cfg.expand_options(config, "uniform")
+    assert (everything.old, everything.new, everything.parents) == (["en", "es", "ru"], ["ca", "uk"],
+                                                                    {"ca": "es", "uk": "ru"})
+    assert cfg.expand_options(config, "routing-informed").classifier is True
+    assert not cfg.expand_variants(cfg.validate(minimal()))  # off by default
+
+
+def test_the_paper_configs_expansion(repo, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # hub ids are taken as they are
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    config = cfg.load(repo / "config" / "layermoe-qwen.yaml")
+    options = cfg.expand_options(config, "layermoe")
+    assert (options.start, options.ref, options.old, options.new) == ("base", "Qwen/Qwen1.5-1.8B", ["en", "zh", "es"],
+                                                                      ["el", "hu", "tr"])
+    for stage, seq_len in ((options.stage1, 1024), (options.stage2, 512)):
+        assert stage.micro_batch_size * stage.grad_accum == 512 and stage.seq_len == seq_len
+        assert (stage.lr, stage.betas, stage.weight_decay, stage.warmup_steps, stage.min_lr_ratio, stage.dtype) == (
+            5e-5, (0.9, 0.999), 0.0, 0, 0.0, "bf16")
+    assert config["allocation"]["new_experts"] == 48
+    assert config["allocation"]["classifier_layers"] == [5, 6, 10, 11, 12, 13, 23]
+    assert cfg.rule_resources(config, "expand_stage1")["gpu"] == 1
+    m7 = cfg.load(repo / "config" / "olmoe-m7.yaml")
+    assert cfg.expand_options(m7, "uniform").stage1.lr == 5e-5 and len(cfg.expand_variants(m7)) == 5

@@ -506,8 +506,8 @@ def test_an_image_can_be_a_registry_uri():
 
 def test_unknown_rules_and_bad_images_fail_in_one_line():
     config = cfg.validate(minimal())
-    with pytest.raises(MoelangError, match=r"rule 'expand' has no container family; add it to RULE_CONTAINER_FAMILY"):
-        cfg.rule_container(config, "expand")
+    with pytest.raises(MoelangError, match=r"rule 'distill' has no container family; add it to RULE_CONTAINER_FAMILY"):
+        cfg.rule_container(config, "distill")
     with pytest.raises(ConfigError, match=r"config key 'containers.data'"):
         cfg.validate(minimal(containers={"data": "containers/my data.sif"}))
     with pytest.raises(ConfigError, match=r"'containers'.*'gpu' was unexpected"):

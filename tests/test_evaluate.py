@@ -534,3 +534,98 @@ def test_templates_compiled_once_render_as_the_harness_does_and_are_put_back():
         assert utils.apply_template is not original
         assert [utils.apply_template(t, d) for t in templates for d in docs] == expected
     assert utils.apply_template is original
+
+
+def test_expanded_models_get_their_new_language_gain_and_old_language_forgetting(tmp_path):
+    import math
+
+    old, new = ["en", "es"], ["ca", "uk"]
+    start = "cpt-step800"
+    variants = {"layermoe": 0.004, "uniform": 0.003}
+    models = {"cpt-step0": {"method": "base"}, start: {"method": "cpt"},
+              "adapt-ca-ssft": {"method": "ssft", "target": "ca", "start": start, "trainable_fraction": 0.02},
+              **{f"expand-{v}": {"method": v, "variant": v, "start": start, "trainable_fraction": fraction,
+                                 "ref": str(tmp_path / "no-record")} for v, fraction in variants.items()}}
+    # ru is scored but is neither old nor new: it enters neither side
+    values, ppl = _fake_adaptation_eval(tmp_path, models, old + new + ["ru"], np.random.default_rng(7))
+    runs = tmp_path / "runs.parquet"
+    pl.DataFrame({"variant": ["layermoe"], "new_experts": [48], "stage1_trainable_fraction": [0.31],
+                  "stage2_trainable_fraction": [0.0011]}).write_parquet(runs)
+    ev.summarize(tmp_path, models, tmp_path / "tasks", ["synthetic_blimp", "synthetic_belebele"], old, new,
+                 "cpt-step0", expand_old=old, expand_new=new, expand_runs=runs)
+    table = pl.read_parquet(tmp_path / "expansion.parquet")
+    assert table.schema == pl.Schema(ev.EXPANSION_SCHEMA)
+    assert table.select("variant", "model").unique(maintain_order=True).rows() == \
+        [("layermoe", "expand-layermoe"), ("uniform", "expand-uniform")]  # not the adapted or CPT models
+    headline = {"synthetic_belebele": "acc_mutual_info", "synthetic_blimp": "acc_norm"}
+    for variant in variants:
+        name = f"expand-{variant}"
+        rows = {r["family"]: r for r in table.filter(pl.col("variant") == variant).iter_rows(named=True)}
+        assert set(rows) == {"synthetic_belebele", "synthetic_blimp", "perplexity"}
+        for family, metric in headline.items():
+            row = rows[family]
+            gains = [values[name, family, metric, l] - values[start, family, metric, l] for l in new]
+            changes = [values[name, family, metric, l] - values[start, family, metric, l] for l in old]
+            assert (row["metric"], row["start"], row["n_new"], row["n_old"]) == (metric, start, 2, 2)
+            assert row["new_gain"] == pytest.approx(sum(gains) / 2, abs=1e-12)
+            assert row["old_change"] == pytest.approx(sum(changes) / 2, abs=1e-12)
+            assert row["value_new"] == pytest.approx(sum(values[name, family, metric, l] for l in new) / 2, abs=1e-12)
+            assert row["start_old"] == pytest.approx(sum(values[start, family, metric, l] for l in old) / 2, abs=1e-12)
+        row = rows["perplexity"]
+        new_ratios = [ppl[name][l] / ppl[start][l] for l in new]
+        old_ratios = [ppl[name][l] / ppl[start][l] for l in old]
+        assert row["new_gain"] == pytest.approx(math.sqrt(math.prod(new_ratios)), rel=1e-12)
+        assert row["old_change"] == pytest.approx(math.sqrt(math.prod(old_ratios)), rel=1e-12)
+        assert row["value_new"] == pytest.approx(math.sqrt(ppl[name]["ca"] * ppl[name]["uk"]), rel=1e-12)
+    layermoe = table.filter(pl.col("variant") == "layermoe").row(0, named=True)
+    assert (layermoe["new_experts"], layermoe["stage1_trainable_fraction"], layermoe["stage2_trainable_fraction"]) == \
+        (48, 0.31, 0.0011)
+    # a variant missing from the runs table: no expert count, its stage-2 fraction from the model entry
+    uniform = table.filter(pl.col("variant") == "uniform").row(0, named=True)
+    assert uniform["new_experts"] is None and uniform["stage1_trainable_fraction"] is None
+    assert uniform["stage2_trainable_fraction"] == 0.003
+    summary = (tmp_path / "summary.md").read_text()
+    section = summary[summary.index("## Expansion"):]
+    assert "new languages (ca, uk)" in section and "old languages (en, es)" in section
+    lines = [line for line in section.splitlines() if line.startswith("| layermoe ") or line.startswith("| uniform ")]
+    cells = [f"{layermoe_row['new_gain']:+.3f}" for layermoe_row in
+             (table.filter((pl.col("variant") == "layermoe") & (pl.col("family") == f)).row(0, named=True)
+              for f in ("synthetic_belebele", "synthetic_blimp"))]
+    assert lines[0].startswith(f"| layermoe | expand-layermoe | {start} | 48 | 0.31 / 0.0011 | {' | '.join(cells)} | ")
+    assert lines[1].startswith(f"| uniform | expand-uniform | {start} | - | - / 0.003 | ")
+    assert "## Adaptation" in summary  # the adapted model keeps its own section
+
+
+def test_without_expanded_models_the_expansion_table_is_empty_and_the_summary_has_no_section(tmp_path):
+    models = {"cpt-step0": {"method": "base"}, "cpt-step800": {"method": "cpt"}}
+    _fake_adaptation_eval(tmp_path, models, ["es", "ca"], np.random.default_rng(8))
+    ev.summarize(tmp_path, models, tmp_path / "tasks", ["synthetic_blimp", "synthetic_belebele"], ["es"], ["ca"],
+                 "cpt-step0")
+    table = pl.read_parquet(tmp_path / "expansion.parquet")
+    assert table.height == 0 and table.schema == pl.Schema(ev.EXPANSION_SCHEMA)
+    assert "## Expansion" not in (tmp_path / "summary.md").read_text()
+
+
+def test_an_expanded_model_whose_start_was_not_evaluated_has_no_comparison(tmp_path):
+    models = {"cpt-step0": {"method": "base"},
+              "expand-mola": {"method": "mola", "variant": "mola", "start": "Qwen/Qwen1.5-1.8B"}}
+    _fake_adaptation_eval(tmp_path, models, ["es", "ca"], np.random.default_rng(9))
+    ev.summarize(tmp_path, models, tmp_path / "tasks", ["synthetic_blimp", "synthetic_belebele"], ["es"], ["ca"],
+                 "cpt-step0", expand_old=["es"], expand_new=["ca"])
+    table = pl.read_parquet(tmp_path / "expansion.parquet")
+    assert table.height == 3 and table["new_gain"].is_null().all() and table["old_change"].is_null().all()
+    assert (table["n_new"] == 0).all()
+    assert "No comparison where the start model was not evaluated: Qwen/Qwen1.5-1.8B." in \
+        (tmp_path / "summary.md").read_text()
+
+
+def test_docs_list_the_expansion_table_columns_with_their_types():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "outputs.md").read_text()
+    section = text[text.index("`results/eval/expansion.parquet`"):]
+    section = section[:section.index("\n\n", section.index("| column |"))]
+    documented = {cells[1].strip("` "): cells[2].strip() for cells in (line.split("|") for line in section.splitlines()
+                                                                       if line.startswith("| `"))}
+    names = {pl.String: "string", pl.Float64: "float64", pl.Int64: "int64"}
+    assert documented == {column: names[dtype] for column, dtype in ev.EXPANSION_SCHEMA.items()}

@@ -83,10 +83,11 @@ def _every_stage_options(config: dict) -> list[opts.StageOptions]:
     out += [cfg.routing_options(config, name) for name in registry.profiled(config)]
     out += [cfg.similarity_options(config, name) for name in registry.profiled(config)]
     out += [cfg.evaluation_options(config, name) for name in registry.evaluated(config)]
+    out += [cfg.expand_options(config, variant, kept) for variant in cfg.expand_variants(config)]
     return out
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "olmoe-m7.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "olmoe-m7.yaml", "layermoe-qwen.yaml"])
 def test_every_stage_builds_from_the_shipped_configs_and_survives_json(repo, name, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the paper config names hub models
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

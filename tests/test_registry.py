@@ -27,7 +27,14 @@ def test_default_config_registry(repo):
     models = registry.model_registry(config)
     steps = [0, 200, 400, 600, 800]
     adapted = [f"adapt-{lang}-{m}" for lang in ("ca", "uk") for m in config["adapt"]["methods"]]
-    assert list(models) == ["base"] + [f"cpt-step{s}" for s in steps] + adapted
+    variants = ["layermoe", "uniform", "mola", "routing-informed", "layermoe-no-classifier"]
+    expanded = [f"expand-{v}" for v in variants]
+    assert list(models) == ["base"] + [f"cpt-step{s}" for s in steps] + adapted + expanded
+    for variant in variants:  # each variant's stage-2 model, evaluated against the model it expanded
+        entry = models[f"expand-{variant}"]
+        assert (entry.ref, entry.rule, entry.method, entry.variant, entry.start) == (
+            f"results/expand/{variant}/stage2", "expand_stage2", variant, variant, "cpt-step800")
+        assert entry.evaluated and not entry.profiled and entry.target is None
     for name in adapted:  # the selected run of each (target, method), evaluated against its start
         entry = models[name]
         assert entry.ref == f"results/adapt/{entry.target}/{entry.method}/selected" and entry.rule == "select_adapt"
@@ -43,9 +50,10 @@ def test_default_config_registry(repo):
         assert (entry.series, entry.checkpoint_step) == ("cpt", step)
         assert registry.workflow_inputs(entry) == [entry.ref]
     assert list(registry.profiled(config)) == [f"cpt-step{s}" for s in steps]
-    assert list(registry.evaluated(config)) == [f"cpt-step{s}" for s in steps] + adapted
+    assert list(registry.evaluated(config)) == [f"cpt-step{s}" for s in steps] + adapted + expanded
     assert registry.workflow_outputs(config) == {"results/models/base"} | {f"results/models/cpt/step-{s}" for s in steps} | {
-        models[name].ref for name in adapted}
+        models[name].ref for name in adapted + expanded}
+    assert registry.summary_models(config)["expand-mola"]["variant"] == "mola"
     # what the routing jobs get is what they got from the former name building
     options = cfg.routing_options(config, "cpt-step400")
     assert (options.ref, options.model, options.checkpoint_step, options.revision) == (
@@ -62,7 +70,8 @@ def test_paper_config_step_zero_is_the_hub_base_with_its_revision(repo, monkeypa
     steps = cfg.cpt_options(config).steps
     assert 0 not in steps  # a 7B base is not copied into results/
     adapted = [f"adapt-{lang}-{m}" for lang in config["languages"]["targets"] for m in config["adapt"]["methods"]]
-    assert list(models) == ["cpt-step0"] + [f"cpt-step{s}" for s in steps] + adapted
+    expanded = [f"expand-{v}" for v in config["expand"]["variants"]]
+    assert list(models) == ["cpt-step0"] + [f"cpt-step{s}" for s in steps] + adapted + expanded
     step0 = models["cpt-step0"]
     assert (step0.ref, step0.revision, step0.rule, step0.method) == (hub_id, revision, None, "base")
     assert step0.profiled and step0.evaluated and (step0.series, step0.checkpoint_step) == ("cpt", 0)
@@ -91,7 +100,7 @@ def test_cpt_off_with_listed_models(tmp_path):
     assert list(registry.profiled(config)) == ["base"]
     assert list(registry.evaluated(config)) == ["base", "again", "lora"]
     assert registry.summary_models(config)["lora"] == {"ref": outside, "method": "lora", "trainable_fraction": 0.03,
-                                                   "target": None, "start": None}
+                                                   "target": None, "start": None, "variant": None}
 
 
 def test_a_listed_model_cannot_take_a_workflow_models_name(tmp_path):
@@ -213,3 +222,24 @@ def test_the_rule_files_read_the_registry(repo):
     # no rule tells workflow outputs from other models by the look of their path any more
     for rule_file in (repo / "workflow" / "rules").glob("*.smk"):
         assert 'startswith("results/")' not in rule_file.read_text(), rule_file.name
+
+
+def test_expanded_models_start_from_the_configured_model(tmp_path):
+    # off by default: no expanded model
+    assert not any(e.variant for e in registry.model_registry(cfg.validate(minimal())).values())
+    config = cfg.validate(minimal(expand={"enabled": True, "model": "cpt-step400",
+                                          "variants": {"a": {"plan": "layermoe"}, "b": {"plan": "uniform"}}}))
+    models = registry.model_registry(config)
+    assert [n for n, e in models.items() if e.variant] == ["expand-a", "expand-b"]
+    assert {models["expand-a"].start, models["expand-b"].start} == {"cpt-step400"}
+    # a directory that a listed model is: that model's name, so the comparison finds its scores
+    other = save_pretrained_dir(tmp_path / "other")
+    config = cfg.validate(minimal(expand={"enabled": True, "model": other},
+                                  evaluation={"models": {"mine": {"ref": other, "method": "external"}}}))
+    assert registry.model_registry(config)["expand-layermoe"].start == "mine"
+    assert cfg.expand_start(config).name == "mine" and cfg.expand_options(config, "uniform").ref == other
+    # a directory nobody lists: named by its path, not profiled (random copies), not evaluated
+    config = cfg.validate(minimal(expand={"enabled": True, "model": other}))
+    start = cfg.expand_start(config)
+    assert (start.name, start.ref, start.evaluated, start.profiled) == (other, other, False, False)
+    assert cfg.expand_options(config, "layermoe").profile_model is None

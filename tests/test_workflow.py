@@ -231,3 +231,58 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "moelang: error: config key 'corpus.sources.es.type'" in proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def _dry_run_jobs(log: str) -> list[dict]:
+    """Each job of a dry run's listing: its rule and its input/output/wildcards lines."""
+    jobs = []
+    for block in log.split("\nrule ")[1:]:
+        rule, _, body = block.partition(":\n")
+        fields = dict(line.strip().split(": ", 1) for line in body.splitlines()
+                      if line.startswith("    ") and ": " in line)
+        jobs.append({"rule": rule.strip(), **fields})
+    return jobs
+
+
+def test_the_dag_expands_every_variant_and_trains_stage1_once_per_plan(tmp_path):
+    """Dry run (no job runs): the corpus checkpoint's outputs are laid down so that the DAG after it is known."""
+    config = {"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}},
+              "allocation": {"new_experts": 3}, "adapt": {"enabled": False},
+              "expand": {"enabled": True, "stage1": {"steps": 2}, "stage2": {"steps": 2}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    corpus_dir = tmp_path / "results" / "corpus"
+    corpus_dir.mkdir(parents=True)
+    for lang in ("en", "es", "ca"):
+        (corpus_dir / f"{lang}.stats.json").write_text("{}")
+    (corpus_dir / "languages.json").write_text(json.dumps({"kept": ["en", "es", "ca"], "dropped": {}}))
+    (corpus_dir / "summary.parquet").write_bytes(b"")
+    proc = snakemake(tmp_path, "--dry-run", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = _dry_run_jobs(proc.stdout)
+    by_rule = {}
+    for job in jobs:
+        by_rule.setdefault(job["rule"], []).append(job)
+    variants = ["layermoe", "uniform", "mola", "routing-informed", "layermoe-no-classifier"]
+    # stage 0 and stage 1 once per distinct plan, under the first variant with that plan
+    owners = ["layermoe", "uniform", "mola", "routing-informed"]
+    assert sorted(j["wildcards"] for j in by_rule["expand"]) == sorted(f"variant={v}" for v in owners)
+    assert sorted(j["output"] for j in by_rule["expand_stage1"]) == sorted(f"results/expand/{v}/stage1" for v in owners)
+    stage2 = {j["wildcards"].removeprefix("variant="): j for j in by_rule["expand_stage2"]}
+    assert sorted(stage2) == sorted(variants)
+    assert stage2["layermoe-no-classifier"]["input"].startswith("results/expand/layermoe/stage1, ")
+    assert stage2["mola"]["input"].startswith("results/expand/mola/stage1, ")
+    # stage 1 reads the new languages, stage 2 the new and the old; stage 0 the plan and the profile
+    assert by_rule["expand_stage1"][0]["input"].endswith(", results/tokens/ca.parquet")
+    assert stage2["uniform"]["input"].endswith("results/tokens/ca.parquet, results/tokens/en.parquet, "
+                                               "results/tokens/es.parquet")
+    assert all("results/allocation/plan.json" in j["input"] and "results/routing/cpt-step800" in j["input"]
+               for j in by_rule["expand"])
+    (gather,) = by_rule["gather_expand"]
+    assert gather["output"] == "results/expand/runs.parquet"
+    assert gather["input"] == ", ".join(f"results/expand/{v}/stage2" for v in variants)
+    # every stage-2 model is evaluated and summarised, with the runs table as an input of the summary
+    evaluated = {j["wildcards"].removeprefix("model=") for j in by_rule["evaluate"]}
+    assert {f"expand-{v}" for v in variants} <= evaluated
+    (summary,) = by_rule["eval_summary"]
+    assert "results/expand/runs.parquet" in summary["input"] and "results/eval/expansion.parquet" in summary["output"]
+    assert "log" in by_rule["expand_stage2"][0] and by_rule["expand_stage2"][0]["log"].startswith("results/logs/expand/")

@@ -357,7 +357,8 @@ def cmd_eval_summary(args) -> None:
     if missing:
         raise MoelangError(f"eval-summary: models {missing} have no place in --options' order; list every model there")
     summarize(args.eval_dir, {name: options.models[name] for name in options.order}, args.tasks, options.families, options.high_resource,
-              options.targets, options.base_model)
+              options.targets, options.base_model, expand_old=options.expand_old, expand_new=options.expand_new,
+              expand_runs=options.expand_runs)
 
 
 def cmd_options(args) -> None:

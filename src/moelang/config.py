@@ -80,6 +80,14 @@ def validate(config: dict) -> dict:
         # adaptation trains without a load-balancing loss unless asked (the authors use none); the
         # shared training definition's default (0.01, for pre-training) must not fill it in
         adapt_train.setdefault("aux_loss_coef", 0.0)
+    expand = config.get("expand")
+    for stage in ("stage1", "stage2"):
+        settings = expand.get(stage) if isinstance(expand, dict) else None
+        if isinstance(settings, dict):
+            # the keys a user leaves out of a stage take the authors' recipe, not the shared training
+            # definition's defaults (made for pre-training: lr 1e-3, weight decay 0.1, betas 0.9/0.95)
+            for key, value in expand_train_defaults(stage).items():
+                settings.setdefault(key, value)
     validator = _validator_with_defaults()(load_schema())
     error = best_match(validator.iter_errors(config))
     if error is not None:
@@ -142,8 +150,9 @@ def _check_semantics(config: dict) -> None:
                           "directory; set it, or use tokenizer.type: train")
     _check_allocation_languages(config)
     _check_local_sources(config)
-    _check_model(config)
+    built = _check_model(config)
     _check_evaluation(config)
+    _check_expand(config, built)
 
 
 # The names of moelang.adapt's method registry, spelled here because config runs in the data image,
@@ -312,7 +321,9 @@ def _reference_file(ref: str, key: str, files: tuple[str, ...], revision: str | 
     return None
 
 
-def _check_model(config: dict) -> None:
+def _check_model(config: dict):
+    """Check the base model's references and layers; return its transformers config when it can be
+    read without the network (None otherwise)."""
     from moelang.architecture import FAMILIES, check_architecture
 
     model = config["model"]
@@ -340,6 +351,7 @@ def _check_model(config: dict) -> None:
                         tok["revision"])
     if built is not None:
         _check_routing_layers(config, built)
+    return built
 
 
 def _pretrained_config(config_json: Path, ref: str, key: str, moe_families: str):
@@ -399,6 +411,51 @@ def _check_evaluation(config: dict) -> None:
     for name, entry in config["evaluation"]["models"].items():
         _reference_file(entry["ref"], f"evaluation.models.{name}.ref", ("config.json",),
                         outputs=tuple(sorted(outputs)))
+
+
+# The allocation stage's methods (moelang.allocation.METHODS), spelled here because config runs in the
+# data image (tests/test_config.py ties the two lists).
+ALLOCATION_METHODS = ("layermoe", "uniform", "mola", "increasing", "routing")
+
+
+def _check_expand(config: dict, base_config) -> None:
+    """Expansion keys a schema cannot check: plans, the model to expand, its family, the routing plan's
+    scores. ``base_config`` is the base model's transformers config (None when it cannot be read now)."""
+    from moelang.architecture import EXPANDABLE, EXPANDED_PREFIX, FAMILIES
+
+    section = config["expand"]
+    if not section["enabled"]:
+        return
+    for name, variant in section["variants"].items():
+        if variant["plan"] not in ALLOCATION_METHODS:
+            raise ConfigError(f"config key 'expand.variants.{name}.plan': '{variant['plan']}' is not an allocation "
+                              f"method; use one of {', '.join(ALLOCATION_METHODS)}")
+    start = expand_start(config)
+    if start.variant is not None:
+        raise ConfigError(f"config key 'expand.model': '{start.name}' is made by this expansion itself; expand an "
+                          f"earlier model (the lifelong setting: a directory of an earlier run's stage-2 model)")
+    if start.is_output or start.ref == registry.base_model(config).ref:
+        # the base, a CPT checkpoint or an adapted model: the base's family
+        model_type = base_config.model_type if base_config is not None else None
+    else:
+        outputs = tuple(sorted(registry.workflow_outputs(config)))
+        found = _reference_file(start.ref, "expand.model", ("config.json",), start.revision, outputs)
+        model_type = json.loads(found.read_text(encoding="utf-8")).get("model_type") if found else None
+    if model_type is not None and model_type not in EXPANDABLE and not model_type.startswith(EXPANDED_PREFIX):
+        raise ConfigError(f"config key 'expand.model': '{start.name}' is a {model_type} model, a family with no "
+                          f"expansion class (moelang.architecture.EXPANDABLE: {', '.join(EXPANDABLE)}); expand a "
+                          f"model of one of those, or set expand.enabled: false")
+    routing = [name for name, variant in section["variants"].items() if variant["plan"] == "routing"]
+    if routing and base_config is not None:
+        # the routing plan weighs each layer by its specialisation score, which only an MoE layer has
+        spec = FAMILIES[base_config.model_type]
+        moe = set(spec.moe_layers(base_config)) if spec.router_attr else set()
+        dense = [i for i in range(base_config.num_hidden_layers) if i not in moe]
+        if dense:
+            raise ConfigError(f"config key 'expand.variants.{routing[0]}.plan': the routing plan needs a "
+                              f"specialisation score at every layer, and layers {dense} of the "
+                              f"similarity model '{similarity_model(config)}' are dense (no routing profile); "
+                              f"remove the variant or give it another plan")
 
 
 def load(path: str | Path, overrides: dict | None = None) -> dict:
@@ -623,6 +680,67 @@ def adapt_options(config: dict, lang: str, methods: list[str] | None = None) -> 
         heldout={k: evaluation[k] for k in ("tokens_per_language", "seq_len", "batch_tokens")})
 
 
+def expand_train_defaults(stage: str) -> dict:
+    """The authors' recipe for expansion stage ``stage1`` or ``stage2`` (``ExpandOptions``' defaults):
+    what a key left out of ``expand.<stage>`` takes."""
+    settings = getattr(opts.ExpandOptions(), stage)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in
+            ((k, getattr(settings, k)) for k in ("lr", "betas", "weight_decay", "warmup_steps", "min_lr_ratio",
+                                                 "aux_loss_coef"))}
+
+
+def expand_variants(config: dict) -> dict[str, dict]:
+    """The expansion variants to run (name -> {plan, classifier}), in config order; none when the stage
+    is off."""
+    if not config["expand"]["enabled"]:
+        return {}
+    return {name: dict(variant) for name, variant in config["expand"]["variants"].items()}
+
+
+def expand_stage1_owner(config: dict, variant: str) -> str:
+    """The variant whose name stage 1 of ``variant`` is trained under: the first variant in config order
+    with the same plan (stage 0 and stage 1 depend on the plan alone; only stage 2 differs)."""
+    variants = config["expand"]["variants"]
+    plan = variants[variant]["plan"]
+    return next(name for name, v in variants.items() if v["plan"] == plan)
+
+
+def expand_start(config: dict) -> registry.ModelEntry:
+    """The model the variants expand: ``expand.model``, a registered model's name, a directory or a hub
+    id (default: the similarity stage's model, the one the plan was made on). A directory or hub id
+    that a registered model is gets that model's entry; another one an entry of its own, named by its
+    reference (evaluated only if listed in ``evaluation.models``)."""
+    models = registry.model_registry(config)
+    name = registry.expand_start_name(config)
+    if name in models:
+        return models[name]
+    ref = config["expand"]["model"]
+    if not (Path(ref).is_dir() or HUB_ID.match(ref) or ref.startswith("results/")):
+        raise ConfigError(f"config key 'expand.model': '{ref}' is neither a model of this workflow "
+                          f"({', '.join(models)}) nor an existing directory nor a hub id (owner/name); use one of those")
+    base = registry.base_model(config)
+    return registry.ModelEntry(name=ref, ref=ref, revision=base.revision if ref == base.ref else None, method="base",
+                               rule=None, profiled=False, evaluated=False, series=ref, checkpoint_step=0)
+
+
+def expand_options(config: dict, variant: str, kept: list[str] | None = None) -> opts.ExpandOptions:
+    """Options of expansion variant ``variant`` (every step of it: stage 0, 1 and 2). The old and new
+    languages are the allocation's, as the allocation stage resolves them from ``kept`` (the languages
+    the corpus stage kept; default every configured language)."""
+    section = config["expand"]
+    spec = section["variants"][variant]
+    start = expand_start(config)
+    allocation = allocation_options(config, all_languages(config) if kept is None else kept)
+    return opts.ExpandOptions(
+        **{k: v for k, v in section.items() if k not in opts.ExpandOptions.NOT_OPTIONS and k not in ("stage1", "stage2")},
+        stage1=opts.TrainSettings.from_dict(section["stage1"], what="expand.stage1"),
+        stage2=opts.TrainSettings.from_dict(section["stage2"], what="expand.stage2"),
+        **_load_fields(config, start), variant=variant, plan=spec["plan"], classifier=spec["classifier"],
+        start=start.name, old=list(allocation.old), new=list(allocation.new),
+        parents={lang: parent for lang, parent in config["languages"]["targets"].items() if lang in allocation.new},
+        profile_model=start.name if start.profiled else None, seed=config["seed"])
+
+
 def evaluation_options(config: dict, name: str | None = None) -> opts.EvaluationOptions:
     """Evaluation options; with ``name``, of that registered model (without: what building the tasks needs)."""
     section = _section_fields(opts.EvaluationOptions, config["evaluation"])
@@ -635,14 +753,21 @@ def evaluation_options(config: dict, name: str | None = None) -> opts.Evaluation
     return opts.EvaluationOptions(**section, **loading, seed=config["seed"])
 
 
-def eval_summary_options(config: dict, families: list[str], names: list[str] | None = None) -> opts.EvalSummaryOptions:
-    """The summary of the evaluated models (``names``: those of this run, default all), in registry order."""
+def eval_summary_options(config: dict, families: list[str], names: list[str] | None = None,
+                         kept: list[str] | None = None) -> opts.EvalSummaryOptions:
+    """The summary of the evaluated models (``names``: those of this run, default all), in registry order;
+    ``kept``: the languages the corpus stage kept (default every configured one), which decide the
+    expansion's old and new languages."""
     evaluated = {n: e for n, e in registry.evaluated(config).items() if names is None or n in names}
     models = registry.summary_models(config)
+    expanding = bool(expand_variants(config))
+    allocation = allocation_options(config, all_languages(config) if kept is None else kept) if expanding else None
     return opts.EvalSummaryOptions(
         models={n: models[n] for n in evaluated}, order=list(evaluated), families=list(families),
         high_resource=list(config["languages"]["high_resource"]), targets=list(config["languages"]["targets"]),
-        base_model=next((n for n, e in evaluated.items() if e.method == "base"), None))
+        base_model=next((n for n, e in evaluated.items() if e.method == "base"), None),
+        expand_old=list(allocation.old) if expanding else [], expand_new=list(allocation.new) if expanding else [],
+        expand_runs="results/expand/runs.parquet" if expanding else None)
 
 
 # Sensible SLURM resources per rule (overridden by the config's `resources` section): data stages
@@ -670,6 +795,10 @@ STAGE_RESOURCES: dict[str, dict] = {
     "adapt": {"runtime": 1440, "mem_mb": 64000, "gpu": 1},
     "select_adapt": {"runtime": 10, "mem_mb": 4000},
     "gather_adapt": {"runtime": 5, "mem_mb": 2000},
+    "expand": {"runtime": 60, "mem_mb": 64000, "gpu": 1},
+    "expand_stage1": {"runtime": 1440, "mem_mb": 64000, "gpu": 1},
+    "expand_stage2": {"runtime": 720, "mem_mb": 64000, "gpu": 1},
+    "gather_expand": {"runtime": 5, "mem_mb": 2000},
     "eval_tasks": {"runtime": 30, "mem_mb": 8000},
     "evaluate": {"runtime": 720, "mem_mb": 64000, "gpu": 1},
     "eval_summary": {"runtime": 10, "mem_mb": 4000},
@@ -703,6 +832,10 @@ RULE_CONTAINER_FAMILY: dict[str, str] = {
     "adapt": "model",
     "select_adapt": "model",
     "gather_adapt": "model",
+    "expand": "model",
+    "expand_stage1": "model",
+    "expand_stage2": "model",
+    "gather_expand": "model",
     "eval_tasks": "eval",
     "evaluate": "eval",
     "eval_summary": "eval",

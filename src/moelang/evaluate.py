@@ -57,6 +57,11 @@ constant answers, items left out. With adapted models, an "Adaptation" section: 
 method) the gain on the target over the start model and the change on the other high-resource
 languages (forgetting), per family's headline metric (:data:`HEADLINE`) and perplexity.
 ``results/eval/adaptation.parquet``: those numbers (:data:`ADAPTATION_SCHEMA`, docs/outputs.md).
+With expanded models (LayerMoE variants), an "Expansion" section: per variant the gain on the new
+languages and the change on the old ones (forgetting) against the model it was expanded from, per
+family's headline metric and perplexity, with its new experts and trainable fractions from
+``results/expand/runs.parquet``; ``results/eval/expansion.parquet``: those numbers
+(:data:`EXPANSION_SCHEMA`, docs/outputs.md; empty without expanded models).
 """
 
 from __future__ import annotations
@@ -96,6 +101,11 @@ ADAPTATION_SCHEMA = {"target": pl.String, "method": pl.String, "model": pl.Strin
                      "trainable_fraction": pl.Float64, "family": pl.String, "metric": pl.String,
                      "start_value": pl.Float64, "value": pl.Float64, "target_gain": pl.Float64,
                      "hr_change": pl.Float64, "n_hr": pl.Int64}
+EXPANSION_SCHEMA = {"variant": pl.String, "model": pl.String, "start": pl.String, "new_experts": pl.Int64,
+                    "stage1_trainable_fraction": pl.Float64, "stage2_trainable_fraction": pl.Float64,
+                    "family": pl.String, "metric": pl.String, "n_new": pl.Int64, "start_new": pl.Float64,
+                    "value_new": pl.Float64, "new_gain": pl.Float64, "n_old": pl.Int64, "start_old": pl.Float64,
+                    "value_old": pl.Float64, "old_change": pl.Float64}
 RESULTS_SCHEMA = {"model": pl.String, "method": pl.String, "lang": pl.String, "task": pl.String, "n_shot": pl.Int64,
                   "metric": pl.String, "value": pl.Float64, "stderr": pl.Float64, "n_items": pl.Int64,
                   "chance": pl.Float64, "p_chance": pl.Float64, "top_choice_share": pl.Float64, "n_left_out": pl.Int64}
@@ -721,12 +731,7 @@ def adaptation_table(table: pl.DataFrame, models: dict[str, dict], tasks: dict, 
     gain (a difference of accuracy, a ratio of perplexity) and the mean change on the high-resource
     languages other than the target (forgetting). Rows by target (in ``targets``' order), then in the
     order of ``models``. A start model that was not evaluated leaves the comparisons null."""
-    family_of = {task: entry["family"] for task, entry in tasks.items()}
-    scores: dict[tuple[str, str, str], dict[str, float]] = {}  # (model, family, metric) -> lang -> value
-    for row in table.iter_rows(named=True):
-        family = "perplexity" if row["metric"] == "perplexity" else family_of.get(row["task"])
-        if family == "perplexity" or HEADLINE.get(family) == row["metric"]:
-            scores.setdefault((row["model"], family, row["metric"]), {})[row["lang"]] = row["value"]
+    scores = _headline_scores(table, tasks)
     present = sorted({(f, m) for _, f, m in scores if f != "perplexity"}) + \
         sorted({(f, m) for _, f, m in scores if f == "perplexity"})
     rank = {lang: i for i, lang in enumerate(targets)}
@@ -786,11 +791,116 @@ def adaptation_markdown(adaptation: pl.DataFrame, evaluated: list[str]) -> list[
     return lines
 
 
+def _headline_scores(table: pl.DataFrame, tasks: dict) -> dict[tuple[str, str, str], dict[str, float]]:
+    """(model, family, metric) -> language -> value, for each family's headline metric and perplexity."""
+    family_of = {task: entry["family"] for task, entry in tasks.items()}
+    scores: dict[tuple[str, str, str], dict[str, float]] = {}
+    for row in table.iter_rows(named=True):
+        family = "perplexity" if row["metric"] == "perplexity" else family_of.get(row["task"])
+        if family == "perplexity" or HEADLINE.get(family) == row["metric"]:
+            scores.setdefault((row["model"], family, row["metric"]), {})[row["lang"]] = row["value"]
+    return scores
+
+
+def read_expand_runs(path: str | Path | None) -> dict[str, dict]:
+    """Variant -> its row of ``results/expand/runs.parquet`` (none without the file)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    return {row["variant"]: row for row in pl.read_parquet(path).iter_rows(named=True)}
+
+
+def expansion_table(table: pl.DataFrame, models: dict[str, dict], tasks: dict, old: list[str], new: list[str],
+                    runs: dict[str, dict] | None = None) -> pl.DataFrame:
+    """One row per expanded model (an entry with a ``variant``) and task family (its headline metric,
+    :data:`HEADLINE`) or perplexity, against the model it was expanded from (``start``): on the new
+    languages the gain (``new_gain``: mean difference of accuracy, geometric mean of the perplexity
+    ratios) and on the old languages the change (``old_change``, the same measures: forgetting when
+    accuracy falls or perplexity rises); ``start_*`` / ``value_*`` are the two models' means over the
+    languages both were scored on (``n_new``, ``n_old``; geometric means for perplexity). New experts
+    and the stages' trainable fractions come from the runs table (``runs``: variant -> row), the
+    stage-2 fraction otherwise from the model's run record. Rows in the order of ``models``; a start
+    model that was not evaluated leaves the comparisons null."""
+    runs = runs or {}
+    scores = _headline_scores(table, tasks)
+    present = sorted({(f, m) for _, f, m in scores if f != "perplexity"}) + \
+        sorted({(f, m) for _, f, m in scores if f == "perplexity"})
+    rows = []
+    for name, entry in models.items():
+        variant = entry.get("variant")
+        if not variant:
+            continue
+        start, run = entry.get("start"), runs.get(variant, {})
+        stage2 = run.get("stage2_trainable_fraction")
+        stage2 = stage2 if stage2 is not None and not math.isnan(stage2) else entry.get("trainable_fraction")
+        stage1 = run.get("stage1_trainable_fraction")
+        stage1 = stage1 if stage1 is not None and not math.isnan(stage1) else None
+        for family, metric in present:
+            mine = scores.get((name, family, metric), {})
+            theirs = scores.get((start, family, metric), {})
+            sides = []
+            for langs in (new, old):
+                both = [lang for lang in langs if lang in mine and lang in theirs]
+                values, starts = [mine[l] for l in both], [theirs[l] for l in both]
+                sides += [len(both), _aggregate(pl.Series(starts, dtype=pl.Float64), metric),
+                          _aggregate(pl.Series(values, dtype=pl.Float64), metric), _change(values, starts, metric)]
+            n_new, start_new, value_new, gain, n_old, start_old, value_old, change = sides
+            rows.append((variant, name, start, run.get("new_experts"), stage1, stage2, family, metric,
+                         n_new, start_new, value_new, gain, n_old, start_old, value_old, change))
+    return pl.DataFrame(rows, schema=EXPANSION_SCHEMA, orient="row")
+
+
+def expansion_markdown(expansion: pl.DataFrame, evaluated: list[str], old: list[str], new: list[str]) -> list[str]:
+    """The summary's "Expansion" section: one row per variant."""
+    if expansion.height == 0:
+        return []
+    columns = expansion.select("family", "metric").unique(maintain_order=True).rows()
+    lines = ["## Expansion", "",
+             f"Each expanded model (LayerMoE variant, stage 2) against the model it was expanded from: the gain on "
+             f"the new languages ({', '.join(new) or 'none'}) and the change on the old languages "
+             f"({', '.join(old) or 'none'}), per task family's headline metric (a mean difference of accuracy: "
+             f"negative on the old languages is forgetting) and for perplexity (a geometric mean of ratios: below 1 "
+             f"is better, above 1 on the old languages is forgetting). New experts and the trainable fractions of "
+             f"stage 1 (new experts and routers) and stage 2 (routers and classifiers) are from "
+             f"`results/expand/runs.parquet`. The numbers are in `expansion.parquet`.", "",
+             "| variant | model | start | new experts | trainable fraction (stage 1 / 2) | "
+             + " | ".join(f"{'perplexity ratio on new' if f == 'perplexity' else f'{f} gain on new ({m})'}"
+                          for f, m in columns)
+             + " | " + " | ".join(f"{'perplexity ratio on old' if f == 'perplexity' else f'{f} change on old'}"
+                                  for f, m in columns) + " |",
+             "|---|---|---|---:|---:|" + "---:|" * (2 * len(columns))]
+
+    def cell(value, metric):
+        if value is None or np.isnan(value):
+            return "-"
+        return f"x{value:.3g}" if metric == "perplexity" else f"{value:+.3f}"
+
+    def fraction(value):
+        return f"{value:.3g}" if value is not None and not np.isnan(value) else "-"
+
+    for (variant, model), part in expansion.group_by(["variant", "model"], maintain_order=True):
+        by = {(r["family"], r["metric"]): r for r in part.iter_rows(named=True)}
+        first = part.row(0, named=True)
+        experts = first["new_experts"]
+        lines.append(f"| {variant} | {model} | {first['start'] or '-'} | {experts if experts is not None else '-'} | "
+                     f"{fraction(first['stage1_trainable_fraction'])} / {fraction(first['stage2_trainable_fraction'])} | "
+                     + " | ".join(cell(by[c]["new_gain"] if c in by else None, c[1]) for c in columns) + " | "
+                     + " | ".join(cell(by[c]["old_change"] if c in by else None, c[1]) for c in columns) + " |")
+    missing = sorted({s or "(none)" for s in expansion["start"].to_list() if s not in evaluated})
+    lines.append("")
+    if missing:
+        lines += [f"No comparison where the start model was not evaluated: {', '.join(missing)}.", ""]
+    return lines
+
+
 def summarize(eval_dir: str | Path, models: dict[str, dict], task_dir: str | Path, families: list[str],
-              high_resource: list[str], targets: list[str], base_model: str | None) -> pl.DataFrame:
-    """Write ``results.parquet``, ``adaptation.parquet`` and ``summary.md`` of ``models`` (name ->
-    {ref, method, trainable_fraction, target, start}: :func:`moelang.registry.summary_models`; an
-    adapted model names its ``target`` language and its ``start`` model), rows in the order of ``models``
+              high_resource: list[str], targets: list[str], base_model: str | None,
+              expand_old: list[str] | None = None, expand_new: list[str] | None = None,
+              expand_runs: str | Path | None = None) -> pl.DataFrame:
+    """Write ``results.parquet``, ``adaptation.parquet``, ``expansion.parquet`` and ``summary.md`` of
+    ``models`` (name -> {ref, method, trainable_fraction, target, start, variant}:
+    :func:`moelang.registry.summary_models`; an adapted model names its ``target`` language and its
+    ``start`` model, an expanded model its ``variant`` and ``start``; the expansion is compared on
+    ``expand_old`` and ``expand_new`` with the runs table ``expand_runs``), rows in the order of ``models``
     (the registry's: the base, CPT checkpoints by step, adapted models, the listed ones). A model's trainable fraction is
     the one its training run recorded (:func:`moelang.registry.trainable_fraction`); the configured
     one only for a model without a record."""
@@ -802,7 +912,13 @@ def summarize(eval_dir: str | Path, models: dict[str, dict], task_dir: str | Pat
     adaptation = adaptation_table(table, models, tasks, high_resource, targets)
     with atomic_path(Path(eval_dir) / "adaptation.parquet") as tmp:
         adaptation.write_parquet(tmp)
+    expansion = expansion_table(table, models, tasks, list(expand_old or []), list(expand_new or []),
+                                read_expand_runs(expand_runs))
+    with atomic_path(Path(eval_dir) / "expansion.parquet") as tmp:
+        expansion.write_parquet(tmp)
+    text = summary_markdown(table, models, high_resource, targets, base_model, adaptation)
+    text += "\n".join(["", *expansion_markdown(expansion, list(models), list(expand_old or []), list(expand_new or []))])
     with atomic_path(Path(eval_dir) / "summary.md") as tmp:
-        tmp.write_text(summary_markdown(table, models, high_resource, targets, base_model, adaptation), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     log.info("evaluation: %d result rows over %d models", table.height, len(models))
     return table

@@ -644,8 +644,9 @@ class EvalSummaryOptions(StageOptions):
     """The results table (``moelang eval-summary``)."""
 
     models: dict[str, dict] = field(default_factory=dict)
-    """Name -> {ref, method, trainable_fraction, target, start} of every evaluated model
-    (:func:`moelang.registry.summary_models`; an adapted model's target language and start model)."""
+    """Name -> {ref, method, trainable_fraction, target, start, variant} of every evaluated model
+    (:func:`moelang.registry.summary_models`; an adapted model's target language and start model, an
+    expanded model's variant and start model)."""
     order: list[str] = field(default_factory=list)
     """The models' order in the table: the registry's (JSON objects do not keep one)."""
     families: list[str] = field(default_factory=list)
@@ -656,6 +657,12 @@ class EvalSummaryOptions(StageOptions):
     """Target languages."""
     base_model: str | None = None
     """The model the others are compared with (None: no deltas)."""
+    expand_old: list[str] = field(default_factory=list)
+    """The expansion's old languages (forgetting): the allocation's, kept by the corpus stage."""
+    expand_new: list[str] = field(default_factory=list)
+    """The expansion's new languages (gain)."""
+    expand_runs: str | None = None
+    """``results/expand/runs.parquet`` (new experts, trainable fractions) when the expansion runs, else None."""
 
 
 STAGE_OPTIONS: dict[str, type[StageOptions]] = {

@@ -1,7 +1,7 @@
 """One registry of the models the workflow knows.
 
 Every model of the DAG is one :class:`ModelEntry`: the base model, the CPT checkpoints, the models
-listed in ``evaluation.models`` (and, in the adaptation stages, the adapted and expanded models). The
+listed in ``evaluation.models``, the adapted models and the expanded models (``expand-{variant}``). The
 rule files and the config helpers read :func:`model_registry` instead of building names and paths
 themselves: which models are profiled (routing) and evaluated, where each one is (a workflow output
 directory, a local directory, or a hub id with its revision) and which rule makes it.
@@ -67,7 +67,9 @@ class ModelEntry:
     target: str | None = None
     """The language an adapted model was adapted to (None for every other model)."""
     start: str | None = None
-    """The name of the model an adapted model started from (its gains are measured against it)."""
+    """The name of the model an adapted or expanded model started from (its gains are measured against it)."""
+    variant: str | None = None
+    """The expansion variant (``expand.variants``) an expanded model is (None for every other model)."""
 
     @property
     def is_output(self) -> bool:
@@ -141,7 +143,37 @@ def adapted_models(config: dict) -> list[ModelEntry]:
             for lang in adapt_targets(config) for method in config["adapt"]["methods"]]
 
 
-MODEL_PRODUCERS: list[Producer] = [base_and_cpt_models, adapted_models, listed_models]
+def expand_start_name(config: dict) -> str:
+    """The name of the model the expansion variants start from, from the other producers alone (the
+    registry is still being built): ``expand.model`` when it names a model or is one's reference, else
+    the reference itself; default the similarity stage's model (``similarity.model``, else the last
+    profiled model). :func:`moelang.config.expand_start` checks it."""
+    chosen = config["expand"]["model"]
+    if chosen is None:
+        return config["similarity"]["model"] or [e.name for e in base_and_cpt_models(config) if e.profiled][-1]
+    others = [e for producer in (base_and_cpt_models, adapted_models, listed_models) for e in producer(config)]
+    if any(e.name == chosen for e in others):
+        return chosen
+    return next((e.name for e in others if e.ref == chosen), chosen)
+
+
+def expanded_models(config: dict) -> list[ModelEntry]:
+    """The stage-2 model of every expansion variant (``expand.variants``), evaluated, not profiled,
+    named ``expand-{variant}``, method = the variant; made by the variant's ``expand_stage2`` job."""
+    from moelang.config import expand_variants
+
+    variants = expand_variants(config)
+    if not variants:
+        return []
+    start = expand_start_name(config)
+    steps = config["expand"]["stage1"]["steps"] + config["expand"]["stage2"]["steps"]
+    return [ModelEntry(name=f"expand-{variant}", ref=f"results/expand/{variant}/stage2", revision=None,
+                       method=variant, rule="expand_stage2", profiled=False, evaluated=True,
+                       series=f"expand-{variant}", checkpoint_step=steps, start=start, variant=variant)
+            for variant in variants]
+
+
+MODEL_PRODUCERS: list[Producer] = [base_and_cpt_models, adapted_models, expanded_models, listed_models]
 """The functions that make the registry, in DAG order. An adaptation stage appends its own
 (:func:`model_producer`); ``listed_models`` stays last so that a listed model may point at any
 workflow output made before it."""
@@ -156,7 +188,7 @@ def model_producer(producer: Producer) -> Producer:
 
 def model_registry(config: dict) -> dict[str, ModelEntry]:
     """Every model of the workflow, name -> entry, in DAG order (the base, the CPT checkpoints by step,
-    adapted models, then ``evaluation.models``). A listed model whose ``ref`` is another entry's output
+    adapted models, expanded models, then ``evaluation.models``). A listed model whose ``ref`` is another entry's output
     directory is made by that entry's rule."""
     registry: dict[str, ModelEntry] = {}
     for producer in MODEL_PRODUCERS:
@@ -198,10 +230,10 @@ def workflow_inputs(entry: ModelEntry) -> list[str]:
 def summary_models(config: dict) -> dict[str, dict]:
     """What the evaluation summary needs of each evaluated model: name -> {ref, method,
     trainable_fraction (the configured one of an external model; the run's record wins), target
-    (the language an adapted model was adapted to, else None), start (the model its adaptation
-    started from)}."""
+    (the language an adapted model was adapted to, else None), start (the model its adaptation or
+    expansion started from), variant (the expansion variant an expanded model is, else None)}."""
     return {name: {"ref": e.ref, "method": e.method, "trainable_fraction": e.trainable_fraction, "target": e.target,
-                   "start": e.start}
+                   "start": e.start, "variant": e.variant}
             for name, e in evaluated(config).items()}
 
 

@@ -75,14 +75,18 @@ rule eval_summary:
     input:
         results=eval_outputs,
         tasks="results/eval/tasks",
+        # the expansion's runs table (new experts, trainable fractions), only when the stage runs
+        expand_runs=["results/expand/runs.parquet"] if mcfg.expand_variants(config) else [],
     output:
         table="results/eval/results.parquet",
         adaptation="results/eval/adaptation.parquet",
+        expansion="results/eval/expansion.parquet",
         summary="results/eval/summary.md",
     params:
         # from the inputs: they are known once the corpus checkpoint has decided the kept languages
         options=lambda w, input: mcfg.to_json(mcfg.eval_summary_options(
-            config, EVAL_FAMILIES, [n for n in EVALUATED if any(f.startswith(f"results/eval/{n}/") for f in input.results)])),
+            config, EVAL_FAMILIES, [n for n in EVALUATED if any(f.startswith(f"results/eval/{n}/") for f in input.results)],
+            kept_languages())),
     log:
         "results/logs/eval/summary.log",
     shell:
