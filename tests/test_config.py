@@ -308,7 +308,7 @@ def test_pretrained_base_is_checked_before_pretraining(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="'model.base.name_or_path': directory '.*empty' has no config.json"):
         cfg.validate(pretrained(str(tmp_path / "empty")))
     gpt2 = save_config_json(tmp_path / "gpt2", "gpt2", n_layer=2)
-    with pytest.raises(ConfigError, match="is a gpt2 model; the routing stage profiles MoE layers"):
+    with pytest.raises(ConfigError, match="is a gpt2 model, a family moelang does not support; use one of"):
         cfg.validate(pretrained(gpt2))
     olmoe = save_config_json(tmp_path / "olmoe", "olmoe", num_hidden_layers=3)
     with pytest.raises(ConfigError, match="'tokenizer.name_or_path': directory '.*olmoe' has no tokenizer.json"):
@@ -469,3 +469,22 @@ def test_the_paper_configs_expansion(repo, monkeypatch):
     assert cfg.rule_resources(config, "expand_stage1")["gpu"] == 1
     m7 = cfg.load(repo / "config" / "olmoe-m7.yaml")
     assert cfg.expand_options(m7, "uniform").stage1.lr == 5e-5 and len(cfg.expand_variants(m7)) == 5
+
+
+def test_a_dense_base_runs_without_the_routing_stage():
+    """LayerMoE's setting: a dense base validates with routing.enabled false, which turns off what needs routing."""
+    dense = {"type": "train", "architecture": {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                               "intermediate_size": 128, "num_hidden_layers": 2}}
+    expand = {"enabled": True, "variants": {"layermoe": {"plan": "layermoe", "classifier": True}}}
+    config = cfg.validate(minimal(model={"base": dense}, routing={"enabled": False}, adapt={"enabled": False},
+                                  expand=expand))
+    assert cfg.expand_options(config, "layermoe").profile_model is None  # nothing profiled to rank experts by
+    with pytest.raises(ConfigError, match="'model.base.architecture.model_type': 'llama' is a dense family .*set "
+                                          "routing.enabled: false"):
+        cfg.validate(minimal(model={"base": dense}, adapt={"enabled": False}))
+    with pytest.raises(ConfigError, match="'adapt.enabled': .* routing.enabled is false; set adapt.enabled: false"):
+        cfg.validate(minimal(model={"base": dense}, routing={"enabled": False}))
+    routing_variant = {"enabled": True, "variants": {"ours": {"plan": "routing", "classifier": True}}}
+    with pytest.raises(ConfigError, match="'expand.variants.ours.plan': .* routing.enabled is false"):
+        cfg.validate(minimal(model={"base": dense}, routing={"enabled": False}, adapt={"enabled": False},
+                             expand=routing_variant))

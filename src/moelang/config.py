@@ -170,6 +170,10 @@ def _check_adapt(config: dict) -> None:
     section = config["adapt"]
     if not section["enabled"]:
         return
+    if not config["routing"]["enabled"]:
+        raise ConfigError("config key 'adapt.enabled': expert fine-tuning trains the experts the routing stage "
+                          "selects, and routing.enabled is false; set adapt.enabled: false (or enable routing on "
+                          "an MoE base)")
     targets = config["languages"]["targets"]
     for lang in section["targets"] or []:
         if lang not in targets:
@@ -338,31 +342,42 @@ def _check_model(config: dict):
     if base["type"] == "train":
         key = "model.base.architecture"
         built = check_architecture(base["architecture"], key)
-        if FAMILIES[built.model_type].router_attr is None:
-            raise ConfigError(f"config key '{key}.model_type': '{built.model_type}' is a dense family (no MoE layer), "
-                              f"and the routing stage profiles MoE layers; use one of {moe_families}")
+        _check_dense_base(config, built.model_type, f"{key}.model_type", moe_families)
     else:
         key = "model.base.name_or_path"
         found = _reference_file(base["name_or_path"], key, ("config.json",), base["revision"])
-        built = _pretrained_config(found, base["name_or_path"], key, moe_families) if found else None
+        built = _pretrained_config(found, base["name_or_path"], key, moe_families, config) if found else None
     tok = config["tokenizer"]
     if tok["type"] == "pretrained":
         _reference_file(tok["name_or_path"], "tokenizer.name_or_path", ("tokenizer.json", "tokenizer_config.json"),
                         tok["revision"])
-    if built is not None:
+    if built is not None and config["routing"]["enabled"]:
         _check_routing_layers(config, built)
     return built
 
 
-def _pretrained_config(config_json: Path, ref: str, key: str, moe_families: str):
-    """The transformers config of a pretrained base from its config.json; its family must have MoE layers."""
+def _check_dense_base(config: dict, model_type: str, key: str, moe_families: str) -> None:
+    """A dense base (no MoE layer) has no routing to profile: only with routing.enabled false, the
+    setting of LayerMoE's upcycling."""
+    from moelang.architecture import FAMILIES
+
+    if FAMILIES[model_type].router_attr is None and config["routing"]["enabled"]:
+        raise ConfigError(f"config key '{key}': '{model_type}' is a dense family (no MoE layer to profile); set "
+                          f"routing.enabled: false (LayerMoE upcycles dense models; routing analysis and expert "
+                          f"fine-tuning need one of {moe_families})")
+
+
+def _pretrained_config(config_json: Path, ref: str, key: str, moe_families: str, config: dict):
+    """The transformers config of a pretrained base from its config.json (a dense family only with
+    routing.enabled false)."""
     from moelang.architecture import FAMILIES
 
     fields = json.loads(config_json.read_text(encoding="utf-8"))
     model_type = fields.get("model_type")
-    if model_type not in FAMILIES or FAMILIES[model_type].router_attr is None:
-        raise ConfigError(f"config key '{key}': '{ref}' is a {model_type} model; the routing stage profiles MoE "
-                          f"layers of a family moelang supports: {moe_families}")
+    if model_type not in FAMILIES:
+        raise ConfigError(f"config key '{key}': '{ref}' is a {model_type} model, a family moelang does not "
+                          f"support; use one of {', '.join(sorted(FAMILIES))}")
+    _check_dense_base(config, model_type, key, moe_families)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     try:
@@ -446,6 +461,10 @@ def _check_expand(config: dict, base_config) -> None:
                           f"expansion class (moelang.architecture.EXPANDABLE: {', '.join(EXPANDABLE)}); expand a "
                           f"model of one of those, or set expand.enabled: false")
     routing = [name for name, variant in section["variants"].items() if variant["plan"] == "routing"]
+    if routing and not config["routing"]["enabled"]:
+        raise ConfigError(f"config key 'expand.variants.{routing[0]}.plan': the routing plan weighs layers by the "
+                          f"routing stage's specialisation scores, and routing.enabled is false; remove the "
+                          f"variant or give it another plan")
     if routing and base_config is not None:
         # the routing plan weighs each layer by its specialisation score, which only an MoE layer has
         spec = FAMILIES[base_config.model_type]
@@ -738,7 +757,7 @@ def expand_options(config: dict, variant: str, kept: list[str] | None = None) ->
         **_load_fields(config, start), variant=variant, plan=spec["plan"], classifier=spec["classifier"],
         start=start.name, old=list(allocation.old), new=list(allocation.new),
         parents={lang: parent for lang, parent in config["languages"]["targets"].items() if lang in allocation.new},
-        profile_model=start.name if start.profiled else None, seed=config["seed"])
+        profile_model=start.name if start.profiled and config["routing"]["enabled"] else None, seed=config["seed"])
 
 
 def evaluation_options(config: dict, name: str | None = None) -> opts.EvaluationOptions:

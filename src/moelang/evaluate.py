@@ -477,8 +477,10 @@ def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n
     shipped = [n for n in task_names if not (yaml_dir / f"{n}.yaml").is_file()]
     with repeated_warnings(), templates_compiled_once():
         manager = TaskManager(include_path=str(yaml_dir), include_defaults=bool(shipped))
+        # every model here is a causal LM; said explicitly because lm-eval guesses the backend from a
+        # static list of model types, which the expanded (layermoe_*) types are not on
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size,
-                  max_length=options.max_length)
+                  max_length=options.max_length, backend="causal")
         fitted = fit_prompts(lm, manager, task_names, n_shot, options)
         merged: dict = {"moelang": {"fit": fitted, "predictions": {}}}
         for shots in sorted({f["n_shot"] for f in fitted.values()}, reverse=True):

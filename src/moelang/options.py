@@ -379,7 +379,7 @@ class RoutingOptions(LoadOptions):
     SECTION: ClassVar[str] = "routing"
     DERIVED: ClassVar[frozenset[str]] = frozenset({"ref", "revision", "dtype", "device", "trust_remote_code",
                                                    "model", "checkpoint_step", "shard"})
-    NOT_OPTIONS: ClassVar[frozenset[str]] = frozenset({"shards", "final_layers", "alpha", "shared_k", "shared_mode",
+    NOT_OPTIONS: ClassVar[frozenset[str]] = frozenset({"enabled", "shards", "final_layers", "alpha", "shared_k", "shared_mode",
                                                       "top_n", "jsd_overlap_layer", "selection_model"})
 
     model: str = ""
@@ -406,8 +406,8 @@ class RoutingMetricsOptions(StageOptions):
 
     SECTION: ClassVar[str] = "routing"
     DERIVED: ClassVar[frozenset[str]] = frozenset({"languages", "base_language", "high_resource", "targets", "seed"})
-    NOT_OPTIONS: ClassVar[frozenset[str]] = frozenset({"tokens_per_language", "windowing", "seq_len", "batch_tokens",
-                                                      "shards", "token_layers"})
+    NOT_OPTIONS: ClassVar[frozenset[str]] = frozenset({"enabled", "tokens_per_language", "windowing", "seq_len",
+                                                      "batch_tokens", "shards", "token_layers"})
 
     languages: list[str] = field(default_factory=list)
     """Every language of the run, high-resource first."""

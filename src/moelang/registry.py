@@ -54,7 +54,8 @@ class ModelEntry:
     rule: str | None
     """The Snakemake rule whose output ``ref`` is; None for a model from outside the workflow."""
     profiled: bool
-    """Whether its routing is profiled (``results/routing/<name>``, the routing metrics)."""
+    """Whether it is analysed: its routing profiled (``results/routing/<name>``, the routing metrics;
+    with ``routing.enabled``, an MoE base) and its layer similarity computable (every base)."""
     evaluated: bool
     """Whether it is evaluated (``results/eval/<name>``, the evaluation table and summary)."""
     series: str

@@ -24,7 +24,7 @@ def expand_languages(side):
 
 def expand_profile(wildcards=None):
     """The start model's routing profile, when it is profiled and the new experts copy its most-used ones."""
-    if EXPAND_START.profiled and config["expand"]["init"] == "most_used":
+    if config["routing"]["enabled"] and EXPAND_START.profiled and config["expand"]["init"] == "most_used":
         return [f"results/routing/{EXPAND_START.name}"]
     return []
 

@@ -48,7 +48,8 @@ rule allocate_experts:
         mcfg.rule_container(config, "allocate_experts")
     input:
         similarity=f"results/similarity/{SIMILARITY_MODEL}.{SIMILARITY_METHOD}.parquet",
-        specialization="results/routing/metrics/specialization.parquet",
+        # the routing plan's specialisation scores (none without the routing stage: no routing plan)
+        specialization=["results/routing/metrics/specialization.parquet"] if config["routing"]["enabled"] else [],
         corpus_summary="results/corpus/summary.parquet",  # the checkpoint that decides the languages
     output:
         plan="results/allocation/plan.json",
@@ -56,9 +57,11 @@ rule allocate_experts:
         plot="results/allocation/plan.png",
     params:
         options=lambda w: mcfg.to_json(mcfg.allocation_options(config, kept_languages())),
+        specialization=lambda w, input: (f"--specialization {shlex.quote(input.specialization[0])}"
+                                         if input.specialization else ""),
     priority: 10
     log:
         "results/logs/allocation.log",
     shell:
         "{MOELANG} allocate --options {params.options:q} --similarity {input.similarity:q}"
-        " --specialization {input.specialization:q} --out results/allocation 2>&1 | tee {log:q}"
+        " {params.specialization} --out results/allocation 2>&1 | tee {log:q}"
