@@ -35,7 +35,7 @@ def dense_run(tmp_path_factory):
             "cpt": {"n_checkpoints": 2, "train": {"steps": 4, **train}},
         },
         "routing": {"enabled": False},
-        "allocation": {"new_experts": 4, "classifier_layers": [0, 2]},
+        "allocation": {"new_experts": 6, "classifier_layers": [0, 2]},
         "adapt": {"enabled": False},
         "expand": {"enabled": True,
                    "variants": {"layermoe": {"plan": "layermoe", "classifier": True},
@@ -45,7 +45,7 @@ def dense_run(tmp_path_factory):
         "evaluation": {"tasks": ["synthetic_blimp"], "max_items": 20, "min_items": 5, "batch_size": 8,
                        "max_words": 12},
     }
-    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # variants in this order
     proc = snakemake(work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work
@@ -68,7 +68,7 @@ def test_a_dense_base_is_upcycled_trained_and_evaluated(dense_run):
     for row in runs.iter_rows(named=True):
         entry = plan[row["plan"]]
         assert row["experts_per_layer"] == entry["experts_per_layer"]  # LayerMoE counts the original FFN
-        assert row["new_experts"] == sum(entry["new_experts_per_layer"]) == 4
+        assert row["new_experts"] == sum(entry["new_experts_per_layer"]) == 6
         assert row["classifier_layers"] == ([0, 2] if row["variant"] == "layermoe" else [])
     # the ablation's stage 2 starts from layermoe's stage 1 (trained once)
     assert not (results / "expand" / "layermoe-no-classifier" / "stage1").exists()
