@@ -196,7 +196,7 @@ def main() -> None:
     forward = {v: child("forward", v, args.quick) for v in ("dense", "upcycled")}
     flops = stage1_flops_per_token(stage1["split"]["new_slot_fraction"])
     result = {
-        "command": f"{Path(sys.executable).name} benchmarks/expand_step.py{' --quick' if args.quick else ''}",
+        "command": f".venv/bin/python benchmarks/expand_step.py{' --quick' if args.quick else ''}",
         "machine": f"{platform.machine()}, {THREADS} torch threads, Python {platform.python_version()}",
         "stage1": stage1, "flops_per_token": flops,
         "speedup": stage1["split"]["tokens_per_s"] / stage1["masked"]["tokens_per_s"],
