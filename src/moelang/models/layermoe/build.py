@@ -101,10 +101,17 @@ def expand_model(model, new_experts: list[int], *, top_k: int = 2, classifier_la
     if family.dense and not model.config.model_type.startswith("layermoe_"):
         fields.update(num_experts_per_tok=top_k, norm_topk_prob=True)
     config = family.config_class.from_dict(fields)
-    dtype = next(model.parameters()).dtype
-    with torch.random.fork_rng(devices=[]):
+    weight = next(model.parameters())
+    previous = torch.get_default_dtype()
+    # built in the base's dtype on its device (not in fp32 on the CPU, then converted: at 7B scale
+    # that doubles the peak memory); rotary frequencies are computed in fp32 whatever the default
+    with torch.random.fork_rng(devices=[]), torch.device(weight.device):
         torch.manual_seed(seed)
-        expanded = family.model_class(config).to(dtype=dtype, device=next(model.parameters()).device)
+        torch.set_default_dtype(weight.dtype if weight.dtype.is_floating_point else previous)
+        try:
+            expanded = family.model_class(config)
+        finally:
+            torch.set_default_dtype(previous)
     _copy_weights(model, expanded, old, new_experts, sources, noise, seed)
     expanded.eval()
     record = {"base_model_type": model.config.model_type, "expanded_model_type": family.model_type,
