@@ -399,7 +399,11 @@ def test_a_family_without_an_expansion_class_stops_at_start_up(tmp_path, monkeyp
     cfg.validate(trained(arch))  # not expanding: fine
     # expandable families pass: a dense llama directory, an expanded model (lifelong), the default olmoe
     cfg.validate(expanding(model=save_config_json(tmp_path / "llama", "llama", num_hidden_layers=2)))
-    cfg.validate(expanding(model=save_config_json(tmp_path / "grown", "layermoe_olmoe")))
+    grown = save_config_json(tmp_path / "grown", "layermoe_olmoe")
+    cfg.validate(expanding(model=grown, init="random"))
+    # an MoE not profiled here has no usage counts to rank its experts by
+    with pytest.raises(ConfigError, match=r"^config key 'expand.init': most_used .* set expand.init: random"):
+        cfg.validate(expanding(model=grown))
     cfg.validate(trained(tiny_arch(), expand={"enabled": True}))
 
 

@@ -180,8 +180,14 @@ def test_bad_input_stops_with_one_line(setup, tmp_path):
     with pytest.raises(MoelangError, match="is not an expanded model"):
         expand.train_stage(2, opts, setup / "start", tokens(setup, NEW + OLD), tmp_path / "y", tmp_path / "s",
                            setup / "plan.json")
-    with pytest.raises(MoelangError, match="no token file of an old language"):
+    with pytest.raises(MoelangError, match="no token file of the old language\\(s\\) es, ru"):
         expand.stage_settings(opts, 2, NEW)
+    with pytest.raises(MoelangError, match="no token file of the new language\\(s\\) uk"):
+        expand.stage_settings(opts, 1, ["ca"])
+    with pytest.raises(MoelangError, match="stage2.aux_loss_coef: 0.01; stage 2 trains"):
+        expand.check_options(opts.replace(stage2=opts.stage1))
+    with pytest.raises(MoelangError, match="init most_used .* set expand.init: random"):
+        expand.expand_variant(opts.replace(profile_model=None), setup / "plan.json", tmp_path / "x")
     with pytest.raises(MoelangError, match="init: 'copy'"):
         expand.check_options(opts.replace(init="copy"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
@@ -237,3 +243,61 @@ def test_a_dense_llama_upcycles_through_the_whole_stage(setup, tmp_path):
     assert set(s2) - set(s1) == {"model.layers.0.mlp.classifier.weight"}
     assert all(torch.equal(s1[k], s2[k]) for k in s1 if ".mlp.gate." not in k)
     assert not torch.equal(s1["model.layers.0.mlp.gate.weight"], s2["model.layers.0.mlp.gate.weight"])
+
+
+def test_each_stage_takes_the_model_of_the_stage_before(setup, stages, tmp_path):
+    out, _ = stages
+    opts = options(setup)
+    with pytest.raises(MoelangError, match="is the model after stage 0; give the stage-1 model"):
+        expand.train_stage(2, opts, out / "stage0", tokens(setup, NEW + OLD), tmp_path / "y", tmp_path / "s",
+                           setup / "plan.json")
+    with pytest.raises(MoelangError, match="is the model after stage 1; give the expanded model"):
+        expand.train_stage(1, opts, out / "stage1", tokens(setup, NEW), tmp_path / "y", tmp_path / "s")
+    (tmp_path / "plan.json").write_text(json.dumps({**PLAN, "layermoe": {**PLAN["layermoe"], "classifier_layers": []}}))
+    with pytest.raises(MoelangError, match="classifier: true, but the layermoe plan has no classifier layers"):
+        expand.train_stage(2, opts, out / "stage1", tokens(setup, NEW + OLD), tmp_path / "y", tmp_path / "s",
+                           tmp_path / "plan.json")
+    assert not (tmp_path / "y").exists()
+
+
+def test_exported_models_carry_no_training_output_flags(stages):
+    out, _ = stages
+    for stage in ("stage1", "stage2"):
+        config = json.loads((out / stage / "config.json").read_text())
+        assert config["output_router_logits"] is False and config["output_classifier_logits"] is False
+
+
+def test_noise_perturbs_only_the_new_experts_of_a_grown_model():
+    from families import tiny_model
+    from moelang.models.layermoe.build import expand_model
+
+    base = tiny_model("olmoe", seed=1)
+    grown, record = expand_model(base, [2, 1], sources={0: [5, 3], 1: [7]}, noise=0.5)
+    exact, _ = expand_model(base, [2, 1], sources={0: [5, 3], 1: [7]})
+    for layer in range(2):
+        for name in ("gate_up_proj", "down_proj"):
+            noisy = getattr(grown.model.layers[layer].mlp.experts, name)
+            plain = getattr(exact.model.layers[layer].mlp.experts, name)
+            assert torch.equal(noisy[:8], plain[:8]) and not torch.equal(noisy[8:], plain[8:])
+    assert record["noise"] == 0.5
+
+
+def test_a_leftover_finished_state_from_other_inputs_is_trained_again(setup, stages, tmp_path):
+    """A job killed after its stage finished but before publishing leaves a finished state; if an
+    input changed since, the rerun must not publish the stale result."""
+    import shutil
+
+    out, _ = stages
+    opts = options(setup)
+    state = tmp_path / "state"
+    expand.train_stage(1, opts, out / "stage0", tokens(setup, NEW), tmp_path / "a", state)
+    # the state as a kill during publishing leaves it: the staged model and its record, not yet removed
+    from moelang.train import staged_path
+
+    staged_path(state, "model").parent.mkdir(parents=True)
+    shutil.copytree(tmp_path / "a", staged_path(state, "model"))
+    changed = opts.replace(stage1=opts.stage1.replace(lr=5e-3))
+    record = expand.train_stage(1, changed, out / "stage0", tokens(setup, NEW), tmp_path / "b", state)
+    assert json.loads(record["made_from"]["options"])["stage1"]["lr"] == 5e-3
+    assert not torch.equal(weights(tmp_path / "a")["model.layers.0.mlp.experts.down_proj"],
+                           weights(tmp_path / "b")["model.layers.0.mlp.experts.down_proj"])

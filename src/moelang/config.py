@@ -460,6 +460,12 @@ def _check_expand(config: dict, base_config) -> None:
         raise ConfigError(f"config key 'expand.model': '{start.name}' is a {model_type} model, a family with no "
                           f"expansion class (moelang.architecture.EXPANDABLE: {', '.join(EXPANDABLE)}); expand a "
                           f"model of one of those, or set expand.enabled: false")
+    moe = model_type is not None and (model_type.startswith(EXPANDED_PREFIX) or
+                                      (model_type in FAMILIES and FAMILIES[model_type].router_attr is not None))
+    if moe and section["init"] == "most_used" and not (start.profiled and config["routing"]["enabled"]):
+        raise ConfigError(f"config key 'expand.init': most_used copies the parents' most-used experts from the "
+                          f"routing profile of the model expanded, and '{start.name}' is not profiled (or "
+                          f"routing.enabled is false); set expand.init: random")
     routing = [name for name, variant in section["variants"].items() if variant["plan"] == "routing"]
     if routing and not config["routing"]["enabled"]:
         raise ConfigError(f"config key 'expand.variants.{routing[0]}.plan': the routing plan weighs layers by the "

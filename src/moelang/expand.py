@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,10 @@ def check_options(options: ExpandOptions) -> None:
         raise MoelangError(f"expansion option replay_fraction: {options.replay_fraction}; choose in [0, 1)")
     if not options.new:
         raise MoelangError("expansion: no new language; set allocation.new (or keep a target language)")
+    for name in ("aux_loss_coef", "z_loss_coef"):
+        if getattr(options.stage2, name):
+            raise MoelangError(f"expansion option stage2.{name}: {getattr(options.stage2, name)}; stage 2 trains "
+                               f"with the LM, routing-prior and classifier losses only (no balance or z-loss): set 0")
 
 
 def expand_variant(options: ExpandOptions | dict, plan_path: str | Path, out_dir: str | Path,
@@ -174,20 +179,26 @@ def expand_variant(options: ExpandOptions | dict, plan_path: str | Path, out_dir
                            f"'{options.start}' {len(old)}; make the plan on this model (similarity.model, "
                            f"expand.model)")
     sources = None
-    if not family.dense or any(o > 1 for o in old):
-        if options.init == "most_used" and options.profile_model and profile_dir is not None:
-            parents = [options.parents.get(lang, lang) for lang in options.new]
-            usage = parent_expert_counts(profile_dir, parents)
-            sources = {i: most_used_experts(usage[i][:old[i]] if i in usage else np.zeros(old[i]), n)
-                       for i, n in enumerate(new) if n and old[i] > 1}
-            log.info("expansion %s: new experts copy the most-used experts of %s", options.variant,
-                     ", ".join(sorted(set(parents))))
-        else:
-            log.info("expansion %s: new experts copy random existing experts (seed %d)", options.variant, options.seed)
+    grows = any(n and o > 1 for n, o in zip(new, old))  # a layer with experts to copy from (else: FFN copies)
+    if grows and options.init == "most_used":
+        if not options.profile_model or profile_dir is None:
+            raise MoelangError(f"expansion {options.variant}: init most_used copies the parents' most-used experts "
+                               f"from the start model's routing profile, and '{options.start}' has none here "
+                               f"(not profiled, or routing.enabled false; by hand: --profile-dir); set "
+                               f"expand.init: random")
+        parents = [options.parents.get(lang, lang) for lang in options.new]
+        usage = parent_expert_counts(profile_dir, parents)
+        sources = {i: most_used_experts(usage[i][:old[i]] if i in usage else np.zeros(old[i]), n)
+                   for i, n in enumerate(new) if n and old[i] > 1}
+        log.info("expansion %s: new experts copy the most-used experts of %s", options.variant,
+                 ", ".join(sorted(set(parents))))
+    elif grows:
+        log.info("expansion %s: new experts copy random existing experts (seed %d)", options.variant, options.seed)
     expanded, record = expand_model(model, new, top_k=options.top_k, sources=sources, noise=options.noise,
                                     seed=options.seed)
     del model
     record.update(variant=options.variant, plan=options.plan, start=options.start, start_ref=options.ref,
+                  init=options.init if grows else "ffn_copies", stage=0,
                   plan_classifier_layers=list(entry.get("classifier_layers") or []))
     log.info("expansion %s (%s plan): %d new experts, experts per layer %s", options.variant, options.plan,
              record["new_experts"], record["experts_per_layer"])
@@ -205,6 +216,8 @@ def _routing_prior(router_logits, originals: list[int], token_old, form: str):
 
     terms = []
     for logits, n_orig in zip(router_logits, originals):
+        if n_orig is None:
+            continue
         chosen = logits[token_old].float()
         scores = torch.softmax(chosen, dim=-1) if form == "probabilities" else chosen
         terms.append(torch.logsumexp(scores, dim=-1) - torch.logsumexp(scores[:, :n_orig], dim=-1))
@@ -214,7 +227,8 @@ def _routing_prior(router_logits, originals: list[int], token_old, form: str):
 def stage2_loss(old_languages: list[str], originals: list[int], options: ExpandOptions):
     """Stage 2's loss (see the module docstring): ``loss_fn(model, batch, outputs, langs)`` for the
     engine; it asks the model for router and classifier logits (``config_flags``). ``originals``:
-    the original expert count of each expanded layer, in the order of the router logits."""
+    the original expert count of each MoE layer, in the order of the router logits (None: a layer
+    without new experts, left out of the routing prior)."""
     import torch
     import torch.nn.functional as F
 
@@ -250,14 +264,16 @@ def stage2_loss(old_languages: list[str], originals: list[int], options: ExpandO
 def stage_settings(options: ExpandOptions, stage: int, languages: list[str]):
     """The stage's training settings and mixture over ``languages`` (those with token files)."""
     settings = options.stage1 if stage == 1 else options.stage2
-    new = [lang for lang in options.new if lang in languages]
-    old = [lang for lang in options.old if lang in languages] if stage == 2 else []
-    if not new:
-        raise MoelangError(f"expansion stage {stage}: no token file of a new language ({', '.join(options.new)}) "
-                           f"given; pass them with --tokens")
-    if stage == 2 and options.replay_fraction > 0 and not old:
-        raise MoelangError(f"expansion stage 2: replay_fraction {options.replay_fraction} but no token file of an old "
-                           f"language ({', '.join(options.old)}); pass them with --tokens, or set "
+    new = list(options.new)
+    old = list(options.old) if stage == 2 and options.replay_fraction > 0 else []
+    missing = [lang for lang in new if lang not in languages]
+    if missing:
+        raise MoelangError(f"expansion stage {stage}: no token file of the new language(s) {', '.join(missing)}; "
+                           f"pass results/tokens/<lang>.parquet of every new language with --tokens")
+    missing = [lang for lang in old if lang not in languages]
+    if missing:
+        raise MoelangError(f"expansion stage {stage}: replay_fraction {options.replay_fraction} but no token file of "
+                           f"the old language(s) {', '.join(missing)}; pass them with --tokens, or set "
                            f"expand.replay_fraction: 0")
     replay = options.replay_fraction if old else 0.0
     mixture = {lang: (1 - replay) / len(new) for lang in new}
@@ -279,22 +295,38 @@ def train_stage(stage: int, options: ExpandOptions | dict, model_dir: str | Path
     if stage not in (1, 2):
         raise MoelangError(f"expansion: stage {stage}; the stages are 1 and 2")
     model_dir = Path(model_dir)
+    before = "the expanded model (moelang expand)" if stage == 1 else "the stage-1 model (moelang expand-train --stage 1)"
     if not (model_dir / EXPANSION_FILE).is_file():
-        before = "the expanded model (moelang expand)" if stage == 1 else "the stage-1 model (moelang expand-train --stage 1)"
         raise MoelangError(f"expansion stage {stage}: '{model_dir}' is not an expanded model (no {EXPANSION_FILE}); "
+                           f"give {before}")
+    expansion = json.loads((model_dir / EXPANSION_FILE).read_text(encoding="utf-8"))
+    if expansion.get("stage") != stage - 1:
+        raise MoelangError(f"expansion stage {stage}: '{model_dir}' is the model after stage {expansion.get('stage')}; "
                            f"give {before}")
     classifier_layers: list[int] = []
     if stage == 2 and options.classifier:
         if plan_path is None:
             raise MoelangError("expansion stage 2 with classifiers: pass --plan results/allocation/plan.json")
         classifier_layers = list(read_plan(plan_path, options.plan).get("classifier_layers") or [])
+        if not classifier_layers:
+            raise MoelangError(f"expansion {options.variant}: classifier: true, but the {options.plan} plan has no "
+                               f"classifier layers (allocation.classifier_layers); give the allocation classifier "
+                               f"layers, or set the variant's classifier: false (the ablation)")
     settings, mixture = stage_settings(options, stage, list(token_files))
-    from moelang.train import publish, staged_path
+    from moelang.train import publish, staged_path, tree_digest
 
     state_dir = Path(state_dir)
     staged = staged_path(state_dir, "model")
+    # what the staged result was made from: a finished state made from other inputs is trained again
+    made_from = {"model": tree_digest(model_dir), "options": options.replace(ref="").to_json(),
+                 "classifier_layers": classifier_layers, "mixture": mixture}
+    if _finished(staged) and json.loads((staged / RUN_FILE).read_text(encoding="utf-8")).get("made_from") != made_from:
+        log.warning("expansion %s stage %d: the staged result in %s was made from other inputs; training again",
+                    options.variant, stage, state_dir)
+        shutil.rmtree(state_dir)
     if not _finished(staged):
-        _train(stage, options, model_dir, token_files, settings, mixture, classifier_layers, state_dir, staged)
+        _train(stage, options, model_dir, token_files, settings, mixture, classifier_layers, state_dir, staged,
+               made_from)
     else:
         log.info("expansion %s stage %d: already trained (staged in %s)", options.variant, stage, state_dir)
     record = json.loads((staged / RUN_FILE).read_text(encoding="utf-8"))
@@ -303,7 +335,7 @@ def train_stage(stage: int, options: ExpandOptions | dict, model_dir: str | Path
 
 
 def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dict, settings, mixture: dict,
-           classifier_layers: list[int], state_dir: Path, staged: Path) -> None:
+           classifier_layers: list[int], state_dir: Path, staged: Path, made_from: dict) -> None:
     from transformers import AutoTokenizer
 
     from moelang.models import ModelAdapter, load_model
@@ -327,7 +359,10 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
         names = [f"model.layers.{m.index}.mlp.gate" for m in adapter.moe_layers]
         names += [f"model.layers.{i}.mlp.classifier" for i in classifier_layers]
         method = ModuleSubset(modules=names)
-        originals = [m.router.num_original for m in adapter.moe_layers]
+        # one entry per router, in the order of the router logits; None: a layer without new experts,
+        # whose prior term is 0 by construction (left out of the mean)
+        originals = [m.router.num_original if m.num_experts > m.router.num_original else None
+                     for m in adapter.moe_layers]
         loss_fn = stage2_loss(options.old, originals, options)
     languages = ", ".join(f"{lang} {share:.2f}" for lang, share in mixture.items())
     log.info("expansion %s stage %d: %d steps on %s%s", options.variant, stage, settings.steps, languages,
@@ -338,8 +373,9 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
               "stage": str(stage), "classifier layers": json.dumps(classifier_layers),
               "loss": json.dumps({k: getattr(options, k) for k in ("lpr_weight", "lpr_form", "classifier_weight")})
               if stage == 2 else ""}
+    expansion = expansion | {"stage": stage}
     if stage == 2:
-        expansion = expansion | {"classifier_layers": classifier_layers}
+        expansion |= {"classifier_layers": classifier_layers}
     result = train(model, stream, settings, state_dir, inputs=inputs, method=method, loss_fn=loss_fn,
                    export_steps={settings.steps: lambda m, sd: export_model(m, tokenizer, staged, state_dict=sd)})
     write_table(result.log_table(), staged / "train_log.parquet")
@@ -356,7 +392,7 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
            "total_params": int(result.parameters["total"]),
            f"stage{stage}_trainable_params": int(result.parameters["trainable"]),
            f"stage{stage}_trainable_fraction": float(result.parameters["trainable_fraction"]),
-           f"stage{stage}_steps": settings.steps}
+           f"stage{stage}_steps": settings.steps, "made_from": made_from}
     for key in ("loss", "aux_loss", "lpr_loss", "classifier_loss", "classifier_accuracy"):
         if key in last:
             run[f"stage{stage}_{key}"] = float(last[key])

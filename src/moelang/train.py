@@ -874,8 +874,27 @@ def _export(accelerator, model, export: Callable, sharded: bool, method: Trainin
     else:
         full = method.export_state(model) if accelerator.is_main_process else None
     if accelerator.is_main_process:
-        export(model, full)
+        with _inference_outputs(model):
+            export(model, full)
     accelerator.wait_for_everyone()
+
+
+# Config flags that :func:`configure_loss` turns on for training only: an exported model must not
+# carry them (every later forward would compute a balancing loss and record router logits).
+TRAINING_OUTPUT_FLAGS = ("output_router_logits", "output_classifier_logits")
+
+
+@contextlib.contextmanager
+def _inference_outputs(model):
+    config = getattr(model, "config", None)
+    saved = {flag: getattr(config, flag) for flag in TRAINING_OUTPUT_FLAGS if hasattr(config, flag)}
+    for flag in saved:
+        setattr(config, flag, False)
+    try:
+        yield
+    finally:
+        for flag, value in saved.items():
+            setattr(config, flag, value)
 
 
 def _prune(state_dir: Path, keep: int) -> None:

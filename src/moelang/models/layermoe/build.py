@@ -2,12 +2,15 @@
 
 * :func:`expand_model`: a dense base (Llama, Qwen2) is upcycled: in every layer that gets new
   experts the FFN stays as expert 0 and the new experts are exact copies of it (``noise`` > 0 adds
-  Gaussian noise of that relative size to the copies); the router is new, bias-free,
+  Gaussian noise of that relative size to the copies, in either case); the router is new, bias-free,
   xavier-normal. Before any training the upcycled model computes what the dense model computes
   (every chosen expert is the FFN and the top-k weights sum to 1). An MoE base (OLMoE, Qwen-MoE,
   Mixtral) grows: each new expert starts as a copy of an existing expert of its layer (``sources``:
   the caller's choice, for example the parent languages' most-used experts, :func:`most_used_experts`;
-  default: random existing experts, seeded), and its router row as a copy of that expert's row.
+  default: random existing experts, seeded), and its router row as a copy of that expert's row. So a
+  grown model does not start equal to its base: a new expert ties with its source in the router, and
+  tokens that chose the source now often take both (what the base computes is kept for sequences a
+  classifier calls old: the original experts alone).
   ``sources`` are keyed by layer (``"3"`` as in a JSON record also works); sources for a layer that
   grows nothing from existing experts (out of range, no new experts, a dense layer) are an error. An
   already expanded model expands the same way (the paper's lifelong setting): its experts are the
@@ -160,11 +163,7 @@ def _copy_weights(base, expanded, old: list[int], new: list[int], sources: dict[
             gate_up = torch.cat([src.gate_proj.weight, src.up_proj.weight], dim=0)
             dst.experts.gate_up_proj.copy_(gate_up.expand_as(dst.experts.gate_up_proj))
             dst.experts.down_proj.copy_(src.down_proj.weight.expand_as(dst.experts.down_proj))
-            if noise > 0:
-                for param in (dst.experts.gate_up_proj, dst.experts.down_proj):
-                    jitter = torch.randn(param[1:].shape, generator=generator, dtype=torch.float32) * noise
-                    # drawn on the CPU (the same numbers on any device), added where the model is
-                    param[1:] += (jitter.to(param.device) * param[0].float().std()).to(param.dtype)
+            _add_noise(dst.experts, 1, noise, generator)
             continue
         # an MoE layer (or an expanded one): existing experts and router rows, then the copies
         src_state = src.state_dict()
@@ -176,6 +175,19 @@ def _copy_weights(base, expanded, old: list[int], new: list[int], sources: dict[
         for name, param in dst.experts.named_parameters(recurse=False):
             param.copy_(getattr(src.experts, name)[index])
         dst.gate.weight.copy_(src.gate.weight[index])
+        _add_noise(dst.experts, old[i], noise, generator)
+
+
+def _add_noise(experts, first_new: int, noise: float, generator: torch.Generator) -> None:
+    """Gaussian noise of relative size ``noise`` (times each tensor's std over the original experts) on
+    the new experts, ``first_new`` onwards (nothing when ``noise`` is 0)."""
+    if noise <= 0 or first_new >= experts.num_experts:
+        return
+    for param in experts.parameters(recurse=False):
+        new = param[first_new:]
+        # drawn on the CPU (the same numbers on any device), added where the model is
+        jitter = torch.randn(new.shape, generator=generator, dtype=torch.float32) * noise
+        new += (jitter.to(param.device) * param[:first_new].float().std()).to(param.dtype)
 
 
 def add_classifiers(model, layers: list[int], seed: int = 0) -> None:

@@ -18,7 +18,9 @@ a classifier restricts the choice.
 Router classifier (:class:`RouterClassifier`, on ``classifier_layers``): a bias-free linear layer
 (hidden -> ``classifier_groups``) on the **sum over the sequence** of the layer's MLP input (padding
 positions included, as the authors' code does); its argmax labels the whole sequence, in training
-too (hard decision). Class 0 (old): each token is routed among the layer's original experts only,
+too (hard decision). In a padded batch the sum includes the padding positions (the authors' code
+does not mask them), so a padded sequence's decision can depend on its batch; and it sums the whole
+sequence, so a token's routing depends on the tokens after it. Class 0 (old): each token is routed among the layer's original experts only,
 exactly as top-k routing would route among them alone (softmax over the original experts' logits;
 a dense base: expert 0 with weight 1; slots beyond the original count point at the first chosen
 expert with weight 0). Any other class: normal top-k over all experts. The classifier's logits are
