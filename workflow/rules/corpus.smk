@@ -22,7 +22,7 @@ if WHOLE_CORPUS:
         log:
             "results/logs/corpus/{lang}.log",
         shell:
-            "{MOELANG} corpus --lang {wildcards.lang:q} --options {params.options:q}"
+            "python -m moelang corpus --lang {wildcards.lang:q} --options {params.options:q}"
             " --out {output.parquet:q} --stats {output.stats:q} 2>&1 | tee {log:q}"
 
 
@@ -47,7 +47,7 @@ if SHARDED_CORPUS:
         log:
             "results/logs/corpus/{lang}.{shard}.log",
         shell:
-            "{MOELANG} corpus --lang {wildcards.lang:q} --options {params.options:q} --shard {params.shard:q}"
+            "python -m moelang corpus --lang {wildcards.lang:q} --options {params.options:q} --shard {params.shard:q}"
             " --out {output.parquet:q} --stats {output.stats:q} 2>&1 | tee {log:q}"
 
     rule corpus_gather:
@@ -70,7 +70,7 @@ if SHARDED_CORPUS:
         log:
             "results/logs/corpus/{lang}.gather.log",
         shell:
-            "{MOELANG} corpus-gather --lang {wildcards.lang:q} --options {params.options:q}"
+            "python -m moelang corpus-gather --lang {wildcards.lang:q} --options {params.options:q}"
             " --shards {input.parquet:q} --shard-stats {input.stats:q}"
             " --out {output.parquet:q} --stats {output.stats:q} 2>&1 | tee {log:q}"
 
@@ -90,7 +90,7 @@ checkpoint corpus_summary:
     log:
         "results/logs/corpus/summary.log",
     shell:
-        "{MOELANG} corpus-summary --stats {input:q} --languages {params.languages:q}"
+        "python -m moelang corpus-summary --stats {input:q} --languages {params.languages:q}"
         " --out-table {output.table:q} --out-languages {output.languages:q} 2>&1 | tee {log:q}"
 
 
@@ -106,4 +106,4 @@ rule parallel:
     log:
         "results/logs/corpus/parallel.log",
     shell:
-        "{MOELANG} parallel --options {params.options:q} --out {output:q} 2>&1 | tee {log:q}"
+        "python -m moelang parallel --options {params.options:q} --out {output:q} 2>&1 | tee {log:q}"

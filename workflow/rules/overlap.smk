@@ -16,5 +16,5 @@ rule overlap:
     log:
         "results/logs/overlap.log",
     shell:
-        "{MOELANG} overlap --freq {input:q} --min-count {params.min_count}"
+        "python -m moelang overlap --freq {input:q} --min-count {params.min_count}"
         " --out {output.table:q} --plot {output.plot:q} 2>&1 | tee {log:q}"

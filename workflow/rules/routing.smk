@@ -3,14 +3,6 @@
 PROFILED = model_registry.profiled(config)
 
 
-def kept_tokens(wildcards):
-    return expand("results/tokens/{lang}.parquet", lang=kept_languages())
-
-
-def profiled_model_input(wildcards):
-    return model_registry.workflow_inputs(PROFILED[wildcards.model])
-
-
 ROUTING_SHARDS = config["routing"]["shards"]
 
 if ROUTING_SHARDS == 1:
@@ -33,7 +25,7 @@ if ROUTING_SHARDS == 1:
         log:
             "results/logs/routing/{model}.log",
         shell:
-            "OMP_NUM_THREADS={threads} {MOELANG} profile-routing --options {params.options:q} --tokens {input.tokens:q}"
+            "OMP_NUM_THREADS={threads} python -m moelang profile-routing --options {params.options:q} --tokens {input.tokens:q}"
             " --out {output:q} 2>&1 | tee {log:q}"
 
 else:
@@ -61,7 +53,7 @@ else:
         log:
             "results/logs/routing/{model}.{shard}.log",
         shell:
-            "OMP_NUM_THREADS={threads} {MOELANG} profile-routing --options {params.options:q} --tokens {input.tokens:q}"
+            "OMP_NUM_THREADS={threads} python -m moelang profile-routing --options {params.options:q} --tokens {input.tokens:q}"
             " --shard {params.shard:q} --out {output:q} 2>&1 | tee {log:q}"
 
     rule merge_routing:
@@ -78,11 +70,7 @@ else:
         log:
             "results/logs/routing/{model}.merge.log",
         shell:
-            "{MOELANG} merge-routing --shards {input:q} --out {output:q} 2>&1 | tee {log:q}"
-
-
-def routing_profiles(wildcards):
-    return [f"results/routing/{name}/{lang}.parquet" for name in PROFILED for lang in kept_languages()]
+            "python -m moelang merge-routing --shards {input:q} --out {output:q} 2>&1 | tee {log:q}"
 
 
 rule routing_metrics:
@@ -103,8 +91,9 @@ rule routing_metrics:
     params:
         options=lambda w: mcfg.to_json(mcfg.routing_metrics_options(config)),
         profiles=routing_profiles,
+        out=lambda w, output: os.path.dirname(output.tables[0]),
     log:
         "results/logs/routing/metrics.log",
     shell:
-        "{MOELANG} routing-metrics --options {params.options:q} --profiles {params.profiles:q}"
-        " --overlap {input.overlap:q} --out results/routing/metrics --selected {output.selected:q} 2>&1 | tee {log:q}"
+        "python -m moelang routing-metrics --options {params.options:q} --profiles {params.profiles:q}"
+        " --overlap {input.overlap:q} --out {params.out:q} --selected {output.selected:q} 2>&1 | tee {log:q}"

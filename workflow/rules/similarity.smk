@@ -1,13 +1,7 @@
 # Stage: layer similarity and LayerMoE expert allocation. See src/moelang/similarity.py and allocation.py.
 
-import shlex
-
 SIMILARITY_MODEL = mcfg.similarity_model(config)
 SIMILARITY_METHOD = config["similarity"]["method"]
-
-
-def similarity_parallel_input(wildcards):
-    return ["results/corpus/parallel.parquet"] if wildcards.method == "parallel" else []
 
 
 # One table per (profiled model, method): the allocation reads the configured pair, and any other
@@ -29,7 +23,7 @@ rule layer_similarity:
         method="tokens|parallel",
     params:
         options=lambda w: mcfg.to_json(mcfg.similarity_options(config, w.model, w.method)),
-        parallel=lambda w, input: f"--parallel {shlex.quote(input.parallel[0])}" if input.parallel else "",
+        parallel=lambda w, input: quoted_option("--parallel", input.parallel),
     # ahead of the evaluation jobs when both are ready, so that a similarity or allocation problem
     # shows before the long evaluation rather than after it
     priority: 10
@@ -37,7 +31,7 @@ rule layer_similarity:
     log:
         "results/logs/similarity/{model}.{method}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {MOELANG} similarity --options {params.options:q} --tokens {input.tokens:q}"
+        "OMP_NUM_THREADS={threads} python -m moelang similarity --options {params.options:q} --tokens {input.tokens:q}"
         " {params.parallel} --out {output.table:q} --plot {output.plot:q} 2>&1 | tee {log:q}"
 
 
@@ -57,11 +51,11 @@ rule allocate_experts:
         plot="results/allocation/plan.png",
     params:
         options=lambda w: mcfg.to_json(mcfg.allocation_options(config, kept_languages())),
-        specialization=lambda w, input: (f"--specialization {shlex.quote(input.specialization[0])}"
-                                         if input.specialization else ""),
+        specialization=lambda w, input: quoted_option("--specialization", input.specialization),
+        out=lambda w, output: os.path.dirname(output.plan),
     priority: 10
     log:
         "results/logs/allocation.log",
     shell:
-        "{MOELANG} allocate --options {params.options:q} --similarity {input.similarity:q}"
-        " {params.specialization} --out results/allocation 2>&1 | tee {log:q}"
+        "python -m moelang allocate --options {params.options:q} --similarity {input.similarity:q}"
+        " {params.specialization} --out {params.out:q} 2>&1 | tee {log:q}"

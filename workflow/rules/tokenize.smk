@@ -1,13 +1,6 @@
 # Stage 2: tokenizer and tokenize. See src/moelang/tokenize.py for the output schemas.
 
 
-def tokenizer_inputs(wildcards):
-    # A trained BPE reads the kept languages' corpora; a pretrained tokenizer reads nothing local.
-    if config["tokenizer"]["type"] == "train":
-        return expand("results/corpus/{lang}.parquet", lang=kept_languages())
-    return []
-
-
 rule tokenizer:
     resources:
         **mcfg.rule_resources(config, "tokenizer"),
@@ -23,7 +16,7 @@ rule tokenizer:
     log:
         "results/logs/tokenizer.log",
     shell:
-        "{MOELANG} tokenizer --options {params.options:q} --corpus {input.corpus:q}"
+        "python -m moelang tokenizer --options {params.options:q} --corpus {input.corpus:q}"
         " --out {output:q} 2>&1 | tee {log:q}"
 
 
@@ -48,7 +41,7 @@ if TOKENIZE_SHARDS == 1:
         log:
             "results/logs/tokenize/{lang}.log",
         shell:
-            "RAYON_NUM_THREADS={threads} {MOELANG} tokenize --corpus {input.corpus:q} --tokenizer {input.tokenizer:q}"
+            "RAYON_NUM_THREADS={threads} python -m moelang tokenize --corpus {input.corpus:q} --tokenizer {input.tokenizer:q}"
             " --out {output.tokens:q} --freq {output.freq:q} --batch-size {params.batch_size} 2>&1 | tee {log:q}"
 
 else:
@@ -75,7 +68,7 @@ else:
         log:
             "results/logs/tokenize/{lang}.{shard}.log",
         shell:
-            "RAYON_NUM_THREADS={threads} {MOELANG} tokenize --corpus {input.corpus:q} --tokenizer {input.tokenizer:q}"
+            "RAYON_NUM_THREADS={threads} python -m moelang tokenize --corpus {input.corpus:q} --tokenizer {input.tokenizer:q}"
             " --shard {params.shard:q} --out {output.tokens:q} --freq {output.freq:q}"
             " --batch-size {params.batch_size} 2>&1 | tee {log:q}"
 
@@ -93,5 +86,5 @@ else:
         log:
             "results/logs/tokenize/{lang}.gather.log",
         shell:
-            "{MOELANG} tokenize-gather --tokens {input.tokens:q} --freqs {input.freq:q}"
+            "python -m moelang tokenize-gather --tokens {input.tokens:q} --freqs {input.freq:q}"
             " --out {output.tokens:q} --freq {output.freq:q} 2>&1 | tee {log:q}"
