@@ -75,8 +75,9 @@ def profiled_model_input(wildcards):
     return model_registry.workflow_inputs(PROFILED[wildcards.model])
 
 
-def routing_profiles(wildcards):
-    return [f"results/routing/{name}/{lang}.parquet" for name in PROFILED for lang in kept_languages()]
+def routing_profiles(wildcards, input):
+    """Every kept language's profile file in each profile directory of ``input.profiles``."""
+    return [f"{directory}/{lang}.parquet" for directory in input.profiles for lang in kept_languages()]
 
 
 def similarity_parallel_input(wildcards):
