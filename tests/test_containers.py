@@ -46,7 +46,7 @@ IMPORT_EXTRAS = {"lm_eval.models.huggingface": ("lm-eval", "hf")}
 @cache
 def smk_rules() -> dict[str, str]:
     """rule name -> the text of its block, for every rule and checkpoint of workflow/rules/*.smk
-    (whatever branch of an `if` defines it)."""
+    (whatever branch of an `if` defines it; rules/common.smk holds functions, no rule)."""
     rules = {}
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
         text = smk.read_text(encoding="utf-8")
@@ -59,8 +59,8 @@ def smk_rules() -> dict[str, str]:
 
 
 def rule_subcommand(rule: str) -> str:
-    match = re.search(r"\{(?:MOELANG|params\.launcher)\}\s+([a-z][a-z-]*)", smk_rules()[rule])
-    assert match, f"rule {rule}: no `{{MOELANG}} <stage>` command in its shell"
+    match = re.search(r"(?:python -m moelang|\{params\.launcher\})\s+([a-z][a-z-]*)", smk_rules()[rule])
+    assert match, f"rule {rule}: no `python -m moelang <stage>` command in its shell"
     return match.group(1)
 
 

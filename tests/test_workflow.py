@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, write_lines
+from conftest import REPO, copy_test_config
 from moelang import corpus, overlap, tokenize
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -26,37 +26,7 @@ def snakemake(workdir: Path, *extra: str, timeout: int = 600) -> subprocess.Comp
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("dag")
-    words = "el gat menja peix la casa és gran però avui plou molt al carrer de la ciutat".split()
-    rng = __import__("random").Random(0)
-    ca = write_lines(work / "data" / "ca.txt", [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
-                                                for _ in range(400)])
-    gl = write_lines(work / "data" / "gl.txt", ["o gato come peixe", "a casa é grande"])
-    config = {
-        "languages": {"high_resource": ["en", "es"], "targets": {"ca": "es", "gl": "es"}},
-        "allocation": {"new_experts": 3},
-        "evaluation": {"max_items": 20, "min_items": 5, "belebele_shots": 1, "batch_size": 8, "max_words": 12},
-        # gl is dropped by the corpus stage: only ca is adapted
-        "adapt": {"methods": ["ssft", "full-ft", "lora"], "learning_rates": [0.001, 0.01],
-                  "train": {"steps": 4, "seq_len": 32, "micro_batch_size": 4}},
-        "corpus": {
-            "min_chars": 2000,
-            "builtin": {"packages": ["Django"], "english_prose": []},
-            "sources": {"ca": {"type": "local", "path": str(ca), "shards": 2}, "gl": {"type": "local", "path": str(gl)}},
-        },
-        "tokenizer": {"vocab_size": 500},
-        "tokenize": {"shards": 2},
-        "routing": {"shards": 2},
-        "model": {
-            "base": {"type": "train", "architecture": {
-                "model_type": "olmoe", "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2,
-                "num_attention_heads": 2, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
-                "max_position_embeddings": 256}},
-            "pretrain": {"steps": 6, "seq_len": 32, "micro_batch_size": 4, "lr": 0.01},
-            "cpt": {"n_checkpoints": 3, "train": {"steps": 6, "seq_len": 32, "micro_batch_size": 4, "lr": 0.01,
-                                                  "checkpoint_every": 2}},
-        },
-    }
-    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    copy_test_config("tiny", work)
     proc = snakemake(work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work, proc
@@ -187,11 +157,12 @@ def test_adaptation_runs_and_selection(tiny_run):
     assert ssft["experts_per_layer"] == [len(selected["ca"]["ssft"][str(l)]) for l in ssft["layers"]]
 
 
-def test_sharded_jobs_give_what_one_job_gives(tiny_run, tmp_path):
+def test_sharded_jobs_give_what_one_job_gives(tiny_run, tmp_path, monkeypatch):
     from moelang import config as cfg
     from moelang.routing import profile_model
 
     work, proc = tiny_run
+    monkeypatch.chdir(work)  # the config's local corpus paths are relative to the work directory
     res = work / "results"
     config = cfg.load(work / "config.yaml")
     log = proc.stdout + proc.stderr
@@ -246,10 +217,7 @@ def _dry_run_jobs(log: str) -> list[dict]:
 
 def test_the_dag_expands_every_variant_and_trains_stage1_once_per_plan(tmp_path):
     """Dry run (no job runs): the corpus checkpoint's outputs are laid down so that the DAG after it is known."""
-    config = {"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}},
-              "allocation": {"new_experts": 3}, "adapt": {"enabled": False},
-              "expand": {"enabled": True, "stage1": {"steps": 2}, "stage2": {"steps": 2}}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    copy_test_config("expand-dag", tmp_path)
     corpus_dir = tmp_path / "results" / "corpus"
     corpus_dir.mkdir(parents=True)
     for lang in ("en", "es", "ca"):

@@ -6,9 +6,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
-from conftest import write_lines
+from conftest import copy_test_config
 from test_workflow import snakemake
 
 VARIANTS = ["layermoe", "uniform", "layermoe-no-classifier"]
@@ -17,35 +16,7 @@ VARIANTS = ["layermoe", "uniform", "layermoe-no-classifier"]
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("dense")
-    words = "el gat menja peix la casa és gran però avui plou molt al carrer de la ciutat".split()
-    rng = __import__("random").Random(1)
-    ca = write_lines(work / "data" / "ca.txt", [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
-                                                for _ in range(400)])
-    train = {"seq_len": 32, "micro_batch_size": 4, "lr": 0.01}
-    config = {
-        "languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}},
-        "corpus": {"min_chars": 2000, "builtin": {"packages": ["Django"], "english_prose": []},
-                   "sources": {"ca": {"type": "local", "path": str(ca)}}},
-        "tokenizer": {"vocab_size": 500},
-        "model": {
-            "base": {"type": "train", "architecture": {
-                "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256}},
-            "pretrain": {"steps": 6, **train},
-            "cpt": {"n_checkpoints": 2, "train": {"steps": 4, **train}},
-        },
-        "routing": {"enabled": False},
-        "allocation": {"new_experts": 6, "classifier_layers": [0, 2]},
-        "adapt": {"enabled": False},
-        "expand": {"enabled": True,
-                   "variants": {"layermoe": {"plan": "layermoe", "classifier": True},
-                                "uniform": {"plan": "uniform", "classifier": False},
-                                "layermoe-no-classifier": {"plan": "layermoe", "classifier": False}},
-                   "stage1": {"steps": 3, **train}, "stage2": {"steps": 3, **train}},
-        "evaluation": {"tasks": ["synthetic_blimp"], "max_items": 20, "min_items": 5, "batch_size": 8,
-                       "max_words": 12},
-    }
-    (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # variants in this order
+    copy_test_config("dense", work)  # the variants in the file's order
     proc = snakemake(work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work

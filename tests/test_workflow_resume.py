@@ -9,37 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO, write_lines
+from conftest import REPO, copy_test_config
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 SNAKEFILE = str(REPO / "workflow" / "Snakefile")
 
 
-def tiny_config(work: Path, pretrain_steps: int) -> Path:
-    words = "el gat menja peix la casa és gran però avui plou molt al carrer de la ciutat".split()
-    rng = __import__("random").Random(0)
-    ca = write_lines(work / "data" / "ca.txt", [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
-                                                for _ in range(400)])
-    config = {
-        "languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}},
-        "allocation": {"new_experts": 3},
-        "corpus": {"min_chars": 2000, "builtin": {"packages": ["Django"], "english_prose": []},
-                   "sources": {"ca": {"type": "local", "path": str(ca)}}},
-        "tokenizer": {"vocab_size": 500},
-        "model": {
-            "base": {"type": "train", "architecture": {
-                "model_type": "olmoe", "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2,
-                "num_attention_heads": 2, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
-                "max_position_embeddings": 256}},
-            "pretrain": {"steps": pretrain_steps, "seq_len": 32, "micro_batch_size": 4, "lr": 0.01,
-                         "checkpoint_every": 10},
-        },
-    }
-    path = work / "my config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def tiny_config(work: Path) -> Path:
+    """.test/config-resume.yaml in ``work``, under a name with a space (every path is quoted)."""
+    return copy_test_config("resume", work, dest="my config.yaml")
 
 
 def run(cwd: Path, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -60,7 +39,7 @@ def processes_in(directory: Path) -> list[int]:
 
 
 def test_the_local_profile_is_found_from_the_clone_and_from_elsewhere(tmp_path):
-    config = tiny_config(tmp_path, 4)
+    config = tiny_config(tmp_path)
     for cwd, extra in ((REPO, ["--directory", str(tmp_path)]), (tmp_path, [])):
         proc = run(cwd, "--snakefile", SNAKEFILE, "--configfile", str(config), "--dry-run", *extra, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -68,7 +47,7 @@ def test_the_local_profile_is_found_from_the_clone_and_from_elsewhere(tmp_path):
 
 
 def test_a_workflow_profile_that_does_not_exist_is_an_error_not_ignored(tmp_path):
-    config = tiny_config(tmp_path, 4)
+    config = tiny_config(tmp_path)
     proc = run(tmp_path, "--snakefile", SNAKEFILE, "--configfile", str(config), "--workflow-profile",
                "workflow/profiles/default", "--dry-run", timeout=120)
     assert proc.returncode != 0
@@ -78,7 +57,7 @@ def test_a_workflow_profile_that_does_not_exist_is_an_error_not_ignored(tmp_path
 
 @pytest.mark.slow
 def test_a_run_killed_during_training_resumes_from_another_directory(tmp_path):
-    config = tiny_config(tmp_path, 100)
+    config = tiny_config(tmp_path)
     args = [SNAKEMAKE, "--snakefile", SNAKEFILE, "--configfile", str(config), "--cores", "2", "results/models/base"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     with open(tmp_path / "first.log", "w") as out:

@@ -5,37 +5,14 @@
 # them, made once under the first such variant's name in config order (its "owner",
 # mcfg.expand_stage1_owner); every variant has its own stage 2, which reads its owner's stage 1.
 
-import shlex
-
 EXPAND_VARIANTS = mcfg.expand_variants(config)
 EXPAND_START = mcfg.expand_start(config) if EXPAND_VARIANTS else None
 EXPAND_OWNERS = list(dict.fromkeys(mcfg.expand_stage1_owner(config, v) for v in EXPAND_VARIANTS))
 
 
-def expand_options(wildcards):
-    return mcfg.to_json(mcfg.expand_options(config, wildcards.variant, kept_languages()))
-
-
-def expand_languages(side):
-    """The allocation's old or new languages that the corpus stage kept (the variants' ``old``/``new``)."""
-    allocation = mcfg.allocation_options(config, kept_languages())
-    return list(allocation.old if side == "old" else allocation.new)
-
-
-def expand_profile(wildcards=None):
-    """The start model's routing profile, when it is profiled and the new experts copy its most-used ones."""
-    if config["routing"]["enabled"] and EXPAND_START.profiled and config["expand"]["init"] == "most_used":
-        return [f"results/routing/{EXPAND_START.name}"]
-    return []
-
-
 if EXPAND_VARIANTS:
 
     rule expand:
-        resources:
-            **mcfg.rule_resources(config, "expand"),
-        container:
-            mcfg.rule_container(config, "expand")
         input:
             start=model_registry.workflow_inputs(EXPAND_START),
             plan="results/allocation/plan.json",
@@ -43,76 +20,83 @@ if EXPAND_VARIANTS:
             corpus_summary="results/corpus/summary.parquet",  # the checkpoint that decides the languages
         output:
             directory("results/expand/{variant}/stage0"),
-        wildcard_constraints:
-            variant="|".join(map(re.escape, EXPAND_OWNERS)),
-        params:
-            options=expand_options,
-            profile=lambda w, input: f"--profile-dir {shlex.quote(input.profile[0])}" if input.profile else "",
-        threads: 2
         log:
             "results/logs/expand/{variant}.stage0.log",
+        wildcard_constraints:
+            variant="|".join(map(re.escape, EXPAND_OWNERS)),
+        container:
+            mcfg.rule_container(config, "expand")
+        threads: 2
+        resources:
+            **mcfg.rule_resources(config, "expand"),
+        params:
+            options=expand_options,
+            profile=lambda w, input: quoted_option("--profile-dir", input.profile),
         shell:
-            "OMP_NUM_THREADS={threads} {MOELANG} expand --options {params.options:q} --plan {input.plan:q}"
+            "OMP_NUM_THREADS={threads} python -m moelang expand --options {params.options:q} --plan {input.plan:q}"
             " {params.profile} --out {output:q} 2>&1 | tee {log:q}"
 
     rule expand_stage1:
-        resources:
-            **mcfg.rule_resources(config, "expand_stage1"),
-        container:
-            mcfg.rule_container(config, "expand_stage1")
         input:
             model="results/expand/{variant}/stage0",
             tokens=lambda w: expand("results/tokens/{lang}.parquet", lang=expand_languages("new")),
         output:
             directory("results/expand/{variant}/stage1"),
+        log:
+            "results/logs/expand/{variant}.stage1.log",
         wildcard_constraints:
             variant="|".join(map(re.escape, EXPAND_OWNERS)),
+        container:
+            mcfg.rule_container(config, "expand_stage1")
+        threads: 2
+        resources:
+            **mcfg.rule_resources(config, "expand_stage1"),
         params:
             options=expand_options,
             launcher=mcfg.launcher(config, "expand_stage1"),
-        threads: 2
-        log:
-            "results/logs/expand/{variant}.stage1.log",
+            state_dir="results/state/expand/{variant}/stage1",
         shell:
             "OMP_NUM_THREADS={threads} {params.launcher} expand-train --stage 1 --options {params.options:q}"
             " --model {input.model:q} --tokens {input.tokens:q} --out {output:q}"
-            " --state-dir results/state/expand/{wildcards.variant}/stage1 2>&1 | tee {log:q}"
+            " --state-dir {params.state_dir:q} 2>&1 | tee {log:q}"
 
     rule expand_stage2:
-        resources:
-            **mcfg.rule_resources(config, "expand_stage2"),
-        container:
-            mcfg.rule_container(config, "expand_stage2")
         input:
             model=lambda w: f"results/expand/{mcfg.expand_stage1_owner(config, w.variant)}/stage1",
             plan="results/allocation/plan.json",
-            tokens=lambda w: expand("results/tokens/{lang}.parquet",
-                                    lang=expand_languages("new") + expand_languages("old")),
+            tokens=lambda w: expand(
+                "results/tokens/{lang}.parquet", lang=expand_languages("new") + expand_languages("old")
+            ),
         output:
             directory("results/expand/{variant}/stage2"),
+        log:
+            "results/logs/expand/{variant}.stage2.log",
         wildcard_constraints:
             variant="|".join(map(re.escape, EXPAND_VARIANTS)),
+        container:
+            mcfg.rule_container(config, "expand_stage2")
+        threads: 2
+        resources:
+            **mcfg.rule_resources(config, "expand_stage2"),
         params:
             options=expand_options,
             launcher=mcfg.launcher(config, "expand_stage2"),
-        threads: 2
-        log:
-            "results/logs/expand/{variant}.stage2.log",
+            state_dir="results/state/expand/{variant}/stage2",
         shell:
             "OMP_NUM_THREADS={threads} {params.launcher} expand-train --stage 2 --options {params.options:q}"
             " --model {input.model:q} --plan {input.plan:q} --tokens {input.tokens:q} --out {output:q}"
-            " --state-dir results/state/expand/{wildcards.variant}/stage2 2>&1 | tee {log:q}"
+            " --state-dir {params.state_dir:q} 2>&1 | tee {log:q}"
 
     rule gather_expand:
-        resources:
-            **mcfg.rule_resources(config, "gather_expand"),
-        container:
-            mcfg.rule_container(config, "gather_expand")
         input:
             expand("results/expand/{variant}/stage2", variant=list(EXPAND_VARIANTS)),
         output:
             "results/expand/runs.parquet",
         log:
             "results/logs/expand/gather.log",
+        container:
+            mcfg.rule_container(config, "gather_expand")
+        resources:
+            **mcfg.rule_resources(config, "gather_expand"),
         shell:
-            "{MOELANG} expand-gather --runs {input:q} --out {output:q} 2>&1 | tee {log:q}"
+            "python -m moelang expand-gather --runs {input:q} --out {output:q} 2>&1 | tee {log:q}"

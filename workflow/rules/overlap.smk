@@ -2,19 +2,19 @@
 
 
 rule overlap:
-    resources:
-        **mcfg.rule_resources(config, "overlap"),
-    container:
-        mcfg.rule_container(config, "overlap")
     input:
         lambda w: expand("results/tokens/{lang}.freq.parquet", lang=kept_languages()),
     output:
         table="results/overlap/overlap.parquet",
         plot="results/overlap/overlap.png",
-    params:
-        min_count=config["overlap"]["min_count"],
     log:
         "results/logs/overlap.log",
+    container:
+        mcfg.rule_container(config, "overlap")
+    resources:
+        **mcfg.rule_resources(config, "overlap"),
+    params:
+        min_count=config["overlap"]["min_count"],
     shell:
-        "{MOELANG} overlap --freq {input:q} --min-count {params.min_count}"
+        "python -m moelang overlap --freq {input:q} --min-count {params.min_count}"
         " --out {output.table:q} --plot {output.plot:q} 2>&1 | tee {log:q}"

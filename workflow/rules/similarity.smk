@@ -1,22 +1,12 @@
 # Stage: layer similarity and LayerMoE expert allocation. See src/moelang/similarity.py and allocation.py.
 
-import shlex
-
 SIMILARITY_MODEL = mcfg.similarity_model(config)
 SIMILARITY_METHOD = config["similarity"]["method"]
-
-
-def similarity_parallel_input(wildcards):
-    return ["results/corpus/parallel.parquet"] if wildcards.method == "parallel" else []
 
 
 # One table per (profiled model, method): the allocation reads the configured pair, and any other
 # can be asked for by name (e.g. `snakemake results/similarity/cpt-step0.parallel.parquet`).
 rule layer_similarity:
-    resources:
-        **mcfg.rule_resources(config, "layer_similarity"),
-    container:
-        mcfg.rule_container(config, "layer_similarity")
     input:
         model=profiled_model_input,
         tokens=kept_tokens,
@@ -24,28 +14,28 @@ rule layer_similarity:
     output:
         table="results/similarity/{model}.{method}.parquet",
         plot="results/similarity/{model}.{method}.png",
+    log:
+        "results/logs/similarity/{model}.{method}.log",
     wildcard_constraints:
         model="|".join(map(re.escape, PROFILED)),
         method="tokens|parallel",
-    params:
-        options=lambda w: mcfg.to_json(mcfg.similarity_options(config, w.model, w.method)),
-        parallel=lambda w, input: f"--parallel {shlex.quote(input.parallel[0])}" if input.parallel else "",
     # ahead of the evaluation jobs when both are ready, so that a similarity or allocation problem
     # shows before the long evaluation rather than after it
     priority: 10
+    container:
+        mcfg.rule_container(config, "layer_similarity")
     threads: 2
-    log:
-        "results/logs/similarity/{model}.{method}.log",
+    resources:
+        **mcfg.rule_resources(config, "layer_similarity"),
+    params:
+        options=lambda w: mcfg.to_json(mcfg.similarity_options(config, w.model, w.method)),
+        parallel=lambda w, input: quoted_option("--parallel", input.parallel),
     shell:
-        "OMP_NUM_THREADS={threads} {MOELANG} similarity --options {params.options:q} --tokens {input.tokens:q}"
+        "OMP_NUM_THREADS={threads} python -m moelang similarity --options {params.options:q} --tokens {input.tokens:q}"
         " {params.parallel} --out {output.table:q} --plot {output.plot:q} 2>&1 | tee {log:q}"
 
 
 rule allocate_experts:
-    resources:
-        **mcfg.rule_resources(config, "allocate_experts"),
-    container:
-        mcfg.rule_container(config, "allocate_experts")
     input:
         similarity=f"results/similarity/{SIMILARITY_MODEL}.{SIMILARITY_METHOD}.parquet",
         # the routing plan's specialisation scores (none without the routing stage: no routing plan)
@@ -55,13 +45,17 @@ rule allocate_experts:
         plan="results/allocation/plan.json",
         table="results/allocation/plan.parquet",
         plot="results/allocation/plan.png",
-    params:
-        options=lambda w: mcfg.to_json(mcfg.allocation_options(config, kept_languages())),
-        specialization=lambda w, input: (f"--specialization {shlex.quote(input.specialization[0])}"
-                                         if input.specialization else ""),
-    priority: 10
     log:
         "results/logs/allocation.log",
+    priority: 10
+    container:
+        mcfg.rule_container(config, "allocate_experts")
+    resources:
+        **mcfg.rule_resources(config, "allocate_experts"),
+    params:
+        options=lambda w: mcfg.to_json(mcfg.allocation_options(config, kept_languages())),
+        specialization=lambda w, input: quoted_option("--specialization", input.specialization),
+        out=lambda w, output: os.path.dirname(output.plan),
     shell:
-        "{MOELANG} allocate --options {params.options:q} --similarity {input.similarity:q}"
-        " {params.specialization} --out results/allocation 2>&1 | tee {log:q}"
+        "python -m moelang allocate --options {params.options:q} --similarity {input.similarity:q}"
+        " {params.specialization} --out {params.out:q} 2>&1 | tee {log:q}"

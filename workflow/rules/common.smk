@@ -1,0 +1,141 @@
+# The helper functions that the Snakefile and the rule files share (the Snakemake catalog's layout).
+# The rule files hold rules and the constants their rules need, and this file (included first) holds
+# functions and no rule (`snakemake --lint` wants the two apart). A helper that reads a constant of a
+# rule file (ADAPT_TARGETS, PROFILED, ...) reads it when it is called, after every file is included.
+import json
+import shlex
+
+from moelang.adapt import lr_name
+
+
+def requested_workflow_profile(argv):
+    """The value of --workflow-profile on Snakemake's command line, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--workflow-profile" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--workflow-profile="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def quoted_option(flag, paths):
+    """``flag PATH`` for an optional input (an empty list: nothing), quoted for the shell."""
+    return f"{flag} {shlex.quote(paths[0])}" if paths else ""
+
+
+# --- languages and tokens ----------------------------------------------------------------------
+
+
+def kept_languages(wildcards=None):
+    """Languages whose corpus is big enough (decided by the corpus_summary checkpoint)."""
+    with open(checkpoints.corpus_summary.get().output.languages, encoding="utf-8") as f:
+        return json.load(f)["kept"]
+
+
+def kept_tokens(wildcards=None):
+    return expand("results/tokens/{lang}.parquet", lang=kept_languages())
+
+
+def tokenizer_inputs(wildcards):
+    # A trained BPE reads the kept languages' corpora; a pretrained tokenizer reads nothing local.
+    if config["tokenizer"]["type"] == "train":
+        return expand("results/corpus/{lang}.parquet", lang=kept_languages())
+    return []
+
+
+# --- the base model and its continual pre-training ---------------------------------------------
+
+
+def kept_high_resource_tokens(wildcards):
+    langs = [lang for lang in kept_languages() if lang in config["languages"]["high_resource"]]
+    return expand("results/tokens/{lang}.parquet", lang=langs)
+
+
+def base_language_tokens(wildcards):
+    if BASE_LANGUAGE not in kept_languages():
+        raise WorkflowError(
+            f"moelang: the base language '{BASE_LANGUAGE}' was dropped by the corpus stage "
+            f"(see results/corpus/languages.json); give it more text or change languages.base"
+        )
+    return f"results/tokens/{BASE_LANGUAGE}.parquet"
+
+
+def model_targets():
+    targets = ["results/models/base"] if BASE_MODEL["type"] == "train" else []
+    if config["model"]["cpt"]["enabled"]:
+        targets += [f"results/models/cpt/step-{step}" for step in CPT_STEPS]
+        targets += ["results/models/cpt/train_log.parquet"]
+    return targets
+
+
+# --- routing and similarity ---------------------------------------------------------------------
+
+
+def profiled_model_input(wildcards):
+    return model_registry.workflow_inputs(PROFILED[wildcards.model])
+
+
+def routing_profiles(wildcards, input):
+    """Every kept language's profile file in each profile directory of ``input.profiles``."""
+    return [f"{directory}/{lang}.parquet" for directory in input.profiles for lang in kept_languages()]
+
+
+def similarity_parallel_input(wildcards):
+    return ["results/corpus/parallel.parquet"] if wildcards.method == "parallel" else []
+
+
+# --- adaptation I: final-layer expert fine-tuning ------------------------------------------------
+
+
+def adapted_targets(wildcards=None):
+    """The targets adapted in this run: adapt.targets that the corpus stage kept."""
+    kept = set(kept_languages())
+    return [lang for lang in ADAPT_TARGETS if lang in kept]
+
+
+def adapt_run_dirs(lang, methods):
+    return [f"results/adapt/{lang}/{method}/{lr_name(lr)}" for method in methods for lr in ADAPT_LRS]
+
+
+# --- adaptation II: LayerMoE expansion ------------------------------------------------------------
+
+
+def expand_options(wildcards):
+    return mcfg.to_json(mcfg.expand_options(config, wildcards.variant, kept_languages()))
+
+
+def expand_languages(side):
+    """The allocation's old or new languages that the corpus stage kept (the variants' ``old``/``new``)."""
+    allocation = mcfg.allocation_options(config, kept_languages())
+    return list(allocation.old if side == "old" else allocation.new)
+
+
+def expand_profile(wildcards=None):
+    """The start model's routing profile, when it is profiled and the new experts copy its most-used ones."""
+    if config["routing"]["enabled"] and EXPAND_START.profiled and config["expand"]["init"] == "most_used":
+        return [f"results/routing/{EXPAND_START.name}"]
+    return []
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+def evaluated_model_input(wildcards):
+    return model_registry.workflow_inputs(EVALUATED[wildcards.model])
+
+
+def evaluated_names(wildcards=None):
+    """The evaluated models of this run: an adapted model only when the corpus kept its target."""
+    kept = set(kept_languages())
+    return [name for name, entry in EVALUATED.items() if entry.target is None or entry.target in kept]
+
+
+def eval_outputs(wildcards=None):
+    return [f"results/eval/{name}/{output}" for name in evaluated_names() for output in EVAL_MODEL_OUTPUTS]
+
+
+def eval_summary_options(wildcards, input):
+    """The summary's options, from its inputs: they are known once the corpus checkpoint has decided
+    the kept languages."""
+    summarised = [n for n in EVALUATED if any(f.startswith(f"results/eval/{n}/") for f in input.results)]
+    return mcfg.to_json(mcfg.eval_summary_options(config, EVAL_FAMILIES, summarised, kept_languages()))
