@@ -773,24 +773,29 @@ def adaptation_markdown(adaptation: pl.DataFrame, evaluated: list[str]) -> list[
                                   for f, m in columns) + " |",
              "|---|---|---|---|---:|" + "---:|" * (2 * len(columns))]
 
-    def cell(value, metric):
-        if value is None or np.isnan(value):
-            return "-"
-        return f"x{value:.3g}" if metric == "perplexity" else f"{value:+.3f}"
-
     for (target, model), part in adaptation.group_by(["target", "model"], maintain_order=True):
         by = {(r["family"], r["metric"]): r for r in part.iter_rows(named=True)}
         first = part.row(0, named=True)
         fraction = first["trainable_fraction"]
         lines.append(f"| {target} | {first['method']} | {model} | {first['start'] or '-'} | "
                      f"{f'{fraction:.3g}' if fraction is not None else '-'} | "
-                     + " | ".join(cell(by[c]["target_gain"] if c in by else None, c[1]) for c in columns) + " | "
-                     + " | ".join(cell(by[c]["hr_change"] if c in by else None, c[1]) for c in columns) + " |")
-    missing = sorted({s or "(none)" for s in adaptation["start"].to_list() if s not in evaluated})
-    lines.append("")
-    if missing:
-        lines += [f"No comparison where the start model was not evaluated: {', '.join(missing)}.", ""]
-    return lines
+                     + " | ".join(_comparison_cell(by[c]["target_gain"] if c in by else None, c[1]) for c in columns) + " | "
+                     + " | ".join(_comparison_cell(by[c]["hr_change"] if c in by else None, c[1]) for c in columns) + " |")
+    return lines + _unevaluated_starts(adaptation, evaluated)
+
+
+def _comparison_cell(value, metric: str) -> str:
+    """A summary cell of a comparison against a start model: a perplexity ratio or a score difference."""
+    if value is None or np.isnan(value):
+        return "-"
+    return f"x{value:.3g}" if metric == "perplexity" else f"{value:+.3f}"
+
+
+def _unevaluated_starts(table: pl.DataFrame, evaluated) -> list[str]:
+    """The closing lines of a comparison section: the start models that were not evaluated, if any."""
+    missing = sorted({s or "(none)" for s in table["start"].to_list() if s not in evaluated})
+    return [""] + ([f"No comparison where the start model was not evaluated: {', '.join(missing)}.", ""]
+                   if missing else [])
 
 
 def _headline_scores(table: pl.DataFrame, tasks: dict) -> dict[tuple[str, str, str], dict[str, float]]:
@@ -871,11 +876,6 @@ def expansion_markdown(expansion: pl.DataFrame, evaluated: list[str], old: list[
                                   for f, m in columns) + " |",
              "|---|---|---|---:|---:|" + "---:|" * (2 * len(columns))]
 
-    def cell(value, metric):
-        if value is None or np.isnan(value):
-            return "-"
-        return f"x{value:.3g}" if metric == "perplexity" else f"{value:+.3f}"
-
     def fraction(value):
         return f"{value:.3g}" if value is not None and not np.isnan(value) else "-"
 
@@ -885,13 +885,9 @@ def expansion_markdown(expansion: pl.DataFrame, evaluated: list[str], old: list[
         experts = first["new_experts"]
         lines.append(f"| {variant} | {model} | {first['start'] or '-'} | {experts if experts is not None else '-'} | "
                      f"{fraction(first['stage1_trainable_fraction'])} / {fraction(first['stage2_trainable_fraction'])} | "
-                     + " | ".join(cell(by[c]["new_gain"] if c in by else None, c[1]) for c in columns) + " | "
-                     + " | ".join(cell(by[c]["old_change"] if c in by else None, c[1]) for c in columns) + " |")
-    missing = sorted({s or "(none)" for s in expansion["start"].to_list() if s not in evaluated})
-    lines.append("")
-    if missing:
-        lines += [f"No comparison where the start model was not evaluated: {', '.join(missing)}.", ""]
-    return lines
+                     + " | ".join(_comparison_cell(by[c]["new_gain"] if c in by else None, c[1]) for c in columns) + " | "
+                     + " | ".join(_comparison_cell(by[c]["old_change"] if c in by else None, c[1]) for c in columns) + " |")
+    return lines + _unevaluated_starts(expansion, evaluated)
 
 
 def summarize(eval_dir: str | Path, models: dict[str, dict], task_dir: str | Path, families: list[str],
