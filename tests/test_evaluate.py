@@ -629,3 +629,21 @@ def test_docs_list_the_expansion_table_columns_with_their_types():
                                                                        if line.startswith("| `"))}
     names = {pl.String: "string", pl.Float64: "float64", pl.Int64: "int64"}
     assert documented == {column: names[dtype] for column, dtype in ev.EXPANSION_SCHEMA.items()}
+
+
+def test_harness_bars_are_log_lines_off_a_terminal_and_restored_after(monkeypatch):
+    """lm-eval passes disable=False to its bars (so TQDM_DISABLE does not reach them): in a log file
+    each redraw was a line of carriage returns; under harness_progress they are moelang's log lines."""
+    import lm_eval.api.model
+    import lm_eval.models.huggingface
+
+    from moelang import io
+    from moelang.evaluate import harness_progress
+
+    monkeypatch.setattr(io, "_stderr_is_terminal", lambda: False)
+    original = lm_eval.models.huggingface.tqdm
+    with harness_progress():
+        bar = lm_eval.models.huggingface.tqdm(range(5), disable=False, desc="Running loglikelihood requests")
+        assert isinstance(bar, io.LogProgress) and bar.total == 5 and list(bar) == list(range(5))
+        assert isinstance(lm_eval.api.model.tqdm(total=3, disable=False), io.LogProgress)
+    assert lm_eval.models.huggingface.tqdm is original

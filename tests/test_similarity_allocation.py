@@ -171,6 +171,21 @@ def test_budget_search_meets_the_total_and_baselines_share_it():
     assert list(al.uniform(4, 10)) == [2, 3, 2, 3]
 
 
+def test_uniform_per_layer_is_moe_lprs_own_budget_and_the_other_baselines_keep_layermoes(tmp_path):
+    result = al.allocate(three_layers(), OLD, NEW, new_experts=9, uniform_per_layer=5)
+    assert list(result.plans["uniform"].new) == [5, 5, 5]  # 15 new experts against LayerMoE's 9
+    assert list(result.plans["uniform"].experts) == [6, 6, 6]  # a dense base: the original FFN counts
+    assert sum(result.plans["layermoe"].new) == sum(result.plans["mola"].new) == result.total == 9
+    # with a delta budget whose LayerMoE plan fails, the uniform plan still has its own budget
+    failed = al.allocate(cross_script(), OLD, NEW, delta=10, nonpositive="error", uniform_per_layer=2)
+    assert list(failed.plans) == ["uniform"] and list(failed.plans["uniform"].new) == [2, 2, 2]
+    three_layers().write_parquet(tmp_path / "sim.parquet")
+    assert allocate_cli("--similarity", tmp_path / "sim.parquet", "--old", "en,es", "--new", "el,hu", "--new-experts", 9,
+                        "--uniform-per-layer", 4, "--out", tmp_path / "plan") == 0
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert plan["uniform"]["new_experts_per_layer"] == [4, 4, 4]
+
+
 def test_moe_base_counts_only_new_experts_and_routing_variant():
     spec = {0: 0.1, 1: 0.1, 2: 0.6}
     plans = al.allocate(three_layers(), OLD, NEW, new_experts=8, existing=64, counts_existing=False,

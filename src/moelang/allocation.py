@@ -25,7 +25,9 @@ From the similarity table of one model (:mod:`moelang.similarity`):
   that receive the method's smallest count).
 
 Baselines with the same total of new experts: ``uniform`` (MoE-LPR: the same number in every layer,
-a remainder spread evenly over depth); ``mola`` (MoLA's step shape: 2, 4, 6, 8 experts in the first,
+a remainder spread evenly over depth; or, with ``uniform_per_layer``, MoE-LPR's own budget of that many
+new experts in every layer, as the LayerMoE paper compares with: 5 per layer, 120 new experts, against
+LayerMoE's 48 on Qwen1.5-1.8B); ``mola`` (MoLA's step shape: 2, 4, 6, 8 experts in the first,
 second, third and last quarter of depth, layer i in quarter ``floor(4 i / n)``, scaled to the total by
 largest remainders, ties to the earlier layer, and a layer left at 0 raised to 1 by taking one from
 the largest count, the earliest on ties); and ``increasing`` (ours, kept for older plans: proportional
@@ -357,7 +359,7 @@ def allocate(similarity: pl.DataFrame, old: list[str], new: list[str], *, delta:
              new_experts: int | None = None, existing: int | Mapping[int, int] = 1, counts_existing: bool = True,
              classifier: int | list[int] | None = None, specialization: dict[int, float] | None = None,
              routing_weight: float = 1.0, nonpositive: str = "shift",
-             no_specialization: str = NO_SPECIALIZATION) -> Allocation:
+             no_specialization: str = NO_SPECIALIZATION, uniform_per_layer: int | None = None) -> Allocation:
     """Every allocation method for one similarity table (see the module docstring). Problems of the
     input as a whole raise; a method that cannot be computed is recorded in ``failed``."""
     if (delta is None) == (new_experts is None):
@@ -442,13 +444,16 @@ def allocate(similarity: pl.DataFrame, old: list[str], new: list[str], *, delta:
     attempt("layermoe", layermoe)
     # the baselines share LayerMoE's total (comparable plans); without it, the asked-for total
     result.total = int(result.plans["layermoe"].new.sum()) if "layermoe" in result.plans else new_experts
+    if uniform_per_layer is not None:  # MoE-LPR's own budget: the same count in every layer, whatever the total
+        attempt("uniform", lambda: plan("uniform", np.full(n, uniform_per_layer, dtype=np.int64)))
     if result.total is None:
-        for name in METHODS[1:]:
+        for name in METHODS[1 + (uniform_per_layer is not None):]:
             result.failed[name] = ("the budget is allocation.delta, whose total of new experts comes from the layermoe "
                                    "plan, which failed; give allocation.new_experts (--new-experts) instead")
             log.warning("allocation: no %s plan: %s", name, result.failed[name])
     else:
-        attempt("uniform", lambda: plan("uniform", uniform(n, result.total)))
+        if uniform_per_layer is None:
+            attempt("uniform", lambda: plan("uniform", uniform(n, result.total)))
         attempt("mola", lambda: plan("mola", scale_shape(mola_shape(n), result.total)))
         attempt("increasing", lambda: plan("increasing", spread(np.arange(1, n + 1), result.total)))
         attempt("routing", lambda: routing(result.total))
@@ -562,7 +567,8 @@ def run_allocation(similarity_path: str | Path, options: AllocationOptions | dic
                       new_experts=options.new_experts, existing=existing, counts_existing=counts_existing,
                       classifier=options.classifier_layers, specialization=specialization,
                       routing_weight=float(options.routing_weight), nonpositive=nonpositive,
-                      no_specialization=no_specialization or NO_SPECIALIZATION)
+                      no_specialization=no_specialization or NO_SPECIALIZATION,
+                      uniform_per_layer=options.uniform_per_layer)
     meta = {"old": list(options.old), "new": list(options.new),
             "existing_experts_per_layer": [existing[layer] for layer in result.layers], "counts_existing": counts_existing,
             "nonpositive": nonpositive, "similarity": str(similarity_path),

@@ -213,7 +213,8 @@ def _codes(text: str | None, what: str) -> list[str] | None:
 ALLOCATE_FLAGS = {"old": "--old", "new": "--new", "delta": "--delta", "new_experts": "--new-experts",
                   "existing": "--existing", "counts_existing": "--new-only/--counts-existing",
                   "classifier_layers": "--classifier-layers", "routing_weight": "--routing-weight",
-                  "nonpositive": "--nonpositive", "checkpoint_step": "--checkpoint-step"}
+                  "nonpositive": "--nonpositive", "checkpoint_step": "--checkpoint-step",
+                  "uniform_per_layer": "--uniform-per-layer"}
 
 
 def _classifier_layers(text: str) -> int | list[int]:
@@ -359,6 +360,26 @@ def cmd_eval_summary(args) -> None:
     summarize(args.eval_dir, {name: options.models[name] for name in options.order}, args.tasks, options.families, options.high_resource,
               options.targets, options.base_model, expand_old=options.expand_old, expand_new=options.expand_new,
               expand_runs=options.expand_runs)
+
+
+def cmd_report(args) -> None:
+    from moelang.report import ReportInputs, build_report
+
+    options = _options(args, opts.ReportOptions, cfg.report_options)
+    optional = lambda value: None if value is None else Path(value)  # noqa: E731
+    inputs = ReportInputs(corpus_summary=Path(args.corpus_summary), token_files=[Path(p) for p in args.tokens],
+                          overlap=Path(args.overlap), similarity=Path(args.similarity), plan=Path(args.plan),
+                          results=Path(args.results), tasks=Path(args.tasks), routing_metrics=optional(args.routing_metrics),
+                          selected_experts=optional(args.selected_experts), adaptation=optional(args.adaptation),
+                          adapt_runs=optional(args.adapt_runs), expansion=optional(args.expansion),
+                          expand_runs=optional(args.expand_runs))
+    build_report(inputs, options, args.out, args.figures)
+
+
+def cmd_report_figures(args) -> None:
+    from moelang.report import export_figures
+
+    export_figures(args.figures, args.out, args.max_width)
 
 
 def cmd_options(args) -> None:
@@ -549,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what layer scores S_i <= 0 become (allocation.nonpositive; default shift)")
     p.add_argument("--checkpoint-step", type=int, default=None,
                    help="the similarity model's checkpoint in the specialisation table (when it has several)")
+    p.add_argument("--uniform-per-layer", type=int, default=None,
+                   help="the uniform plan's new experts in every layer (MoE-LPR's own budget; default: LayerMoE's "
+                        "total spread evenly)")
     p.add_argument("--out", required=True, help="directory receiving plan.json, plan.parquet, plan.png")
     p.set_defaults(func=cmd_allocate)
 
@@ -573,6 +597,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-dir", required=True)
     p.add_argument("--tasks", required=True)
     p.set_defaults(func=cmd_eval_summary)
+
+    p = sub.add_parser("report", help="the run's report: report.md, its figures and the findings checked by numbers")
+    _add_option_source(p)
+    p.add_argument("--corpus-summary", required=True, help="results/corpus/summary.parquet")
+    p.add_argument("--tokens", nargs="+", required=True, help="results/tokens/<lang>.parquet of the kept languages")
+    p.add_argument("--overlap", required=True, help="results/overlap/overlap.parquet")
+    p.add_argument("--similarity", required=True, help="results/similarity/<model>.<method>.parquet")
+    p.add_argument("--plan", required=True, help="results/allocation/plan.parquet")
+    p.add_argument("--results", required=True, help="results/eval/results.parquet")
+    p.add_argument("--tasks", required=True, help="results/eval/tasks (its tasks.json names each task's family)")
+    p.add_argument("--routing-metrics", help="results/routing/metrics (without: no routing sections)")
+    p.add_argument("--selected-experts", help="results/routing/selected_experts.json")
+    p.add_argument("--adaptation", help="results/eval/adaptation.parquet (without: no adaptation section)")
+    p.add_argument("--adapt-runs", help="results/adapt/runs.parquet")
+    p.add_argument("--expansion", help="results/eval/expansion.parquet (without: no expansion section)")
+    p.add_argument("--expand-runs", help="results/expand/runs.parquet")
+    p.add_argument("--out", required=True, help="the report's Markdown file, e.g. results/report.md")
+    p.add_argument("--figures", required=True, help="directory of its figures, findings.parquet and summary.html")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("report-figures", help="small copies of a run's report figures (the README's docs/figures)")
+    p.add_argument("--figures", default="results/report", help="the report's figure directory (default results/report)")
+    p.add_argument("--out", default="docs/figures", help="where the copies go (default docs/figures)")
+    p.add_argument("--max-width", type=int, default=1000, help="largest width in pixels (default 1000)")
+    p.set_defaults(func=cmd_report_figures)
 
     p = sub.add_parser("options", help="describe a stage's options: fields, types, defaults, what each does")
     p.add_argument("stage", nargs="?", choices=sorted(opts.STAGE_OPTIONS), help="subcommand (default: all)")

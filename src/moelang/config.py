@@ -795,6 +795,14 @@ def eval_summary_options(config: dict, families: list[str], names: list[str] | N
         expand_runs="results/expand/runs.parquet" if expanding else None)
 
 
+def report_options(config: dict) -> opts.ReportOptions:
+    """The report's thresholds and the languages it names."""
+    langs = config["languages"]
+    return opts.ReportOptions(**config["report"], languages=all_languages(config),
+                              high_resource=list(langs["high_resource"]), targets=dict(langs["targets"]),
+                              base_language=langs["base"], final_layers=int(config["routing"]["final_layers"]))
+
+
 # Sensible SLURM resources per rule (overridden by the config's `resources` section): data stages
 # on CPUs, model stages on one GPU, continual pre-training on a whole node's GPUs. The GPU counts
 # apply only with `resources.gpus: true` (config/README.md documents this table).
@@ -827,6 +835,7 @@ STAGE_RESOURCES: dict[str, dict] = {
     "eval_tasks": {"runtime": 30, "mem_mb": 8000},
     "evaluate": {"runtime": 720, "mem_mb": 64000, "gpu": 1},
     "eval_summary": {"runtime": 10, "mem_mb": 4000},
+    "report": {"runtime": 15, "mem_mb": 8000},
 }
 RESOURCE_KEYS = ("slurm_partition", "slurm_account", "runtime", "mem_mb", "cpus_per_task", "gpu", "slurm_extra")
 
@@ -864,6 +873,7 @@ RULE_CONTAINER_FAMILY: dict[str, str] = {
     "eval_tasks": "eval",
     "evaluate": "eval",
     "eval_summary": "eval",
+    "report": "eval",
 }
 
 

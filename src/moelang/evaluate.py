@@ -385,6 +385,32 @@ def templates_compiled_once():
         utils.apply_template = original
 
 
+# The harness modules that draw tqdm bars over requests and documents.
+HARNESS_BAR_MODULES = ("lm_eval.models.huggingface", "lm_eval.api.model", "lm_eval.api.task")
+
+
+@contextlib.contextmanager
+def harness_progress():
+    """The harness's bars as the stages' own (:func:`moelang.io.progress`): a bar on a terminal, log
+    lines every few percent in a log file. The harness passes ``disable=False`` to its bars itself,
+    which overrides ``TQDM_DISABLE``, so in a log file each redraw was a line of carriage returns."""
+    import importlib
+
+    modules = [importlib.import_module(name) for name in HARNESS_BAR_MODULES]
+    saved = [module.tqdm for module in modules]
+
+    def bar(iterable=None, *args, **kwargs):
+        return progress(iterable, **kwargs)
+
+    for module in modules:
+        module.tqdm = bar
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved):
+            module.tqdm = original
+
+
 def _request_lengths(lm, task) -> dict[int, int]:
     """doc id -> tokens of its longest request (context + continuation), encoded as the harness
     encodes them (an empty context is the prefix token)."""
@@ -475,7 +501,7 @@ def run_harness(model, tokenizer, task_names: list[str], task_dir: str | Path, n
     # tasks include their shipped template by path, so the index is built only for a task that is
     # the harness's own by name (a real task read from the hub).
     shipped = [n for n in task_names if not (yaml_dir / f"{n}.yaml").is_file()]
-    with repeated_warnings(), templates_compiled_once():
+    with repeated_warnings(), templates_compiled_once(), harness_progress():
         manager = TaskManager(include_path=str(yaml_dir), include_defaults=bool(shipped))
         # every model here is a causal LM; said explicitly because lm-eval guesses the backend from a
         # static list of model types, which the expanded (layermoe_*) types are not on

@@ -489,6 +489,9 @@ class AllocationOptions(StageOptions):
     """Weight of the routing plan's specialisation term."""
     nonpositive: str = "shift"
     """Layer scores <= 0: ``shift``, ``clip`` or ``error``."""
+    uniform_per_layer: int | None = None
+    """The ``uniform`` plan's new experts in every layer (MoE-LPR's own budget, the LayerMoE paper's
+    baseline); None: LayerMoE's total spread evenly (a comparison at equal budget)."""
     model: str | None = None
     """The similarity table's model (chooses the specialisation rows)."""
     checkpoint_step: int | None = None
@@ -665,6 +668,36 @@ class EvalSummaryOptions(StageOptions):
     """``results/expand/runs.parquet`` (new experts, trainable fractions) when the expansion runs, else None."""
 
 
+@dataclass(frozen=True)
+class ReportOptions(StageOptions):
+    """The report of a run and its findings (``moelang report``)."""
+
+    SECTION: ClassVar[str] = "report"
+    DERIVED: ClassVar[frozenset[str]] = frozenset({"languages", "high_resource", "targets", "base_language",
+                                                   "final_layers"})
+
+    ppl_tolerance: float = 0.02
+    """Finding 4: LayerMoE's new-language perplexity counts as equal to the uniform plan's when it is at
+    most this much higher (relative)."""
+    ssft_max_fraction: float = 0.02
+    """Finding 3: the share of the reference model's parameters SSFT must stay under (the paper's ~2%)."""
+    ssft_min_gain_share: float = 0.9
+    """Finding 3: the share of AEFT's target gain (log perplexity) SSFT must recover."""
+    reference_model: str = "allenai/OLMoE-1B-7B-0924"
+    """Finding 3: the model whose config SSFT's trainable fraction is counted on (meta device, no
+    weights; offline, moelang's copy of its config)."""
+    languages: list[str] = field(default_factory=list)
+    """Every configured language, in config order."""
+    high_resource: list[str] = field(default_factory=list)
+    """``languages.high_resource``."""
+    targets: dict[str, str] = field(default_factory=dict)
+    """Target -> parent (``languages.targets``)."""
+    base_language: str = "en"
+    """The base model's language (``languages.base``)."""
+    final_layers: int = 2
+    """``routing.final_layers``: the adapted layers, finding 1's final layers."""
+
+
 STAGE_OPTIONS: dict[str, type[StageOptions]] = {
     "corpus": CorpusOptions,
     "parallel": ParallelOptions,
@@ -679,5 +712,6 @@ STAGE_OPTIONS: dict[str, type[StageOptions]] = {
     "expand": ExpandOptions,
     "evaluate": EvaluationOptions,
     "eval-summary": EvalSummaryOptions,
+    "report": ReportOptions,
 }
 """Subcommand -> its options class (``moelang options SUBCOMMAND`` describes one)."""

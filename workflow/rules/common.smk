@@ -139,3 +139,30 @@ def eval_summary_options(wildcards, input):
     the kept languages."""
     summarised = [n for n in EVALUATED if any(f.startswith(f"results/eval/{n}/") for f in input.results)]
     return mcfg.to_json(mcfg.eval_summary_options(config, EVAL_FAMILIES, summarised, kept_languages()))
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def report_figure_outputs():
+    """The report's figures as named outputs, each an item of Snakemake's HTML report with its
+    caption (workflow/report/<name>.rst) and section; which figures depends on the stages the config runs."""
+    from moelang.report import report_figures
+
+    figures = report_figures(config["routing"]["enabled"], bool(ADAPT_TARGETS), bool(EXPAND_VARIANTS))
+    return {
+        figure.name: report(
+            f"results/report/{figure.name}.png",
+            caption=f"../report/{figure.name}.rst",
+            category=figure.section,
+        )
+        for figure in figures
+    }
+
+
+def report_stage_options(wildcards, input):
+    """The report's flags for the inputs of stages a config may turn off, quoted for the shell."""
+    flags = [quoted_option("--routing-metrics", [os.path.dirname(p) for p in input.routing_metrics][:1])]
+    names = ("selected_experts", "adaptation", "adapt_runs", "expansion", "expand_runs")
+    flags += [quoted_option(f"--{name.replace('_', '-')}", getattr(input, name)) for name in names]
+    return " ".join(flag for flag in flags if flag)

@@ -1,0 +1,974 @@
+"""Stage report: one readable account of a run, with both papers' findings checked by its numbers.
+
+``moelang report`` (rule ``report``, part of ``rule all``) reads the tables the stages wrote and writes
+
+* ``results/report.md``: the run in words, tables and figures (links to ``report/*.png``), findings first;
+* ``results/report/*.png``: its figures (:data:`FIGURES`: name, section, what it shows), each with a
+  title, labelled axes with units, a legend and the languages named;
+* ``results/report/summary.html``: the findings and tables of ``report.md`` as one HTML page (the
+  Snakemake HTML report, ``snakemake --report results/report.html``, shows it beside the figures);
+* ``results/report/findings.parquet``: one row per finding (:data:`FINDINGS_SCHEMA`).
+
+Findings
+--------
+Each finding is computed from the run, never written by hand: a sentence with the numbers behind it
+and a status, ``pass``, ``fail`` or ``not computed`` (the stage it needs did not run, e.g. adaptation
+off). A tiny CPU run may fail some; the report says so plainly and shows the numbers either way.
+
+1. *After continual pre-training the final layers are more language-specialised than the early and
+   middle ones* (routing paper): at the last CPT checkpoint, the mean specialisation score
+   I(L;E)/H(L) of the final ``routing.final_layers`` MoE layers is above the mean of the other MoE
+   layers. The base model's scores are shown beside them.
+2. *Routing divergence correlates negatively with vocabulary overlap*: at the last checkpoint and the
+   layer of ``jsd_overlap.parquet``, the Pearson r between pairwise routing JSD and Jaccard token
+   overlap over the authors' pairs (HR-HR and HR-LR; all pairs when there are no targets) is negative
+   with p < 0.05.
+3. *SSFT trains under 2 % of the parameters on the real OLMoE-1B-7B config and recovers at least 90 %
+   of AEFT's target-language gain*: (a) the run's SSFT expert sets, as a share of each final layer's
+   experts, put on the final layers of ``report.reference_model``'s config (OLMoE-1B-7B, built on the
+   meta device: no weights) with those layers' routers, counted by the adaptation stage's own method
+   (:class:`~moelang.models.methods.ExpertSubset`); the largest fraction over the targets is below
+   ``report.ssft_max_fraction``; (b) per adapted target, SSFT's held-out perplexity gain as a share of
+   AEFT's, in log perplexity (``log(ssft / start) / log(aeft / start)``), averaged over the targets, is
+   at least ``report.ssft_min_gain_share``.
+4. *LayerMoE's allocation uses fewer new experts than the uniform one for equal or better new-language
+   perplexity, and the classifier reduces forgetting on the old languages*: the variant with the
+   ``layermoe`` plan and a classifier has fewer new experts than the ``uniform`` plan's variant and a
+   new-language perplexity (geometric mean) at most ``1 + report.ppl_tolerance`` times it; and its
+   old-language perplexity change is below that of the ``layermoe`` plan without a classifier.
+
+``findings.parquet``
+
+| column | type | meaning |
+|---|---|---|
+| ``finding`` | int64 | 1 to 4, as above |
+| ``claim`` | string | the papers' claim |
+| ``status`` | string | ``pass``, ``fail`` or ``not computed`` |
+| ``statement`` | string | the sentence of the report, with its numbers |
+| ``evidence`` | string | the numbers as a JSON object |
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from moelang.errors import MoelangError
+from moelang.io import atomic_path, log, save_figure
+from moelang.options import ReportOptions
+
+FINDINGS_SCHEMA = {"finding": pl.Int64, "claim": pl.String, "status": pl.String, "statement": pl.String,
+                   "evidence": pl.String}
+PASS, FAIL, NOT_COMPUTED = "pass", "fail", "not computed"
+MARK = {PASS: "PASS", FAIL: "FAIL", NOT_COMPUTED: "not computed"}
+CLAIMS = {
+    1: "After continual pre-training the final layers are more language-specialised than the early and middle ones.",
+    2: "Routing divergence correlates negatively with vocabulary overlap.",
+    3: "SSFT trains under 2% of the parameters on the real OLMoE-1B-7B config and recovers at least 90% of "
+       "AEFT's target-language gain.",
+    4: "LayerMoE's allocation uses fewer new experts than the uniform one for equal or better new-language "
+       "perplexity, and the router classifier reduces forgetting on the old languages.",
+}
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of the report: its file (``results/report/<name>.png``), the report section it
+    belongs to (the Snakemake report's category) and which stage must have run."""
+
+    name: str
+    section: str
+    needs: str  # "always", "routing", "adapt" or "expand"
+
+
+FIGURES = (
+    Figure("corpus", "1. Data", "always"),
+    Figure("overlap", "1. Data", "always"),
+    Figure("routing_entropy", "2. Routing dynamics", "routing"),
+    Figure("routing_jsd", "2. Routing dynamics", "routing"),
+    Figure("routing_specialization", "2. Routing dynamics", "routing"),
+    Figure("routing_jsd_heatmap", "2. Routing dynamics", "routing"),
+    Figure("routing_jsd_overlap", "2. Routing dynamics", "routing"),
+    Figure("experts", "3. Experts chosen", "routing"),
+    Figure("similarity", "4. Similarity and allocation", "always"),
+    Figure("allocation", "4. Similarity and allocation", "always"),
+    Figure("evaluation", "5. Results", "always"),
+    Figure("adaptation", "5. Results", "adapt"),
+    Figure("expansion", "5. Results", "expand"),
+)
+"""Every figure the report can have, in report order."""
+
+
+def report_figures(routing: bool, adapt: bool, expand: bool) -> list[Figure]:
+    """The figures of a run with these stages (the rule's outputs)."""
+    on = {"always": True, "routing": routing, "adapt": adapt, "expand": expand}
+    return [figure for figure in FIGURES if on[figure.needs]]
+
+
+@dataclass
+class ReportInputs:
+    """The stage outputs the report reads; None where the stage did not run."""
+
+    corpus_summary: Path
+    token_files: list[Path]
+    overlap: Path
+    similarity: Path
+    plan: Path
+    results: Path
+    tasks: Path
+    routing_metrics: Path | None = None
+    selected_experts: Path | None = None
+    adaptation: Path | None = None
+    adapt_runs: Path | None = None
+    expansion: Path | None = None
+    expand_runs: Path | None = None
+
+    def check(self) -> None:
+        """Every given input exists (one line naming the first that does not, before any work)."""
+        for name, value in vars(self).items():
+            paths = value if isinstance(value, list) else [value]
+            for path in paths:
+                if path is not None and not Path(path).exists():
+                    raise MoelangError(f"report: the {name.replace('_', ' ')} input '{path}' does not exist; run the "
+                                       f"stage that writes it first (snakemake {path})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Document blocks: one structure rendered as Markdown (report.md) and HTML (summary.html)
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Document:
+    blocks: list[tuple] = field(default_factory=list)
+
+    def heading(self, level: int, text: str) -> None:
+        self.blocks.append(("heading", level, text))
+
+    def text(self, text: str) -> None:
+        self.blocks.append(("text", text))
+
+    def items(self, lines: list[str]) -> None:
+        if lines:
+            self.blocks.append(("items", list(lines)))
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        if rows:
+            self.blocks.append(("table", list(header), [[_cell(v) for v in row] for row in rows]))
+
+    def figure(self, name: str, caption: str) -> None:
+        self.blocks.append(("figure", name, caption))
+
+    def markdown(self, figure_dir: str) -> str:
+        out: list[str] = []
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "heading":
+                out.append("#" * block[1] + " " + block[2])
+            elif kind == "text":
+                out.append(block[1])
+            elif kind == "items":
+                out.append("\n".join(f"- {line}" for line in block[1]))
+            elif kind == "table":
+                header, rows = block[1], block[2]
+                lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+                out.append("\n".join(lines))
+            elif kind == "figure":
+                out.append(f"![{block[2]}]({figure_dir}/{block[1]}.png)\n\n*{block[2]}*")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        """The page without its figures (the Snakemake report shows those as its own items)."""
+        out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+               "<style>body{font-family:sans-serif;max-width:70em;margin:1em auto;line-height:1.4}"
+               "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;"
+               "text-align:left;font-size:90%}th{background:#eee}.pass{color:#060;font-weight:bold}"
+               ".fail{color:#a00;font-weight:bold}</style></head><body>"]
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "heading":
+                out.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+            elif kind == "text":
+                out.append(f"<p>{_inline_html(block[1])}</p>")
+            elif kind == "items":
+                out.append("<ul>" + "".join(f"<li>{_inline_html(line)}</li>" for line in block[1]) + "</ul>")
+            elif kind == "table":
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
+                body = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>"
+                               for row in block[2])
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif kind == "figure":
+                out.append(f"<p><em>Figure {html.escape(block[1])}: {html.escape(block[2])}</em></p>")
+        out.append("</body></html>")
+        return "\n".join(out) + "\n"
+
+
+def _inline_html(text: str) -> str:
+    """Markdown's **bold** and `code` as HTML; everything else escaped."""
+    import re
+
+    escaped = html.escape(text)
+    escaped = re.sub(r"\*\*(.+?)\*\*", lambda m: f"<strong class='{m.group(1).lower()}'>{m.group(1)}</strong>"
+                     if m.group(1) in ("PASS", "FAIL") else f"<strong>{m.group(1)}</strong>", escaped)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    return str(value)
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.{digits}f}%"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"x{value:.3f}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Findings
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Finding:
+    number: int
+    status: str
+    statement: str
+    evidence: dict
+
+    def row(self) -> dict:
+        return {"finding": self.number, "claim": CLAIMS[self.number], "status": self.status,
+                "statement": self.statement, "evidence": json.dumps(self.evidence, sort_keys=True)}
+
+
+def _fmt_layers(scores: dict[int, float]) -> str:
+    return ", ".join(f"layer {layer} {value:.3f}" for layer, value in sorted(scores.items()))
+
+
+def finding_specialisation(specialization: pl.DataFrame | None, final_layers: int) -> Finding:
+    """Finding 1 (see the module docstring)."""
+    if specialization is None or specialization.height == 0:
+        return Finding(1, NOT_COMPUTED, "Not computed: the routing stage did not run (routing.enabled is false).", {})
+    last = int(specialization["checkpoint_step"].max())
+    first = int(specialization["checkpoint_step"].min())
+    at = {step: {int(layer): float(score) for layer, score in
+                 specialization.filter(pl.col("checkpoint_step") == step).select("layer", "score").iter_rows()}
+          for step in (first, last)}
+    layers = sorted(at[last])
+    k = min(final_layers, len(layers) - 1)
+    if k < 1:
+        return Finding(1, NOT_COMPUTED, f"Not computed: the model has {len(layers)} MoE layer(s); the claim compares "
+                                        f"final layers with earlier ones.", {})
+    final, earlier = layers[-k:], layers[:-k]
+    final_mean = float(np.mean([at[last][layer] for layer in final]))
+    earlier_mean = float(np.mean([at[last][layer] for layer in earlier]))
+    passed = final_mean > earlier_mean
+    evidence = {"checkpoint_step": last, "final_layers": final, "final_mean": final_mean, "earlier_layers": earlier,
+                "earlier_mean": earlier_mean, "scores": {str(k_): v for k_, v in at[last].items()},
+                "first_step_scores": {str(k_): v for k_, v in at[first].items()}}
+    statement = (f"At CPT step {last} the final {k} MoE layer(s) ({', '.join(map(str, final))}) have a mean "
+                 f"specialisation score I(L;E)/H(L) of {final_mean:.3f}, "
+                 f"{'above' if passed else 'not above'} the {earlier_mean:.3f} of layers "
+                 f"{', '.join(map(str, earlier))} ({_fmt_layers(at[last])}; at step {first}: "
+                 f"{_fmt_layers(at[first])}).")
+    return Finding(1, PASS if passed else FAIL, statement, evidence)
+
+
+def finding_divergence_overlap(jsd_overlap: pl.DataFrame | None, measure: str = "jaccard",
+                               alpha: float = 0.05) -> Finding:
+    """Finding 2 (see the module docstring)."""
+    if jsd_overlap is None or jsd_overlap.height == 0:
+        return Finding(2, NOT_COMPUTED, "Not computed: the routing stage did not run (routing.enabled is false).", {})
+    last = jsd_overlap.filter((pl.col("checkpoint_step") == pl.col("checkpoint_step").max())
+                              & (pl.col("measure") == measure))
+    by_pairs = {row["pairs"]: row for row in last.iter_rows(named=True)}
+    pairs = next((p for p in ("without_lr_lr", "all") if p in by_pairs and by_pairs[p]["pearson_r"] is not None
+                  and not math.isnan(by_pairs[p]["pearson_r"])), None)
+    if pairs is None:
+        return Finding(2, NOT_COMPUTED, "Not computed: fewer than 3 language pairs have both a routing divergence and "
+                                        "an overlap value.", {})
+    row = by_pairs[pairs]
+    r, p, n = float(row["pearson_r"]), float(row["pearson_p"]), int(row["n_pairs"])
+    passed = r < 0 and p < alpha
+    what = "HR-HR and HR-LR pairs (the authors' set)" if pairs == "without_lr_lr" else "all language pairs"
+    others = "; ".join(f"{name.replace('_', '-').upper() if name in ('hr_hr', 'hr_lr') else name}: "
+                       f"r = {float(other['pearson_r']):.2f} (n = {other['n_pairs']})"
+                       for name, other in by_pairs.items() if name != pairs and other["pearson_r"] is not None
+                       and not math.isnan(other["pearson_r"]))
+    statement = (f"At CPT step {row['checkpoint_step']}, layer {row['layer']}, routing JSD against {measure} token "
+                 f"overlap over {n} {what}: Pearson r = {r:.2f} (p = {p:.2g}), Spearman r = "
+                 f"{float(row['spearman_r']):.2f}; {'negative and' if r < 0 else 'not negative,'} "
+                 f"{'significant' if p < alpha else 'not significant'} at p < {alpha:g}"
+                 + (f" ({others})." if others else "."))
+    evidence = {"checkpoint_step": int(row["checkpoint_step"]), "layer": int(row["layer"]), "pairs": pairs,
+                "measure": measure, "pearson_r": r, "pearson_p": p, "spearman_r": float(row["spearman_r"]),
+                "n_pairs": n}
+    return Finding(2, PASS if passed else FAIL, statement, evidence)
+
+
+def ssft_fraction_at_scale(shares: dict[int, float], reference_model: str) -> dict:
+    """SSFT's trainable parameters on ``reference_model``'s architecture (meta device, no weights): in
+    its last ``len(shares)`` MoE layers, ``ceil(share * experts)`` experts each (the shares in the order
+    of the run's final layers), plus those layers' routers, counted as the adaptation stage's
+    :class:`~moelang.models.methods.ExpertSubset` trains them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moelang.models import ModelAdapter, count_parameters, load_config
+    from moelang.models.methods import ExpertSubset
+
+    config = load_config(reference_model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    adapter = ModelAdapter(model)
+    layers = sorted(adapter.experts_per_layer)[-len(shares):]
+    experts = {layer: list(range(max(1, math.ceil(share * adapter.experts_per_layer[layer] - 1e-9))))
+               for layer, share in zip(layers, [shares[k] for k in sorted(shares)])}
+    ExpertSubset(experts=experts, routers=layers).prepare(model)
+    counts = count_parameters(model)
+    return {"layers": layers, "experts_per_layer": {str(layer): len(ids) for layer, ids in experts.items()},
+            "trainable": int(counts["trainable"]), "total": int(counts["total"]),
+            "fraction": float(counts["trainable_fraction"])}
+
+
+def _log_gain_share(ssft: float, aeft: float, start: float) -> float | None:
+    aeft_gain = math.log(aeft / start)
+    if aeft_gain >= 0:
+        return None  # AEFT did not lower the perplexity: no gain to recover
+    return math.log(ssft / start) / aeft_gain
+
+
+def finding_ssft(selected: dict | None, experts_per_layer: dict[int, int] | None, adaptation: pl.DataFrame | None,
+                 options: ReportOptions, scale: dict[str, dict] | None = None) -> Finding:
+    """Finding 3 (see the module docstring). ``scale``: target -> :func:`ssft_fraction_at_scale`'s
+    result (computed here when None)."""
+    if selected is None or adaptation is None:
+        return Finding(3, NOT_COMPUTED, "Not computed: the run has no routing selection or no adaptation stage "
+                                        "(routing.enabled or adapt.targets).", {})
+    ppl = adaptation.filter(pl.col("family") == "perplexity")
+    methods = set(ppl["method"])
+    if not {"ssft", "aeft"} <= methods:
+        return Finding(3, NOT_COMPUTED, f"Not computed: adapt.methods needs both ssft and aeft (the run adapted with "
+                                        f"{', '.join(sorted(methods)) or 'none'}).", {})
+    targets = [t for t in ppl["target"].unique(maintain_order=True).to_list()
+               if t in selected and "ssft" in selected[t]]
+    if scale is None:
+        scale = {}
+        for target in targets:
+            sets = {int(layer): ids for layer, ids in selected[target]["ssft"].items()}
+            shares = {layer: len(ids) / experts_per_layer[layer] for layer, ids in sets.items()}
+            scale[target] = ssft_fraction_at_scale(shares, options.reference_model)
+    shares, per_target = [], {}
+    for target in targets:
+        rows = {r["method"]: r for r in ppl.filter(pl.col("target") == target).iter_rows(named=True)}
+        ssft, aeft = rows["ssft"], rows["aeft"]
+        if ssft["start_value"] is None or ssft["value"] is None or aeft["value"] is None:
+            continue
+        share = _log_gain_share(ssft["value"], aeft["value"], ssft["start_value"])
+        per_target[target] = {"start": ssft["start_value"], "ssft": ssft["value"], "aeft": aeft["value"],
+                              "gain_share": share, "ssft_fraction_run": ssft["trainable_fraction"],
+                              "ssft_fraction_at_scale": scale[target]["fraction"],
+                              "experts_at_scale": scale[target]["experts_per_layer"]}
+        shares.append(share)
+    if not per_target:
+        return Finding(3, NOT_COMPUTED, "Not computed: the adapted models' start model was not evaluated.", {})
+    worst_fraction = max(v["ssft_fraction_at_scale"] for v in per_target.values())
+    fraction_ok = worst_fraction < options.ssft_max_fraction
+    defined = [s for s in shares if s is not None]
+    mean_share = float(np.mean(defined)) if len(defined) == len(shares) else None
+    share_ok = mean_share is not None and mean_share >= options.ssft_min_gain_share
+    layers = next(iter(scale.values()))["layers"]
+    sizes = "; ".join(f"{t}: {', '.join(f'{n}' for n in v['experts_at_scale'].values())} experts per layer "
+                      f"-> {_pct(v['ssft_fraction_at_scale'])}" for t, v in per_target.items())
+    gains = "; ".join(f"{t}: perplexity {v['start']:.1f} -> SSFT {v['ssft']:.1f}, AEFT {v['aeft']:.1f}, share "
+                      + ("undefined (AEFT did not lower it)" if v["gain_share"] is None else f"{v['gain_share']:.2f}")
+                      for t, v in per_target.items())
+    statement = (f"On {options.reference_model} (layers {', '.join(map(str, layers))}, the run's SSFT sets as a share "
+                 f"of the experts) SSFT trains at most {_pct(worst_fraction)} of the parameters "
+                 f"({'under' if fraction_ok else 'not under'} {_pct(options.ssft_max_fraction, 0)}: {sizes}; "
+                 f"in this run's own model {_pct(max(v['ssft_fraction_run'] or 0 for v in per_target.values()))}); "
+                 f"it recovers {'an undefined share' if mean_share is None else f'{100 * mean_share:.0f}%'} of "
+                 f"AEFT's held-out perplexity gain in log perplexity, averaged over {len(per_target)} target(s) "
+                 f"({gains}); {'at least' if share_ok else 'below'} {100 * options.ssft_min_gain_share:.0f}%.")
+    evidence = {"reference_model": options.reference_model, "max_fraction_at_scale": worst_fraction,
+                "mean_gain_share": mean_share, "targets": per_target}
+    return Finding(3, PASS if fraction_ok and share_ok else FAIL, statement, evidence)
+
+
+def finding_expansion(expansion: pl.DataFrame | None, runs: pl.DataFrame | None, tolerance: float) -> Finding:
+    """Finding 4 (see the module docstring)."""
+    if expansion is None or runs is None or expansion.height == 0:
+        return Finding(4, NOT_COMPUTED, "Not computed: the expansion stage did not run (expand.enabled).", {})
+
+    def variant(plan: str, classifier: bool | None) -> str | None:
+        pick = runs.filter(pl.col("plan") == plan)
+        if classifier is not None:
+            pick = pick.filter(pl.col("classifier") == classifier)
+        return pick["variant"][0] if pick.height else None
+
+    layermoe, uniform, ablation = variant("layermoe", True), variant("uniform", None), variant("layermoe", False)
+    missing = [name for name, v in (("layermoe with a classifier", layermoe), ("uniform", uniform),
+                                    ("layermoe without a classifier", ablation)) if v is None]
+    if missing:
+        return Finding(4, NOT_COMPUTED, f"Not computed: expand.variants has no {' and no '.join(missing)} variant.", {})
+    ppl = {r["variant"]: r for r in expansion.filter(pl.col("family") == "perplexity").iter_rows(named=True)}
+    if any(ppl.get(v) is None or ppl[v]["value_new"] is None for v in (layermoe, uniform, ablation)):
+        return Finding(4, NOT_COMPUTED, "Not computed: the expanded models' perplexity or their start model's is "
+                                        "missing (evaluation.perplexity).", {})
+    lm, un, ab = ppl[layermoe], ppl[uniform], ppl[ablation]
+    fewer = lm["new_experts"] < un["new_experts"]
+    as_good = lm["value_new"] <= un["value_new"] * (1 + tolerance)
+    less_forgetting = lm["old_change"] < ab["old_change"]
+    statement = (f"'{layermoe}' adds {lm['new_experts']} new experts, '{uniform}' {un['new_experts']} "
+                 f"({'fewer' if fewer else 'not fewer'}); new-language perplexity {lm['value_new']:.2f} against "
+                 f"{un['value_new']:.2f} ({'equal or better' if as_good else 'worse'}, tolerance "
+                 f"{100 * tolerance:g}%; x{lm['new_gain']:.3f} and x{un['new_gain']:.3f} of the start model). "
+                 f"Old-language perplexity changes x{lm['old_change']:.3f} with the router classifier and "
+                 f"x{ab['old_change']:.3f} without ('{ablation}'): the classifier "
+                 f"{'reduces' if less_forgetting else 'does not reduce'} forgetting.")
+    evidence = {"layermoe": layermoe, "uniform": uniform, "no_classifier": ablation,
+                "new_experts": {"layermoe": lm["new_experts"], "uniform": un["new_experts"]},
+                "new_perplexity": {"layermoe": lm["value_new"], "uniform": un["value_new"]},
+                "old_change": {"layermoe": lm["old_change"], "no_classifier": ab["old_change"]},
+                "tolerance": tolerance}
+    return Finding(4, PASS if fewer and as_good and less_forgetting else FAIL, statement, evidence)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_corpus(corpus: pl.DataFrame, tokens: pl.DataFrame, path, high_resource: list[str]) -> None:
+    """Documents and tokens per language and split; dropped languages greyed and labelled with why."""
+    plt = _plt()
+    langs = corpus["lang"].to_list()
+    x = np.arange(len(langs))
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.75 * len(langs) * 2), 4.4))
+    kept = dict(zip(corpus["lang"], corpus["kept"]))
+    for ax, (column, label) in zip(axes, (("docs", "documents"), ("tokens", "tokens"))):
+        for offset, split, color in ((-0.2, "train", "tab:blue"), (0.2, "heldout", "tab:orange")):
+            values = []
+            for lang in langs:
+                if column == "docs":
+                    row = corpus.filter(pl.col("lang") == lang)
+                    values.append(int(row[f"n_{split}"][0]))
+                else:
+                    row = tokens.filter((pl.col("lang") == lang) & (pl.col("split") == split))
+                    values.append(int(row["n_tokens"][0]) if row.height else 0)
+            colors = [color if kept[lang] else "lightgrey" for lang in langs]
+            ax.bar(x + offset, values, 0.4, color=colors, label=f"{split} split")
+        ax.set_xticks(x, [f"{lang}{'*' if lang in high_resource else ''}{'' if kept[lang] else chr(10) + '(dropped)'}"
+                          for lang in langs])
+        ax.set_xlabel("language (* high-resource; grey: dropped)")
+        ax.set_ylabel(f"{label} (log scale)")
+        ax.set_yscale("log")
+        ax.set_title(f"{label.capitalize()} per language and split")
+        ax.legend(fontsize=8)
+    dropped = [f"{lang}: {reason}" for lang, reason in zip(corpus["lang"], corpus["reason"]) if not kept[lang]]
+    if dropped:
+        fig.text(0.01, -0.04, "Dropped: " + "; ".join(dropped), fontsize=8, ha="left", va="top", wrap=True)
+    save_figure(fig, path)
+
+
+def plot_experts(selected: dict, experts_per_layer: dict[int, int], path) -> None:
+    """For each target (a panel) the experts each method trains in each final layer, a filled cell
+    per chosen (layer, expert)."""
+    plt = _plt()
+    targets = list(selected)
+    methods = sorted({m for sets in selected.values() for m in sets}, key=_method_order)
+    layers = sorted({int(layer) for sets in selected.values() for s in sets.values() for layer in s})
+    columns = [(layer, e) for layer in layers for e in range(experts_per_layer[layer])]
+    fig, axes = plt.subplots(len(targets), 1, figsize=(max(6, 0.32 * len(columns) + 2), 0.35 * len(methods) * len(targets)
+                                                        + 1.2 * len(targets)), squeeze=False)
+    for ax, target in zip(axes[:, 0], targets):
+        grid = np.zeros((len(methods), len(columns)))
+        for i, method in enumerate(methods):
+            for layer, ids in selected[target].get(method, {}).items():
+                for e in ids:
+                    grid[i, columns.index((int(layer), int(e)))] = 1
+        ax.imshow(grid, cmap="Greens", vmin=0, vmax=1.3, aspect="auto")
+        ax.set_yticks(range(len(methods)), methods)
+        ax.set_xticks(range(len(columns)), [str(e) for _, e in columns], fontsize=7)
+        for k, layer in enumerate(layers[1:], start=1):
+            ax.axvline(sum(experts_per_layer[lay] for lay in layers[:k]) - 0.5, color="k", linewidth=1)
+        ax.set_xlabel("expert id, by layer (" + ", ".join(f"layer {layer}" for layer in layers) + ", left to right)")
+        ax.set_title(f"Experts trained for target '{target}' (filled: chosen)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _method_order(name: str) -> tuple:
+    order = ["ssft", "seft", "random", "random_hr", "aeft", "full-ft", "lora"]
+    return (order.index(name) if name in order else len(order) - 0.5 if name.startswith("seft_top") else len(order), name)
+
+
+def plot_allocation(plan: pl.DataFrame, path) -> None:
+    """New experts per layer for every allocation method side by side, with the layer score S_i."""
+    plt = _plt()
+    methods = plan["method"].unique(maintain_order=True).to_list()
+    layers = sorted(plan["layer"].unique().to_list())
+    x = np.arange(len(layers))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(7, len(layers) * 0.8), 4.4))
+    for k, method in enumerate(methods):
+        part = plan.filter(pl.col("method") == method).sort("layer")
+        total = int(part["new_experts"].sum())
+        bars = ax.bar(x + k * width - 0.4 + width / 2, part["new_experts"], width, label=f"{method} ({total} new)")
+        for bar, classifier in zip(bars, part["classifier"]):
+            if classifier:
+                ax.annotate("C", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                            fontsize=7)
+    score = plan.filter(pl.col("method") == methods[0]).sort("layer")["score"]
+    ax2 = ax.twinx()
+    ax2.plot(x, score, "k--o", markersize=3, label="layer score S (mean cosine)")
+    ax2.set_ylabel("layer score S (mean cosine)")
+    ax.set_xticks(x, layers)
+    ax.set_xlabel("layer (C: router-classifier layer of the plan)")
+    ax.set_ylabel("new experts")
+    ax.set_title("New experts per layer, every allocation method")
+    ax.legend(fontsize=8, loc="upper left")
+    ax2.legend(fontsize=8, loc="upper right")
+    save_figure(fig, path)
+
+
+def plot_evaluation(results: pl.DataFrame, models: list[str], high_resource: list[str], targets: list[str],
+                    path) -> None:
+    """Every evaluated model's held-out perplexity (geometric mean) and headline task scores (mean)
+    over the high-resource and the target languages."""
+    from moelang.evaluate import HEADLINE
+
+    plt = _plt()
+    families = [f for f in HEADLINE if results.filter(pl.col("family") == f).height] + ["perplexity"]
+    fig, axes = plt.subplots(1, len(families), figsize=(5.2 * len(families), max(4.0, 0.28 * len(models) + 1.5)),
+                             squeeze=False)
+    y = np.arange(len(models))
+    for ax, family in zip(axes[0], families):
+        for offset, langs, color, name in ((-0.2, high_resource, "tab:blue", "high-resource"),
+                                           (0.2, targets, "tab:orange", "targets")):
+            values = [_family_mean(results, model, family, langs) for model in models]
+            ax.barh(y + offset, [np.nan if v is None else v for v in values], 0.4, color=color, label=name)
+        ax.set_yticks(y, models, fontsize=7)
+        ax.invert_yaxis()
+        if family == "perplexity":
+            ax.set_xscale("log")
+            ax.set_xlabel("held-out perplexity (geometric mean, log scale; lower is better)")
+        else:
+            from moelang.evaluate import CHANCE
+
+            ax.axvline(CHANCE[family], color="grey", linestyle=":", label="chance")
+            ax.set_xlabel(f"{HEADLINE[family]} (mean over languages)")
+        ax.set_title(family.replace("_", " "))
+        ax.legend(fontsize=7)
+    fig.suptitle("Every evaluated model on the high-resource and target languages")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _family_mean(results: pl.DataFrame, model: str, family: str, langs: list[str]) -> float | None:
+    from moelang.evaluate import HEADLINE
+
+    rows = results.filter((pl.col("model") == model) & pl.col("lang").is_in(langs))
+    if family == "perplexity":
+        rows = rows.filter(pl.col("metric") == "perplexity")
+        return float(np.exp(np.log(rows["value"].to_numpy()).mean())) if rows.height else None
+    rows = rows.filter((pl.col("family") == family) & (pl.col("metric") == HEADLINE[family]))
+    return float(rows["value"].mean()) if rows.height else None
+
+
+def plot_adaptation(adaptation: pl.DataFrame, path) -> None:
+    """Target gain against trainable fraction (log scale), a point per (target, method): held-out
+    perplexity (ratio to the start model) and each task family (accuracy change)."""
+    from matplotlib.ticker import PercentFormatter
+
+    plt = _plt()
+    if adaptation.height == 0:  # every adapt target was dropped by the corpus stage
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "No adapted model: the corpus stage dropped every adapt target", ha="center", va="center")
+        ax.set_axis_off()
+        save_figure(fig, path)
+        return
+    families = ["perplexity"] + [f for f in adaptation["family"].unique(maintain_order=True).to_list()
+                                 if f != "perplexity"]
+    fig, axes = plt.subplots(1, len(families), figsize=(5.6 * len(families), 4.6), squeeze=False)
+    methods = sorted(adaptation["method"].unique().to_list(), key=_method_order)
+    targets = adaptation["target"].unique(maintain_order=True).to_list()
+    markers = dict(zip(targets, "os^DvP*X"))
+    cmap = plt.get_cmap("tab10")
+    colors = {m: cmap(i % 10) for i, m in enumerate(methods)}
+    for ax, family in zip(axes[0], families):
+        part = adaptation.filter((pl.col("family") == family) & pl.col("target_gain").is_not_null())
+        for row in part.iter_rows(named=True):
+            ax.scatter(row["trainable_fraction"], row["target_gain"], color=colors[row["method"]],
+                       marker=markers[row["target"]], s=40)
+            ax.annotate(row["method"], (row["trainable_fraction"], row["target_gain"]), fontsize=6, alpha=0.8,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+        ax.set_xlabel("trainable fraction of the parameters (log scale)")
+        if family == "perplexity":
+            ax.set_ylabel("target held-out perplexity / start model's (lower is better)")
+            ax.axhline(1.0, color="grey", linestyle=":")
+        else:
+            ax.set_ylabel(f"target {part['metric'][0] if part.height else 'accuracy'} change (higher is better)")
+            ax.axhline(0.0, color="grey", linestyle=":")
+        ax.set_title(f"Target gain vs trainable fraction: {family.replace('_', ' ')}")
+    handles = [plt.Line2D([], [], color=colors[m], marker="o", linestyle="", label=m) for m in methods]
+    handles += [plt.Line2D([], [], color="k", marker=markers[t], linestyle="", label=f"target {t}") for t in targets]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_expansion(expansion: pl.DataFrame, path) -> None:
+    """Per expansion variant: the new-language perplexity ratio, the old-language one (forgetting)
+    and the new experts it added."""
+    plt = _plt()
+    ppl = expansion.filter(pl.col("family") == "perplexity")
+    variants = ppl["variant"].to_list()
+    y = np.arange(len(variants))
+    fig, axes = plt.subplots(1, 3, figsize=(14, max(3.2, 0.45 * len(variants) + 1.6)))
+    panels = (("new_gain", "new languages: perplexity / start model's\n(lower is better)", "tab:green"),
+              ("old_change", "old languages: perplexity / start model's\n(above 1: forgetting)", "tab:red"),
+              ("new_experts", "new experts added (all layers)", "tab:blue"))
+    for ax, (column, label, color) in zip(axes, panels):
+        values = [np.nan if v is None else v for v in ppl[column].to_list()]
+        ax.barh(y, values, color=color)
+        for yi, v in zip(y, values):
+            if not np.isnan(v):
+                ax.annotate(f"{v:.3f}" if column != "new_experts" else f"{int(v)}", (v, yi), fontsize=7,
+                            va="center", xytext=(2, 0), textcoords="offset points")
+        if column != "new_experts":
+            ax.axvline(1.0, color="grey", linestyle=":")
+        ax.set_yticks(y, variants)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("expansion variant")
+    fig.suptitle("LayerMoE expansion variants against the model they were expanded from")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+def _read(path: Path | None) -> pl.DataFrame | None:
+    return None if path is None else pl.read_parquet(path)
+
+
+def with_families(results: pl.DataFrame, task_dir: Path) -> pl.DataFrame:
+    """The results table with each row's task family (``tasks.json`` of the evaluation's tasks;
+    ``perplexity`` for perplexity)."""
+    tasks = json.loads((task_dir / "tasks.json").read_text(encoding="utf-8"))
+    family = {task: spec["family"] for task, spec in tasks.items()} | {"perplexity": "perplexity"}
+    return results.with_columns(pl.col("task").replace_strict(family, default=None).alias("family"))
+
+
+def token_counts(token_files: list[Path]) -> pl.DataFrame:
+    """Tokens per (language, split) from the token tables (two columns read)."""
+    frames = [pl.read_parquet(path, columns=["split", "n_tokens"]).group_by("split").agg(pl.col("n_tokens").sum())
+              .with_columns(pl.lit(Path(path).name.split(".")[0]).alias("lang")) for path in token_files]
+    if not frames:
+        return pl.DataFrame(schema={"split": pl.String, "n_tokens": pl.Int64, "lang": pl.String})
+    return pl.concat(frames).with_columns(pl.col("n_tokens").cast(pl.Int64))
+
+
+def experts_per_layer_of(experts: pl.DataFrame) -> dict[int, int]:
+    """Experts of each MoE layer of the selection model (the routing metrics' expert table, its last
+    checkpoint)."""
+    last = experts.filter(pl.col("checkpoint_step") == experts["checkpoint_step"].max())
+    return {int(layer): int(n) for layer, n in last.group_by("layer").agg(pl.len()).iter_rows()}
+
+
+def build_report(inputs: ReportInputs, options: ReportOptions | dict, out_md: str | Path, figure_dir: str | Path,
+                 scale: dict | None = None) -> list[Finding]:
+    """Read the stage outputs, compute the findings, draw the figures, write the report (see the
+    module docstring). ``scale``: precomputed SSFT counts at the reference scale (tests)."""
+    options = ReportOptions.coerce(options)
+    inputs.check()
+    out_md, figure_dir = Path(out_md), Path(figure_dir)
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    rel = Path(os.path.relpath(figure_dir, out_md.parent))  # report.md links its figures relative to itself
+    figures = report_figures(inputs.routing_metrics is not None, inputs.adaptation is not None,
+                             inputs.expansion is not None)
+    log.info("report: reading the stage outputs")
+    corpus = pl.read_parquet(inputs.corpus_summary)
+    tokens = token_counts(inputs.token_files)
+    overlap = pl.read_parquet(inputs.overlap)
+    similarity = pl.read_parquet(inputs.similarity)
+    plan = pl.read_parquet(inputs.plan)
+    results = with_families(pl.read_parquet(inputs.results), Path(inputs.tasks))
+    metrics = {}
+    if inputs.routing_metrics is not None:
+        for name in ("entropy", "jsd", "jsd_mean", "specialization", "jsd_overlap", "experts"):
+            metrics[name] = pl.read_parquet(Path(inputs.routing_metrics) / f"{name}.parquet")
+    selected = json.loads(Path(inputs.selected_experts).read_text()) if inputs.selected_experts else None
+    experts_per_layer = experts_per_layer_of(metrics["experts"]) if metrics else None
+    adaptation, adapt_runs = _read(inputs.adaptation), _read(inputs.adapt_runs)
+    expansion, expand_runs = _read(inputs.expansion), _read(inputs.expand_runs)
+    kept = corpus.filter(pl.col("kept"))["lang"].to_list()
+    hr = [lang for lang in options.high_resource if lang in kept]
+    targets = [lang for lang in options.targets if lang in kept]
+
+    log.info("report: computing the findings")
+    findings = [
+        finding_specialisation(metrics.get("specialization"), options.final_layers),
+        finding_divergence_overlap(metrics.get("jsd_overlap")),
+        finding_ssft(selected, experts_per_layer, adaptation, options, scale),
+        finding_expansion(expansion, expand_runs, options.ppl_tolerance),
+    ]
+
+    from moelang.io import progress
+    from moelang.overlap import plot_overlap
+    from moelang.routing_metrics import (plot_entropy, plot_jsd_dynamics, plot_jsd_heatmap, plot_jsd_overlap,
+                                         plot_per_checkpoint)
+    from moelang.similarity import plot_similarity
+
+    models = results["model"].unique(maintain_order=True).to_list()
+    languages = [lang for lang in options.languages if lang in kept]
+    draw = {
+        "corpus": lambda p: plot_corpus(corpus, tokens, p, options.high_resource),
+        "overlap": lambda p: plot_overlap(overlap, p, languages),
+        "routing_entropy": lambda p: plot_entropy(metrics["entropy"], p, options.base_language),
+        "routing_jsd": lambda p: plot_jsd_dynamics(metrics["jsd_mean"], p, options.base_language),
+        "routing_specialization": lambda p: plot_per_checkpoint(
+            metrics["specialization"], "score", p, "specialisation score I(L;E)/H(L) (bits/bits)",
+            "Language specialisation of the routing per layer"),
+        "routing_jsd_heatmap": lambda p: plot_jsd_heatmap(metrics["jsd"], p, languages),
+        "routing_jsd_overlap": lambda p: plot_jsd_overlap(metrics["jsd"], overlap, metrics["jsd_overlap"], p,
+                                                          high_resource=hr, targets=targets),
+        "experts": lambda p: plot_experts(selected, experts_per_layer, p),
+        "similarity": lambda p: plot_similarity(similarity, p, f"Cross-lingual similarity per layer "
+                                                               f"({similarity['model'][0]})"),
+        "allocation": lambda p: plot_allocation(plan, p),
+        "evaluation": lambda p: plot_evaluation(results, models, hr, targets, p),
+        "adaptation": lambda p: plot_adaptation(adaptation, p),
+        "expansion": lambda p: plot_expansion(expansion, p),
+    }
+    for figure in progress(figures, desc="report figures", unit=" figures"):
+        draw[figure.name](figure_dir / f"{figure.name}.png")
+
+    doc = _document(findings, corpus, tokens, metrics, selected, similarity, plan, results, models, adaptation,
+                    adapt_runs, expansion, expand_runs, options, hr, targets, {f.name for f in figures})
+    with atomic_path(figure_dir / "findings.parquet") as tmp:
+        pl.DataFrame([f.row() for f in findings], schema=FINDINGS_SCHEMA, orient="row").write_parquet(
+            tmp, compression="zstd")
+    with atomic_path(figure_dir / "summary.html") as tmp:
+        Path(tmp).write_text(doc.html("moelang report"), encoding="utf-8")
+    with atomic_path(out_md) as tmp:
+        Path(tmp).write_text(doc.markdown(rel.as_posix()), encoding="utf-8")
+    for finding in findings:
+        log.info("report: finding %d %s: %s", finding.number, MARK[finding.status], finding.statement)
+    return findings
+
+
+CAPTIONS = {
+    "corpus": "Documents and tokens per language and split (grey: dropped by the corpus stage).",
+    "overlap": "Token-vocabulary overlap between every pair of languages.",
+    "routing_entropy": "Routing entropy per layer and checkpoint: the base language against the mean of the others.",
+    "routing_jsd": "Mean pairwise routing Jensen-Shannon divergence per layer and checkpoint.",
+    "routing_specialization": "Language specialisation score I(L;E)/H(L) per layer and checkpoint.",
+    "routing_jsd_heatmap": "Pairwise routing JSD at the last layer of the last checkpoint.",
+    "routing_jsd_overlap": "Routing JSD against token overlap per language pair, with Pearson r per pair type.",
+    "experts": "The experts each adaptation method trains, per target and final layer.",
+    "similarity": "Cross-lingual representation similarity per layer (every pair and their mean).",
+    "allocation": "New experts per layer of every allocation method, with the layer score S.",
+    "evaluation": "Every evaluated model: held-out perplexity and task scores on high-resource and target languages.",
+    "adaptation": "Target-language gain against the trainable fraction, per adaptation method and target.",
+    "expansion": "Per expansion variant: new-language gain, old-language forgetting and new experts added.",
+}
+
+
+def _document(findings, corpus, tokens, metrics, selected, similarity, plan, results, models, adaptation, adapt_runs,
+              expansion, expand_runs, options: ReportOptions, hr, targets, figures: set[str]) -> Document:
+    doc = Document()
+    doc.heading(1, "moelang report")
+    passed = sum(f.status == PASS for f in findings)
+    computed = sum(f.status != NOT_COMPUTED for f in findings)
+    doc.text(f"Languages: high-resource {', '.join(options.high_resource)}; targets "
+             f"{', '.join(f'{t} (parent {p})' for t, p in options.targets.items())}. Evaluated models: "
+             f"{len(models)}. Findings: {passed} of {computed} computed pass.")
+    doc.heading(2, "Findings")
+    doc.text("Each finding is computed from this run's tables (module `moelang.report`); a small CPU run may fail "
+             "some, and the numbers are shown either way.")
+    doc.table(["#", "claim", "result", "numbers"],
+              [[f.number, CLAIMS[f.number], f"**{MARK[f.status]}**", f.statement] for f in findings])
+
+    def fig(name: str) -> None:
+        if name in figures:
+            doc.figure(name, CAPTIONS[name])
+
+    doc.heading(2, "1. Data")
+    tok = {(lang, split): n for split, n, lang in tokens.iter_rows()}
+    doc.table(["language", "source", "documents (train / held-out)", "characters", "tokens (train / held-out)",
+               "kept", "why dropped"],
+              [[r["lang"] + (" (HR)" if r["lang"] in options.high_resource else ""), r["source"],
+                f"{r['n_train']:,} / {r['n_heldout']:,}", r["n_chars"],
+                f"{tok.get((r['lang'], 'train'), 0):,} / {tok.get((r['lang'], 'heldout'), 0):,}" if r["kept"] else "-",
+                "yes" if r["kept"] else "no", r["reason"] or ""] for r in corpus.iter_rows(named=True)])
+    fig("corpus")
+    fig("overlap")
+
+    if metrics:
+        doc.heading(2, "2. Routing dynamics")
+        spec = metrics["specialization"]
+        steps = sorted(spec["checkpoint_step"].unique().to_list())
+        layers = sorted(spec["layer"].unique().to_list())
+        doc.text("Specialisation score I(L;E)/H(L) per layer (rows: CPT checkpoints; 0 = the routing says nothing "
+                 "about the language, 1 = it identifies it):")
+        doc.table(["CPT step"] + [f"layer {layer}" for layer in layers],
+                  [[step] + [float(spec.filter((pl.col("checkpoint_step") == step) & (pl.col("layer") == layer))
+                                   ["score"][0]) for layer in layers] for step in steps])
+        for name in ("routing_entropy", "routing_jsd", "routing_specialization", "routing_jsd_heatmap"):
+            fig(name)
+        last = metrics["jsd_overlap"].filter(pl.col("checkpoint_step") == pl.col("checkpoint_step").max())
+        doc.text("Routing JSD against token overlap at the last checkpoint, per pair type:")
+        doc.table(["overlap measure", "pairs", "n", "Pearson r", "p", "Spearman r"],
+                  [[r["measure"], r["pairs"], r["n_pairs"], r["pearson_r"], r["pearson_p"], r["spearman_r"]]
+                   for r in last.iter_rows(named=True)])
+        fig("routing_jsd_overlap")
+
+        doc.heading(2, "3. Experts chosen")
+        doc.text(f"Per target and method, the experts trained in each final layer (selection: the last checkpoint's "
+                 f"routing; a target inherits its parent's language-specific experts).")
+        rows = []
+        for target, sets in selected.items():
+            for method in sorted(sets, key=_method_order):
+                rows.append([target, options.targets.get(target, "-"), method,
+                             "; ".join(f"layer {layer}: {', '.join(map(str, ids)) or '-'}"
+                                       for layer, ids in sorted(sets[method].items(), key=lambda kv: int(kv[0])))])
+        doc.table(["target", "parent", "method", "experts"], rows)
+        fig("experts")
+
+    doc.heading(2, "4. Similarity and allocation")
+    mean = similarity.filter(pl.col("lang_a") != pl.col("lang_b")).group_by("layer").agg(
+        pl.col("similarity").mean()).sort("layer")
+    doc.text(f"Mean cross-lingual similarity per layer ({similarity['model'][0]}): "
+             + ", ".join(f"layer {layer} {value:.3f}" for layer, value in mean.iter_rows()) + ".")
+    fig("similarity")
+    methods = plan["method"].unique(maintain_order=True).to_list()
+    doc.table(["method", "new experts per layer", "total new", "router-classifier layers"],
+              [[m, ", ".join(map(str, plan.filter(pl.col("method") == m).sort("layer")["new_experts"])),
+                int(plan.filter(pl.col("method") == m)["new_experts"].sum()),
+                ", ".join(map(str, plan.filter((pl.col("method") == m) & pl.col("classifier")).sort("layer")["layer"]))
+                or "-"] for m in methods])
+    fig("allocation")
+
+    doc.heading(2, "5. Results")
+    from moelang.evaluate import HEADLINE
+
+    families = [f for f in HEADLINE if results.filter(pl.col("family") == f).height]
+    header = ["model"]
+    for family in families:
+        header += [f"{family} ({HEADLINE[family]}) HR", f"{family} targets"]
+    header += ["perplexity HR", "perplexity targets"]
+    doc.text("Every evaluated model: the headline task metric (mean) and held-out perplexity (geometric mean) over "
+             "the high-resource (HR) and target languages (results/eval/summary.md has every language and the "
+             "chance tests).")
+    doc.table(header, [[model] + [_family_mean(results, model, family, langs) for family in families + ["perplexity"]
+                                  for langs in (hr, targets)] for model in models])
+    fig("evaluation")
+    if adaptation is not None and adaptation.height:
+        doc.heading(3, "Final-layer expert fine-tuning")
+        doc.text("Per target and method (the selected learning rate): the trainable fraction, the target's held-out "
+                 "perplexity and task scores with their change against the start model, and the change on the other "
+                 "high-resource languages (perplexity above x1, accuracy below 0: forgetting).")
+        fams = [f for f in adaptation["family"].unique(maintain_order=True).to_list() if f != "perplexity"]
+        rows = []
+        for (target, method), part in adaptation.group_by(["target", "method"], maintain_order=True):
+            by = {r["family"]: r for r in part.iter_rows(named=True)}
+            ppl = by.get("perplexity", {})
+            lr = None
+            if adapt_runs is not None:
+                pick = adapt_runs.filter((pl.col("lang") == target) & (pl.col("method") == method) & pl.col("selected"))
+                lr = float(pick["lr"][0]) if pick.height else None
+            row = [target, method, "-" if lr is None else f"{lr:g}", _pct(part["trainable_fraction"][0], 3),
+                   f"{_cell(ppl.get('value'))} ({_ratio(ppl.get('target_gain'))})", _ratio(ppl.get("hr_change"))]
+            for family in fams:
+                r = by.get(family, {})
+                row.append(f"{_cell(r.get('value'))} ({_signed(r.get('target_gain'))})")
+                row.append(_signed(r.get("hr_change")))
+            rows.append(row)
+        head = ["target", "method", "lr", "trainable", "target perplexity (x start)", "HR perplexity change"]
+        for family in fams:
+            head += [f"target {family} (change)", f"HR {family} change"]
+        doc.table(head, rows)
+        fig("adaptation")
+    if expansion is not None and expansion.height:
+        doc.heading(3, "LayerMoE expansion")
+        doc.text("Per variant against the model it was expanded from: new-language gain and old-language change "
+                 "(perplexity: geometric mean ratio; tasks: mean accuracy change), new experts, trainable fractions.")
+        fams = [f for f in expansion["family"].unique(maintain_order=True).to_list() if f != "perplexity"]
+        runs = {r["variant"]: r for r in expand_runs.iter_rows(named=True)} if expand_runs is not None else {}
+        rows = []
+        for (variant,), part in expansion.group_by(["variant"], maintain_order=True):
+            by = {r["family"]: r for r in part.iter_rows(named=True)}
+            run = runs.get(variant, {})
+            ppl = by.get("perplexity", {})
+            row = [variant, run.get("plan", "-"), "yes" if run.get("classifier") else "no", part["new_experts"][0],
+                   _pct(part["stage1_trainable_fraction"][0]), _pct(part["stage2_trainable_fraction"][0], 3),
+                   _ratio(ppl.get("new_gain")), _ratio(ppl.get("old_change"))]
+            for family in fams:
+                row += [_signed(by.get(family, {}).get("new_gain")), _signed(by.get(family, {}).get("old_change"))]
+            rows.append(row)
+        head = ["variant", "plan", "classifier", "new experts", "stage 1 trains", "stage 2 trains",
+                "new-language perplexity", "old-language perplexity"]
+        for family in fams:
+            head += [f"new {family}", f"old {family}"]
+        doc.table(head, rows)
+        fig("expansion")
+    return doc
+
+
+def _signed(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:+.3f}"
+
+
+def export_figures(figure_dir: str | Path, dest_dir: str | Path, max_width: int = 1000) -> list[Path]:
+    """Small copies of a run's report figures (``make figures``: the README's, under ``docs/figures/``):
+    at most ``max_width`` pixels wide, 256 colours, optimised PNG. A figure the report does not have is
+    left out; the copies are replaced whole."""
+    from PIL import Image
+
+    figure_dir, dest_dir = Path(figure_dir), Path(dest_dir)
+    sources = [figure_dir / f"{figure.name}.png" for figure in FIGURES if (figure_dir / f"{figure.name}.png").is_file()]
+    if not sources:
+        raise MoelangError(f"report: no figures in '{figure_dir}'; run the pipeline first (make run)")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for source in sources:
+        with Image.open(source) as image:
+            image = image.convert("RGB")
+            if image.width > max_width:
+                image = image.resize((max_width, round(image.height * max_width / image.width)), Image.LANCZOS)
+            small = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+            with atomic_path(dest_dir / source.name) as tmp:
+                small.save(tmp, format="PNG", optimize=True)
+        written.append(dest_dir / source.name)
+    log.info("report: %d figures -> %s (%d KiB)", len(written), dest_dir,
+             sum(path.stat().st_size for path in written) // 1024)
+    return written

@@ -1,0 +1,174 @@
+"""The report's findings against hand-computed numbers, its documents, and the meta-device count."""
+
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from moelang import config as cfg
+from moelang.options import ReportOptions
+from moelang.report import (FAIL, FIGURES, NOT_COMPUTED, PASS, Document, finding_divergence_overlap,
+                            finding_expansion, finding_specialisation, finding_ssft, report_figures,
+                            ssft_fraction_at_scale)
+
+
+def specialization(scores: dict[int, list[float]]) -> pl.DataFrame:
+    rows = [("cpt", step, layer, score) for step, per_layer in scores.items() for layer, score in enumerate(per_layer)]
+    return pl.DataFrame(rows, schema={"model": pl.String, "checkpoint_step": pl.Int64, "layer": pl.Int32,
+                                      "score": pl.Float64}, orient="row")
+
+
+def test_specialisation_compares_the_final_layers_with_the_others_at_the_last_checkpoint():
+    table = specialization({0: [0.5, 0.5, 0.1, 0.1], 800: [0.2, 0.3, 0.4, 0.6]})
+    finding = finding_specialisation(table, final_layers=2)
+    assert finding.status == PASS
+    assert finding.evidence["final_mean"] == pytest.approx(0.5)
+    assert finding.evidence["earlier_mean"] == pytest.approx(0.25)
+    assert finding.evidence["final_layers"] == [2, 3] and finding.evidence["checkpoint_step"] == 800
+    assert "0.500" in finding.statement and "0.250" in finding.statement
+    # the base model's scores (step 0) would pass the other way round: only the last checkpoint counts
+    assert finding_specialisation(specialization({0: [0.1, 0.1, 0.5, 0.5], 800: [0.4, 0.4, 0.3, 0.3]}), 2).status == FAIL
+    # one final layer against three
+    assert finding_specialisation(table, final_layers=1).evidence["earlier_mean"] == pytest.approx(0.3)
+    assert finding_specialisation(None, 2).status == NOT_COMPUTED
+    assert finding_specialisation(specialization({800: [0.3]}), 2).status == NOT_COMPUTED
+
+
+def jsd_overlap(rows: list[tuple]) -> pl.DataFrame:
+    return pl.DataFrame([("cpt", step, 3, "jaccard", pairs, r, p, r, p, n) for step, pairs, r, p, n in rows],
+                        schema={"model": pl.String, "checkpoint_step": pl.Int64, "layer": pl.Int32,
+                                "measure": pl.String, "pairs": pl.String, "pearson_r": pl.Float64,
+                                "pearson_p": pl.Float64, "spearman_r": pl.Float64, "spearman_p": pl.Float64,
+                                "n_pairs": pl.Int64}, orient="row")
+
+
+def test_divergence_overlap_takes_the_authors_pairs_at_the_last_checkpoint_and_needs_significance():
+    table = jsd_overlap([(0, "without_lr_lr", 0.4, 0.01, 70), (800, "all", 0.1, 0.5, 91),
+                         (800, "without_lr_lr", -0.45, 0.001, 70), (800, "hr_hr", -0.2, 0.3, 21)])
+    finding = finding_divergence_overlap(table)
+    assert finding.status == PASS
+    assert finding.evidence == {"checkpoint_step": 800, "layer": 3, "pairs": "without_lr_lr", "measure": "jaccard",
+                                "pearson_r": -0.45, "pearson_p": 0.001, "spearman_r": -0.45, "n_pairs": 70}
+    assert "HR-HR: r = -0.20 (n = 21)" in finding.statement
+    weak = jsd_overlap([(800, "without_lr_lr", -0.3, 0.2, 20)])
+    assert finding_divergence_overlap(weak).status == FAIL  # negative but not significant
+    # no targets: all pairs; NaN r (under 3 pairs) is not computed
+    assert finding_divergence_overlap(jsd_overlap([(800, "without_lr_lr", math.nan, math.nan, 2),
+                                                   (800, "all", -0.9, 0.01, 10)])).evidence["pairs"] == "all"
+    assert finding_divergence_overlap(jsd_overlap([(800, "all", math.nan, math.nan, 1)])).status == NOT_COMPUTED
+
+
+def test_ssft_fraction_at_olmoe_scale_counts_experts_and_routers():
+    """11 of 64 experts in layers 14 and 15: the test_adapt count of the paper's SSFT (2.0%)."""
+    result = ssft_fraction_at_scale({0: 11 / 64, 1: 11 / 64}, "allenai/OLMoE-1B-7B-0924")
+    expert = 3 * 2048 * 1024
+    assert result["layers"] == [14, 15]
+    assert result["experts_per_layer"] == {"14": 11, "15": 11}
+    assert result["trainable"] == 22 * expert + 2 * 64 * 2048
+    assert result["total"] == 6_919_161_856
+    # a tiny model's 3 of 8 experts are 24 of 64 (rounded up), in the last layer only
+    one = ssft_fraction_at_scale({3: 3 / 8}, "allenai/OLMoE-1B-7B-0924")
+    assert one["layers"] == [15] and one["trainable"] == 24 * expert + 64 * 2048
+
+
+def adaptation(rows: list[tuple]) -> pl.DataFrame:
+    return pl.DataFrame([(t, m, f"adapt-{t}-{m}", "cpt-step800", frac, "perplexity", "perplexity", start, value,
+                          value / start, 1.01, 6) for t, m, frac, start, value in rows],
+                        schema={"target": pl.String, "method": pl.String, "model": pl.String, "start": pl.String,
+                                "trainable_fraction": pl.Float64, "family": pl.String, "metric": pl.String,
+                                "start_value": pl.Float64, "value": pl.Float64, "target_gain": pl.Float64,
+                                "hr_change": pl.Float64, "n_hr": pl.Int64}, orient="row")
+
+
+def test_ssft_gain_share_is_the_log_perplexity_ratio_averaged_over_targets():
+    options = ReportOptions()
+    selected = {"ca": {"ssft": {"2": [0, 1], "3": [4]}}, "uk": {"ssft": {"2": [5], "3": [6]}}}
+    scale = {"ca": {"layers": [14, 15], "experts_per_layer": {"14": 16, "15": 8}, "fraction": 0.015},
+             "uk": {"layers": [14, 15], "experts_per_layer": {"14": 8, "15": 8}, "fraction": 0.012}}
+    table = adaptation([("ca", "ssft", 0.1, 100.0, 42.0), ("ca", "aeft", 0.3, 100.0, 40.0),
+                        ("uk", "ssft", 0.1, 200.0, 60.0), ("uk", "aeft", 0.3, 200.0, 50.0)])
+    finding = finding_ssft(selected, {2: 8, 3: 8}, table, options, scale)
+    expected = np.mean([math.log(0.42) / math.log(0.40), math.log(0.30) / math.log(0.25)])
+    assert finding.evidence["mean_gain_share"] == pytest.approx(expected)
+    assert finding.evidence["max_fraction_at_scale"] == 0.015
+    assert expected == pytest.approx(0.9076, abs=1e-4) and finding.status == PASS  # 0.908 >= 0.9
+    assert finding_ssft(selected, {2: 8, 3: 8}, table, options.replace(ssft_min_gain_share=0.95), scale).status == FAIL
+    # over 2% at scale fails whatever the gain
+    over = {**scale, "uk": {**scale["uk"], "fraction": 0.021}}
+    assert finding_ssft(selected, {2: 8, 3: 8}, table, options, over).status == FAIL
+    # AEFT that made the target worse leaves no gain to recover
+    worse = adaptation([("ca", "ssft", 0.1, 100.0, 90.0), ("ca", "aeft", 0.3, 100.0, 120.0)])
+    failed = finding_ssft(selected, {2: 8, 3: 8}, worse, options, scale)
+    assert failed.status == FAIL and failed.evidence["mean_gain_share"] is None
+    assert finding_ssft(selected, {2: 8, 3: 8}, adaptation([("ca", "ssft", 0.1, 100.0, 42.0)]), options,
+                        scale).status == NOT_COMPUTED
+    assert finding_ssft(None, None, None, options).status == NOT_COMPUTED
+
+
+def expansion_tables(new: dict[str, float], old: dict[str, float], experts: dict[str, int]):
+    plans = {"layermoe": ("layermoe", True), "uniform": ("uniform", False), "ablation": ("layermoe", False)}
+    runs = pl.DataFrame([(v, *plans[v]) for v in new], schema={"variant": pl.String, "plan": pl.String,
+                                                              "classifier": pl.Boolean}, orient="row")
+    rows = [(v, f"expand-{v}", "cpt-step800", experts[v], 0.1, 0.001, "perplexity", "perplexity", 4, 100.0,
+             new[v], new[v] / 100.0, 7, 10.0, old[v] * 10.0, old[v]) for v in new]
+    expansion = pl.DataFrame(rows, schema={
+        "variant": pl.String, "model": pl.String, "start": pl.String, "new_experts": pl.Int64,
+        "stage1_trainable_fraction": pl.Float64, "stage2_trainable_fraction": pl.Float64, "family": pl.String,
+        "metric": pl.String, "n_new": pl.Int64, "start_new": pl.Float64, "value_new": pl.Float64,
+        "new_gain": pl.Float64, "n_old": pl.Int64, "start_old": pl.Float64, "value_old": pl.Float64,
+        "old_change": pl.Float64}, orient="row")
+    return expansion, runs
+
+
+def test_expansion_finding_needs_fewer_experts_equal_perplexity_and_less_forgetting():
+    expansion, runs = expansion_tables({"layermoe": 60.0, "uniform": 59.5, "ablation": 58.0},
+                                       {"layermoe": 1.10, "uniform": 1.15, "ablation": 1.20},
+                                       {"layermoe": 8, "uniform": 12, "ablation": 8})
+    finding = finding_expansion(expansion, runs, tolerance=0.02)
+    assert finding.status == PASS  # 60.0 <= 59.5 * 1.02
+    assert finding.evidence["new_experts"] == {"layermoe": 8, "uniform": 12}
+    assert finding_expansion(expansion, runs, tolerance=0.0).status == FAIL  # 60.0 > 59.5
+    same_budget, runs = expansion_tables({"layermoe": 50.0, "uniform": 59.5, "ablation": 58.0},
+                                         {"layermoe": 1.10, "uniform": 1.15, "ablation": 1.20},
+                                         {"layermoe": 8, "uniform": 8, "ablation": 8})
+    assert finding_expansion(same_budget, runs, 0.02).status == FAIL  # not fewer experts
+    forgets, runs = expansion_tables({"layermoe": 50.0, "uniform": 59.5, "ablation": 58.0},
+                                     {"layermoe": 1.30, "uniform": 1.15, "ablation": 1.20},
+                                     {"layermoe": 8, "uniform": 12, "ablation": 8})
+    assert finding_expansion(forgets, runs, 0.02).status == FAIL  # the classifier did not reduce forgetting
+    partial, runs = expansion_tables({"layermoe": 50.0, "uniform": 59.5}, {"layermoe": 1.1, "uniform": 1.1},
+                                     {"layermoe": 8, "uniform": 12})
+    assert finding_expansion(partial, runs, 0.02).status == NOT_COMPUTED
+    assert finding_expansion(None, None, 0.02).status == NOT_COMPUTED
+
+
+def test_documents_render_tables_marks_and_figures():
+    doc = Document()
+    doc.heading(2, "Findings")
+    doc.table(["a", "b"], [[1, 0.123456], [None, "x|y"], ["**PASS**", 1234567.0]])
+    doc.figure("corpus", "Documents <per> language")
+    md = doc.markdown("report")
+    assert "| 1 | 0.123 |" in md and "| - | x\\|y |" in md and "1,234,567" in md
+    assert "![Documents <per> language](report/corpus.png)" in md
+    page = doc.html("t")
+    assert "<strong class='pass'>PASS</strong>" in page
+    assert "Documents &lt;per&gt; language" in page and "<h2>Findings</h2>" in page
+
+
+def test_figures_follow_the_stages_a_config_runs_and_each_has_a_caption(repo):
+    names = [f.name for f in report_figures(routing=True, adapt=True, expand=True)]
+    assert names == [f.name for f in FIGURES]
+    dense = [f.name for f in report_figures(routing=False, adapt=False, expand=True)]
+    assert "experts" not in dense and "routing_jsd" not in dense and "expansion" in dense
+    for figure in FIGURES:
+        assert (repo / "workflow" / "report" / f"{figure.name}.rst").is_file()
+
+
+def test_report_options_come_from_the_config(repo):
+    config = cfg.load(repo / "config" / "config.yaml")
+    options = cfg.report_options(config)
+    assert options.targets["ca"] == "es" and options.final_layers == config["routing"]["final_layers"]
+    assert ReportOptions.from_json(options.to_json()) == options
+    assert json.loads(options.to_json())["reference_model"] == "allenai/OLMoE-1B-7B-0924"
