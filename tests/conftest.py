@@ -1,5 +1,7 @@
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,29 @@ def base_options(source: dict, **overrides) -> dict:
     config = cfg.validate({"languages": {"high_resource": ["en", "es"], "targets": {"ca": "es"}},
                            "allocation": {"new_experts": 4}, "corpus": {"default_source": source, **overrides}})
     return cfg.corpus_options(config, "es")
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny end-to-end run, shared by the test files that read a finished run
+# --------------------------------------------------------------------------------------------------
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def snakemake(workdir: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The workflow's Snakemake in ``workdir`` with its ``config.yaml`` (2 cores), output captured."""
+    return subprocess.run(
+        [SNAKEMAKE, "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir), "--cores", "2",
+         "--configfile", str(workdir / "config.yaml"), *extra],
+        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The whole DAG of ``.test/config-tiny.yaml`` (about 4 minutes), run once per session: the work
+    directory (its config is ``config.yaml``) and Snakemake's completed process."""
+    work = tmp_path_factory.mktemp("dag")
+    copy_test_config("tiny", work)
+    proc = snakemake(work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work, proc

@@ -172,3 +172,33 @@ def test_report_options_come_from_the_config(repo):
     assert options.targets["ca"] == "es" and options.final_layers == config["routing"]["final_layers"]
     assert ReportOptions.from_json(options.to_json()) == options
     assert json.loads(options.to_json())["reference_model"] == "allenai/OLMoE-1B-7B-0924"
+
+
+def test_the_tiny_run_writes_the_report_with_every_figure_and_the_findings(tiny_run):
+    """Rule report (part of rule all) on the tiny DAG: report.md links every figure of the run's stages,
+    each a PNG; findings.parquet has its schema and a row per finding; summary.html has the findings."""
+    from moelang.report import FINDINGS_SCHEMA
+
+    work, _ = tiny_run
+    figures = report_figures(routing=True, adapt=True, expand=False)  # .test/config-tiny.yaml: no expansion
+    out = work / "results" / "report"
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{f.name}.png" for f in figures)
+    for figure in figures:
+        assert (out / f"{figure.name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (work / "results" / "report.md").read_text()
+    linked = {line.split("](report/")[1].split(".png)")[0] for line in md.splitlines() if "](report/" in line}
+    assert linked == {f.name for f in figures}
+    for heading in ("## Findings", "## 1. Data", "## 2. Routing dynamics", "## 3. Experts chosen",
+                    "## 4. Similarity and allocation", "## 5. Results", "### Final-layer expert fine-tuning"):
+        assert heading in md
+    assert "| gl | local data/gl.txt |" in md and "too little text" in md  # the dropped language, with why
+    findings = pl.read_parquet(out / "findings.parquet")
+    assert dict(findings.schema) == FINDINGS_SCHEMA and findings["finding"].to_list() == [1, 2, 3, 4]
+    assert set(findings["status"]) <= {PASS, FAIL, NOT_COMPUTED}
+    # the tiny config adapts without aeft and does not expand: findings 3 and 4 cannot be computed
+    assert findings["status"].to_list()[2:] == [NOT_COMPUTED, NOT_COMPUTED]
+    # finding 1 restated from the run's own specialisation table
+    spec = pl.read_parquet(work / "results" / "routing" / "metrics" / "specialization.parquet")
+    last = spec.filter(pl.col("checkpoint_step") == spec["checkpoint_step"].max()).sort("layer")["score"].to_list()
+    assert findings["status"][0] == (PASS if last[-1] > np.mean(last[:-1]) else FAIL)
+    assert "<h2>Findings</h2>" in (out / "summary.html").read_text()

@@ -1,35 +1,16 @@
 """The Snakemake DAG of the data stages, end to end, on a tiny config."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, copy_test_config
+# snakemake() and the tiny run (the session fixture tiny_run, shared with test_report_html.py) are in
+# conftest.py; test_workflow_dense imports snakemake from here
+from conftest import copy_test_config, snakemake
 from moelang import corpus, overlap, tokenize
-
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-
-
-def snakemake(workdir: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SNAKEMAKE, "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir), "--cores", "2",
-         "--configfile", str(workdir / "config.yaml"), *extra],
-        capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("dag")
-    copy_test_config("tiny", work)
-    proc = snakemake(work)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work, proc
 
 
 def test_every_output_exists_with_its_schema(tiny_run):

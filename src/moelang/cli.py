@@ -369,6 +369,7 @@ def cmd_report(args) -> None:
     optional = lambda value: None if value is None else Path(value)  # noqa: E731
     inputs = ReportInputs(corpus_summary=Path(args.corpus_summary), token_files=[Path(p) for p in args.tokens],
                           overlap=Path(args.overlap), similarity=Path(args.similarity), plan=Path(args.plan),
+                          plan_json=Path(args.plan_json),
                           results=Path(args.results), tasks=Path(args.tasks), routing_metrics=optional(args.routing_metrics),
                           selected_experts=optional(args.selected_experts), adaptation=optional(args.adaptation),
                           adapt_runs=optional(args.adapt_runs), expansion=optional(args.expansion),
@@ -605,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", required=True, help="results/overlap/overlap.parquet")
     p.add_argument("--similarity", required=True, help="results/similarity/<model>.<method>.parquet")
     p.add_argument("--plan", required=True, help="results/allocation/plan.parquet")
+    p.add_argument("--plan-json", required=True, help="results/allocation/plan.json (the old and new languages)")
     p.add_argument("--results", required=True, help="results/eval/results.parquet")
     p.add_argument("--tasks", required=True, help="results/eval/tasks (its tasks.json names each task's family)")
     p.add_argument("--routing-metrics", help="results/routing/metrics (without: no routing sections)")

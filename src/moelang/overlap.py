@@ -116,7 +116,9 @@ def plot_overlap(table: pl.DataFrame, path: str | Path, languages: list[str]) ->
                 for j in range(n):
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
                             color="white" if grid[i, j] < 0.6 else "black")
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="overlap (0: none, 1: identical)")
+        ax.set_xlabel("language")
+        ax.set_ylabel("language")
     fig.suptitle("Token-vocabulary overlap between languages")
     save_figure(fig, path)
 

@@ -121,6 +121,7 @@ class ReportInputs:
     overlap: Path
     similarity: Path
     plan: Path
+    plan_json: Path
     results: Path
     tasks: Path
     routing_metrics: Path | None = None
@@ -281,11 +282,12 @@ def finding_specialisation(specialization: pl.DataFrame | None, final_layers: in
     evidence = {"checkpoint_step": last, "final_layers": final, "final_mean": final_mean, "earlier_layers": earlier,
                 "earlier_mean": earlier_mean, "scores": {str(k_): v for k_, v in at[last].items()},
                 "first_step_scores": {str(k_): v for k_, v in at[first].items()}}
-    statement = (f"At CPT step {last} the final {k} MoE layer(s) ({', '.join(map(str, final))}) have a mean "
-                 f"specialisation score I(L;E)/H(L) of {final_mean:.3f}, "
-                 f"{'above' if passed else 'not above'} the {earlier_mean:.3f} of layers "
-                 f"{', '.join(map(str, earlier))} ({_fmt_layers(at[last])}; at step {first}: "
-                 f"{_fmt_layers(at[first])}).")
+    final_words = f"layer {final[0]}" if k == 1 else f"layers {', '.join(map(str, final))}"
+    earlier_words = f"layer {earlier[0]}" if len(earlier) == 1 else f"layers {', '.join(map(str, earlier))}"
+    statement = (f"At CPT step {last} the final MoE {final_words} {'has' if k == 1 else 'have'} a "
+                 f"{'' if k == 1 else 'mean '}specialisation score I(L;E)/H(L) of {final_mean:.3f}, "
+                 f"{'above' if passed else 'not above'} the {earlier_mean:.3f} of {earlier_words} "
+                 f"({_fmt_layers(at[last])}; at step {first}: {_fmt_layers(at[first])}).")
     return Finding(1, PASS if passed else FAIL, statement, evidence)
 
 
@@ -526,6 +528,50 @@ def _method_order(name: str) -> tuple:
     return (order.index(name) if name in order else len(order) - 0.5 if name.startswith("seft_top") else len(order), name)
 
 
+def plot_similarity_groups(similarity: pl.DataFrame, old: list[str], new: list[str], path) -> None:
+    """Cross-lingual similarity per layer: the mean over old-old, new-old and new-new pairs (named) and
+    LayerMoE's layer score S = (new-old + new-new) / 2, every single pair thin and grey behind them."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _plt()
+    pairs = similarity.filter(pl.col("lang_a") != pl.col("lang_b"))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for _, part in pairs.group_by(["lang_a", "lang_b"], maintain_order=True):
+        part = part.sort("layer")
+        ax.plot(part["layer"], part["similarity"], color="lightgrey", linewidth=0.7, zorder=1)
+    ax.plot([], [], color="lightgrey", label="a single language pair")
+    old_set, new_set = set(old), set(new)
+
+    def group(a_in, b_in):
+        return pairs.filter((pl.col("lang_a").is_in(a_in) & pl.col("lang_b").is_in(b_in))
+                            | (pl.col("lang_a").is_in(b_in) & pl.col("lang_b").is_in(a_in)))
+
+    means = {}
+    for name, a_in, b_in, style in (("old-old", old_set, old_set, "tab:blue"), ("new-old", new_set, old_set, "tab:orange"),
+                                    ("new-new", new_set, new_set, "tab:green")):
+        rows = group(list(a_in), list(b_in))
+        if name == "new-old":  # not both old nor both new
+            rows = rows.filter(~(pl.col("lang_a").is_in(list(old_set)) & pl.col("lang_b").is_in(list(old_set))))
+            rows = rows.filter(~(pl.col("lang_a").is_in(list(new_set)) & pl.col("lang_b").is_in(list(new_set))))
+        if rows.height:
+            mean = rows.group_by("layer").agg(pl.col("similarity").mean()).sort("layer")
+            means[name] = mean
+            ax.plot(mean["layer"], mean["similarity"], "-o", color=style, markersize=4, label=f"mean {name} pairs")
+    if "new-old" in means:
+        score = means["new-old"]
+        if "new-new" in means:
+            score = score.join(means["new-new"], on="layer", suffix="_nn").with_columns(
+                ((pl.col("similarity") + pl.col("similarity_nn")) / 2).alias("similarity"))
+        ax.plot(score["layer"], score["similarity"], "k--", linewidth=2, label="layer score S (LayerMoE)")
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("cross-lingual similarity (mean cosine)")
+    ax.set_title(f"Similarity per layer ({similarity['model'][0]}): old {', '.join(old)}; new {', '.join(new)}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def plot_allocation(plan: pl.DataFrame, path) -> None:
     """New experts per layer for every allocation method side by side, with the layer score S_i."""
     plt = _plt()
@@ -563,8 +609,8 @@ def plot_evaluation(results: pl.DataFrame, models: list[str], high_resource: lis
 
     plt = _plt()
     families = [f for f in HEADLINE if results.filter(pl.col("family") == f).height] + ["perplexity"]
-    fig, axes = plt.subplots(1, len(families), figsize=(5.2 * len(families), max(4.0, 0.28 * len(models) + 1.5)),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), max(4.0, 0.28 * len(models) + 1.5)),
+                             squeeze=False, sharey=True)
     y = np.arange(len(models))
     for ax, family in zip(axes[0], families):
         for offset, langs, color, name in ((-0.2, high_resource, "tab:blue", "high-resource"),
@@ -572,7 +618,6 @@ def plot_evaluation(results: pl.DataFrame, models: list[str], high_resource: lis
             values = [_family_mean(results, model, family, langs) for model in models]
             ax.barh(y + offset, [np.nan if v is None else v for v in values], 0.4, color=color, label=name)
         ax.set_yticks(y, models, fontsize=7)
-        ax.invert_yaxis()
         if family == "perplexity":
             ax.set_xscale("log")
             ax.set_xlabel("held-out perplexity (geometric mean, log scale; lower is better)")
@@ -582,9 +627,13 @@ def plot_evaluation(results: pl.DataFrame, models: list[str], high_resource: lis
             ax.axvline(CHANCE[family], color="grey", linestyle=":", label="chance")
             ax.set_xlabel(f"{HEADLINE[family]} (mean over languages)")
         ax.set_title(family.replace("_", " "))
-        ax.legend(fontsize=7)
-    fig.suptitle("Every evaluated model on the high-resource and target languages")
-    fig.tight_layout()
+    axes[0][0].invert_yaxis()  # shared: the first model on top
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(f"Every evaluated model on the high-resource ({', '.join(high_resource)}) and target "
+                 f"({', '.join(targets)}) languages")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     save_figure(fig, path)
 
 
@@ -721,6 +770,7 @@ def build_report(inputs: ReportInputs, options: ReportOptions | dict, out_md: st
     overlap = pl.read_parquet(inputs.overlap)
     similarity = pl.read_parquet(inputs.similarity)
     plan = pl.read_parquet(inputs.plan)
+    plan_meta = json.loads(Path(inputs.plan_json).read_text(encoding="utf-8")).get("_meta", {})
     results = with_families(pl.read_parquet(inputs.results), Path(inputs.tasks))
     metrics = {}
     if inputs.routing_metrics is not None:
@@ -746,7 +796,6 @@ def build_report(inputs: ReportInputs, options: ReportOptions | dict, out_md: st
     from moelang.overlap import plot_overlap
     from moelang.routing_metrics import (plot_entropy, plot_jsd_dynamics, plot_jsd_heatmap, plot_jsd_overlap,
                                          plot_per_checkpoint)
-    from moelang.similarity import plot_similarity
 
     models = results["model"].unique(maintain_order=True).to_list()
     languages = [lang for lang in options.languages if lang in kept]
@@ -762,8 +811,8 @@ def build_report(inputs: ReportInputs, options: ReportOptions | dict, out_md: st
         "routing_jsd_overlap": lambda p: plot_jsd_overlap(metrics["jsd"], overlap, metrics["jsd_overlap"], p,
                                                           high_resource=hr, targets=targets),
         "experts": lambda p: plot_experts(selected, experts_per_layer, p),
-        "similarity": lambda p: plot_similarity(similarity, p, f"Cross-lingual similarity per layer "
-                                                               f"({similarity['model'][0]})"),
+        "similarity": lambda p: plot_similarity_groups(similarity, plan_meta.get("old", hr), plan_meta.get("new", targets),
+                                                       p),
         "allocation": lambda p: plot_allocation(plan, p),
         "evaluation": lambda p: plot_evaluation(results, models, hr, targets, p),
         "adaptation": lambda p: plot_adaptation(adaptation, p),
@@ -809,9 +858,11 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
     doc.heading(1, "moelang report")
     passed = sum(f.status == PASS for f in findings)
     computed = sum(f.status != NOT_COMPUTED for f in findings)
-    doc.text(f"Languages: high-resource {', '.join(options.high_resource)}; targets "
-             f"{', '.join(f'{t} (parent {p})' for t, p in options.targets.items())}. Evaluated models: "
-             f"{len(models)}. Findings: {passed} of {computed} computed pass.")
+    dropped = [lang for lang in options.languages if lang not in set(corpus.filter(pl.col("kept"))["lang"])]
+    doc.text(f"Languages: high-resource {', '.join(hr)}; targets "
+             f"{', '.join(f'{t} (parent {options.targets[t]})' for t in targets)}"
+             + (f"; dropped by the corpus stage: {', '.join(dropped)} (section 1 says why)" if dropped else "")
+             + f". Evaluated models: {len(models)}. Findings: {passed} of {computed} computed pass.")
     doc.heading(2, "Findings")
     doc.text("Each finding is computed from this run's tables (module `moelang.report`); a small CPU run may fail "
              "some, and the numbers are shown either way.")

@@ -10,6 +10,7 @@ rule report:
         overlap="results/overlap/overlap.parquet",
         similarity=f"results/similarity/{SIMILARITY_MODEL}.{SIMILARITY_METHOD}.parquet",
         plan="results/allocation/plan.parquet",
+        plan_json="results/allocation/plan.json",
         results="results/eval/results.parquet",
         tasks="results/eval/tasks",
         # the stages a config may turn off: routing (a dense base), adaptation, expansion
@@ -48,5 +49,5 @@ rule report:
     shell:
         "python -m moelang report --options {params.options:q} --corpus-summary {input.corpus_summary:q}"
         " --tokens {input.tokens:q} --overlap {input.overlap:q} --similarity {input.similarity:q}"
-        " --plan {input.plan:q} --results {input.results:q} --tasks {input.tasks:q} {params.stages}"
+        " --plan {input.plan:q} --plan-json {input.plan_json:q} --results {input.results:q} --tasks {input.tasks:q} {params.stages}"
         " --out {output.md:q} --figures {params.figures:q} 2>&1 | tee {log:q}"
