@@ -590,14 +590,18 @@ def plot_allocation(plan: pl.DataFrame, path) -> None:
                             fontsize=7)
     score = plan.filter(pl.col("method") == methods[0]).sort("layer")["score"]
     ax2 = ax.twinx()
-    ax2.plot(x, score, "k--o", markersize=3, label="layer score S (mean cosine)")
+    ax2.plot(x, score, "k--o", markersize=3, label="layer score S (right axis)")
     ax2.set_ylabel("layer score S (mean cosine)")
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xticks(x, layers)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (C: router-classifier layer of the plan)")
     ax.set_ylabel("new experts")
     ax.set_title("New experts per layer, every allocation method")
-    ax.legend(fontsize=8, loc="upper left")
-    ax2.legend(fontsize=8, loc="upper right")
+    handles, labels = ax.get_legend_handles_labels()
+    more_handles, more_labels = ax2.get_legend_handles_labels()
+    ax.legend(handles + more_handles, labels + more_labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.1, 1.0))
     save_figure(fig, path)
 
 
@@ -651,7 +655,7 @@ def _family_mean(results: pl.DataFrame, model: str, family: str, langs: list[str
 def plot_adaptation(adaptation: pl.DataFrame, path) -> None:
     """Target gain against trainable fraction (log scale), a point per (target, method): held-out
     perplexity (ratio to the start model) and each task family (accuracy change)."""
-    from matplotlib.ticker import PercentFormatter
+    from matplotlib.ticker import FuncFormatter
 
     plt = _plt()
     if adaptation.height == 0:  # every adapt target was dropped by the corpus stage
@@ -676,7 +680,7 @@ def plot_adaptation(adaptation: pl.DataFrame, path) -> None:
             ax.annotate(row["method"], (row["trainable_fraction"], row["target_gain"]), fontsize=6, alpha=0.8,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * x:g}%"))
         ax.set_xlabel("trainable fraction of the parameters (log scale)")
         if family == "perplexity":
             ax.set_ylabel("target held-out perplexity / start model's (lower is better)")
