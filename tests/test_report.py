@@ -33,7 +33,11 @@ def test_specialisation_compares_the_final_layers_with_the_others_at_the_last_ch
     # one final layer against three
     assert finding_specialisation(table, final_layers=1).evidence["earlier_mean"] == pytest.approx(0.3)
     assert finding_specialisation(None, 2).status == NOT_COMPUTED
-    assert finding_specialisation(specialization({800: [0.3]}), 2).status == NOT_COMPUTED
+    assert finding_specialisation(specialization({0: [0.3], 800: [0.3]}), 2).status == NOT_COMPUTED  # one MoE layer
+    assert finding_specialisation(specialization({0: [0.1, 0.1, 0.5, 0.5]}), 2).status == NOT_COMPUTED  # no CPT
+    # another profiled model's rows do not mix into the CPT series
+    other = specialization({900: [0.9, 0.9, 0.0, 0.0]}).with_columns(pl.lit("listed").alias("model"))
+    assert finding_specialisation(pl.concat([table, other]), 2).evidence["checkpoint_step"] == 800
 
 
 def jsd_overlap(rows: list[tuple]) -> pl.DataFrame:

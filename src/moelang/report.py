@@ -257,6 +257,13 @@ class Finding:
                 "statement": self.statement, "evidence": json.dumps(self.evidence, sort_keys=True)}
 
 
+def _checkpoint_series(table: pl.DataFrame) -> pl.DataFrame:
+    """The rows of the CPT series (model ``cpt``; without one, the table's first model): the routing
+    metrics may also hold other profiled models."""
+    models = table["model"].unique(maintain_order=True).to_list()
+    return table.filter(pl.col("model") == ("cpt" if "cpt" in models else models[0]))
+
+
 def _fmt_layers(scores: dict[int, float]) -> str:
     return ", ".join(f"layer {layer} {value:.3f}" for layer, value in sorted(scores.items()))
 
@@ -265,6 +272,10 @@ def finding_specialisation(specialization: pl.DataFrame | None, final_layers: in
     """Finding 1 (see the module docstring)."""
     if specialization is None or specialization.height == 0:
         return Finding(1, NOT_COMPUTED, "Not computed: the routing stage did not run (routing.enabled is false).", {})
+    specialization = _checkpoint_series(specialization)
+    if specialization["checkpoint_step"].n_unique() < 2:
+        return Finding(1, NOT_COMPUTED, "Not computed: the run profiled no checkpoint after continual pre-training "
+                                        "(model.cpt).", {})
     last = int(specialization["checkpoint_step"].max())
     first = int(specialization["checkpoint_step"].min())
     at = {step: {int(layer): float(score) for layer, score in
@@ -296,7 +307,7 @@ def finding_divergence_overlap(jsd_overlap: pl.DataFrame | None, measure: str = 
     """Finding 2 (see the module docstring)."""
     if jsd_overlap is None or jsd_overlap.height == 0:
         return Finding(2, NOT_COMPUTED, "Not computed: the routing stage did not run (routing.enabled is false).", {})
-    last = jsd_overlap.filter((pl.col("checkpoint_step") == pl.col("checkpoint_step").max())
+    last = _checkpoint_series(jsd_overlap).filter((pl.col("checkpoint_step") == pl.col("checkpoint_step").max())
                               & (pl.col("measure") == measure))
     by_pairs = {row["pairs"]: row for row in last.iter_rows(named=True)}
     pairs = next((p for p in ("without_lr_lr", "all") if p in by_pairs and by_pairs[p]["pearson_r"] is not None
@@ -436,8 +447,8 @@ def finding_expansion(expansion: pl.DataFrame | None, runs: pl.DataFrame | None,
     fewer = lm["new_experts"] < un["new_experts"]
     as_good = lm["value_new"] <= un["value_new"] * (1 + tolerance)
     less_forgetting = lm["old_change"] < ab["old_change"]
-    statement = (f"'{layermoe}' adds {lm['new_experts']} new experts, '{uniform}' {un['new_experts']} "
-                 f"({'fewer' if fewer else 'not fewer'}); new-language perplexity {lm['value_new']:.2f} against "
+    statement = (f"'{layermoe}' adds {lm['new_experts']} new experts, {'fewer' if fewer else 'not fewer'} than the "
+                 f"{un['new_experts']} of '{uniform}', for a new-language perplexity of {lm['value_new']:.2f} against "
                  f"{un['value_new']:.2f} ({'equal or better' if as_good else 'worse'}, tolerance "
                  f"{100 * tolerance:g}%; x{lm['new_gain']:.3f} and x{un['new_gain']:.3f} of the start model). "
                  f"Old-language perplexity changes x{lm['old_change']:.3f} with the router classifier and "
