@@ -86,7 +86,7 @@ def adaptation(rows: list[tuple]) -> pl.DataFrame:
                                 "hr_change": pl.Float64, "n_hr": pl.Int64}, orient="row")
 
 
-def test_ssft_gain_share_is_the_log_perplexity_ratio_averaged_over_targets():
+def test_ssft_gain_share_is_the_log_perplexity_ratio_averaged_over_targets(tmp_path):
     options = ReportOptions()
     selected = {"ca": {"ssft": {"2": [0, 1], "3": [4]}}, "uk": {"ssft": {"2": [5], "3": [6]}}}
     scale = {"ca": {"layers": [14, 15], "experts_per_layer": {"14": 16, "15": 8}, "fraction": 0.015},
@@ -109,6 +109,9 @@ def test_ssft_gain_share_is_the_log_perplexity_ratio_averaged_over_targets():
     assert finding_ssft(selected, {2: 8, 3: 8}, adaptation([("ca", "ssft", 0.1, 100.0, 42.0)]), options,
                         scale).status == NOT_COMPUTED
     assert finding_ssft(None, None, None, options).status == NOT_COMPUTED
+    # a reference model that cannot be loaded leaves this finding uncomputed, not the report failed
+    missing = finding_ssft(selected, {2: 8, 3: 8}, table, options.replace(reference_model=str(tmp_path / "none")))
+    assert missing.status == NOT_COMPUTED and "report.reference_model" in missing.statement
 
 
 def expansion_tables(new: dict[str, float], old: dict[str, float], experts: dict[str, int]):

@@ -86,22 +86,36 @@ class Figure:
     name: str
     section: str
     needs: str  # "always", "routing", "adapt" or "expand"
+    caption: str  # report.md's (the HTML report's longer one is workflow/report/<name>.rst)
 
 
 FIGURES = (
-    Figure("corpus", "1. Data", "always"),
-    Figure("overlap", "1. Data", "always"),
-    Figure("routing_entropy", "2. Routing dynamics", "routing"),
-    Figure("routing_jsd", "2. Routing dynamics", "routing"),
-    Figure("routing_specialization", "2. Routing dynamics", "routing"),
-    Figure("routing_jsd_heatmap", "2. Routing dynamics", "routing"),
-    Figure("routing_jsd_overlap", "2. Routing dynamics", "routing"),
-    Figure("experts", "3. Experts chosen", "routing"),
-    Figure("similarity", "4. Similarity and allocation", "always"),
-    Figure("allocation", "4. Similarity and allocation", "always"),
-    Figure("evaluation", "5. Results", "always"),
-    Figure("adaptation", "5. Results", "adapt"),
-    Figure("expansion", "5. Results", "expand"),
+    Figure("corpus", "1. Data", "always",
+           "Documents and tokens per language and split (grey: dropped by the corpus stage)."),
+    Figure("overlap", "1. Data", "always",
+           "Token-vocabulary overlap between every pair of languages."),
+    Figure("routing_entropy", "2. Routing dynamics", "routing",
+           "Routing entropy per layer and checkpoint: the base language against the mean of the others."),
+    Figure("routing_jsd", "2. Routing dynamics", "routing",
+           "Mean pairwise routing Jensen-Shannon divergence per layer and checkpoint."),
+    Figure("routing_specialization", "2. Routing dynamics", "routing",
+           "Language specialisation score I(L;E)/H(L) per layer and checkpoint."),
+    Figure("routing_jsd_heatmap", "2. Routing dynamics", "routing",
+           "Pairwise routing JSD at the last layer of the last checkpoint."),
+    Figure("routing_jsd_overlap", "2. Routing dynamics", "routing",
+           "Routing JSD against token overlap per language pair, with Pearson r per pair type."),
+    Figure("experts", "3. Experts chosen", "routing",
+           "The experts each adaptation method trains, per target and final layer."),
+    Figure("similarity", "4. Similarity and allocation", "always",
+           "Cross-lingual similarity per layer: old-old, new-old and new-new pairs and the layer score S."),
+    Figure("allocation", "4. Similarity and allocation", "always",
+           "New experts per layer of every allocation method, with the layer score S."),
+    Figure("evaluation", "5. Results", "always",
+           "Every evaluated model: held-out perplexity and task scores on high-resource and target languages."),
+    Figure("adaptation", "5. Results", "adapt",
+           "Target-language gain against the trainable fraction, per adaptation method and target."),
+    Figure("expansion", "5. Results", "expand",
+           "Per expansion variant: new-language gain, old-language forgetting and new experts added."),
 )
 """Every figure the report can have, in report order."""
 
@@ -345,7 +359,7 @@ def ssft_fraction_at_scale(shares: dict[int, float], reference_model: str) -> di
     from moelang.models import ModelAdapter, count_parameters, load_config
     from moelang.models.methods import ExpertSubset
 
-    config = load_config(reference_model)
+    config = load_config(reference_model, known_first=True)  # the architecture is all a count needs
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     adapter = ModelAdapter(model)
@@ -385,7 +399,10 @@ def finding_ssft(selected: dict | None, experts_per_layer: dict[int, int] | None
         for target in targets:
             sets = {int(layer): ids for layer, ids in selected[target]["ssft"].items()}
             shares = {layer: len(ids) / experts_per_layer[layer] for layer, ids in sets.items()}
-            scale[target] = ssft_fraction_at_scale(shares, options.reference_model)
+            try:
+                scale[target] = ssft_fraction_at_scale(shares, options.reference_model)
+            except MoelangError as exc:  # a reference that cannot be reached: the rest of the report stands
+                return Finding(3, NOT_COMPUTED, f"Not computed: report.reference_model: {exc}.", {})
     shares, per_target = [], {}
     for target in targets:
         rows = {r["method"]: r for r in ppl.filter(pl.col("target") == target).iter_rows(named=True)}
@@ -850,21 +867,6 @@ def build_report(inputs: ReportInputs, options: ReportOptions | dict, out_md: st
     return findings
 
 
-CAPTIONS = {
-    "corpus": "Documents and tokens per language and split (grey: dropped by the corpus stage).",
-    "overlap": "Token-vocabulary overlap between every pair of languages.",
-    "routing_entropy": "Routing entropy per layer and checkpoint: the base language against the mean of the others.",
-    "routing_jsd": "Mean pairwise routing Jensen-Shannon divergence per layer and checkpoint.",
-    "routing_specialization": "Language specialisation score I(L;E)/H(L) per layer and checkpoint.",
-    "routing_jsd_heatmap": "Pairwise routing JSD at the last layer of the last checkpoint.",
-    "routing_jsd_overlap": "Routing JSD against token overlap per language pair, with Pearson r per pair type.",
-    "experts": "The experts each adaptation method trains, per target and final layer.",
-    "similarity": "Cross-lingual representation similarity per layer (every pair and their mean).",
-    "allocation": "New experts per layer of every allocation method, with the layer score S.",
-    "evaluation": "Every evaluated model: held-out perplexity and task scores on high-resource and target languages.",
-    "adaptation": "Target-language gain against the trainable fraction, per adaptation method and target.",
-    "expansion": "Per expansion variant: new-language gain, old-language forgetting and new experts added.",
-}
 
 
 def _document(findings, corpus, tokens, metrics, selected, similarity, plan, results, models, adaptation, adapt_runs,
@@ -884,9 +886,11 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
     doc.table(["#", "claim", "result", "numbers"],
               [[f.number, CLAIMS[f.number], f"**{MARK[f.status]}**", f.statement] for f in findings])
 
+    captions = {figure.name: figure.caption for figure in FIGURES}
+
     def fig(name: str) -> None:
         if name in figures:
-            doc.figure(name, CAPTIONS[name])
+            doc.figure(name, captions[name])
 
     doc.heading(2, "1. Data")
     tok = {(lang, split): n for split, n, lang in tokens.iter_rows()}

@@ -82,18 +82,26 @@ def load_for_inference(model_ref: str | Path, options: LoadOptions):
     return model.eval()
 
 
-def load_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+def load_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                known_first: bool = False):
     """A model's config from the hub or a directory; offline, the architecture of a few well-known
-    models ships with moelang (``known_configs/``)."""
+    models ships with moelang (``known_configs/``). ``known_first``: the shipped copy when there is one,
+    without asking the hub (only the architecture is needed, e.g. for a parameter count)."""
     from transformers import AutoConfig
 
+    known = KNOWN_CONFIGS / (str(name_or_path).replace("/", "--") + ".json")
+
+    def shipped():
+        fields = {k: v for k, v in json.loads(known.read_text()).items() if not k.startswith("_")}
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+    if known_first and known.is_file():
+        return shipped()
     try:
         return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        known = KNOWN_CONFIGS / (str(name_or_path).replace("/", "--") + ".json")
         if known.is_file():
-            fields = {k: v for k, v in json.loads(known.read_text()).items() if not k.startswith("_")}
-            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+            return shipped()
         raise MoelangError(f"cannot load the config of '{name_or_path}' ({type(exc).__name__}: {_first_line(exc)}); "
                            f"check the hub id or directory and network access") from None
 
