@@ -652,12 +652,12 @@ def plot_evaluation(results: pl.DataFrame, models: list[str], high_resource: lis
         ax.set_yticks(y, models, fontsize=7)
         if family == "perplexity":
             ax.set_xscale("log")
-            ax.set_xlabel("held-out perplexity (geometric mean, log scale; lower is better)")
+            ax.set_xlabel("held-out perplexity\n(geometric mean, log scale; lower is better)")
         else:
             from moelang.evaluate import CHANCE
 
             ax.axvline(CHANCE[family], color="grey", linestyle=":", label="chance")
-            ax.set_xlabel(f"{HEADLINE[family]} (mean over languages)")
+            ax.set_xlabel(f"{HEADLINE[family]}\n(mean over languages)")
         ax.set_title(family.replace("_", " "))
     axes[0][0].invert_yaxis()  # shared: the first model on top
     handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
