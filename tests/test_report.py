@@ -26,6 +26,9 @@ def test_specialisation_compares_the_final_layers_with_the_others_at_the_last_ch
     assert finding.status == PASS
     assert finding.evidence["final_mean"] == pytest.approx(0.5)
     assert finding.evidence["earlier_mean"] == pytest.approx(0.25)
+    assert finding.evidence["first_step_gap"] == pytest.approx(-0.4)  # the lead grew from -0.4 to +0.25
+    # ahead at the end, but already as far ahead in the base model: not CPT's doing
+    assert finding_specialisation(specialization({0: [0.1, 0.1, 0.5, 0.5], 800: [0.2, 0.2, 0.5, 0.5]}), 2).status == FAIL
     assert finding.evidence["final_layers"] == [2, 3] and finding.evidence["checkpoint_step"] == 800
     assert "0.500" in finding.statement and "0.250" in finding.statement
     # the base model's scores (step 0) would pass the other way round: only the last checkpoint counts
@@ -58,10 +61,13 @@ def test_divergence_overlap_takes_the_authors_pairs_at_the_last_checkpoint_and_n
     assert "HR-HR: r = -0.20 (n = 21)" in finding.statement
     weak = jsd_overlap([(800, "without_lr_lr", -0.3, 0.2, 20)])
     assert finding_divergence_overlap(weak).status == FAIL  # negative but not significant
-    # no targets: all pairs; NaN r (under 3 pairs) is not computed
+    # no targets (no authors' set): all pairs; an authors' set with NaN r (under 3 pairs) is not computed,
+    # never silently replaced by all pairs (which would bring the LR-LR pairs back)
+    assert finding_divergence_overlap(jsd_overlap([(800, "all", -0.9, 0.01, 10)])).evidence["pairs"] == "all"
     assert finding_divergence_overlap(jsd_overlap([(800, "without_lr_lr", math.nan, math.nan, 2),
-                                                   (800, "all", -0.9, 0.01, 10)])).evidence["pairs"] == "all"
+                                                   (800, "all", -0.9, 0.01, 10)])).status == NOT_COMPUTED
     assert finding_divergence_overlap(jsd_overlap([(800, "all", math.nan, math.nan, 1)])).status == NOT_COMPUTED
+    assert "optimistic" in finding.statement
 
 
 def test_ssft_fraction_at_olmoe_scale_counts_experts_and_routers():
@@ -72,9 +78,12 @@ def test_ssft_fraction_at_olmoe_scale_counts_experts_and_routers():
     assert result["experts_per_layer"] == {"14": 11, "15": 11}
     assert result["trainable"] == 22 * expert + 2 * 64 * 2048
     assert result["total"] == 6_919_161_856
-    # a tiny model's 3 of 8 experts are 24 of 64 (rounded up), in the last layer only
-    one = ssft_fraction_at_scale({3: 3 / 8}, "allenai/OLMoE-1B-7B-0924")
-    assert one["layers"] == [15] and one["trainable"] == 24 * expert + 64 * 2048
+    # a tiny model's 3 of 8 specific experts are 24 of 64 (rounded up), plus 5 shared, in the last layer only
+    one = ssft_fraction_at_scale({3: 3 / 8}, "allenai/OLMoE-1B-7B-0924", shared_k=5)
+    assert one["layers"] == [15] and one["trainable"] == 29 * expert + 64 * 2048
+    # no specific expert: the shared ones alone; never more than the layer has
+    assert ssft_fraction_at_scale({3: 0.0}, "allenai/OLMoE-1B-7B-0924", shared_k=5)["experts_per_layer"] == {"15": 5}
+    assert ssft_fraction_at_scale({3: 1.0}, "allenai/OLMoE-1B-7B-0924", shared_k=5)["experts_per_layer"] == {"15": 64}
 
 
 def adaptation(rows: list[tuple]) -> pl.DataFrame:
@@ -88,7 +97,8 @@ def adaptation(rows: list[tuple]) -> pl.DataFrame:
 
 def test_ssft_gain_share_is_the_log_perplexity_ratio_averaged_over_targets(tmp_path):
     options = ReportOptions()
-    selected = {"ca": {"ssft": {"2": [0, 1], "3": [4]}}, "uk": {"ssft": {"2": [5], "3": [6]}}}
+    selected = {"ca": {"ssft": {"2": [0, 1], "3": [4]}, "seft": {"2": [0], "3": []}},
+                "uk": {"ssft": {"2": [5], "3": [6]}, "seft": {"2": [], "3": []}}}
     scale = {"ca": {"layers": [14, 15], "experts_per_layer": {"14": 16, "15": 8}, "fraction": 0.015},
              "uk": {"layers": [14, 15], "experts_per_layer": {"14": 8, "15": 8}, "fraction": 0.012}}
     table = adaptation([("ca", "ssft", 0.1, 100.0, 42.0), ("ca", "aeft", 0.3, 100.0, 40.0),
@@ -140,7 +150,12 @@ def test_expansion_finding_needs_fewer_experts_equal_perplexity_and_less_forgett
     same_budget, runs = expansion_tables({"layermoe": 50.0, "uniform": 59.5, "ablation": 58.0},
                                          {"layermoe": 1.10, "uniform": 1.15, "ablation": 1.20},
                                          {"layermoe": 8, "uniform": 8, "ablation": 8})
-    assert finding_expansion(same_budget, runs, 0.02).status == FAIL  # not fewer experts
+    equal = finding_expansion(same_budget, runs, 0.02)  # uniform_per_layer null: "fewer" cannot hold
+    assert equal.status == NOT_COMPUTED and "uniform_per_layer" in equal.statement
+    more, runs = expansion_tables({"layermoe": 50.0, "uniform": 59.5, "ablation": 58.0},
+                                  {"layermoe": 1.10, "uniform": 1.15, "ablation": 1.20},
+                                  {"layermoe": 12, "uniform": 8, "ablation": 12})
+    assert finding_expansion(more, runs, 0.02).status == FAIL  # more experts than uniform
     forgets, runs = expansion_tables({"layermoe": 50.0, "uniform": 59.5, "ablation": 58.0},
                                      {"layermoe": 1.30, "uniform": 1.15, "ablation": 1.20},
                                      {"layermoe": 8, "uniform": 12, "ablation": 8})
@@ -209,3 +224,33 @@ def test_the_tiny_run_writes_the_report_with_every_figure_and_the_findings(tiny_
     last = spec.filter(pl.col("checkpoint_step") == spec["checkpoint_step"].max()).sort("layer")["score"].to_list()
     assert findings["status"][0] == (PASS if last[-1] > np.mean(last[:-1]) else FAIL)
     assert "<h2>Findings</h2>" in (out / "summary.html").read_text()
+
+
+def test_ssft_at_scale_counts_specific_experts_by_share_plus_the_papers_shared_k_and_names_missing_inputs():
+    options = ReportOptions()
+    selected = {"ca": {"ssft": {"2": [0, 3], "3": [6]}, "seft": {"2": [0], "3": []}}}
+    table = adaptation([("ca", "ssft", 0.1, 100.0, 42.0), ("ca", "aeft", 0.3, 100.0, 40.0)])
+    finding = finding_ssft(selected, {2: 8, 3: 8}, table, options)
+    # layer 14: 1 of 8 specific -> 8 of 64, + 5 shared; layer 15: no specific, the 5 shared
+    assert finding.evidence["targets"]["ca"]["experts_at_scale"] == {"14": 13, "15": 5}
+    expert = 3 * 2048 * 1024
+    assert finding.evidence["max_fraction_at_scale"] == pytest.approx((18 * expert + 2 * 64 * 2048) / 6_919_161_856)
+    no_ppl = finding_ssft(selected, {2: 8, 3: 8}, table.with_columns(pl.lit("synthetic_blimp").alias("family")), options)
+    assert no_ppl.status == NOT_COMPUTED and "evaluation.perplexity" in no_ppl.statement
+    dropped = finding_ssft(selected, {2: 8, 3: 8}, table.clear(), options)
+    assert dropped.status == NOT_COMPUTED and "dropped every adapt target" in dropped.statement
+
+
+def test_figures_draw_without_perplexity_and_without_a_selection(tmp_path):
+    from moelang.report import plot_evaluation, plot_expansion, plot_experts
+
+    plot_experts({}, {}, tmp_path / "experts.png")
+    expansion, _ = expansion_tables({"layermoe": 60.0, "uniform": 59.5}, {"layermoe": 1.1, "uniform": 1.2},
+                                    {"layermoe": 8, "uniform": 12})
+    accuracy = expansion.with_columns(pl.lit("synthetic_blimp").alias("family"), pl.lit("acc_norm").alias("metric"))
+    plot_expansion(accuracy, tmp_path / "expansion.png")
+    results = pl.DataFrame({"model": ["m", "m"], "lang": ["en", "ca"], "task": ["t_en", "t_ca"],
+                            "metric": ["acc_norm", "acc_norm"], "value": [0.6, 0.5], "family": ["synthetic_blimp"] * 2})
+    plot_evaluation(results, ["m"], ["en"], ["ca"], tmp_path / "evaluation.png")  # no perplexity rows
+    for name in ("experts", "expansion", "evaluation"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

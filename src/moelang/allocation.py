@@ -483,7 +483,9 @@ def write_plan(result: Allocation, out_dir: str | Path, meta: dict) -> dict:
     payload = {name: plan.as_json() for name, plan in result.plans.items()}
     payload["_meta"] = {**meta, "delta": result.delta, "layers": result.layers, "scores": _floats(result.scores),
                         "scores_used": _floats(result.scores_used), "nonpositive_layers": result.nonpositive_layers,
-                        "total_new_experts": result.total, "methods": list(result.plans), "failed": result.failed,
+                        "total_new_experts": result.total,
+                        "new_experts_by_method": {name: int(p.new.sum()) for name, p in result.plans.items()},
+                        "methods": list(result.plans), "failed": result.failed,
                         "all_methods_agree": result.all_methods_agree}
     write_json(payload, out_dir / "plan.json")
     used = result.scores_used
@@ -530,7 +532,9 @@ def _plot(result: Allocation, path) -> None:
     ax.set_xticks(x, first.layers)
     ax.set_xlabel(f"layer (C: {first.method} router-classifier layer)")
     ax.set_ylabel("new experts")
-    title = f"New experts per layer ({result.total} in all)"
+    totals = {name: int(plan.new.sum()) for name, plan in plans.items()}
+    title = (f"New experts per layer ({result.total} in all)" if len(set(totals.values())) == 1 else
+             "New experts per layer (" + ", ".join(f"{name} {total}" for name, total in totals.items()) + ")")
     if result.failed:
         title += f"; no plan: {', '.join(result.failed)}"
     ax.set_title(title)

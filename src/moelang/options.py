@@ -683,6 +683,10 @@ class ReportOptions(StageOptions):
     """Finding 3: the share of the reference model's parameters SSFT must stay under (the paper's ~2%)."""
     ssft_min_gain_share: float = 0.9
     """Finding 3: the share of AEFT's target gain (log perplexity) SSFT must recover."""
+    reference_shared_k: int = 5
+    """Finding 3: shared experts SSFT trains per layer at the reference scale (the paper's k = 5 of 64;
+    the run's own ``routing.shared_k`` is sized for its model); the language-specific ones scale by
+    their share of the layer's experts."""
     reference_model: str = "allenai/OLMoE-1B-7B-0924"
     """Finding 3: the model whose config SSFT's trainable fraction is counted on (meta device, no
     weights; offline, moelang's copy of its config)."""

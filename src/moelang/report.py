@@ -18,15 +18,18 @@ off). A tiny CPU run may fail some; the report says so plainly and shows the num
 1. *After continual pre-training the final layers are more language-specialised than the early and
    middle ones* (routing paper): at the last CPT checkpoint, the mean specialisation score
    I(L;E)/H(L) of the final ``routing.final_layers`` MoE layers is above the mean of the other MoE
-   layers. The base model's scores are shown beside them.
+   layers, and that lead is larger than at the first checkpoint (the base model), so that it is
+   CPT's doing.
 2. *Routing divergence correlates negatively with vocabulary overlap*: at the last checkpoint and the
    layer of ``jsd_overlap.parquet``, the Pearson r between pairwise routing JSD and Jaccard token
    overlap over the authors' pairs (HR-HR and HR-LR; all pairs when there are no targets) is negative
-   with p < 0.05.
+   with p < 0.05 (pairs share languages, so the p-value is optimistic; the report says so).
 3. *SSFT trains under 2 % of the parameters on the real OLMoE-1B-7B config and recovers at least 90 %
-   of AEFT's target-language gain*: (a) the run's SSFT expert sets, as a share of each final layer's
-   experts, put on the final layers of ``report.reference_model``'s config (OLMoE-1B-7B, built on the
-   meta device: no weights) with those layers' routers, counted by the adaptation stage's own method
+   of AEFT's target-language gain*: (a) per target and final layer, the run's language-specific
+   (SEFT) experts as a share of the layer's experts, scaled to ``report.reference_model``'s layer,
+   plus ``report.reference_shared_k`` shared experts (the paper's k = 5; the run's own ``shared_k`` is
+   sized for its small model), on the final layers of that config (OLMoE-1B-7B, built on the meta
+   device: no weights) with those layers' routers, counted by the adaptation stage's own method
    (:class:`~moelang.models.methods.ExpertSubset`); the largest fraction over the targets is below
    ``report.ssft_max_fraction``; (b) per adapted target, SSFT's held-out perplexity gain as a share of
    AEFT's, in log perplexity (``log(ssft / start) / log(aeft / start)``), averaged over the targets, is
@@ -35,7 +38,8 @@ off). A tiny CPU run may fail some; the report says so plainly and shows the num
    perplexity, and the classifier reduces forgetting on the old languages*: the variant with the
    ``layermoe`` plan and a classifier has fewer new experts than the ``uniform`` plan's variant and a
    new-language perplexity (geometric mean) at most ``1 + report.ppl_tolerance`` times it; and its
-   old-language perplexity change is below that of the ``layermoe`` plan without a classifier.
+   old-language perplexity change is below that of the ``layermoe`` plan without a classifier. Not
+   computed when the uniform plan has LayerMoE's budget (``allocation.uniform_per_layer`` null).
 
 ``findings.parquet``
 
@@ -303,8 +307,11 @@ def finding_specialisation(specialization: pl.DataFrame | None, final_layers: in
     final, earlier = layers[-k:], layers[:-k]
     final_mean = float(np.mean([at[last][layer] for layer in final]))
     earlier_mean = float(np.mean([at[last][layer] for layer in earlier]))
-    passed = final_mean > earlier_mean
+    first_gap = float(np.mean([at[first][layer] for layer in final]) - np.mean([at[first][layer] for layer in earlier]))
+    grew = final_mean - earlier_mean > first_gap  # "after CPT": the final layers' lead is CPT's doing
+    passed = final_mean > earlier_mean and grew
     evidence = {"checkpoint_step": last, "final_layers": final, "final_mean": final_mean, "earlier_layers": earlier,
+                "first_step_gap": first_gap,
                 "earlier_mean": earlier_mean, "scores": {str(k_): v for k_, v in at[last].items()},
                 "first_step_scores": {str(k_): v for k_, v in at[first].items()}}
     final_words = f"layer {final[0]}" if k == 1 else f"layers {', '.join(map(str, final))}"
@@ -312,7 +319,8 @@ def finding_specialisation(specialization: pl.DataFrame | None, final_layers: in
     statement = (f"At CPT step {last} the final MoE {final_words} {'has' if k == 1 else 'have'} a "
                  f"{'' if k == 1 else 'mean '}specialisation score I(L;E)/H(L) of {final_mean:.3f}, "
                  f"{'above' if passed else 'not above'} the {earlier_mean:.3f} of {earlier_words} "
-                 f"({_fmt_layers(at[last])}; at step {first}: {_fmt_layers(at[first])}).")
+                 f"({_fmt_layers(at[last])}); the lead {'grew' if grew else 'did not grow'} over CPT "
+                 f"({first_gap:+.3f} at step {first}: {_fmt_layers(at[first])}).")
     return Finding(1, PASS if passed else FAIL, statement, evidence)
 
 
@@ -324,9 +332,8 @@ def finding_divergence_overlap(jsd_overlap: pl.DataFrame | None, measure: str = 
     last = _checkpoint_series(jsd_overlap).filter((pl.col("checkpoint_step") == pl.col("checkpoint_step").max())
                               & (pl.col("measure") == measure))
     by_pairs = {row["pairs"]: row for row in last.iter_rows(named=True)}
-    pairs = next((p for p in ("without_lr_lr", "all") if p in by_pairs and by_pairs[p]["pearson_r"] is not None
-                  and not math.isnan(by_pairs[p]["pearson_r"])), None)
-    if pairs is None:
+    pairs = "without_lr_lr" if "without_lr_lr" in by_pairs else "all"  # "all" only for a run without targets
+    if pairs not in by_pairs or by_pairs[pairs]["pearson_r"] is None or math.isnan(by_pairs[pairs]["pearson_r"]):
         return Finding(2, NOT_COMPUTED, "Not computed: fewer than 3 language pairs have both a routing divergence and "
                                         "an overlap value.", {})
     row = by_pairs[pairs]
@@ -340,19 +347,19 @@ def finding_divergence_overlap(jsd_overlap: pl.DataFrame | None, measure: str = 
     statement = (f"At CPT step {row['checkpoint_step']}, layer {row['layer']}, routing JSD against {measure} token "
                  f"overlap over {n} {what}: Pearson r = {r:.2f} (p = {p:.2g}), Spearman r = "
                  f"{float(row['spearman_r']):.2f}; {'negative and' if r < 0 else 'not negative,'} "
-                 f"{'significant' if p < alpha else 'not significant'} at p < {alpha:g}"
-                 + (f" ({others})." if others else "."))
+                 f"{'significant' if p < alpha else 'not significant'} at p < {alpha:g} (pairs share languages, "
+                 f"so the p-value is optimistic" + (f"; {others})." if others else ")."))
     evidence = {"checkpoint_step": int(row["checkpoint_step"]), "layer": int(row["layer"]), "pairs": pairs,
                 "measure": measure, "pearson_r": r, "pearson_p": p, "spearman_r": float(row["spearman_r"]),
                 "n_pairs": n}
     return Finding(2, PASS if passed else FAIL, statement, evidence)
 
 
-def ssft_fraction_at_scale(shares: dict[int, float], reference_model: str) -> dict:
+def ssft_fraction_at_scale(shares: dict[int, float], reference_model: str, shared_k: int = 0) -> dict:
     """SSFT's trainable parameters on ``reference_model``'s architecture (meta device, no weights): in
-    its last ``len(shares)`` MoE layers, ``ceil(share * experts)`` experts each (the shares in the order
-    of the run's final layers), plus those layers' routers, counted as the adaptation stage's
-    :class:`~moelang.models.methods.ExpertSubset` trains them."""
+    its last ``len(shares)`` MoE layers, ``ceil(share * experts)`` language-specific experts (the shares
+    in the order of the run's final layers) plus ``shared_k`` shared ones, and those layers' routers,
+    counted as the adaptation stage's :class:`~moelang.models.methods.ExpertSubset` trains them."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -364,7 +371,8 @@ def ssft_fraction_at_scale(shares: dict[int, float], reference_model: str) -> di
         model = AutoModelForCausalLM.from_config(config)
     adapter = ModelAdapter(model)
     layers = sorted(adapter.experts_per_layer)[-len(shares):]
-    experts = {layer: list(range(max(1, math.ceil(share * adapter.experts_per_layer[layer] - 1e-9))))
+    experts = {layer: list(range(min(adapter.experts_per_layer[layer],
+                                     math.ceil(share * adapter.experts_per_layer[layer] - 1e-9) + shared_k)))
                for layer, share in zip(layers, [shares[k] for k in sorted(shares)])}
     ExpertSubset(experts=experts, routers=layers).prepare(model)
     counts = count_parameters(model)
@@ -387,20 +395,30 @@ def finding_ssft(selected: dict | None, experts_per_layer: dict[int, int] | None
     if selected is None or adaptation is None:
         return Finding(3, NOT_COMPUTED, "Not computed: the run has no routing selection or no adaptation stage "
                                         "(routing.enabled or adapt.targets).", {})
+    if adaptation.height == 0:
+        return Finding(3, NOT_COMPUTED, "Not computed: no adapted model (the corpus stage dropped every adapt target).",
+                       {})
     ppl = adaptation.filter(pl.col("family") == "perplexity")
+    if ppl.height == 0:
+        return Finding(3, NOT_COMPUTED, "Not computed: the gain is measured in held-out perplexity, and "
+                                        "evaluation.perplexity is off.", {})
     methods = set(ppl["method"])
     if not {"ssft", "aeft"} <= methods:
         return Finding(3, NOT_COMPUTED, f"Not computed: adapt.methods needs both ssft and aeft (the run adapted with "
-                                        f"{', '.join(sorted(methods)) or 'none'}).", {})
+                                        f"{', '.join(sorted(methods))}).", {})
     targets = [t for t in ppl["target"].unique(maintain_order=True).to_list()
-               if t in selected and "ssft" in selected[t]]
+               if t in selected and {"ssft", "seft"} <= set(selected[t])]
+    if not targets:
+        return Finding(3, NOT_COMPUTED, "Not computed: no adapted target has SSFT and SEFT expert sets in "
+                                        "selected_experts.json.", {})
     if scale is None:
         scale = {}
         for target in targets:
-            sets = {int(layer): ids for layer, ids in selected[target]["ssft"].items()}
-            shares = {layer: len(ids) / experts_per_layer[layer] for layer, ids in sets.items()}
+            ssft_sets = {int(layer): ids for layer, ids in selected[target]["ssft"].items()}
+            specific = {int(layer): ids for layer, ids in selected[target]["seft"].items()}
+            shares = {layer: len(specific.get(layer, [])) / experts_per_layer[layer] for layer in ssft_sets}
             try:
-                scale[target] = ssft_fraction_at_scale(shares, options.reference_model)
+                scale[target] = ssft_fraction_at_scale(shares, options.reference_model, options.reference_shared_k)
             except MoelangError as exc:  # a reference that cannot be reached: the rest of the report stands
                 return Finding(3, NOT_COMPUTED, f"Not computed: report.reference_model: {exc}.", {})
     shares, per_target = [], {}
@@ -428,12 +446,14 @@ def finding_ssft(selected: dict | None, experts_per_layer: dict[int, int] | None
     gains = "; ".join(f"{t}: perplexity {v['start']:.1f} -> SSFT {v['ssft']:.1f}, AEFT {v['aeft']:.1f}, share "
                       + ("undefined (AEFT did not lower it)" if v["gain_share"] is None else f"{v['gain_share']:.2f}")
                       for t, v in per_target.items())
-    statement = (f"On {options.reference_model} (layers {', '.join(map(str, layers))}, the run's SSFT sets as a share "
-                 f"of the experts) SSFT trains at most {_pct(worst_fraction)} of the parameters "
+    statement = (f"On {options.reference_model} (layers {', '.join(map(str, layers))}: the run's language-specific "
+                 f"experts as a share of the layer's experts, plus {options.reference_shared_k} shared ones as the "
+                 f"paper takes) SSFT trains at most {_pct(worst_fraction)} of the parameters "
                  f"({'under' if fraction_ok else 'not under'} {_pct(options.ssft_max_fraction, 0)}: {sizes}; "
                  f"in this run's own model {_pct(max(v['ssft_fraction_run'] or 0 for v in per_target.values()))}); "
                  f"it recovers {'an undefined share' if mean_share is None else f'{100 * mean_share:.0f}%'} of "
-                 f"AEFT's held-out perplexity gain in log perplexity, averaged over {len(per_target)} target(s) "
+                 f"AEFT's held-out perplexity gain in log perplexity (the held-out set that also chose each "
+                 f"method's learning rate), averaged over {len(per_target)} target(s) "
                  f"({gains}); {'at least' if share_ok else 'below'} {100 * options.ssft_min_gain_share:.0f}%.")
     evidence = {"reference_model": options.reference_model, "max_fraction_at_scale": worst_fraction,
                 "mean_gain_share": mean_share, "targets": per_target}
@@ -461,6 +481,10 @@ def finding_expansion(expansion: pl.DataFrame | None, runs: pl.DataFrame | None,
         return Finding(4, NOT_COMPUTED, "Not computed: the expanded models' perplexity or their start model's is "
                                         "missing (evaluation.perplexity).", {})
     lm, un, ab = ppl[layermoe], ppl[uniform], ppl[ablation]
+    if lm["new_experts"] is not None and lm["new_experts"] == un["new_experts"]:
+        return Finding(4, NOT_COMPUTED, f"Not computed: '{uniform}' has LayerMoE's budget ({un['new_experts']} new "
+                                        f"experts; allocation.uniform_per_layer is null), so 'fewer experts' cannot "
+                                        f"hold; set it to MoE-LPR's count per layer.", {})
     fewer = lm["new_experts"] < un["new_experts"]
     as_good = lm["value_new"] <= un["value_new"] * (1 + tolerance)
     less_forgetting = lm["old_change"] < ab["old_change"]
@@ -529,6 +553,13 @@ def plot_experts(selected: dict, experts_per_layer: dict[int, int], path) -> Non
     per chosen (layer, expert)."""
     plt = _plt()
     targets = list(selected)
+    if not targets:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "No expert selection: no kept target has a parent with a routing profile", ha="center",
+                va="center")
+        ax.set_axis_off()
+        save_figure(fig, path)
+        return
     methods = sorted({m for sets in selected.values() for m in sets}, key=_method_order)
     layers = sorted({int(layer) for sets in selected.values() for s in sets.values() for layer in s})
     columns = [(layer, e) for layer in layers for e in range(experts_per_layer[layer])]
@@ -640,7 +671,7 @@ def plot_evaluation(results: pl.DataFrame, models: list[str], high_resource: lis
     from moelang.evaluate import HEADLINE
 
     plt = _plt()
-    families = [f for f in HEADLINE if results.filter(pl.col("family") == f).height] + ["perplexity"]
+    families = [f for f in list(HEADLINE) + ["perplexity"] if results.filter(pl.col("family") == f).height]
     fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), max(4.0, 0.28 * len(models) + 1.5)),
                              squeeze=False, sharey=True)
     y = np.arange(len(models))
@@ -692,8 +723,8 @@ def plot_adaptation(adaptation: pl.DataFrame, path) -> None:
         ax.set_axis_off()
         save_figure(fig, path)
         return
-    families = ["perplexity"] + [f for f in adaptation["family"].unique(maintain_order=True).to_list()
-                                 if f != "perplexity"]
+    present = adaptation["family"].unique(maintain_order=True).to_list()
+    families = sorted(present, key=lambda f: f != "perplexity")  # perplexity first when it was measured
     fig, axes = plt.subplots(1, len(families), figsize=(5.6 * len(families), 4.6), squeeze=False)
     methods = sorted(adaptation["method"].unique().to_list(), key=_method_order)
     targets = adaptation["target"].unique(maintain_order=True).to_list()
@@ -728,13 +759,21 @@ def plot_expansion(expansion: pl.DataFrame, path) -> None:
     """Per expansion variant: the new-language perplexity ratio, the old-language one (forgetting)
     and the new experts it added."""
     plt = _plt()
-    ppl = expansion.filter(pl.col("family") == "perplexity")
+    families = expansion["family"].unique(maintain_order=True).to_list()
+    family = "perplexity" if "perplexity" in families else families[0]  # evaluation.perplexity may be off
+    ppl = expansion.filter(pl.col("family") == family)
     variants = ppl["variant"].to_list()
     y = np.arange(len(variants))
     fig, axes = plt.subplots(1, 3, figsize=(14, max(3.2, 0.45 * len(variants) + 1.6)))
-    panels = (("new_gain", "new languages: perplexity / start model's\n(lower is better)", "tab:green"),
-              ("old_change", "old languages: perplexity / start model's\n(above 1: forgetting)", "tab:red"),
-              ("new_experts", "new experts added (all layers)", "tab:blue"))
+    if family == "perplexity":
+        panels = (("new_gain", "new languages: perplexity / start model's\n(lower is better)", "tab:green"),
+                  ("old_change", "old languages: perplexity / start model's\n(above 1: forgetting)", "tab:red"))
+    else:
+        metric = ppl["metric"][0]
+        panels = (("new_gain", f"new languages: {family} {metric} change\n(higher is better)", "tab:green"),
+                  ("old_change", f"old languages: {family} {metric} change\n(below 0: forgetting)", "tab:red"))
+    panels += (("new_experts", "new experts added (all layers)", "tab:blue"),)
+    reference = 1.0 if family == "perplexity" else 0.0
     for ax, (column, label, color) in zip(axes, panels):
         values = [np.nan if v is None else v for v in ppl[column].to_list()]
         ax.barh(y, values, color=color)
@@ -743,7 +782,7 @@ def plot_expansion(expansion: pl.DataFrame, path) -> None:
                 ax.annotate(f"{v:.3f}" if column != "new_experts" else f"{int(v)}", (v, yi), fontsize=7,
                             va="center", xytext=(2, 0), textcoords="offset points")
         if column != "new_experts":
-            ax.axvline(1.0, color="grey", linestyle=":")
+            ax.axvline(reference, color="grey", linestyle=":")
         ax.set_yticks(y, variants)
         ax.invert_yaxis()
         ax.set_xlabel(label)
@@ -923,8 +962,10 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
         fig("routing_jsd_overlap")
 
         doc.heading(2, "3. Experts chosen")
-        doc.text(f"Per target and method, the experts trained in each final layer (selection: the last checkpoint's "
-                 f"routing; a target inherits its parent's language-specific experts).")
+        step = int(metrics["experts"]["checkpoint_step"].max())
+        doc.text(f"Per target and method, the experts trained in each final layer (selection: the routing of "
+                 f"routing.selection_model, by default the last checkpoint, step {step}; a target inherits its "
+                 f"parent's language-specific experts).")
         rows = []
         for target, sets in selected.items():
             for method in sorted(sets, key=_method_order):
