@@ -982,7 +982,8 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
              + ", ".join(f"layer {layer} {value:.3f}" for layer, value in mean.iter_rows()) + ".")
     fig("similarity")
     methods = plan["method"].unique(maintain_order=True).to_list()
-    doc.table(["method", "new experts per layer", "total new", "router-classifier layers"],
+    doc.table(["method", "new experts per layer", "total new",
+               "router-classifier layers (used by variants with a classifier)"],
               [[m, ", ".join(map(str, plan.filter(pl.col("method") == m).sort("layer")["new_experts"])),
                 int(plan.filter(pl.col("method") == m)["new_experts"].sum()),
                 ", ".join(map(str, plan.filter((pl.col("method") == m) & pl.col("classifier")).sort("layer")["layer"]))
