@@ -62,7 +62,7 @@ import numpy as np
 import polars as pl
 
 from moelang.errors import MoelangError
-from moelang.io import atomic_path, log, save_figure, write_json
+from moelang.io import atomic_path, log, pyplot, save_figure, write_json
 from moelang.options import AllocationOptions
 
 METHODS = ("layermoe", "uniform", "mola", "increasing", "routing")
@@ -447,7 +447,7 @@ def allocate(similarity: pl.DataFrame, old: list[str], new: list[str], *, delta:
     if uniform_per_layer is not None:  # MoE-LPR's own budget: the same count in every layer, whatever the total
         attempt("uniform", lambda: plan("uniform", np.full(n, uniform_per_layer, dtype=np.int64)))
     if result.total is None:
-        for name in METHODS[1 + (uniform_per_layer is not None):]:
+        for name in [m for m in METHODS[1:] if m not in result.plans]:
             result.failed[name] = ("the budget is allocation.delta, whose total of new experts comes from the layermoe "
                                    "plan, which failed; give allocation.new_experts (--new-experts) instead")
             log.warning("allocation: no %s plan: %s", name, result.failed[name])
@@ -499,7 +499,7 @@ def write_plan(result: Allocation, out_dir: str | Path, meta: dict) -> dict:
                                        "classifier": pl.Boolean}, orient="row")
     with atomic_path(out_dir / "plan.parquet") as tmp:
         table.write_parquet(tmp)
-    _plot(result, out_dir / "plan.png")
+    plot_plan(table, out_dir / "plan.png", list(result.failed))
     log.info("allocation: %s", "; ".join(f"{n}: {list(map(int, p.new))}" for n, p in result.plans.items()))
     if result.failed:
         log.warning("allocation: the plan has %s; no plan for %s (reasons in plan.json _meta.failed)",
@@ -507,39 +507,41 @@ def write_plan(result: Allocation, out_dir: str | Path, meta: dict) -> dict:
     return payload
 
 
-def _plot(result: Allocation, path) -> None:
-    import matplotlib
+def plot_plan(plan: pl.DataFrame, path, failed=()) -> None:
+    """New experts per layer of every method in ``plan`` (the ``plan.parquet`` table) side by side,
+    with each method's total, its router-classifier layers (C) and the layer score S_i (and the S_i
+    used, where ``allocation.nonpositive`` changed it); ``failed``: methods without a plan. The stage's
+    ``plan.png`` and the report's allocation figure."""
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plans = result.plans
-    names = list(plans)
-    first = plans[names[0]]
-    x = np.arange(len(first.layers))
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(6, len(x) * 0.6), 4.2))
-    for k, name in enumerate(names):
-        ax.bar(x + k * width - 0.4 + width / 2, plans[name].new, width, label=name)
-    for layer in first.classifier_layers:
-        ax.annotate("C", (first.layers.index(layer) - 0.4 + width / 2, first.new[first.layers.index(layer)]),
-                    ha="center", va="bottom", fontsize=8)
+    plt = pyplot()
+    methods = plan["method"].unique(maintain_order=True).to_list()
+    layers = sorted(plan["layer"].unique().to_list())
+    x = np.arange(len(layers))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(7, len(layers) * 0.8), 4.4))
+    for k, method in enumerate(methods):
+        part = plan.filter(pl.col("method") == method).sort("layer")
+        total = int(part["new_experts"].sum())
+        bars = ax.bar(x + k * width - 0.4 + width / 2, part["new_experts"], width, label=f"{method} ({total} new)")
+        for bar, classifier in zip(bars, part["classifier"]):
+            if classifier:
+                ax.annotate("C", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                            fontsize=7)
+    first = plan.filter(pl.col("method") == methods[0]).sort("layer")
     ax2 = ax.twinx()
-    ax2.plot(x, result.scores, "k--o", markersize=3, label="layer score S")
-    if result.scores_used is not None and result.nonpositive_layers:
-        ax2.plot(x, result.scores_used, "k:", label="S used (allocation.nonpositive)")
+    ax2.plot(x, first["score"], "k--o", markersize=3, label="layer score S (right axis)")
+    if first["score_used"].is_not_null().all() and (first["score_used"] != first["score"]).any():
+        ax2.plot(x, first["score_used"], "k:", label="S used (allocation.nonpositive)")
     ax2.set_ylabel("layer score S (mean cosine)")
-    ax.set_xticks(x, first.layers)
-    ax.set_xlabel(f"layer (C: {first.method} router-classifier layer)")
+    ax.set_xticks(x, layers)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer (C: router-classifier layer of the plan)")
     ax.set_ylabel("new experts")
-    totals = {name: int(plan.new.sum()) for name, plan in plans.items()}
-    title = (f"New experts per layer ({result.total} in all)" if len(set(totals.values())) == 1 else
-             "New experts per layer (" + ", ".join(f"{name} {total}" for name, total in totals.items()) + ")")
-    if result.failed:
-        title += f"; no plan: {', '.join(result.failed)}"
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left")
-    ax2.legend(fontsize=8, loc="upper right")
+    ax.set_title("New experts per layer, every allocation method" + (f"; no plan: {', '.join(failed)}" if failed else ""))
+    handles, labels = ax.get_legend_handles_labels()
+    more_handles, more_labels = ax2.get_legend_handles_labels()
+    ax.legend(handles + more_handles, labels + more_labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.1, 1.0))
     save_figure(fig, path)
 
 

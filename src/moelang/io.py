@@ -97,6 +97,16 @@ def write_json(obj, path: str | Path) -> None:
             f.write("\n")
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a cluster node)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 

@@ -25,7 +25,7 @@ import polars as pl
 
 from moelang.config import check_lang
 from moelang.errors import MoelangError
-from moelang.io import atomic_path, log, save_figure
+from moelang.io import atomic_path, log, pyplot, save_figure
 
 MEASURES = ("jaccard", "weighted", "coverage")
 OVERLAP_SCHEMA = {"lang_a": pl.String, "lang_b": pl.String, "measure": pl.String, "value": pl.Float64}
@@ -92,10 +92,7 @@ def overlap(freqs: pl.DataFrame, min_count: int = 1, languages: list[str] | None
 
 
 def plot_overlap(table: pl.DataFrame, path: str | Path, languages: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     n = len(languages)

@@ -58,6 +58,7 @@ import html
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +66,7 @@ import numpy as np
 import polars as pl
 
 from moelang.errors import MoelangError
-from moelang.io import atomic_path, log, save_figure
+from moelang.io import atomic_path, log, pyplot, save_figure
 from moelang.options import ReportOptions
 
 FINDINGS_SCHEMA = {"finding": pl.Int64, "claim": pl.String, "status": pl.String, "statement": pl.String,
@@ -231,8 +232,6 @@ class Document:
 
 def _inline_html(text: str) -> str:
     """Markdown's **bold** and `code` as HTML; everything else escaped."""
-    import re
-
     escaped = html.escape(text)
     escaped = re.sub(r"\*\*(.+?)\*\*", lambda m: f"<strong class='{m.group(1).lower()}'>{m.group(1)}</strong>"
                      if m.group(1) in ("PASS", "FAIL") else f"<strong>{m.group(1)}</strong>", escaped)
@@ -412,13 +411,16 @@ def finding_ssft(selected: dict | None, experts_per_layer: dict[int, int] | None
         return Finding(3, NOT_COMPUTED, "Not computed: no adapted target has SSFT and SEFT expert sets in "
                                         "selected_experts.json.", {})
     if scale is None:
-        scale = {}
+        scale, counted = {}, {}  # targets whose sets have the same shares share one meta-device count
         for target in targets:
             ssft_sets = {int(layer): ids for layer, ids in selected[target]["ssft"].items()}
             specific = {int(layer): ids for layer, ids in selected[target]["seft"].items()}
             shares = {layer: len(specific.get(layer, [])) / experts_per_layer[layer] for layer in ssft_sets}
+            key = tuple(sorted(shares.items()))
             try:
-                scale[target] = ssft_fraction_at_scale(shares, options.reference_model, options.reference_shared_k)
+                if key not in counted:
+                    counted[key] = ssft_fraction_at_scale(shares, options.reference_model, options.reference_shared_k)
+                scale[target] = counted[key]
             except MoelangError as exc:  # a reference that cannot be reached: the rest of the report stands
                 return Finding(3, NOT_COMPUTED, f"Not computed: report.reference_model: {exc}.", {})
     shares, per_target = [], {}
@@ -507,18 +509,9 @@ def finding_expansion(expansion: pl.DataFrame | None, runs: pl.DataFrame | None,
 # Figures
 # --------------------------------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_corpus(corpus: pl.DataFrame, tokens: pl.DataFrame, path, high_resource: list[str]) -> None:
     """Documents and tokens per language and split; dropped languages greyed and labelled with why."""
-    plt = _plt()
+    plt = pyplot()
     langs = corpus["lang"].to_list()
     x = np.arange(len(langs))
     fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.75 * len(langs) * 2), 4.4))
@@ -551,7 +544,7 @@ def plot_corpus(corpus: pl.DataFrame, tokens: pl.DataFrame, path, high_resource:
 def plot_experts(selected: dict, experts_per_layer: dict[int, int], path) -> None:
     """For each target (a panel) the experts each method trains in each final layer, a filled cell
     per chosen (layer, expert)."""
-    plt = _plt()
+    plt = pyplot()
     targets = list(selected)
     if not targets:
         fig, ax = plt.subplots(figsize=(6, 2))
@@ -592,7 +585,7 @@ def plot_similarity_groups(similarity: pl.DataFrame, old: list[str], new: list[s
     LayerMoE's layer score S = (new-old + new-new) / 2, every single pair thin and grey behind them."""
     from matplotlib.ticker import MaxNLocator
 
-    plt = _plt()
+    plt = pyplot()
     pairs = similarity.filter(pl.col("lang_a") != pl.col("lang_b"))
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for _, part in pairs.group_by(["lang_a", "lang_b"], maintain_order=True):
@@ -631,46 +624,13 @@ def plot_similarity_groups(similarity: pl.DataFrame, old: list[str], new: list[s
     save_figure(fig, path)
 
 
-def plot_allocation(plan: pl.DataFrame, path) -> None:
-    """New experts per layer for every allocation method side by side, with the layer score S_i."""
-    plt = _plt()
-    methods = plan["method"].unique(maintain_order=True).to_list()
-    layers = sorted(plan["layer"].unique().to_list())
-    x = np.arange(len(layers))
-    width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(7, len(layers) * 0.8), 4.4))
-    for k, method in enumerate(methods):
-        part = plan.filter(pl.col("method") == method).sort("layer")
-        total = int(part["new_experts"].sum())
-        bars = ax.bar(x + k * width - 0.4 + width / 2, part["new_experts"], width, label=f"{method} ({total} new)")
-        for bar, classifier in zip(bars, part["classifier"]):
-            if classifier:
-                ax.annotate("C", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                            fontsize=7)
-    score = plan.filter(pl.col("method") == methods[0]).sort("layer")["score"]
-    ax2 = ax.twinx()
-    ax2.plot(x, score, "k--o", markersize=3, label="layer score S (right axis)")
-    ax2.set_ylabel("layer score S (mean cosine)")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set_xticks(x, layers)
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer (C: router-classifier layer of the plan)")
-    ax.set_ylabel("new experts")
-    ax.set_title("New experts per layer, every allocation method")
-    handles, labels = ax.get_legend_handles_labels()
-    more_handles, more_labels = ax2.get_legend_handles_labels()
-    ax.legend(handles + more_handles, labels + more_labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.1, 1.0))
-    save_figure(fig, path)
-
-
 def plot_evaluation(results: pl.DataFrame, models: list[str], high_resource: list[str], targets: list[str],
                     path) -> None:
     """Every evaluated model's held-out perplexity (geometric mean) and headline task scores (mean)
     over the high-resource and the target languages."""
     from moelang.evaluate import HEADLINE
 
-    plt = _plt()
+    plt = pyplot()
     families = [f for f in list(HEADLINE) + ["perplexity"] if results.filter(pl.col("family") == f).height]
     fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), max(4.0, 0.28 * len(models) + 1.5)),
                              squeeze=False, sharey=True)
@@ -701,14 +661,14 @@ def plot_evaluation(results: pl.DataFrame, models: list[str], high_resource: lis
 
 
 def _family_mean(results: pl.DataFrame, model: str, family: str, langs: list[str]) -> float | None:
-    from moelang.evaluate import HEADLINE
+    """The summary's aggregate of one model's headline metric over ``langs`` (geometric mean for
+    perplexity)."""
+    from moelang.evaluate import HEADLINE, _aggregate
 
-    rows = results.filter((pl.col("model") == model) & pl.col("lang").is_in(langs))
-    if family == "perplexity":
-        rows = rows.filter(pl.col("metric") == "perplexity")
-        return float(np.exp(np.log(rows["value"].to_numpy()).mean())) if rows.height else None
-    rows = rows.filter((pl.col("family") == family) & (pl.col("metric") == HEADLINE[family]))
-    return float(rows["value"].mean()) if rows.height else None
+    metric = "perplexity" if family == "perplexity" else HEADLINE[family]
+    rows = results.filter((pl.col("model") == model) & pl.col("lang").is_in(langs) & (pl.col("family") == family)
+                          & (pl.col("metric") == metric))
+    return _aggregate(rows["value"], metric)
 
 
 def plot_adaptation(adaptation: pl.DataFrame, path) -> None:
@@ -716,7 +676,7 @@ def plot_adaptation(adaptation: pl.DataFrame, path) -> None:
     perplexity (ratio to the start model) and each task family (accuracy change)."""
     from matplotlib.ticker import FuncFormatter
 
-    plt = _plt()
+    plt = pyplot()
     if adaptation.height == 0:  # every adapt target was dropped by the corpus stage
         fig, ax = plt.subplots(figsize=(6, 2))
         ax.text(0.5, 0.5, "No adapted model: the corpus stage dropped every adapt target", ha="center", va="center")
@@ -758,7 +718,7 @@ def plot_adaptation(adaptation: pl.DataFrame, path) -> None:
 def plot_expansion(expansion: pl.DataFrame, path) -> None:
     """Per expansion variant: the new-language perplexity ratio, the old-language one (forgetting)
     and the new experts it added."""
-    plt = _plt()
+    plt = pyplot()
     families = expansion["family"].unique(maintain_order=True).to_list()
     family = "perplexity" if "perplexity" in families else families[0]  # evaluation.perplexity may be off
     ppl = expansion.filter(pl.col("family") == family)
@@ -863,6 +823,7 @@ def build_report(inputs: ReportInputs, options: ReportOptions | dict, out_md: st
         finding_expansion(expansion, expand_runs, options.ppl_tolerance),
     ]
 
+    from moelang.allocation import plot_plan
     from moelang.io import progress
     from moelang.overlap import plot_overlap
     from moelang.routing_metrics import (plot_entropy, plot_jsd_dynamics, plot_jsd_heatmap, plot_jsd_overlap,
@@ -884,7 +845,7 @@ def build_report(inputs: ReportInputs, options: ReportOptions | dict, out_md: st
         "experts": lambda p: plot_experts(selected, experts_per_layer, p),
         "similarity": lambda p: plot_similarity_groups(similarity, plan_meta.get("old", hr), plan_meta.get("new", targets),
                                                        p),
-        "allocation": lambda p: plot_allocation(plan, p),
+        "allocation": lambda p: plot_plan(plan, p, plan_meta.get("failed", {})),
         "evaluation": lambda p: plot_evaluation(results, models, hr, targets, p),
         "adaptation": lambda p: plot_adaptation(adaptation, p),
         "expansion": lambda p: plot_expansion(expansion, p),

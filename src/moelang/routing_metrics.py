@@ -55,7 +55,7 @@ import numpy as np
 import polars as pl
 
 from moelang.errors import MoelangError
-from moelang.io import atomic_path, log, save_figure, write_json
+from moelang.io import atomic_path, log, pyplot, save_figure, write_json
 from moelang.options import RoutingMetricsOptions
 
 # --------------------------------------------------------------------------------------------------
@@ -362,15 +362,6 @@ def expert_selection(profiles: pl.DataFrame, model: str, step: int, high_resourc
 # Plots
 # --------------------------------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _integer_layers(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -379,13 +370,13 @@ def _integer_layers(ax) -> None:
 
 
 def _steps_cmap(steps):
-    plt = _plt()
+    plt = pyplot()
     cmap = plt.get_cmap("viridis")
     return {s: cmap(i / max(1, len(steps) - 1)) for i, s in enumerate(steps)}
 
 
 def plot_entropy(ent: pl.DataFrame, path, base_language: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     steps = sorted(ent["checkpoint_step"].unique().to_list())
     colors = _steps_cmap(steps)
@@ -405,7 +396,7 @@ def plot_entropy(ent: pl.DataFrame, path, base_language: str) -> None:
 
 def plot_per_checkpoint(frame: pl.DataFrame, column: str, path, ylabel: str, title: str) -> None:
     """``column`` against the layer, one line per checkpoint."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     steps = sorted(frame["checkpoint_step"].unique().to_list())
     colors = _steps_cmap(steps)
@@ -424,7 +415,7 @@ def plot_jsd_dynamics(jsd_mean: pl.DataFrame, path, base_language: str) -> None:
     """Mean pairwise JSD per layer, a line per checkpoint: over every language (left) and over the
     high-resource languages only, with the base language (solid) and without it (dashed; the authors'
     Fig. 5) on the right, when those rows exist."""
-    plt = _plt()
+    plt = pyplot()
     hr_rows = jsd_mean.filter(pl.col("languages").str.starts_with("high_resource"))
     panels = [("all", None, "all languages")]
     if hr_rows.height:
@@ -451,7 +442,7 @@ def plot_jsd_dynamics(jsd_mean: pl.DataFrame, path, base_language: str) -> None:
 
 
 def plot_jsd_heatmap(jsd_table: pl.DataFrame, path, languages: list[str]) -> None:
-    plt = _plt()
+    plt = pyplot()
     last_step = jsd_table["checkpoint_step"].max()
     frame = jsd_table.filter(pl.col("checkpoint_step") == last_step)
     layer = frame["layer"].max()
@@ -479,7 +470,7 @@ def plot_jsd_overlap(jsd_table: pl.DataFrame, overlap: pl.DataFrame, summary: pl
     """The last checkpoint's pairs, coloured by type (HR-HR, HR-LR; LR-LR grey: the authors exclude
     them), with the least-squares line over the pairs the r is reported for (the authors' pairs when
     the summary has them, else all) and each set's Pearson r in the legend."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     if summary.height:
         last = summary.filter((pl.col("checkpoint_step") == summary["checkpoint_step"].max())

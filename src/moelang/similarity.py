@@ -41,7 +41,7 @@ import polars as pl
 import torch
 
 from moelang.errors import MoelangError
-from moelang.io import atomic_path, log, progress, save_figure
+from moelang.io import atomic_path, log, progress, pyplot, save_figure
 from moelang.options import SimilarityOptions
 
 CONTEXTS = ("chunks", "documents", "stream")
@@ -264,10 +264,7 @@ def parallel_similarity(adapter, tokenizer, parallel_path: str | Path, languages
 
 
 def plot_similarity(table: pl.DataFrame, path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     pairs = table.filter(pl.col("lang_a") != pl.col("lang_b"))
