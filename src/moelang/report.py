@@ -66,7 +66,7 @@ import numpy as np
 import polars as pl
 
 from moelang.errors import MoelangError
-from moelang.io import atomic_path, log, pyplot, save_figure
+from moelang.io import atomic_path, log, progress, pyplot, save_figure
 from moelang.options import ReportOptions
 
 FINDINGS_SCHEMA = {"finding": pl.Int64, "claim": pl.String, "status": pl.String, "statement": pl.String,
@@ -824,7 +824,6 @@ def build_report(inputs: ReportInputs, options: ReportOptions | dict, out_md: st
     ]
 
     from moelang.allocation import plot_plan
-    from moelang.io import progress
     from moelang.overlap import plot_overlap
     from moelang.routing_metrics import (plot_entropy, plot_jsd_dynamics, plot_jsd_heatmap, plot_jsd_overlap,
                                          plot_per_checkpoint)
@@ -865,8 +864,6 @@ def build_report(inputs: ReportInputs, options: ReportOptions | dict, out_md: st
     for finding in findings:
         log.info("report: finding %d %s: %s", finding.number, MARK[finding.status], finding.statement)
     return findings
-
-
 
 
 def _document(findings, corpus, tokens, metrics, selected, similarity, plan, results, models, adaptation, adapt_runs,
