@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("expand")
     make_base(root / "start")
     for i, lang in enumerate(NEW + OLD):
-        write_tokens(root / f"{lang}.parquet", patterned_docs(60, seed=10 + i), splits=["train"] * 50 + ["heldout"] * 10)
+        write_tokens(root / f"{lang}.parquet", patterned_docs(60, seed=10 + i), splits=["train"] * 40 + ["dev"] * 10 + ["test"] * 10)
     (root / "plan.json").write_text(json.dumps(PLAN))
     (root / "profile").mkdir()
     # parents es and ru: summed, layer 0 ranks 5, 3, ...; layer 1 ranks 7 first
@@ -159,6 +159,52 @@ def test_stage2_loss_against_its_definition():
         assert float(loss) == pytest.approx(2.0 + 0.1 * lpr + 0.1 * cls, rel=1e-5)
 
 
+def test_stage2_loss_of_causal_decisions_classifies_every_prefix():
+    opts = ExpandOptions(old=["es"], new=["ca"], lpr_weight=0.0, classifier_weight=0.5)
+    classifier = (torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(1)),)  # [batch, positions, groups]
+    outputs = type("Out", (), {"loss": torch.tensor(1.0), "router_logits": (), "classifier_logits": classifier})()
+    loss, metrics = expand.stage2_loss(["es"], [], opts)(None, torch.zeros(2, 3, dtype=torch.long), outputs,
+                                                          ["ca", "es"])
+    groups = [1, 0]  # ca new, es old: every position of a sequence carries its group
+    by_hand = np.mean([-torch.log_softmax(classifier[0][b, t].double(), 0)[groups[b]].item()
+                       for b in range(2) for t in range(3)])
+    hits = np.mean([int(classifier[0][b, t].argmax()) == groups[b] for b in range(2) for t in range(3)])
+    assert float(metrics["classifier_loss"]) == pytest.approx(by_hand, rel=1e-6)
+    assert float(metrics["classifier_accuracy"]) == pytest.approx(hits)
+    assert float(loss) == pytest.approx(1.0 + 0.5 * by_hand, rel=1e-6)
+
+
+def test_held_out_classifier_accuracy_against_a_direct_computation(setup, stages):
+    from test_layermoe import mlp_inputs, pooled_by_hand
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moelang.train import packed_windows
+
+    out, _ = stages
+    model = AutoModelForCausalLM.from_pretrained(out / "stage2").eval()
+    eos = AutoTokenizer.from_pretrained(out / "stage2").eos_token_id  # the training stream's separator
+    config = model.config
+    assert (config.classifier_pooling, config.classifier_decision) == ("mean", "causal")
+    hits, decisions, groups = 0, 0, []
+    for group, langs in ((0, OLD), (1, NEW)):
+        for lang in langs:
+            rows = packed_windows(setup / f"{lang}.parquet", 16, eos, 0, "test")[:3]
+            assert set(map(tuple, rows.tolist())).isdisjoint(map(tuple, packed_windows(
+                setup / f"{lang}.parquet", 16, eos, 0, "train").tolist()))
+            ids = torch.from_numpy(rows.astype(np.int64))
+            pooled = pooled_by_hand(mlp_inputs(model, ids)[1], "mean", "causal")
+            logits = pooled @ model.model.layers[1].mlp.classifier.weight.double().T
+            hits += int((logits.argmax(-1) == group).sum())
+            decisions += logits.shape[0] * logits.shape[1]
+            groups += [group] * len(rows)
+    measured = expand.classifier_heldout_accuracy(out / "stage2", tokens(setup, NEW + OLD), OLD, NEW, 16, 3, 0)
+    assert measured["classifier_heldout_accuracy"] == [pytest.approx(hits / decisions)]
+    assert measured["classifier_majority_baseline"] == pytest.approx(max(groups.count(0), groups.count(1)) / len(groups))
+    assert measured["classifier_heldout_sequences"] == len(groups)
+    with pytest.raises(MoelangError, match="no held-out .* old languages"):
+        expand.classifier_heldout_accuracy(out / "stage2", tokens(setup, NEW), OLD, NEW, 16, 3, 0)
+
+
 def test_gather_runs_writes_one_row_per_variant(stages, tmp_path):
     out, _ = stages
     table = expand.gather_runs([out / "stage2"], tmp_path / "runs.parquet")
@@ -168,6 +214,9 @@ def test_gather_runs_writes_one_row_per_variant(stages, tmp_path):
     assert row["experts_per_layer"] == [10, 9] and row["classifier"] is True
     assert 0 < row["stage2_trainable_fraction"] < row["stage1_trainable_fraction"] < 1
     assert math.isfinite(row["stage1_aux_loss"]) and math.isfinite(row["stage2_lpr_loss"])
+    assert (row["classifier_pooling"], row["classifier_decision"]) == ("mean", "causal")
+    assert len(row["classifier_heldout_accuracy"]) == 1 and 0 <= row["classifier_heldout_accuracy"][0] <= 1
+    assert 0.5 <= row["classifier_majority_baseline"] < 1 and row["classifier_heldout_sequences"] > 0
 
 
 def test_bad_input_stops_with_one_line(setup, tmp_path):

@@ -58,15 +58,34 @@ def routing_of(model, ids, **kwargs) -> dict[int, tuple[torch.Tensor, torch.Tens
     return recorded
 
 
+def pooled_by_hand(hidden: torch.Tensor, pooling: str, decision: str, valid=None) -> torch.Tensor:
+    """What a router classifier reads, with a loop over positions: ``[batch, hidden]`` (sequence) or
+    ``[batch, seq, hidden]`` (causal: position t pools positions 0..t)."""
+    hidden = hidden.double()
+    batch, seq, _ = hidden.shape
+    valid = torch.ones(batch, seq) if valid is None or pooling == "sum" else valid.double()
+    ends = [seq] if decision == "sequence" else range(1, seq + 1)
+    out = torch.zeros(batch, len(ends), hidden.shape[-1], dtype=torch.float64)
+    for b in range(batch):
+        for j, end in enumerate(ends):
+            total = sum(hidden[b, t] * valid[b, t] for t in range(end))
+            count = sum(float(valid[b, t]) for t in range(end))
+            out[b, j] = total / max(count, 1.0) if pooling == "mean" else total
+    return out[:, 0] if decision == "sequence" else out
+
+
 def force_classes(model, ids, classes: list[int]) -> None:
     """Set every classifier's weight so that sequence b of ``ids`` gets class ``classes[b]`` (logit +1
-    for it, -1 for the other class): solved from the MLP inputs the model itself computes, layer by
-    layer (a layer's MLP input depends on the earlier layers' decisions only)."""
-    target = torch.tensor([[1.0, -1.0] if c == 0 else [-1.0, 1.0] for c in classes])
-    for index in model.config.classifier_layers:
-        pooled = mlp_inputs(model, ids)[index].sum(dim=1).double()  # [batch, hidden]
+    for it, -1 for the other class; with causal decisions at every position): solved from the MLP
+    inputs the model itself computes, layer by layer (a layer's MLP input depends on the earlier
+    layers' decisions only)."""
+    config = model.config
+    for index in config.classifier_layers:
+        pooled = pooled_by_hand(mlp_inputs(model, ids)[index], config.classifier_pooling, config.classifier_decision)
+        per_row = pooled.shape[1] if pooled.dim() == 3 else 1
+        target = torch.tensor([[1.0, -1.0] if c == 0 else [-1.0, 1.0] for c in classes for _ in range(per_row)])
         # minimum-norm solution of pooled @ W.T = target
-        weight = torch.linalg.pinv(pooled) @ target.double()
+        weight = torch.linalg.pinv(pooled.reshape(-1, pooled.shape[-1])) @ target.double()
         model.model.layers[index].mlp.classifier.weight.data.copy_(weight.T.float())
 
 
@@ -340,19 +359,22 @@ def test_grown_classifier_keeps_an_old_sequence_on_the_original_experts():
     torch.testing.assert_close(weights[seq:].double(), expect_weights, atol=1e-6, rtol=0)
 
 
-def test_classifier_logits_are_the_sequence_sum_and_router_logits_cover_every_token():
-    expanded, _ = expand_model(dense_base(), DENSE_NEW, classifier_layers=[2, 3])
+@pytest.mark.parametrize("pooling,decision", [("sum", "sequence"), ("mean", "sequence"), ("mean", "causal"),
+                                              ("sum", "causal")])
+def test_classifier_logits_pool_as_documented_and_router_logits_cover_every_token(pooling, decision):
+    expanded, _ = expand_model(dense_base(), DENSE_NEW)
+    add_classifiers(expanded, [2, 3], pooling=pooling, decision=decision)
     ids = token_ids(seed=4, batch=3, seq=7)
     mask = torch.ones_like(ids)
-    mask[2, :3] = 0  # padding: the classifier still sums every position (the authors' code does)
+    mask[2, :3] = 0  # padding: the authors' sum counts it, the mean leaves it out
     inputs = mlp_inputs(expanded, ids, attention_mask=mask)
     with torch.no_grad():
         out = expanded(input_ids=ids, attention_mask=mask, output_classifier_logits=True, output_router_logits=True)
     assert len(out.classifier_logits) == 2
     for logits, layer in zip(out.classifier_logits, (2, 3)):
         weight = expanded.model.layers[layer].mlp.classifier.weight
-        expect = inputs[layer].double().sum(dim=1) @ weight.double().T
-        assert logits.shape == (3, 2)
+        expect = pooled_by_hand(inputs[layer], pooling, decision, mask) @ weight.double().T
+        assert logits.shape == ((3, 2) if decision == "sequence" else (3, 7, 2))
         torch.testing.assert_close(logits.double(), expect, atol=1e-5, rtol=1e-5)
     assert [tuple(r.shape) for r in out.router_logits] == [(21, 2), (21, 3), (21, 4)]
     for logits, layer in zip(out.router_logits, (1, 2, 3)):
@@ -361,6 +383,47 @@ def test_classifier_logits_are_the_sequence_sum_and_router_logits_cover_every_to
     with torch.no_grad():
         plain = expanded(input_ids=ids, attention_mask=mask)
     assert plain.classifier_logits is None and plain.router_logits is None
+
+
+def flipping_classifier(model, layer: int, ids_a, ids_b, pooling: str) -> None:
+    """A classifier weight at ``layer`` under which the whole-sequence pools of ``ids_a`` and
+    ``ids_b`` (one row each) get different classes: w orthogonal to their midpoint, along their
+    difference, so w.p_a < 0 < w.p_b."""
+    pools = [pooled_by_hand(mlp_inputs(model, ids)[layer], pooling, "sequence")[0] for ids in (ids_a, ids_b)]
+    diff, mid = pools[1] - pools[0], (pools[0] + pools[1]) / 2
+    w = diff - (diff @ mid) / (mid @ mid) * mid
+    w = w / w.norm() * 50
+    model.model.layers[layer].mlp.classifier.weight.data.copy_(torch.stack([-w, w]).float())
+
+
+@pytest.mark.parametrize("family", ["llama", "olmoe"])
+def test_causal_scores_see_neither_later_tokens_nor_other_rows(family):
+    # noise: the new experts differ from their sources, so a classifier's decision changes the output
+    expanded = (expand_model(dense_base(family), DENSE_NEW, noise=0.5)[0] if family in DENSE else
+                expand_model(tiny_model(family).eval(), GROWN_NEW, sources=GROWN_SOURCES, noise=0.5)[0])
+    layer = 3 if family == "llama" else 1
+    add_classifiers(expanded, [layer], pooling="mean", decision="causal")
+    ids = token_ids(seed=11, batch=1, seq=12)
+    if family not in DENSE:  # make the grown layer's new expert attractive, so the classifier's choice matters
+        gate = expanded.model.layers[layer].mlp.gate
+        gate.weight.data[8:] = mlp_inputs(expanded, ids)[layer].reshape(-1, gate.weight.shape[1]).mean(0) * 5.0
+    changed = ids.clone()
+    changed[0, 6:] = token_ids(seed=12, batch=1, seq=6)[0]  # the same first 6 tokens, another future
+    flipping_classifier(expanded, layer, ids, changed, "mean")
+    base, other = logits_of(expanded, ids), logits_of(expanded, changed)
+    torch.testing.assert_close(base[0, :6], other[0, :6], atol=1e-5, rtol=0)
+    # in a right-padded batch beside a longer and a shorter row, the row's real positions score the same
+    batch = torch.cat([torch.cat([ids, torch.zeros(1, 4, dtype=ids.dtype)], 1), token_ids(seed=13, batch=1, seq=16),
+                       torch.cat([ids[:, :5], torch.zeros(1, 11, dtype=ids.dtype)], 1)])
+    mask = torch.tensor([[1] * 12 + [0] * 4, [1] * 16, [1] * 5 + [0] * 11])
+    batched = logits_of(expanded, batch, attention_mask=mask)
+    torch.testing.assert_close(batched[0, :12], base[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched[2, :5], base[0, :5], atol=1e-5, rtol=0)
+    # the authors' whole-sequence decision does see the future: the same check fails for it
+    add_classifiers(expanded, [layer], pooling="sum", decision="sequence")
+    flipping_classifier(expanded, layer, ids, changed, "sum")
+    base, other = logits_of(expanded, ids), logits_of(expanded, changed)
+    assert not torch.allclose(base[0, :6], other[0, :6], atol=1e-3)
 
 
 def test_add_classifiers_adds_and_removes_and_the_config_follows(tmp_path):
@@ -540,9 +603,17 @@ def test_generate_with_a_kv_cache(family):
     assert cached.shape == (2, 11) and torch.equal(cached[:, :5], ids)
     assert torch.equal(cached, uncached)
     add_classifiers(expanded, [3] if family == "llama" else [1])
+    for layer in expanded.config.classifier_layers:  # large weights: decisions change along the sequence
+        weight = expanded.model.layers[layer].mlp.classifier.weight
+        weight.data.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)) * 20)
     with torch.no_grad():
-        classified = expanded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-    assert classified.shape == (2, 11)
+        classified = expanded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0,
+                                       output_logits=True, return_dict_in_generate=True)
+        again = expanded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+        whole = expanded(input_ids=classified.sequences).logits
+    # causal decisions carried over the cache: generating step by step is one forward over the text
+    assert classified.sequences.shape == (2, 11) and torch.equal(classified.sequences, again)
+    torch.testing.assert_close(torch.stack(classified.logits, 1), whole[:, 4:10], atol=1e-4, rtol=0)
 
 
 def test_split_experts_of_an_upcycled_layer():

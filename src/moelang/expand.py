@@ -45,7 +45,12 @@ Outputs
     ``stage1_trainable_params`` / ``stage2_trainable_params`` int64, ``stage1_trainable_fraction`` /
     ``stage2_trainable_fraction`` float64, ``stage1_loss`` / ``stage1_aux_loss`` (last step),
     ``stage2_loss``, ``stage2_lpr_loss``, ``stage2_classifier_loss``, ``stage2_classifier_accuracy``
-    float64 (NaN where a term does not exist).
+    float64 (the last training step; NaN where a term does not exist); for variants with a classifier
+    (null otherwise): ``classifier_pooling`` / ``classifier_decision`` string (how it read and decided),
+    ``classifier_heldout_accuracy`` list<float64> (one per entry of ``classifier_layers``: its
+    accuracy on the test split of the old and new languages, :func:`classifier_heldout_accuracy`),
+    ``classifier_majority_baseline`` float64 (always answering the larger class on those sequences)
+    and ``classifier_heldout_sequences`` int64.
 """
 
 from __future__ import annotations
@@ -87,6 +92,11 @@ RUNS_SCHEMA = pa.schema([
     ("stage2_lpr_loss", pa.float64()),
     ("stage2_classifier_loss", pa.float64()),
     ("stage2_classifier_accuracy", pa.float64()),
+    ("classifier_pooling", pa.string()),
+    ("classifier_decision", pa.string()),
+    ("classifier_heldout_accuracy", pa.list_(pa.float64())),
+    ("classifier_majority_baseline", pa.float64()),
+    ("classifier_heldout_sequences", pa.int64()),
 ])
 
 
@@ -251,8 +261,13 @@ def stage2_loss(old_languages: list[str], originals: list[int], options: ExpandO
         classifier_logits = getattr(outputs, "classifier_logits", None) or ()
         if classifier_logits:
             groups = (~old).long()  # old 0, new 1
-            cls = torch.stack([F.cross_entropy(c.float(), groups) for c in classifier_logits]).mean()
-            accuracy = torch.stack([(c.argmax(-1) == groups).float().mean() for c in classifier_logits]).mean()
+            # causal decisions: every position's prefix is classified as its sequence's group (the packed
+            # batches have no padding); sequence decisions: one per sequence
+            labels = [groups if c.dim() == 2 else groups[:, None].expand(c.shape[:2]) for c in classifier_logits]
+            cls = torch.stack([F.cross_entropy(c.float().flatten(0, -2), y.reshape(-1))
+                               for c, y in zip(classifier_logits, labels)]).mean()
+            accuracy = torch.stack([(c.argmax(-1) == y).float().mean()
+                                    for c, y in zip(classifier_logits, labels)]).mean()
             loss = loss + options.classifier_weight * cls
             metrics |= {"classifier_loss": cls, "classifier_accuracy": accuracy.detach()}
         return loss, metrics
@@ -354,7 +369,8 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
         method = ExpertSubset(experts={m.index: list(range(m.router.num_original, m.num_experts)) for m in layers},
                               routers=[m.index for m in layers])
     else:
-        add_classifiers(model, classifier_layers, seed=options.seed)
+        add_classifiers(model, classifier_layers, seed=options.seed, pooling=options.classifier_pooling,
+                        decision=options.classifier_decision)
         adapter = ModelAdapter(model)
         names = [f"model.layers.{m.index}.mlp.gate" for m in adapter.moe_layers]
         names += [f"model.layers.{i}.mlp.classifier" for i in classifier_layers]
@@ -371,7 +387,8 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
     stream = PackedStream({lang: token_files[lang] for lang in mixture}, mixture, settings.seq_len, eos, options.seed)
     inputs = {"expanded model": str(model_dir), "expansion": json.dumps(expansion, sort_keys=True),
               "stage": str(stage), "classifier layers": json.dumps(classifier_layers),
-              "loss": json.dumps({k: getattr(options, k) for k in ("lpr_weight", "lpr_form", "classifier_weight")})
+              "loss": json.dumps({k: getattr(options, k) for k in ("lpr_weight", "lpr_form", "classifier_weight",
+                                                                   "classifier_pooling", "classifier_decision")})
               if stage == 2 else ""}
     expansion = expansion | {"stage": stage}
     if stage == 2:
@@ -396,11 +413,86 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
     for key in ("loss", "aux_loss", "lpr_loss", "classifier_loss", "classifier_accuracy"):
         if key in last:
             run[f"stage{stage}_{key}"] = float(last[key])
+    if classifier_layers:
+        eval_files = {lang: token_files[lang] for lang in [*options.old, *options.new] if lang in token_files}
+        run |= classifier_heldout_accuracy(staged, eval_files, options.old, options.new, settings.seq_len,
+                                           options.classifier_eval_sequences, options.seed)
+        log.info("expansion %s: classifier held-out accuracy %s on %d sequences (majority class %.3f)",
+                 options.variant, ", ".join(f"layer {layer} {acc:.3f}" for layer, acc in
+                                            zip(classifier_layers, run["classifier_heldout_accuracy"])),
+                 run["classifier_heldout_sequences"], run["classifier_majority_baseline"])
     with atomic_path(staged / RUN_FILE) as tmp:  # last: its presence marks the stage finished
         tmp.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
     log.info("expansion %s stage %d: loss %.3f, %s of %s parameters trained (%.2f%%)", options.variant, stage,
              result.final_loss, f"{result.parameters['trainable']:,}", f"{result.parameters['total']:,}",
              100 * result.parameters["trainable_fraction"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The classifier on held-out text
+# --------------------------------------------------------------------------------------------------
+
+# The classifiers' accuracy is measured on documents that neither trained them nor chose anything: the
+# test split of every old and new language.
+CLASSIFIER_EVAL_SPLIT = "test"
+
+
+def classifier_heldout_accuracy(model_dir: str | Path, token_files: dict[str, str | Path], old: list[str],
+                                new: list[str], seq_len: int, sequences: int, seed: int,
+                                split: str = CLASSIFIER_EVAL_SPLIT, micro_batch: int = 8) -> dict:
+    """Each router classifier's accuracy on held-out sequences of the old (class 0) and new (class 1)
+    languages, as the saved model in ``model_dir`` decides when it scores text: with ``causal``
+    decisions every position's decision counts (from its prefix), with ``sequence`` decisions one per
+    sequence. Up to ``sequences`` windows of ``seq_len`` tokens per language from its ``split``
+    documents (a language with too little text is left out, with a warning). The majority-class
+    baseline is the share of the larger class among the decisions counted (every window has the same
+    length, so sequences and positions give the same share)."""
+    import torch
+
+    from moelang.models import load_model
+    from moelang.train import packed_windows
+
+    model = load_model(model_dir, dtype="float32", device="cpu").eval()
+    layers = list(model.config.classifier_layers or [])
+    if not layers:
+        raise MoelangError(f"classifier accuracy: the model '{model_dir}' has no router classifier")
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id
+    eos = 0 if eos is None else eos  # the training stream's separator (expand._train)
+    windows, labels = [], []
+    for group, langs in ((0, old), (1, new)):
+        for lang in langs:
+            if lang not in token_files:
+                continue
+            try:
+                rows = packed_windows(token_files[lang], seq_len, eos, seed, split)[:sequences]
+            except MoelangError as exc:
+                log.warning("classifier accuracy: %s left out (%s)", lang, exc)
+                continue
+            windows.append(rows)
+            labels += [group] * len(rows)
+    counts = [labels.count(0), labels.count(1)]
+    if not all(counts):
+        raise MoelangError(f"classifier accuracy: no held-out ('{split}') sequence of the "
+                           f"{'old' if not counts[0] else 'new'} languages; add text or lower the sequence length")
+    ids = torch.from_numpy(np.concatenate(windows).astype(np.int64))
+    target = torch.tensor(labels)
+    correct = torch.zeros(len(layers), dtype=torch.float64)
+    decisions = 0
+    with torch.no_grad():
+        for start in range(0, len(ids), micro_batch):
+            out = model(input_ids=ids[start:start + micro_batch], output_classifier_logits=True)
+            group = target[start:start + micro_batch]
+            for i, logits in enumerate(out.classifier_logits):
+                truth = group if logits.dim() == 2 else group[:, None].expand(logits.shape[:2])
+                correct[i] += (logits.argmax(-1) == truth).sum().double()
+            decisions += out.classifier_logits[0].shape[:-1].numel()
+    return {"classifier_heldout_accuracy": (correct / decisions).tolist(),
+            "classifier_majority_baseline": max(counts) / sum(counts),
+            "classifier_heldout_sequences": sum(counts),
+            "classifier_pooling": model.config.classifier_pooling,
+            "classifier_decision": model.config.classifier_decision}
 
 
 # --------------------------------------------------------------------------------------------------

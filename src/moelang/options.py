@@ -592,6 +592,15 @@ class ExpandOptions(LoadOptions):
     softmax); ``logits``: the plain cross-entropy on the router logits."""
     classifier_weight: float = 0.1
     """Stage 2: weight of the classifier's cross-entropy on each sequence's group (old 0, new 1)."""
+    classifier_pooling: str = "mean"
+    """What the classifier reads: ``mean`` (ours) the mean MLP input over the real tokens; ``sum``
+    (the authors') the plain sum over the sequence, padding included (it saturates the logits at a
+    small model's learning rate: :mod:`moelang.models.layermoe.common`)."""
+    classifier_decision: str = "causal"
+    """``causal`` (ours) each position decided from its prefix, so scores never see later tokens;
+    ``sequence`` (the authors') one decision from the whole sequence. Training and scoring alike."""
+    classifier_eval_sequences: int = 32
+    """Held-out (test split) sequences per old and new language for each classifier's accuracy."""
     seed: int = 0
     """The run's seed (router and classifier initialisation, data order)."""
 

@@ -190,10 +190,16 @@ def _add_noise(experts, first_new: int, noise: float, generator: torch.Generator
         new += (jitter.to(param.device) * param[:first_new].float().std()).to(param.dtype)
 
 
-def add_classifiers(model, layers: list[int], seed: int = 0) -> None:
+def add_classifiers(model, layers: list[int], seed: int = 0, pooling: str | None = None,
+                    decision: str | None = None) -> None:
     """Give ``model`` (an expanded model) router classifiers on ``layers`` (xavier-normal, seeded),
-    and none elsewhere; its config says so (``classifier_layers``)."""
+    and none elsewhere; its config says so (``classifier_layers``, and ``classifier_pooling`` /
+    ``classifier_decision`` when given: see :class:`RouterClassifier`)."""
     config = model.config
+    if pooling is not None:
+        config.classifier_pooling = pooling
+    if decision is not None:
+        config.classifier_decision = decision
     counts = list(getattr(config, "num_experts_per_layer", None) or [])
     if not counts:
         raise MoelangError(f"router classifiers go on expanded models; {config.model_type} is not one")
@@ -206,7 +212,8 @@ def add_classifiers(model, layers: list[int], seed: int = 0) -> None:
         block = layer.mlp
         if index in layers:
             weight = next(block.parameters())
-            classifier = RouterClassifier(config.hidden_size, config.classifier_groups)
+            classifier = RouterClassifier(config.hidden_size, config.classifier_groups, config.classifier_pooling,
+                                          config.classifier_decision)
             nn.init.xavier_normal_(classifier.weight, generator=generator)
             block.classifier = classifier.to(dtype=weight.dtype, device=weight.device)
             _record_outputs_of(model, block.classifier)

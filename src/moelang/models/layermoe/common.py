@@ -16,21 +16,36 @@ family's choice). Router logits are returned for every token (``output_router_lo
 a classifier restricts the choice.
 
 Router classifier (:class:`RouterClassifier`, on ``classifier_layers``): a bias-free linear layer
-(hidden -> ``classifier_groups``) on the **sum over the sequence** of the layer's MLP input (padding
-positions included, as the authors' code does); its argmax labels the whole sequence, in training
-too (hard decision). In a padded batch the sum includes the padding positions (the authors' code
-does not mask them), so a padded sequence's decision can depend on its batch; and it sums the whole
-sequence, so a token's routing depends on the tokens after it. Class 0 (old): each token is routed among the layer's original experts only,
-exactly as top-k routing would route among them alone (softmax over the original experts' logits;
-a dense base: expert 0 with weight 1; slots beyond the original count point at the first chosen
-expert with weight 0). Any other class: normal top-k over all experts. The classifier's logits are
-recorded (``output_classifier_logits``) for its training loss.
+(hidden -> ``classifier_groups``) on a pooled statistic of the layer's MLP input; its argmax is a
+hard decision (in training too). Class 0 (old): each token is routed among the layer's original
+experts only, exactly as top-k routing would route among them alone (softmax over the original
+experts' logits; a dense base: expert 0 with weight 1; slots beyond the original count point at the
+first chosen expert with weight 0). Any other class: normal top-k over all experts. The classifier's
+logits are recorded (``output_classifier_logits``) for its training loss. Two settings:
 
-**Generation with a KV cache:** each forward sees only the tokens it is given, so the prefill step
-classifies the prompt, and every later step classifies the single new token from its own MLP input
-(the decision becomes per generated token; the earlier tokens' decisions are in the cache and are
-not revisited). Scoring a whole sequence (perplexity, lm-eval log-likelihoods) is one forward and
-one decision per sequence.
+- ``classifier_pooling``: ``sum``, **the authors'**: the plain sum of the MLP inputs, padding
+  positions included (their code does not mask them). Its scale grows with the sequence length (a
+  128-token sum of RMS-normalised states has a norm near 1,000), so at a small model's learning rate
+  the logits saturate and the classifier does not learn (measured on the default: held-out accuracy
+  below the majority class, loss 26-105, and its gradient dominates the norm that clipping shrinks
+  the routers' updates by). ``mean`` (**ours, the default**): the mean over the valid (unpadded)
+  positions, whose scale is that of one hidden state whatever the length.
+- ``classifier_decision``: ``sequence``, **the authors'**: one decision per sequence from the whole
+  sequence, so a token's routing depends on the tokens after it (and, with ``sum`` pooling, on the
+  right padding its batch adds): scores that see the future. ``causal`` (**ours, the default**):
+  position t is decided from positions 1..t only (the pooled prefix), so a token's log-likelihood does
+  not depend on later tokens or on the other rows of its batch; logits ``[batch, seq, groups]`` and
+  the training loss is the cross-entropy of every position's prefix against the sequence's group.
+
+The padding mask reaches the classifiers from the decoder's ``attention_mask`` (a 2-D padding mask;
+any other mask: every position counts).
+
+**Generation with a KV cache:** with ``causal`` decisions the prefix's sum and count are carried
+from one cached forward to the next (reset by a forward without cached tokens), so a generated
+token is decided exactly as it would be in one forward over the whole text; the carried state
+follows the batch's rows in order (a beam search that reorders rows is not followed). With
+``sequence`` decisions each forward decides from the tokens it is given: the prefill step classifies
+the prompt, and every later step the single new token (the authors' behaviour with a cache).
 
 Load balancing (:func:`load_balancing_loss`): Mixtral's form, ``N_i * sum_e f_e P_e`` in each MoE
 layer with that layer's own expert count and top-k, averaged over the layers (transformers'
@@ -67,6 +82,8 @@ EXPANDED_FIELDS: dict[str, tuple[object, object]] = {
     "norm_topk_prob": (bool, True),
     "classifier_layers": (list[int] | None, None),
     "classifier_groups": (int, 2),
+    "classifier_pooling": (str, "mean"),
+    "classifier_decision": (str, "causal"),
     "output_router_logits": (bool, False),
     "output_classifier_logits": (bool, False),
     "router_aux_loss_coef": (float, 0.01),
@@ -150,16 +167,55 @@ class ExpandedTopKRouter(nn.Module):
         return f"experts={self.num_experts}, original={self.num_original}, top_k={self.top_k}"
 
 
-class RouterClassifier(nn.Module):
-    """Sequence-level old/new classifier of one layer: logits ``[batch, groups]`` from the sum over
-    the sequence of the layer's MLP input."""
+CLASSIFIER_POOLINGS = ("mean", "sum")
+CLASSIFIER_DECISIONS = ("causal", "sequence")
 
-    def __init__(self, hidden_size: int, groups: int):
+
+class RouterClassifier(nn.Module):
+    """Old/new classifier of one layer (see the module docstring): logits ``[batch, groups]``
+    (``decision="sequence"``) or ``[batch, seq, groups]`` (``"causal"``) from the pooled MLP input.
+
+    Per forward the decoder sets ``valid`` (``[batch, seq]``, 1 at real tokens; None: all) and
+    ``continues`` (the forward extends cached tokens: causal prefixes start from ``carry``)."""
+
+    def __init__(self, hidden_size: int, groups: int, pooling: str = "mean", decision: str = "causal"):
         super().__init__()
+        if pooling not in CLASSIFIER_POOLINGS or decision not in CLASSIFIER_DECISIONS:
+            raise ValueError(f"router classifier: pooling '{pooling}' (one of {CLASSIFIER_POOLINGS}), decision "
+                             f"'{decision}' (one of {CLASSIFIER_DECISIONS})")
         self.weight = nn.Parameter(torch.empty(groups, hidden_size))
+        self.pooling = pooling
+        self.decision = decision
+        self.valid: torch.Tensor | None = None
+        self.continues = False
+        self.carry: tuple[torch.Tensor, torch.Tensor] | None = None  # prefix sum [batch, d], count [batch, 1]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states.sum(dim=1), self.weight)
+        if self.pooling == "sum" and self.decision == "sequence":  # the authors' formulation, exactly
+            return F.linear(hidden_states.sum(dim=1), self.weight)
+        batch, seq, _ = hidden_states.shape
+        if self.pooling == "sum":  # the authors' unmasked sum
+            valid = hidden_states.new_ones(batch, seq, 1)
+        else:
+            valid = (self.valid.to(hidden_states.dtype).unsqueeze(-1) if self.valid is not None
+                     else hidden_states.new_ones(batch, seq, 1))
+        masked = hidden_states * valid
+        if self.decision == "sequence":
+            total = masked.sum(dim=1)
+            if self.pooling == "mean":
+                total = total / valid.sum(dim=1).clamp(min=1)
+            return F.linear(total, self.weight)
+        sums, counts = masked.cumsum(dim=1), valid.cumsum(dim=1)
+        carry = self.carry if self.continues else None
+        if carry is not None and carry[0].shape[0] == batch:
+            sums = sums + carry[0].unsqueeze(1)
+            counts = counts + carry[1].unsqueeze(1)
+        self.carry = (sums[:, -1].detach(), counts[:, -1].detach())
+        pooled = sums / counts.clamp(min=1) if self.pooling == "mean" else sums
+        return F.linear(pooled, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"pooling={self.pooling}, decision={self.decision}"
 
 
 @use_experts_implementation
@@ -204,8 +260,8 @@ class ClassifiedRoutingMixin:
         classifier = getattr(self, "classifier", None)
         if classifier is None:
             return super().forward(hidden_states)
-        old = classifier(hidden_states).argmax(dim=-1) == 0  # [batch]
-        self.gate.restrict = old.repeat_interleave(hidden_states.shape[1])
+        old = classifier(hidden_states).argmax(dim=-1) == 0  # [batch] (sequence) or [batch, seq] (causal)
+        self.gate.restrict = old.reshape(-1) if old.dim() == 2 else old.repeat_interleave(hidden_states.shape[1])
         try:
             return super().forward(hidden_states)
         finally:
@@ -219,7 +275,8 @@ def _router_for(config, layer_idx: int) -> ExpandedTopKRouter:
 
 def _classifier_for(config, layer_idx: int) -> RouterClassifier | None:
     if layer_idx in (config.classifier_layers or []):
-        return RouterClassifier(config.hidden_size, config.classifier_groups)
+        return RouterClassifier(config.hidden_size, config.classifier_groups, config.classifier_pooling,
+                                config.classifier_decision)
     return None
 
 
@@ -301,6 +358,25 @@ class ExpandedModelMixin(ExpandedInitMixin):
             if count > 1 or hasattr(self.layers[index].mlp, "experts"):  # an MoE base's layers all grow
                 self.layers[index].mlp = self.block_class(config, index)
         self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, **kwargs):
+        # the classifiers pool over the real tokens of this forward and continue a cached prefix
+        classifiers = [layer.mlp.classifier for layer in self.layers if getattr(layer.mlp, "classifier", None)]
+        if classifiers:
+            tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            valid = None
+            if attention_mask is not None and attention_mask.dim() == 2:
+                valid = attention_mask[:, attention_mask.shape[1] - tokens:]
+            continues = past_key_values is not None and past_key_values.get_seq_length() > 0
+            for classifier in classifiers:
+                classifier.valid, classifier.continues = valid, continues
+        try:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+        finally:
+            for classifier in classifiers:
+                classifier.valid = None
 
 
 @dataclasses.dataclass
