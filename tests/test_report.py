@@ -124,10 +124,17 @@ def test_ssft_gain_share_is_the_log_perplexity_ratio_averaged_over_targets(tmp_p
     assert missing.status == NOT_COMPUTED and "report.reference_model" in missing.statement
 
 
-def expansion_tables(new: dict[str, float], old: dict[str, float], experts: dict[str, int]):
+def expansion_tables(new: dict[str, float], old: dict[str, float], experts: dict[str, int],
+                     classifier_accuracy: tuple[float, ...] = (0.9, 0.8), majority: float = 0.55):
     plans = {"layermoe": ("layermoe", True), "uniform": ("uniform", False), "ablation": ("layermoe", False)}
-    runs = pl.DataFrame([(v, *plans[v]) for v in new], schema={"variant": pl.String, "plan": pl.String,
-                                                              "classifier": pl.Boolean}, orient="row")
+    runs = pl.DataFrame([(v, *plans[v], [1, 3] if plans[v][1] else None,
+                          list(classifier_accuracy) if plans[v][1] else None, majority if plans[v][1] else None,
+                          "causal" if plans[v][1] else None, "mean" if plans[v][1] else None) for v in new],
+                        schema={"variant": pl.String, "plan": pl.String, "classifier": pl.Boolean,
+                                "classifier_layers": pl.List(pl.Int32),
+                                "classifier_heldout_accuracy": pl.List(pl.Float64),
+                                "classifier_majority_baseline": pl.Float64, "classifier_decision": pl.String,
+                                "classifier_pooling": pl.String}, orient="row")
     rows = [(v, f"expand-{v}", "cpt-step800", experts[v], 0.1, 0.001, "perplexity", "perplexity", 4, 100.0,
              new[v], new[v] / 100.0, 7, 10.0, old[v] * 10.0, old[v]) for v in new]
     expansion = pl.DataFrame(rows, schema={
@@ -164,6 +171,23 @@ def test_expansion_finding_needs_fewer_experts_equal_perplexity_and_less_forgett
                                      {"layermoe": 8, "uniform": 12})
     assert finding_expansion(partial, runs, 0.02).status == NOT_COMPUTED
     assert finding_expansion(None, None, 0.02).status == NOT_COMPUTED
+
+
+def test_expansion_finding_leaves_out_the_classifier_clause_when_the_classifier_did_not_learn():
+    tables = ({"layermoe": 50.0, "uniform": 59.5, "ablation": 58.0}, {"layermoe": 1.10, "uniform": 1.15,
+                                                                     "ablation": 1.20},
+              {"layermoe": 8, "uniform": 12, "ablation": 8})
+    # layer 3 is only 0.10 above the majority class: below the 0.15 margin
+    expansion, runs = expansion_tables(*tables, classifier_accuracy=(0.90, 0.65), majority=0.55)
+    finding = finding_expansion(expansion, runs, 0.02, classifier_margin=0.15)
+    assert finding.status == NOT_COMPUTED and finding.evidence["classifier_learned"] is False
+    assert "did not learn" in finding.statement and "layer 3 0.650" in finding.statement
+    assert "0.550" in finding.statement and "causal decisions" in finding.statement
+    assert finding_expansion(expansion, runs, 0.02, classifier_margin=0.09).status == PASS  # 0.65 - 0.55 >= 0.09
+    # the clauses that do not rest on the classifier still fail on their own
+    more, runs = expansion_tables(tables[0], tables[1], {"layermoe": 12, "uniform": 8, "ablation": 12},
+                                  classifier_accuracy=(0.5,), majority=0.55)
+    assert finding_expansion(more, runs, 0.02).status == FAIL
 
 
 def test_documents_render_tables_marks_and_figures():

@@ -688,6 +688,10 @@ class ReportOptions(StageOptions):
     ppl_tolerance: float = 0.02
     """Finding 4: LayerMoE's new-language perplexity counts as equal to the uniform plan's when it is at
     most this much higher (relative)."""
+    classifier_min_margin: float = 0.15
+    """Finding 4: the router classifier counts as learned when its held-out accuracy beats the
+    majority-class baseline by at least this much in every classifier layer; otherwise the
+    classifier clause is not computed."""
     ssft_max_fraction: float = 0.02
     """Finding 3: the share of the reference model's parameters SSFT must stay under (the paper's ~2%)."""
     ssft_min_gain_share: float = 0.9

@@ -39,7 +39,12 @@ off). A tiny CPU run may fail some; the report says so plainly and shows the num
    ``layermoe`` plan and a classifier has fewer new experts than the ``uniform`` plan's variant and a
    new-language perplexity (geometric mean) at most ``1 + report.ppl_tolerance`` times it; and its
    old-language perplexity change is below that of the ``layermoe`` plan without a classifier. Not
-   computed when the uniform plan has LayerMoE's budget (``allocation.uniform_per_layer`` null).
+   computed when the uniform plan has LayerMoE's budget (``allocation.uniform_per_layer`` null). The
+   classifier clause is computed only when the classifier learned: its held-out accuracy
+   (``expand/runs.parquet``, test split) beats the majority-class baseline by at least
+   ``report.classifier_min_margin`` in every classifier layer; otherwise the finding says it did not
+   learn, with the numbers, and is not computed (fail when its other clauses fail). The sentence names
+   the classifier's decision (causal or whole-sequence) and pooling.
 
 ``findings.parquet``
 
@@ -462,7 +467,25 @@ def finding_ssft(selected: dict | None, experts_per_layer: dict[int, int] | None
     return Finding(3, PASS if fraction_ok and share_ok else FAIL, statement, evidence)
 
 
-def finding_expansion(expansion: pl.DataFrame | None, runs: pl.DataFrame | None, tolerance: float) -> Finding:
+def classifier_learning(run: dict, margin: float) -> tuple[bool, str]:
+    """Whether a variant's router classifiers learned (held-out accuracy above the majority-class
+    baseline by ``margin`` in every classifier layer) and a sentence with the numbers."""
+    accuracy = run.get("classifier_heldout_accuracy")
+    majority = run.get("classifier_majority_baseline")
+    if not accuracy or majority is None or (isinstance(majority, float) and math.isnan(majority)):
+        return False, "its classifier's held-out accuracy was not measured"
+    layers = run.get("classifier_layers") or list(range(len(accuracy)))
+    per_layer = ", ".join(f"layer {layer} {acc:.3f}" for layer, acc in zip(layers, accuracy))
+    learned = min(accuracy) - majority >= margin
+    how = (f"{run.get('classifier_decision', '?')} decisions on {run.get('classifier_pooling', '?')}-pooled "
+           f"MLP inputs")
+    return learned, (f"held-out classifier accuracy {per_layer} against {majority:.3f} for always answering the "
+                     f"larger class, on {run.get('classifier_heldout_sequences')} test-split sequences ({how}; "
+                     f"learned means at least {margin:g} above it in every layer)")
+
+
+def finding_expansion(expansion: pl.DataFrame | None, runs: pl.DataFrame | None, tolerance: float,
+                      classifier_margin: float = 0.15) -> Finding:
     """Finding 4 (see the module docstring)."""
     if expansion is None or runs is None or expansion.height == 0:
         return Finding(4, NOT_COMPUTED, "Not computed: the expansion stage did not run (expand.enabled).", {})
@@ -490,19 +513,28 @@ def finding_expansion(expansion: pl.DataFrame | None, runs: pl.DataFrame | None,
     fewer = lm["new_experts"] < un["new_experts"]
     as_good = lm["value_new"] <= un["value_new"] * (1 + tolerance)
     less_forgetting = lm["old_change"] < ab["old_change"]
+    learned, learning = classifier_learning(runs.filter(pl.col("variant") == layermoe).row(0, named=True),
+                                            classifier_margin)
     statement = (f"'{layermoe}' adds {lm['new_experts']} new experts, {'fewer' if fewer else 'not fewer'} than the "
                  f"{un['new_experts']} of '{uniform}', for a new-language perplexity of {lm['value_new']:.2f} against "
                  f"{un['value_new']:.2f} ({'equal or better' if as_good else 'worse'}, tolerance "
                  f"{100 * tolerance:g}%; x{lm['new_gain']:.3f} and x{un['new_gain']:.3f} of the start model). "
                  f"Old-language perplexity changes x{lm['old_change']:.3f} with the router classifier and "
-                 f"x{ab['old_change']:.3f} without ('{ablation}'): the classifier "
-                 f"{'reduces' if less_forgetting else 'does not reduce'} forgetting.")
+                 f"x{ab['old_change']:.3f} without ('{ablation}'); {learning}: ")
+    if learned:
+        statement += f"the classifier learned, and {'reduces' if less_forgetting else 'does not reduce'} forgetting."
+        status = PASS if fewer and as_good and less_forgetting else FAIL
+    else:
+        statement += ("the classifier did not learn, so the difference in forgetting is not the classifier's "
+                      "doing and its clause is not computed.")
+        status = FAIL if not (fewer and as_good) else NOT_COMPUTED
     evidence = {"layermoe": layermoe, "uniform": uniform, "no_classifier": ablation,
                 "new_experts": {"layermoe": lm["new_experts"], "uniform": un["new_experts"]},
                 "new_perplexity": {"layermoe": lm["value_new"], "uniform": un["value_new"]},
                 "old_change": {"layermoe": lm["old_change"], "no_classifier": ab["old_change"]},
+                "classifier_learned": learned, "classifier_min_margin": classifier_margin,
                 "tolerance": tolerance}
-    return Finding(4, PASS if fewer and as_good and less_forgetting else FAIL, statement, evidence)
+    return Finding(4, status, statement, evidence)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -820,7 +852,7 @@ def build_report(inputs: ReportInputs, options: ReportOptions | dict, out_md: st
         finding_specialisation(metrics.get("specialization"), options.final_layers),
         finding_divergence_overlap(metrics.get("jsd_overlap")),
         finding_ssft(selected, experts_per_layer, adaptation, options, scale),
-        finding_expansion(expansion, expand_runs, options.ppl_tolerance),
+        finding_expansion(expansion, expand_runs, options.ppl_tolerance, options.classifier_min_margin),
     ]
 
     from moelang.allocation import plot_plan
@@ -999,13 +1031,18 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
             by = {r["family"]: r for r in part.iter_rows(named=True)}
             run = runs.get(variant, {})
             ppl = by.get("perplexity", {})
-            row = [variant, run.get("plan", "-"), "yes" if run.get("classifier") else "no", part["new_experts"][0],
+            classifier = "no"
+            if run.get("classifier"):
+                accuracy = run.get("classifier_heldout_accuracy") or []
+                classifier = (f"{run.get('classifier_decision')}: " + "/".join(f"{a:.2f}" for a in accuracy) +
+                              f" (majority {run.get('classifier_majority_baseline', math.nan):.2f})")
+            row = [variant, run.get("plan", "-"), classifier, part["new_experts"][0],
                    _pct(part["stage1_trainable_fraction"][0]), _pct(part["stage2_trainable_fraction"][0], 3),
                    _ratio(ppl.get("new_gain")), _ratio(ppl.get("old_change"))]
             for family in fams:
                 row += [_signed(by.get(family, {}).get("new_gain")), _signed(by.get(family, {}).get("old_change"))]
             rows.append(row)
-        head = ["variant", "plan", "classifier", "new experts", "stage 1 trains", "stage 2 trains",
+        head = ["variant", "plan", "classifier: held-out accuracy", "new experts", "stage 1 trains", "stage 2 trains",
                 "new-language perplexity", "old-language perplexity"]
         for family in fams:
             head += [f"new {family}", f"old {family}"]
