@@ -331,6 +331,27 @@ def test_noise_perturbs_only_the_new_experts_of_a_grown_model():
     assert record["noise"] == 0.5
 
 
+def test_stage2_provenance_hashes_the_stage1_model_not_its_logs(setup, stages, tmp_path):
+    import shutil
+
+    out, _ = stages
+    opts = options(setup)
+    copy = tmp_path / "stage1"
+    shutil.copytree(out / "stage1", copy)
+    log = pl.read_parquet(copy / "train_log.parquet").with_columns(pl.col("tokens_per_s") * 1.5)
+    log.write_parquet(copy / "train_log.parquet")  # another run's speed: the same weights
+    record = json.loads((out / "stage2" / expand.RUN_FILE).read_text())
+    again = expand.train_stage(2, opts, copy, tokens(setup, NEW + OLD), tmp_path / "a", setup / "state2",
+                               setup / "plan.json")
+    assert again["made_from"] == record["made_from"]  # the finished stage 2 is reused, not trained again
+    with open(copy / "model.safetensors", "r+b") as f:  # other weights: another fingerprint
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    from moelang.train import tree_digest
+
+    assert tree_digest(copy, skip_suffixes=expand.RECORD_FILES) != record["made_from"]["model"]
+
+
 def test_a_leftover_finished_state_from_other_inputs_is_trained_again(setup, stages, tmp_path):
     """A job killed after its stage finished but before publishing leaves a finished state; if an
     input changed since, the rerun must not publish the stale result."""

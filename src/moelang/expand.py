@@ -70,6 +70,9 @@ from moelang.options import ExpandOptions
 
 EXPANSION_FILE = "expansion.json"
 RUN_FILE = "expand_run.json"
+# Files of a stage's directory that record how it was made, not what it is (the train log's
+# tokens_per_s differs on every run): left out of the fingerprint of the model the next stage starts from.
+RECORD_FILES = ("train_log.parquet", RUN_FILE, "moelang_run.json")
 LPR_FORMS = ("probabilities", "logits")
 INITS = ("most_used", "random")
 
@@ -333,7 +336,8 @@ def train_stage(stage: int, options: ExpandOptions | dict, model_dir: str | Path
     state_dir = Path(state_dir)
     staged = staged_path(state_dir, "model")
     # what the staged result was made from: a finished state made from other inputs is trained again
-    made_from = {"model": tree_digest(model_dir), "options": options.replace(ref="").to_json(),
+    made_from = {"model": tree_digest(model_dir, skip_suffixes=RECORD_FILES),
+                 "options": options.replace(ref="").to_json(),
                  "classifier_layers": classifier_layers, "mixture": mixture}
     if _finished(staged) and json.loads((staged / RUN_FILE).read_text(encoding="utf-8")).get("made_from") != made_from:
         log.warning("expansion %s stage %d: the staged result in %s was made from other inputs; training again",
