@@ -97,6 +97,24 @@ def test_weight_decay_on_norms_and_biases_only_when_asked():
         assert {id(p) for p in model.parameters() if p.ndim >= 2} <= {id(p) for p in decayed}
 
 
+def test_a_submodule_trains_at_its_own_peak_learning_rate():
+    from moelang.train import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    settings = TrainSettings(steps=1, lr=0.01, weight_decay=0.0, betas=(0.9, 0.999))
+    optimizer = make_optimizer(model, settings, {"1": 0.1})
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    # Adam's first step moves each coordinate by its rate (m / sqrt(v) = 1 for a constant gradient)
+    moved = [(b - p.detach()).abs() for b, p in zip(before, model.parameters())]
+    torch.testing.assert_close(moved[0], torch.full_like(moved[0], 0.01), atol=1e-6, rtol=0)  # layer 0 weight
+    torch.testing.assert_close(moved[2], torch.full_like(moved[2], 0.1), atol=1e-6, rtol=0)  # layer 1 weight
+    torch.testing.assert_close(moved[3], torch.full_like(moved[3], 0.1), atol=1e-6, rtol=0)  # layer 1 bias
+    assert sorted(g["initial_lr"] for g in optimizer.param_groups) == [0.01, 0.1]
+
+
 def test_router_z_loss_is_added_and_logged(token_files, tmp_path):
     from moelang.train import router_z_loss
 

@@ -378,7 +378,8 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
         adapter = ModelAdapter(model)
         names = [f"model.layers.{m.index}.mlp.gate" for m in adapter.moe_layers]
         names += [f"model.layers.{i}.mlp.classifier" for i in classifier_layers]
-        method = ModuleSubset(modules=names)
+        method = ModuleSubset(modules=names, peak_lrs={f"model.layers.{i}.mlp.classifier": options.classifier_lr
+                                                       for i in classifier_layers} if options.classifier_lr else {})
         # one entry per router, in the order of the router logits; None: a layer without new experts,
         # whose prior term is 0 by construction (left out of the mean)
         originals = [m.router.num_original if m.num_experts > m.router.num_original else None
@@ -392,7 +393,8 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
     inputs = {"expanded model": str(model_dir), "expansion": json.dumps(expansion, sort_keys=True),
               "stage": str(stage), "classifier layers": json.dumps(classifier_layers),
               "loss": json.dumps({k: getattr(options, k) for k in ("lpr_weight", "lpr_form", "classifier_weight",
-                                                                   "classifier_pooling", "classifier_decision")})
+                                                                   "classifier_pooling", "classifier_decision",
+                                                                   "classifier_lr")})
               if stage == 2 else ""}
     expansion = expansion | {"stage": stage}
     if stage == 2:

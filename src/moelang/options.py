@@ -599,6 +599,9 @@ class ExpandOptions(LoadOptions):
     classifier_decision: str = "causal"
     """``causal`` (ours) each position decided from its prefix, so scores never see later tokens;
     ``sequence`` (the authors') one decision from the whole sequence. Training and scoring alike."""
+    classifier_lr: float | None = None
+    """Stage 2: the router classifiers' own peak learning rate (same schedule; None: the stage's lr,
+    the authors' single rate)."""
     classifier_eval_sequences: int = 32
     """Held-out (test split) sequences per old and new language for each classifier's accuracy."""
     seed: int = 0

@@ -229,18 +229,29 @@ class PackedStream:
 # Optimiser and schedule
 # --------------------------------------------------------------------------------------------------
 
-def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for param in model.parameters():
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings,
+                   peak_lrs: dict[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: weight decay on matrices (and on norms and biases with
+    ``decay_norms_and_biases``). ``peak_lrs``: submodule name -> its own peak learning rate (the
+    schedule's factor applies to it as to ``settings.lr``), for example LayerMoE's router classifiers."""
+    peak_lrs = peak_lrs or {}
+
+    def peak_lr(name: str) -> float:
+        return next((lr for prefix, lr in peak_lrs.items() if name == prefix or name.startswith(prefix + ".")),
+                    settings.lr)
+
+    grouped: dict[tuple[float, float], list] = {}
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 or settings.decay_norms_and_biases else no_decay).append(param)
-    if not decay and not no_decay:
+        decay = settings.weight_decay if param.ndim >= 2 or settings.decay_norms_and_biases else 0.0
+        grouped.setdefault((peak_lr(name), decay), []).append(param)
+    if not grouped:
         raise MoelangError("training: no parameter is trainable; check the method's selection")
-    groups = [{"params": decay, "weight_decay": settings.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr, betas=settings.betas,
-                             eps=settings.eps, foreach=False)
+    # the base rate's groups first, decayed before not decayed (the order checkpoints were written in)
+    order = sorted(grouped, key=lambda key: (key[0] != settings.lr, -key[1], key[0]))
+    groups = [{"params": grouped[key], "lr": key[0], "initial_lr": key[0], "weight_decay": key[1]} for key in order]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, foreach=False)
 
 
 def lr_factor(step: int, settings: TrainSettings) -> float:
@@ -694,10 +705,10 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
         _fully_shard(model, accelerator.device, world)
         # The optimizer is built on the shards, so its state is sharded too; accelerate is not asked
         # to prepare anything (its DDP wrapper must not see the model).
-        optimizer = make_optimizer(model, settings)
+        optimizer = make_optimizer(model, settings, getattr(method, "peak_lrs", None))
         unwrapped, inner_optimizer = model, optimizer
     else:
-        optimizer = make_optimizer(model, settings)
+        optimizer = make_optimizer(model, settings, getattr(method, "peak_lrs", None))
         model, optimizer = accelerator.prepare(model, optimizer)
         unwrapped, inner_optimizer = accelerator.unwrap_model(model), optimizer.optimizer
     model.train()
@@ -705,7 +716,7 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
     # Before loading a checkpoint: its param groups have initial_lr (the scheduler's), and the FSDP
     # optimizer loader fills in only the keys that the live groups already have.
     for group in optimizer.param_groups:
-        group.setdefault("initial_lr", settings.lr)
+        group.setdefault("initial_lr", group["lr"])
     start_step, tokens, rows, resumed = 0, 0, [], None
     checkpoint = latest_checkpoint(state_dir)
     if checkpoint is not None:

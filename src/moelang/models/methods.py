@@ -165,6 +165,8 @@ class ModuleSubset(TrainingMethod):
     stage 2: the routers and router classifiers, ``model.layers.{i}.mlp.gate`` and ``...classifier``)."""
 
     modules: list[str] = field(default_factory=list)
+    peak_lrs: dict[str, float] = field(default_factory=dict)
+    """Submodule name -> its own peak learning rate (the others train at the settings' ``lr``)."""
 
     def prepare(self, model: nn.Module) -> list[nn.Parameter]:
         chosen = []
@@ -188,4 +190,5 @@ class ModuleSubset(TrainingMethod):
         pass
 
     def describe(self) -> str:
-        return f"modules {sorted(self.modules)}"
+        rates = f", peak learning rates {dict(sorted(self.peak_lrs.items()))}" if self.peak_lrs else ""
+        return f"modules {sorted(self.modules)}{rates}"
