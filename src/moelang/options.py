@@ -666,6 +666,9 @@ class EvalSummaryOptions(StageOptions):
     """The expansion's new languages (gain)."""
     expand_runs: str | None = None
     """``results/expand/runs.parquet`` (new experts, trainable fractions) when the expansion runs, else None."""
+    not_evaluated: dict[str, str] = field(default_factory=dict)
+    """Adapted models of the registry that are not evaluated, name -> why (their method was not trained:
+    an expert set empty in every adapted layer); summary.md lists them."""
 
 
 @dataclass(frozen=True)

@@ -972,22 +972,29 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
         for (target, method), part in adaptation.group_by(["target", "method"], maintain_order=True):
             by = {r["family"]: r for r in part.iter_rows(named=True)}
             ppl = by.get("perplexity", {})
-            lr = None
+            lr, experts = None, "-"
             if adapt_runs is not None:
                 pick = adapt_runs.filter((pl.col("lang") == target) & (pl.col("method") == method) & pl.col("selected"))
                 lr = float(pick["lr"][0]) if pick.height else None
-            row = [target, method, "-" if lr is None else f"{lr:g}", _pct(part["trainable_fraction"][0], 3),
+                experts = ", ".join(map(str, pick["experts_per_layer"][0])) if pick.height else "-"
+            row = [target, method, "-" if lr is None else f"{lr:g}", experts, _pct(part["trainable_fraction"][0], 3),
                    f"{_cell(ppl.get('value'))} ({_ratio(ppl.get('target_gain'))})", _ratio(ppl.get("hr_change"))]
             for family in fams:
                 r = by.get(family, {})
                 row.append(f"{_cell(r.get('value'))} ({_signed(r.get('target_gain'))})")
                 row.append(_signed(r.get("hr_change")))
             rows.append(row)
-        head = ["target", "method", "lr", "trainable", "target perplexity (x start)", "HR perplexity change"]
+        head = ["target", "method", "lr", "experts per adapted layer", "trainable", "target perplexity (x start)",
+                "HR perplexity change"]
         for family in fams:
             head += [f"target {family} (change)", f"HR {family} change"]
         doc.table(head, rows)
         fig("adaptation")
+    not_run = not_run_methods(adapt_runs)
+    if not_run:
+        doc.text("Not trained, so neither evaluated nor compared above (an expert set empty in every adapted layer "
+                 "would train the routers alone): "
+                 + "; ".join(f"{target} {method} ({reason})" for target, method, reason in not_run) + ".")
     if expansion is not None and expansion.height:
         doc.heading(3, "LayerMoE expansion")
         doc.text("Per variant against the model it was expanded from: new-language gain and old-language change "
@@ -1012,6 +1019,14 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
         doc.table(head, rows)
         fig("expansion")
     return doc
+
+
+def not_run_methods(adapt_runs: pl.DataFrame | None) -> list[tuple[str, str, str]]:
+    """(target, method, why) of every adaptation method the runs table records as not trained."""
+    if adapt_runs is None or "trained" not in adapt_runs.columns:
+        return []
+    rows = adapt_runs.filter(~pl.col("trained")).unique(["lang", "method"], maintain_order=True)
+    return [(r["lang"], r["method"], r["not_run_reason"]) for r in rows.iter_rows(named=True)]
 
 
 def _signed(value) -> str:
