@@ -220,6 +220,21 @@ def expansion_tables(new: dict[str, float], old: dict[str, float], experts: dict
     return expansion, runs
 
 
+def test_the_report_lists_the_adaptation_methods_that_were_not_trained():
+    from moelang.adapt import RUNS_SCHEMA
+    from moelang.report import not_run_methods
+
+    rows = [{"lang": lang, "method": method, "lr": lr, "layers": [2, 3], "experts_per_layer": [0, 0] if reason else [1, 2],
+             "selected": reason is None and lr == 1e-3, "trained": reason is None, "not_run_reason": reason}
+            for lang, method, reason in [("ca", "ssft", None), ("et", "seft", "empty: routing.alpha"),
+                                         ("et", "random", "empty: routing.alpha (as many as seft)")]
+            for lr in (1e-3, 4e-3)]
+    runs = pl.from_arrow(__import__("pyarrow").Table.from_pylist(rows, schema=RUNS_SCHEMA))
+    assert not_run_methods(runs) == [("et", "seft", "empty: routing.alpha"),
+                                     ("et", "random", "empty: routing.alpha (as many as seft)")]
+    assert not_run_methods(runs.filter(pl.col("trained"))) == [] and not_run_methods(None) == []
+
+
 def test_expansion_finding_needs_fewer_experts_equal_perplexity_and_less_forgetting():
     expansion, runs = expansion_tables({"layermoe": 60.0, "uniform": 59.5, "ablation": 58.0},
                                        {"layermoe": 1.10, "uniform": 1.15, "ablation": 1.20},

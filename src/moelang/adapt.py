@@ -284,7 +284,7 @@ def adapt_target(token_file: str | Path, selected_path: str | Path, options: Ada
         for name, reason in not_run.items():
             _write_not_run(out_root, ctx, name, reason)
         runs = [(name, lr) for name in methods for lr in options.learning_rates]
-        log.info("adapt %s: %d runs (%s x lr %s) from %s, layers %s", lang, len(runs), ", ".join(options.methods),
+        log.info("adapt %s: %d runs (%s x lr %s) from %s, layers %s", lang, len(runs), ", ".join(methods) or "none",
                  ", ".join(f"{lr:g}" for lr in options.learning_rates), options.start, ctx.layers)
         _train_runs(start, tokenizer, token_file, ctx, methods, runs, state_root)
         results = []
@@ -504,9 +504,9 @@ def select_target(lang: str, method_dirs: dict[str, list[str | Path]], out_table
                  row["heldout_perplexity"])
     not_run = table.filter(~pl.col("trained")).group_by("method", maintain_order=True).first()
     for row in not_run.iter_rows(named=True):  # selected/ holds the marker alone: no model to evaluate
-        source = Path(selected_root) / row["method"] / lr_name(row["lr"]) / NOT_RUN_FILE
+        source = Path(selected_root) / row["method"] / lr_name(row["lr"])  # its NOT_RUN_FILE alone
         with atomic_dir(Path(selected_root) / row["method"] / SELECTED_DIR) as tmp:
-            _link_tree(source.parent, tmp)
+            _link_tree(source, tmp)
         log.info("adapt %s: %s was not trained (%s)", lang, row["method"], row["not_run_reason"])
     write_table(table.to_arrow().cast(RUNS_SCHEMA), out_table)
     return table
