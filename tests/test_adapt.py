@@ -245,3 +245,92 @@ def test_the_config_knows_the_registered_methods():
 
     assert config.adapt_method_names(7) == adapt.known_methods(7)
     assert config.adapt_method_names(3) == adapt.known_methods(3)
+
+
+# A selection whose seft (and so random, random_hr) set is empty in every final layer, and a random set
+# empty in one layer only: the thresholds of a small model's routing leave such sets (the default's et, sk).
+DEGENERATE = {"seft": {"0": [], "1": []}, "random": {"0": [], "1": [2, 5]}, "ssft": {"0": [4], "1": [0]}}
+
+
+def test_a_method_with_no_expert_in_any_layer_is_not_trained_and_recorded_with_its_reason(start, tmp_path):
+    from moelang.evaluate import evaluate_model
+
+    (tmp_path / "selected.json").write_text(json.dumps({"ca": DEGENERATE}))
+    results = adapt.adapt_target(start / "ca.parquet", tmp_path / "selected.json",
+                                 options(start, methods=["seft", "random"]), tmp_path / "adapt", tmp_path / "state")
+    assert [(r["method"], r["lr"]) for r in results] == [("random", 1e-3), ("random", 2e-2)]  # seft not trained
+    root = tmp_path / "adapt" / "ca"
+    for lr in ("lr-0.001", "lr-0.02"):
+        assert [p.name for p in (root / "seft" / lr).iterdir()] == [adapt.NOT_RUN_FILE]  # no model, no scores
+    # the one-layer random set trained its one layer: 2 experts and both routers (1536 per expert, 8 x 32 a router)
+    record = json.loads((root / "random" / "lr-0.001" / "moelang_run.json").read_text())
+    assert record["trainable_parameters"] == 2 * 1536 + 2 * 8 * 32
+    runs = [root / m / lr for m in ("seft", "random") for lr in ("lr-0.001", "lr-0.02")]
+    table = adapt.select_target("ca", {"runs": runs}, tmp_path / "runs.parquet", root)
+    assert pq.read_schema(tmp_path / "runs.parquet") == adapt.RUNS_SCHEMA
+    seft = table.filter(pl.col("method") == "seft")
+    assert seft.height == 2 and not seft["trained"].any() and not seft["selected"].any()
+    assert seft["experts_per_layer"].to_list() == [[0, 0], [0, 0]] and seft["layers"].to_list() == [[0, 1], [0, 1]]
+    assert seft["heldout_perplexity"].is_null().all() and seft["trainable_params"].is_null().all()
+    reason = seft["not_run_reason"][0]
+    assert "empty in every adapted layer (0, 1)" in reason and "routing.alpha" in reason
+    random = table.filter(pl.col("method") == "random")
+    assert random["trained"].all() and random["not_run_reason"].is_null().all()
+    assert random["experts_per_layer"].to_list() == [[0, 2], [0, 2]]  # recorded per layer
+    assert random["selected"].sum() == 1
+    # what the workflow reads to leave it out of the evaluation, and what an evaluation job would meet
+    assert adapt.not_trained(tmp_path / "runs.parquet") == {"seft": reason}
+    assert [p.name for p in (root / "seft" / "selected").iterdir()] == [adapt.NOT_RUN_FILE]
+    with pytest.raises(MoelangError, match="holds no model: its method was not trained"):
+        evaluate_model(str(root / "seft" / "selected"), ["perplexity"], {}, None, {}, {}, tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_the_routing_metrics_say_in_one_line_which_sets_are_empty_and_which_setting_decides():
+    from moelang.options import RoutingMetricsOptions
+    from moelang.routing_metrics import empty_set_notice
+
+    opts = RoutingMetricsOptions(alpha=0.01, shared_k=1, top_n=4)
+    notice = empty_set_notice({"ca": DEGENERATE, "uk": {"seft": {"0": [1], "1": [2]}}}, opts)
+    assert "\n" not in notice and "routing.alpha = 0.01" in notice
+    assert "every final layer, so not trained or evaluated: ca seft [routing.alpha]" in notice
+    assert "some final layers only, trained in the others: ca random (layer 0) [routing.alpha (as many as seft)]" in notice
+    assert "uk" not in notice
+    assert empty_set_notice({"uk": {"seft": {"0": [1], "1": [2]}}}, opts) is None
+
+
+def test_the_workflow_evaluates_only_the_adapted_models_that_were_trained(tmp_path, repo):
+    """The evaluation inputs and the summary's options of workflow/rules/common.smk, with the
+    checkpoints answered by fixture files: a target's runs table with one method not trained."""
+    import types
+
+    from moelang import registry
+
+    config = cfg.load(repo / "config" / "config.yaml")
+    (tmp_path / "languages.json").write_text(json.dumps({"kept": cfg.all_languages(config), "dropped": {}}))
+    tables = {}
+    for lang in cfg.adapt_targets(config):
+        rows = [{"lang": lang, "method": m, "lr": 1e-3, "layers": [2, 3], "experts_per_layer": [0, 0],
+                 "selected": m != "random_hr", "trained": m != "random_hr",
+                 "not_run_reason": "empty" if m == "random_hr" else None} for m in config["adapt"]["methods"]]
+        if lang != "ca":  # only ca's random_hr is empty
+            rows = [r | {"trained": True, "selected": True, "not_run_reason": None} for r in rows]
+        tables[lang] = tmp_path / f"{lang}.parquet"
+        pq.write_table(adapt.pa.Table.from_pylist(rows, schema=adapt.RUNS_SCHEMA), tables[lang])
+    get = {"corpus_summary": lambda **_: types.SimpleNamespace(output=types.SimpleNamespace(
+        languages=str(tmp_path / "languages.json"))),
+           "select_adapt": lambda lang: types.SimpleNamespace(output=types.SimpleNamespace(table=str(tables[lang])))}
+    checkpoints = types.SimpleNamespace(**{name: types.SimpleNamespace(get=f) for name, f in get.items()})
+    space = {"checkpoints": checkpoints, "config": config, "mcfg": cfg, "EVALUATED": registry.evaluated(config),
+             "ADAPT_TARGETS": cfg.adapt_targets(config), "EVAL_MODEL_OUTPUTS": ["perplexity.parquet"],
+             "EVAL_FAMILIES": [], "os": __import__("os")}
+    exec(compile((repo / "workflow" / "rules" / "common.smk").read_text(), "common.smk", "exec"), space)
+    adapted = space["adapted_eval_outputs"]()
+    assert "results/eval/adapt-ca-random_hr/perplexity.parquet" not in adapted
+    assert "results/eval/adapt-uk-random_hr/perplexity.parquet" in adapted
+    assert "results/eval/adapt-ca-ssft/perplexity.parquet" in adapted
+    assert not any("adapt-" in path for path in space["eval_outputs"]())
+    inputs = types.SimpleNamespace(results=space["eval_outputs"](), adapted=adapted)
+    summary = json.loads(space["eval_summary_options"](None, inputs))
+    assert summary["not_evaluated"] == {"adapt-ca-random_hr": "empty"}
+    assert "adapt-ca-random_hr" not in summary["models"] and "adapt-uk-random_hr" in summary["models"]

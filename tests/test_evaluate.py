@@ -501,6 +501,20 @@ def test_an_adapted_model_whose_start_was_not_evaluated_has_no_comparison(tmp_pa
     assert "No comparison where the start model was not evaluated: hub-model." in (tmp_path / "summary.md").read_text()
 
 
+def test_adapted_models_that_were_not_trained_are_listed_as_not_evaluated(tmp_path):
+    models = {"cpt-step0": {"method": "base"},
+              "seft-ca": {"method": "seft", "target": "ca", "start": "cpt-step0", "trainable_fraction": 0.01}}
+    _fake_adaptation_eval(tmp_path, models, ["es", "ca"], np.random.default_rng(5))
+    ev.summarize(tmp_path, models, tmp_path / "tasks", ["synthetic_blimp", "synthetic_belebele"], ["es"], ["ca"],
+                 "cpt-step0", not_evaluated={"adapt-ca-random_hr": "its expert set is empty in every adapted layer"})
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Not evaluated" in summary
+    assert "- `adapt-ca-random_hr`: not trained, its expert set is empty in every adapted layer" in summary
+    table = pl.read_parquet(tmp_path / "adaptation.parquet")
+    assert set(table["model"]) == {"seft-ca"}  # no row, no score for the model that was not trained
+    assert "random_hr" not in set(pl.read_parquet(tmp_path / "results.parquet")["method"])
+
+
 def test_without_adapted_models_the_adaptation_table_is_empty_and_the_summary_has_no_section(tmp_path):
     models = {"cpt-step0": {"method": "base"}, "cpt-step800": {"method": "cpt"}}
     _fake_adaptation_eval(tmp_path, models, ["es", "ca"], np.random.default_rng(6))

@@ -86,39 +86,120 @@ def test_ssft_fraction_at_olmoe_scale_counts_experts_and_routers():
     assert ssft_fraction_at_scale({3: 1.0}, "allenai/OLMoE-1B-7B-0924", shared_k=5)["experts_per_layer"] == {"15": 64}
 
 
-def adaptation(rows: list[tuple]) -> pl.DataFrame:
-    return pl.DataFrame([(t, m, f"adapt-{t}-{m}", "cpt-step800", frac, "perplexity", "perplexity", start, value,
-                          value / start, 1.01, 6) for t, m, frac, start, value in rows],
+def adaptation_scores(rows: list[tuple]) -> pl.DataFrame:
+    """adaptation.parquet rows: (target, method, family, metric, start_value, value)."""
+    return pl.DataFrame([(t, m, f"adapt-{t}-{m}", "cpt-step800", 0.1 if m == "ssft" else 0.3, family, metric, start,
+                          value, value / start if family == "perplexity" else value - start, 1.01, 6)
+                         for t, m, family, metric, start, value in rows],
                         schema={"target": pl.String, "method": pl.String, "model": pl.String, "start": pl.String,
                                 "trainable_fraction": pl.Float64, "family": pl.String, "metric": pl.String,
                                 "start_value": pl.Float64, "value": pl.Float64, "target_gain": pl.Float64,
                                 "hr_change": pl.Float64, "n_hr": pl.Int64}, orient="row")
 
 
-def test_ssft_gain_share_is_the_log_perplexity_ratio_averaged_over_targets(tmp_path):
+# target -> family -> (metric, start, SSFT, AEFT); SEFT rows are in the table too and must not count
+SCORES = {"ca": {"synthetic_blimp": ("acc_norm", 0.50, 0.58, 0.60),
+                 "synthetic_belebele": ("acc_mutual_info", 0.30, 0.36, 0.35),
+                 "perplexity": ("perplexity", 100.0, 42.0, 40.0)},
+          "uk": {"synthetic_blimp": ("acc_norm", 0.40, 0.47, 0.50),
+                 "synthetic_belebele": ("acc_mutual_info", 0.25, 0.27, 0.29),
+                 "perplexity": ("perplexity", 200.0, 60.0, 50.0)}}
+
+
+def scores_table(scores=SCORES) -> pl.DataFrame:
+    rows = []
+    for target, families in scores.items():
+        for family, (metric, start, ssft, aeft) in families.items():
+            rows += [(target, "ssft", family, metric, start, ssft), (target, "aeft", family, metric, start, aeft),
+                     (target, "seft", family, metric, start, start)]
+    return adaptation_scores(rows)
+
+
+def expected_recovery(family: str, scores=SCORES) -> float:
+    """SSFT's mean gain over the targets / AEFT's, by hand: accuracy gains, log perplexity gains."""
+    def gain(start, value):
+        return math.log(start / value) if family == "perplexity" else value - start
+    ssft = [gain(by[family][1], by[family][2]) for by in scores.values()]
+    aeft = [gain(by[family][1], by[family][3]) for by in scores.values()]
+    return (sum(ssft) / len(ssft)) / (sum(aeft) / len(aeft))
+
+
+SCALE = {t: {"layers": [14, 15], "experts_per_layer": {"14": 13, "15": 5}, "reference_experts": {"14": 64, "15": 64},
+             "fraction": f, "extrapolated": True} for t, f in (("ca", 0.015), ("uk", 0.012))}
+AUTHORS = {"layers": [14, 15], "experts_per_layer": {"14": 11, "15": 11}, "fraction": 0.020042}
+SELECTED = {"ca": {"ssft": {"2": [0, 1], "3": [4]}, "seft": {"2": [0], "3": []}},
+            "uk": {"ssft": {"2": [5], "3": [6]}, "seft": {"2": [], "3": []}}}
+
+
+def test_ssft_recovery_is_computed_on_each_task_family_and_perplexity_and_the_tasks_decide():
     options = ReportOptions()
-    selected = {"ca": {"ssft": {"2": [0, 1], "3": [4]}, "seft": {"2": [0], "3": []}},
-                "uk": {"ssft": {"2": [5], "3": [6]}, "seft": {"2": [], "3": []}}}
-    scale = {"ca": {"layers": [14, 15], "experts_per_layer": {"14": 16, "15": 8}, "fraction": 0.015},
-             "uk": {"layers": [14, 15], "experts_per_layer": {"14": 8, "15": 8}, "fraction": 0.012}}
-    table = adaptation([("ca", "ssft", 0.1, 100.0, 42.0), ("ca", "aeft", 0.3, 100.0, 40.0),
-                        ("uk", "ssft", 0.1, 200.0, 60.0), ("uk", "aeft", 0.3, 200.0, 50.0)])
-    finding = finding_ssft(selected, {2: 8, 3: 8}, table, options, scale)
-    expected = np.mean([math.log(0.42) / math.log(0.40), math.log(0.30) / math.log(0.25)])
-    assert finding.evidence["mean_gain_share"] == pytest.approx(expected)
-    assert finding.evidence["max_fraction_at_scale"] == 0.015
-    assert expected == pytest.approx(0.9076, abs=1e-4) and finding.status == PASS  # 0.908 >= 0.9
-    assert finding_ssft(selected, {2: 8, 3: 8}, table, options.replace(ssft_min_gain_share=0.95), scale).status == FAIL
+    table = scores_table()
+    finding = finding_ssft(SELECTED, {2: 8, 3: 8}, table, options, SCALE, AUTHORS)
+    recovery = finding.evidence["recovery"]
+    assert set(recovery) == {"synthetic_blimp", "synthetic_belebele", "perplexity"}
+    for family in recovery:
+        assert recovery[family]["recovery"] == pytest.approx(expected_recovery(family), rel=1e-12)
+    # the numbers by hand: blimp 0.075 / 0.10, belebele 0.04 / 0.045, perplexity log(7.94) / log(10)
+    assert expected_recovery("synthetic_blimp") == pytest.approx(0.75)
+    assert expected_recovery("synthetic_belebele") == pytest.approx(0.8889, abs=1e-4)
+    assert expected_recovery("perplexity") == pytest.approx(0.8997, abs=1e-4)
+    assert recovery["synthetic_blimp"]["targets"]["uk"]["aeft_gain"] == pytest.approx(0.10)
+    assert finding.evidence["decided_by"] == ["synthetic_blimp", "synthetic_belebele"]
+    assert finding.status == FAIL and "synthetic_blimp (acc_norm): 75% (failed)" in finding.statement
+    assert "held-out perplexity (log): 90% (failed)" in finding.statement
+    # at 0.85 perplexity and belebele pass, blimp does not: the tasks decide, so it fails
+    lower = finding_ssft(SELECTED, {2: 8, 3: 8}, table, options.replace(ssft_min_gain_share=0.85), SCALE, AUTHORS)
+    assert lower.status == FAIL and lower.evidence["recovery"]["perplexity"]["passed"]
+    assert "held-out perplexity (log): 90% (passed)" in lower.statement
+    assert "synthetic_belebele (acc_mutual_info): 89% (passed)" in lower.statement
+    assert finding_ssft(SELECTED, {2: 8, 3: 8}, table, options.replace(ssft_min_gain_share=0.7), SCALE,
+                        AUTHORS).status == PASS
+    # without task families, perplexity decides (and the statement says the claim is on task scores)
+    ppl_only = finding_ssft(SELECTED, {2: 8, 3: 8}, table.filter(pl.col("family") == "perplexity"),
+                            options.replace(ssft_min_gain_share=0.85), SCALE, AUTHORS)
+    assert ppl_only.evidence["decided_by"] == ["perplexity"] and ppl_only.status == PASS
+    assert "no task family was evaluated" in ppl_only.statement
     # over 2% at scale fails whatever the gain
-    over = {**scale, "uk": {**scale["uk"], "fraction": 0.021}}
-    assert finding_ssft(selected, {2: 8, 3: 8}, table, options, over).status == FAIL
-    # AEFT that made the target worse leaves no gain to recover
-    worse = adaptation([("ca", "ssft", 0.1, 100.0, 90.0), ("ca", "aeft", 0.3, 100.0, 120.0)])
-    failed = finding_ssft(selected, {2: 8, 3: 8}, worse, options, scale)
-    assert failed.status == FAIL and failed.evidence["mean_gain_share"] is None
-    assert finding_ssft(selected, {2: 8, 3: 8}, adaptation([("ca", "ssft", 0.1, 100.0, 42.0)]), options,
-                        scale).status == NOT_COMPUTED
+    over = {**SCALE, "uk": {**SCALE["uk"], "fraction": 0.021}}
+    assert finding_ssft(SELECTED, {2: 8, 3: 8}, table, options.replace(ssft_min_gain_share=0.7), over,
+                        AUTHORS).status == FAIL
+    # AEFT that made a family worse leaves no gain to recover: undefined, and the finding fails
+    worse = {t: {**f, "synthetic_belebele": ("acc_mutual_info", 0.30, 0.31, 0.28)} for t, f in SCORES.items()}
+    failed = finding_ssft(SELECTED, {2: 8, 3: 8}, scores_table(worse), options.replace(ssft_min_gain_share=0.7),
+                          SCALE, AUTHORS)
+    assert failed.status == FAIL and failed.evidence["recovery"]["synthetic_belebele"]["recovery"] is None
+    assert "synthetic_belebele (acc_mutual_info): undefined (AEFT did not improve it)" in failed.statement
+    assert finding_ssft(SELECTED, {2: 8, 3: 8}, table.filter(pl.col("method") == "ssft"), options, SCALE,
+                        AUTHORS).status == NOT_COMPUTED
     assert finding_ssft(None, None, None, options).status == NOT_COMPUTED
+
+
+def test_ssft_fraction_is_extrapolated_on_an_8_expert_model_and_direct_on_a_64_expert_one(tmp_path):
+    """The meta-device counts on OLMoE-1B-7B (2048 hidden, 1024 per expert, 64 experts a layer)."""
+    options = ReportOptions()
+    expert, routers, total = 3 * 2048 * 1024, 2 * 64 * 2048, 6_919_161_856
+    authors = (22 * expert + routers) / total  # 11 + 11 experts in layers 14 and 15: 2.004%
+    selected = {"ca": {"ssft": {"2": [0, 3], "3": [6]}, "seft": {"2": [0], "3": []}}}
+    table = adaptation_scores([("ca", m, "perplexity", "perplexity", 100.0, v) for m, v in (("ssft", 42.0),
+                                                                                          ("aeft", 40.0))])
+    small = finding_ssft(selected, {2: 8, 3: 8}, table, options)
+    # layer 14: 1 of 8 specific -> 8 of 64, + 5 shared; layer 15: no specific, the 5 shared
+    assert small.evidence["targets"]["ca"]["experts_at_scale"] == {"14": 13, "15": 5}
+    assert small.evidence["max_fraction_at_scale"] == pytest.approx((18 * expert + routers) / total, rel=1e-12)
+    assert small.evidence["fraction_extrapolated"] is True
+    assert small.evidence["authors_fraction"] == pytest.approx(authors, rel=1e-12)
+    assert authors == pytest.approx(0.020042, abs=1e-6)
+    assert "EXTRAPOLATED: this run's model has 8 experts a layer, the reference 64" in small.statement
+    assert "the authors' own SSFT, 11 + 11 experts in layers 14, 15" in small.statement and "2.004%" in small.statement
+    # a model with the paper's 64 experts a layer: the run's own SSFT sets (11 and 13) are counted as they are
+    paper = {"ca": {"ssft": {"2": list(range(11)), "3": list(range(20, 33))}, "seft": {"2": [0], "3": [20]}}}
+    direct = finding_ssft(paper, {2: 64, 3: 64}, table, options)
+    assert direct.evidence["fraction_extrapolated"] is False
+    assert direct.evidence["targets"]["ca"]["experts_at_scale"] == {"14": 11, "15": 13}
+    assert direct.evidence["max_fraction_at_scale"] == pytest.approx((24 * expert + routers) / total, rel=1e-12)
+    assert "computed directly" in direct.statement and "EXTRAPOLATED" not in direct.statement
+    dropped = finding_ssft(selected, {2: 8, 3: 8}, table.clear(), options)
+    assert dropped.status == NOT_COMPUTED and "dropped every adapt target" in dropped.statement
     # a reference model that cannot be loaded leaves this finding uncomputed, not the report failed
     missing = finding_ssft(selected, {2: 8, 3: 8}, table, options.replace(reference_model=str(tmp_path / "none")))
     assert missing.status == NOT_COMPUTED and "report.reference_model" in missing.statement
@@ -144,6 +225,21 @@ def expansion_tables(new: dict[str, float], old: dict[str, float], experts: dict
         "new_gain": pl.Float64, "n_old": pl.Int64, "start_old": pl.Float64, "value_old": pl.Float64,
         "old_change": pl.Float64}, orient="row")
     return expansion, runs
+
+
+def test_the_report_lists_the_adaptation_methods_that_were_not_trained():
+    from moelang.adapt import RUNS_SCHEMA
+    from moelang.report import not_run_methods
+
+    rows = [{"lang": lang, "method": method, "lr": lr, "layers": [2, 3], "experts_per_layer": [0, 0] if reason else [1, 2],
+             "selected": reason is None and lr == 1e-3, "trained": reason is None, "not_run_reason": reason}
+            for lang, method, reason in [("ca", "ssft", None), ("et", "seft", "empty: routing.alpha"),
+                                         ("et", "random", "empty: routing.alpha (as many as seft)")]
+            for lr in (1e-3, 4e-3)]
+    runs = pl.from_arrow(__import__("pyarrow").Table.from_pylist(rows, schema=RUNS_SCHEMA))
+    assert not_run_methods(runs) == [("et", "seft", "empty: routing.alpha"),
+                                     ("et", "random", "empty: routing.alpha (as many as seft)")]
+    assert not_run_methods(runs.filter(pl.col("trained"))) == [] and not_run_methods(None) == []
 
 
 def test_expansion_finding_needs_fewer_experts_equal_perplexity_and_less_forgetting():
@@ -248,21 +344,6 @@ def test_the_tiny_run_writes_the_report_with_every_figure_and_the_findings(tiny_
     last = spec.filter(pl.col("checkpoint_step") == spec["checkpoint_step"].max()).sort("layer")["score"].to_list()
     assert findings["status"][0] == (PASS if last[-1] > np.mean(last[:-1]) else FAIL)
     assert "<h2>Findings</h2>" in (out / "summary.html").read_text()
-
-
-def test_ssft_at_scale_counts_specific_experts_by_share_plus_the_papers_shared_k_and_names_missing_inputs():
-    options = ReportOptions()
-    selected = {"ca": {"ssft": {"2": [0, 3], "3": [6]}, "seft": {"2": [0], "3": []}}}
-    table = adaptation([("ca", "ssft", 0.1, 100.0, 42.0), ("ca", "aeft", 0.3, 100.0, 40.0)])
-    finding = finding_ssft(selected, {2: 8, 3: 8}, table, options)
-    # layer 14: 1 of 8 specific -> 8 of 64, + 5 shared; layer 15: no specific, the 5 shared
-    assert finding.evidence["targets"]["ca"]["experts_at_scale"] == {"14": 13, "15": 5}
-    expert = 3 * 2048 * 1024
-    assert finding.evidence["max_fraction_at_scale"] == pytest.approx((18 * expert + 2 * 64 * 2048) / 6_919_161_856)
-    no_ppl = finding_ssft(selected, {2: 8, 3: 8}, table.with_columns(pl.lit("synthetic_blimp").alias("family")), options)
-    assert no_ppl.status == NOT_COMPUTED and "evaluation.perplexity" in no_ppl.statement
-    dropped = finding_ssft(selected, {2: 8, 3: 8}, table.clear(), options)
-    assert dropped.status == NOT_COMPUTED and "dropped every adapt target" in dropped.statement
 
 
 def test_figures_draw_without_perplexity_and_without_a_selection(tmp_path):

@@ -28,22 +28,32 @@ parameters all lie in the final K layers share one pass of the frozen layers bel
 run's held-out perplexity on the target is measured; it selects the learning rate per (target, method)
 (:func:`select_runs`).
 
+A method whose expert set is empty in every adapted layer (the selection thresholds left the parent no
+specific expert, say) is not trained: it would train the routers alone, which no paper method does.
+Its run directories hold :data:`NOT_RUN_FILE` (the reason) and no model, ``runs.parquet`` records it
+as not run, and the workflow does not evaluate it (:func:`not_trained`). A set empty in some layers
+only trains the others (their routers too); ``experts_per_layer`` records the 0.
+
 Outputs
 -------
 ``results/adapt/{lang}/{method}/lr-{lr}/``
     the adapted model (a plain ``save_pretrained`` checkpoint of the start model's architecture, with
     its tokenizer), ``train_log.parquet`` (the engine's log), ``moelang_run.json`` (method, parameter
     counts, steps, tokens) and ``heldout.json`` (``lang``, ``perplexity``, ``tokens``: the target's
-    held-out perplexity, ``experts``: the trained experts per layer, ``lr``).
+    held-out perplexity, ``experts``: the trained experts per layer, ``lr``); a method that is not
+    trained: :data:`NOT_RUN_FILE` alone (``lang``, ``method``, ``lr``, ``layers``, ``experts_per_layer``,
+    ``reason``).
 ``results/adapt/{lang}/{method}/selected/``
-    the selected run's files (hard links: no second copy), the model the evaluation stage sees.
+    the selected run's files (hard links: no second copy), the model the evaluation stage sees; a
+    method that is not trained: its :data:`NOT_RUN_FILE` alone.
 ``results/adapt/{lang}/runs.parquet``, ``results/adapt/runs.parquet`` (:data:`RUNS_SCHEMA`)
     one row per run: ``lang``, ``method``, ``lr`` float64, ``layers`` list<int32> (the adapted layers),
     ``experts_per_layer`` list<int32> (experts trained in each of them; every expert for aeft, full-ft
     and lora), ``trainable_params`` int64, ``total_params`` int64, ``trainable_fraction`` float64,
     ``steps`` int64, ``tokens`` int64, ``final_loss`` float64 (the training loss of the last step),
     ``heldout_perplexity`` float64, ``selected`` bool (the lowest perplexity of its (lang, method);
-    ties go to the smaller rate).
+    ties go to the smaller rate), ``trained`` bool (false: not run, its measured columns null),
+    ``not_run_reason`` string (why; null for a trained run).
 
 Our schedule differs from the authors' (authors-code.md): their cosine horizon runs past the end of
 training, so their rate stays near its peak; ours (``adapt.train``) decays to ``min_lr_ratio`` x lr
@@ -82,8 +92,11 @@ RUNS_SCHEMA = pa.schema([
     ("final_loss", pa.float64()),
     ("heldout_perplexity", pa.float64()),
     ("selected", pa.bool_()),
+    ("trained", pa.bool_()),
+    ("not_run_reason", pa.string()),
 ])
 HELDOUT_FILE = "heldout.json"
+NOT_RUN_FILE = "not_run.json"  # in a run directory (and selected/) of a method that was not trained
 SELECTED_DIR = "selected"
 EXPERT_SET_METHODS = ("ssft", "seft", "random", "random_hr")  # and seft_top{N}: sets in selected_experts.json
 
@@ -189,6 +202,21 @@ def _lora(ctx: AdaptContext):
     return LoRATraining(settings)
 
 
+def not_run_reason(name: str, ctx: AdaptContext) -> str | None:
+    """Why method ``name`` is not trained for the target, or None: an expert-set method whose set is
+    empty in every adapted layer would train the routers alone, which is no method of the paper (a set
+    empty in some layers only trains the others, and the runs table records it per layer)."""
+    from moelang.routing_metrics import empty_everywhere, set_setting
+
+    if name in ("aeft", "full-ft", "lora"):
+        return None
+    sets = ctx.expert_set(name)
+    if not empty_everywhere({str(layer): ids for layer, ids in sets.items()}):
+        return None
+    return (f"its expert set is empty in every adapted layer ({', '.join(map(str, ctx.layers))}) of "
+            f"results/routing/selected_experts.json; {set_setting(name)} decides the set")
+
+
 def trained_experts(name: str, ctx: AdaptContext) -> list[int]:
     """Experts trained in each adapted layer (for the runs table)."""
     counts = ctx.adapter.experts_per_layer
@@ -250,9 +278,13 @@ def adapt_target(token_file: str | Path, selected_path: str | Path, options: Ada
                                f"an MoE model (adapt.start_model)")
         ctx = AdaptContext(adapter=adapter, layers=final_moe_layers(adapter, options.final_layers),
                            expert_sets=expert_sets, options=options)
-        methods = {name: method_builder(name)(ctx) for name in options.methods}  # checks every set first
-        runs = [(name, lr) for name in options.methods for lr in options.learning_rates]
-        log.info("adapt %s: %d runs (%s x lr %s) from %s, layers %s", lang, len(runs), ", ".join(options.methods),
+        not_run = {name: reason for name in options.methods if (reason := not_run_reason(name, ctx))}
+        methods = {name: method_builder(name)(ctx) for name in options.methods
+                   if name not in not_run}  # checks every set first
+        for name, reason in not_run.items():
+            _write_not_run(out_root, ctx, name, reason)
+        runs = [(name, lr) for name in methods for lr in options.learning_rates]
+        log.info("adapt %s: %d runs (%s x lr %s) from %s, layers %s", lang, len(runs), ", ".join(methods) or "none",
                  ", ".join(f"{lr:g}" for lr in options.learning_rates), options.start, ctx.layers)
         _train_runs(start, tokenizer, token_file, ctx, methods, runs, state_root)
         results = []
@@ -263,12 +295,24 @@ def adapt_target(token_file: str | Path, selected_path: str | Path, options: Ada
 
         for name, lr in runs:
             publish(_run_state(state_root, name, lr), {"model": Path(out_root) / lang / name / lr_name(lr)})
-        for name in options.methods:
+        for name in methods:
             for leftover in sorted((state_root / name).glob("*.lock")):  # the published runs' locks
                 leftover.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 (state_root / name).rmdir()
     return results
+
+
+def _write_not_run(out_root: str | Path, ctx: AdaptContext, name: str, reason: str) -> None:
+    """The run directories of a method that is not trained: each holds :data:`NOT_RUN_FILE` alone (no
+    model), which the selection records as not run and the workflow does not evaluate."""
+    options = ctx.options
+    log.warning("adapt %s: %s is not trained: %s", options.lang, name, reason)
+    for lr in options.learning_rates:
+        record = {"lang": options.lang, "method": name, "lr": lr, "layers": ctx.layers,
+                  "experts_per_layer": trained_experts(name, ctx), "reason": reason}
+        with atomic_dir(Path(out_root) / options.lang / name / lr_name(lr)) as tmp:
+            write_json(record, tmp / NOT_RUN_FILE)
 
 
 def _run_state(state_root: Path, name: str, lr: float) -> Path:
@@ -388,6 +432,9 @@ def runs_table(run_dirs: list[str | Path]) -> pl.DataFrame:
 
     rows = []
     for directory in map(Path, run_dirs):
+        if (directory / NOT_RUN_FILE).is_file():
+            rows.append(_not_run_row(directory))
+            continue
         heldout_file = directory / HELDOUT_FILE
         if not heldout_file.is_file():
             raise MoelangError(f"adapt: '{directory}' has no {HELDOUT_FILE}; it is not a finished adaptation run "
@@ -401,16 +448,30 @@ def runs_table(run_dirs: list[str | Path]) -> pl.DataFrame:
                      "trainable_params": record["trainable_parameters"], "total_params": record["total_parameters"],
                      "trainable_fraction": record["trainable_fraction"], "steps": record["steps"],
                      "tokens": record["tokens"], "final_loss": heldout["final_loss"],
-                     "heldout_perplexity": heldout["perplexity"], "selected": False})
+                     "heldout_perplexity": heldout["perplexity"], "selected": False, "trained": True,
+                     "not_run_reason": None})
     return pl.from_arrow(pa.Table.from_pylist(rows, schema=RUNS_SCHEMA))
+
+
+def _not_run_row(directory: Path) -> dict:
+    """The runs-table row of a method that was not trained (:data:`NOT_RUN_FILE`): what was measured
+    is null, the adapted layers and the (empty) experts per layer are kept."""
+    record = json.loads((directory / NOT_RUN_FILE).read_text(encoding="utf-8"))
+    return {"lang": record["lang"], "method": record["method"], "lr": float(record["lr"]), "layers": record["layers"],
+            "experts_per_layer": record["experts_per_layer"], "trainable_params": None, "total_params": None,
+            "trainable_fraction": None, "steps": None, "tokens": None, "final_loss": None,
+            "heldout_perplexity": None, "selected": False, "trained": False, "not_run_reason": record["reason"]}
 
 
 def select_runs(table: pl.DataFrame) -> pl.DataFrame:
     """Mark, per (lang, method), the run with the lowest held-out perplexity (ties: the smaller rate;
-    a non-finite perplexity is never chosen over a finite one)."""
+    a non-finite perplexity is never chosen over a finite one). A run that was not trained (``trained``
+    false) is never selected."""
     ranked = table.with_columns(
         pl.when(pl.col("heldout_perplexity").is_finite()).then(pl.col("heldout_perplexity"))
         .otherwise(float("inf")).alias("_ppl"))
+    if "trained" in table.columns:
+        ranked = ranked.filter(pl.col("trained"))
     best = ranked.sort(["lang", "method", "_ppl", "lr"]).group_by(["lang", "method"], maintain_order=True).first()
     chosen = set(zip(best["lang"], best["method"], best["lr"]))
     return table.with_columns(
@@ -441,8 +502,22 @@ def select_target(lang: str, method_dirs: dict[str, list[str | Path]], out_table
             _link_tree(source, tmp)
         log.info("adapt %s: %s selects lr %g (held-out perplexity %.2f)", lang, row["method"], row["lr"],
                  row["heldout_perplexity"])
+    not_run = table.filter(~pl.col("trained")).group_by("method", maintain_order=True).first()
+    for row in not_run.iter_rows(named=True):  # selected/ holds the marker alone: no model to evaluate
+        source = Path(selected_root) / row["method"] / lr_name(row["lr"])  # its NOT_RUN_FILE alone
+        with atomic_dir(Path(selected_root) / row["method"] / SELECTED_DIR) as tmp:
+            _link_tree(source, tmp)
+        log.info("adapt %s: %s was not trained (%s)", lang, row["method"], row["not_run_reason"])
     write_table(table.to_arrow().cast(RUNS_SCHEMA), out_table)
     return table
+
+
+def not_trained(runs_path: str | Path) -> dict[str, str]:
+    """method -> why, for the methods of a target's ``runs.parquet`` that were not trained: the
+    workflow evaluates the others only."""
+    table = pl.read_parquet(runs_path, columns=["method", "trained", "not_run_reason"])
+    return {m: r for m, r in table.filter(~pl.col("trained")).select("method", "not_run_reason").unique(
+        "method", maintain_order=True).iter_rows()}
 
 
 def gather_runs(tables: list[str | Path], out_table: str | Path) -> pl.DataFrame:

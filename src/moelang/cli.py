@@ -359,7 +359,7 @@ def cmd_eval_summary(args) -> None:
         raise MoelangError(f"eval-summary: models {missing} have no place in --options' order; list every model there")
     summarize(args.eval_dir, {name: options.models[name] for name in options.order}, args.tasks, options.families, options.high_resource,
               options.targets, options.base_model, expand_old=options.expand_old, expand_new=options.expand_new,
-              expand_runs=options.expand_runs)
+              expand_runs=options.expand_runs, not_evaluated=options.not_evaluated)
 
 
 def cmd_report(args) -> None:

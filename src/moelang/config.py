@@ -779,10 +779,11 @@ def evaluation_options(config: dict, name: str | None = None) -> opts.Evaluation
 
 
 def eval_summary_options(config: dict, families: list[str], names: list[str] | None = None,
-                         kept: list[str] | None = None) -> opts.EvalSummaryOptions:
+                         kept: list[str] | None = None,
+                         not_evaluated: dict[str, str] | None = None) -> opts.EvalSummaryOptions:
     """The summary of the evaluated models (``names``: those of this run, default all), in registry order;
     ``kept``: the languages the corpus stage kept (default every configured one), which decide the
-    expansion's old and new languages."""
+    expansion's old and new languages; ``not_evaluated``: adapted models left out, name -> why."""
     evaluated = {n: e for n, e in registry.evaluated(config).items() if names is None or n in names}
     models = registry.summary_models(config)
     expanding = bool(expand_variants(config))
@@ -792,7 +793,7 @@ def eval_summary_options(config: dict, families: list[str], names: list[str] | N
         high_resource=list(config["languages"]["high_resource"]), targets=list(config["languages"]["targets"]),
         base_model=next((n for n, e in evaluated.items() if e.method == "base"), None),
         expand_old=list(allocation.old) if expanding else [], expand_new=list(allocation.new) if expanding else [],
-        expand_runs="results/expand/runs.parquet" if expanding else None)
+        expand_runs="results/expand/runs.parquet" if expanding else None, not_evaluated=dict(not_evaluated or {}))
 
 
 def report_options(config: dict) -> opts.ReportOptions:

@@ -568,6 +568,11 @@ def evaluate_model(model_ref: str, families: list[str], tasks: dict, task_dir: s
     Each task job of the three started for about 11 s: imports 3 s, model 2 s, the harness's own
     task index 6 s."""
     options = EvaluationOptions.coerce(options)
+    not_run = Path(model_ref) / "not_run.json"  # moelang.adapt.NOT_RUN_FILE: a method that was not trained
+    if not_run.is_file():
+        reason = json.loads(not_run.read_text(encoding="utf-8")).get("reason", "")
+        raise MoelangError(f"evaluate: '{model_ref}' holds no model: its method was not trained ({reason}); the "
+                           f"workflow does not evaluate it, leave it out of the models to evaluate")
     task_families = [f for f in families if f != "perplexity"]
     unknown = [f for f in task_families if f not in CHANCE]
     if unknown:
@@ -919,7 +924,7 @@ def expansion_markdown(expansion: pl.DataFrame, evaluated: list[str], old: list[
 def summarize(eval_dir: str | Path, models: dict[str, dict], task_dir: str | Path, families: list[str],
               high_resource: list[str], targets: list[str], base_model: str | None,
               expand_old: list[str] | None = None, expand_new: list[str] | None = None,
-              expand_runs: str | Path | None = None) -> pl.DataFrame:
+              expand_runs: str | Path | None = None, not_evaluated: dict[str, str] | None = None) -> pl.DataFrame:
     """Write ``results.parquet``, ``adaptation.parquet``, ``expansion.parquet`` and ``summary.md`` of
     ``models`` (name -> {ref, method, trainable_fraction, target, start, variant}:
     :func:`moelang.registry.summary_models`; an adapted model names its ``target`` language and its
@@ -927,7 +932,8 @@ def summarize(eval_dir: str | Path, models: dict[str, dict], task_dir: str | Pat
     ``expand_old`` and ``expand_new`` with the runs table ``expand_runs``), rows in the order of ``models``
     (the registry's: the base, CPT checkpoints by step, adapted models, the listed ones). A model's trainable fraction is
     the one its training run recorded (:func:`moelang.registry.trainable_fraction`); the configured
-    one only for a model without a record."""
+    one only for a model without a record. ``not_evaluated``: adapted models left out (name -> why),
+    listed at the end of summary.md."""
     tasks = json.loads((Path(task_dir) / "tasks.json").read_text())
     models = {name: {**entry, "trainable_fraction": trainable_fraction(entry)} for name, entry in models.items()}
     table = collect(eval_dir, models, tasks, families)
@@ -942,6 +948,9 @@ def summarize(eval_dir: str | Path, models: dict[str, dict], task_dir: str | Pat
         expansion.write_parquet(tmp)
     text = summary_markdown(table, models, high_resource, targets, base_model, adaptation)
     text += "\n".join(["", *expansion_markdown(expansion, list(models), list(expand_old or []), list(expand_new or []))])
+    if not_evaluated:
+        text += "\n".join(["", "## Not evaluated", "", *(f"- `{name}`: not trained, {why}"
+                                                         for name, why in not_evaluated.items()), ""])
     with atomic_path(Path(eval_dir) / "summary.md") as tmp:
         tmp.write_text(text, encoding="utf-8")
     log.info("evaluation: %d result rows over %d models", table.height, len(models))

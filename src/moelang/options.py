@@ -678,6 +678,9 @@ class EvalSummaryOptions(StageOptions):
     """The expansion's new languages (gain)."""
     expand_runs: str | None = None
     """``results/expand/runs.parquet`` (new experts, trainable fractions) when the expansion runs, else None."""
+    not_evaluated: dict[str, str] = field(default_factory=dict)
+    """Adapted models of the registry that are not evaluated, name -> why (their method was not trained:
+    an expert set empty in every adapted layer); summary.md lists them."""
 
 
 @dataclass(frozen=True)
@@ -698,11 +701,13 @@ class ReportOptions(StageOptions):
     ssft_max_fraction: float = 0.02
     """Finding 3: the share of the reference model's parameters SSFT must stay under (the paper's ~2%)."""
     ssft_min_gain_share: float = 0.9
-    """Finding 3: the share of AEFT's target gain (log perplexity) SSFT must recover."""
+    """Finding 3: the share of AEFT's mean target gain SSFT must recover, on each evaluated task family
+    (accuracy) and, shown beside them, held-out perplexity (log; it decides only without task families)."""
     reference_shared_k: int = 5
-    """Finding 3: shared experts SSFT trains per layer at the reference scale (the paper's k = 5 of 64;
-    the run's own ``routing.shared_k`` is sized for its model); the language-specific ones scale by
-    their share of the layer's experts."""
+    """Finding 3, extrapolated (the run's model has other than the reference's experts per layer): shared
+    experts SSFT trains per layer at the reference scale (the paper's k = 5 of 64; the run's own
+    ``routing.shared_k`` is sized for its model); the language-specific ones scale by their share of the
+    layer's experts."""
     reference_model: str = "allenai/OLMoE-1B-7B-0924"
     """Finding 3: the model whose config SSFT's trainable fraction is counted on (meta device, no
     weights; offline, moelang's copy of its config)."""

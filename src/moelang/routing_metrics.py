@@ -186,6 +186,53 @@ def top_by_gap(shares: dict[str, np.ndarray], lang: str, n: int) -> list[int]:
     return sorted(int(e) for e in np.argsort(-gap, kind="stable")[:n])
 
 
+def set_setting(method: str) -> str:
+    """The setting that decides the size of ``method``'s expert set (named when a set comes out empty)."""
+    if method.startswith("seft_top"):
+        return "routing.top_n"
+    return {"seft": "routing.alpha", "random": "routing.alpha (as many as seft)",
+            "random_hr": "routing.alpha (the donor parent's seft)",
+            "ssft": "routing.alpha and routing.shared_k"}.get(method, "routing.alpha")
+
+
+def empty_layers(sets: dict[str, list[int]]) -> list[int]:
+    """The layers (as ints, ascending) where one method's set (``{layer: [expert ids]}``) is empty."""
+    return sorted(int(layer) for layer, ids in sets.items() if not ids)
+
+
+def empty_everywhere(sets: dict[str, list[int]]) -> bool:
+    """True when a method's set has no expert in any layer: there is nothing to train."""
+    return bool(sets) and len(empty_layers(sets)) == len(sets)
+
+
+def empty_set_notice(selected: dict, options: RoutingMetricsOptions | dict) -> str | None:
+    """One line for the user when the selection leaves sets of ``selected`` ({target: {method: {layer:
+    ids}}}) empty: those empty in every final layer (the adaptation stage does not train them) and
+    those empty in some layers only (trained in the others), each with the setting that decides it.
+    None when no set is empty."""
+    options = RoutingMetricsOptions.coerce(options)
+    everywhere, some = [], []
+    for target, methods in selected.items():
+        for method, sets in methods.items():
+            layers = empty_layers(sets)
+            if not layers:
+                continue
+            if empty_everywhere(sets):
+                everywhere.append(f"{target} {method} [{set_setting(method)}]")
+            else:
+                some.append(f"{target} {method} (layer {', '.join(map(str, layers))}) [{set_setting(method)}]")
+    if not everywhere and not some:
+        return None
+    parts = []
+    if everywhere:
+        parts.append(f"empty in every final layer, so not trained or evaluated: {'; '.join(everywhere)}")
+    if some:
+        parts.append(f"empty in some final layers only, trained in the others: {'; '.join(some)}")
+    return (f"routing metrics: the selection (routing.alpha = {options.alpha:g}, routing.shared_k = "
+            f"{options.shared_k}, routing.top_n = {options.top_n}) leaves expert sets empty: {' | '.join(parts)}; "
+            f"lower routing.alpha (or raise routing.top_n / routing.shared_k) for larger sets")
+
+
 # --------------------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------------------
@@ -540,6 +587,9 @@ def run_metrics(profile_paths: list[str | Path], overlap_path: str | Path, optio
         with atomic_path(out_dir / f"{name}.parquet") as tmp:
             table.write_parquet(tmp, compression="zstd")
     write_json(selected, selected_path)
+    notice = empty_set_notice(selected, options)
+    if notice:  # before any adaptation job: the sets are known from here on
+        log.warning("%s", notice)
     plot_entropy(tables["entropy"], out_dir / "entropy.png", base)
     plot_jsd_dynamics(tables["jsd_mean"], out_dir / "jsd_dynamics.png", base)
     plot_jsd_heatmap(tables["jsd"], out_dir / "jsd_heatmap.png", languages)

@@ -41,7 +41,9 @@ if ADAPT_TARGETS:
             " --selected {input.selected:q} --out {params.out:q} --state-dir {params.state_dir:q} 2>&1 | tee {log:q}"
 
 
-rule select_adapt:
+# A checkpoint: its runs table says which methods were trained, and only those are evaluated (a method
+# whose expert set is empty in every adapted layer is not trained; src/moelang/adapt.py).
+checkpoint select_adapt:
     input:
         lambda w: adapt_run_dirs(w.lang, ADAPT_METHODS),
     output:

@@ -5,7 +5,7 @@
 import json
 import shlex
 
-from moelang.adapt import lr_name
+from moelang.adapt import lr_name, not_trained
 
 
 def requested_workflow_profile(argv):
@@ -125,20 +125,47 @@ def evaluated_model_input(wildcards):
 
 
 def evaluated_names(wildcards=None):
-    """The evaluated models of this run: an adapted model only when the corpus kept its target."""
+    """The evaluated models of this run other than the adapted ones (adapted_eval_names)."""
+    return [name for name, entry in EVALUATED.items() if entry.target is None]
+
+
+def untrained_adapted_models(wildcards=None):
+    """Adapted models (name -> why) whose method the adapt job did not train (an expert set empty in
+    every adapted layer): from each kept target's runs table, which the select_adapt checkpoint writes."""
+    skipped = {}
+    for lang in adapted_targets():
+        reasons = not_trained(checkpoints.select_adapt.get(lang=lang).output.table)
+        for name, entry in EVALUATED.items():
+            if entry.target == lang and entry.method in reasons:
+                skipped[name] = reasons[entry.method]
+    return skipped
+
+
+def adapted_eval_names(wildcards=None):
+    """The adapted models this run evaluates: their target kept by the corpus, their method trained."""
     kept = set(kept_languages())
-    return [name for name, entry in EVALUATED.items() if entry.target is None or entry.target in kept]
+    skipped = untrained_adapted_models()
+    return [name for name, e in EVALUATED.items() if e.target in kept and name not in skipped]
 
 
 def eval_outputs(wildcards=None):
     return [f"results/eval/{name}/{output}" for name in evaluated_names() for output in EVAL_MODEL_OUTPUTS]
 
 
+def adapted_eval_outputs(wildcards=None):
+    # apart from eval_outputs: the other models' evaluations need not wait for the adaptation checkpoints
+    return [f"results/eval/{name}/{output}" for name in adapted_eval_names() for output in EVAL_MODEL_OUTPUTS]
+
+
 def eval_summary_options(wildcards, input):
     """The summary's options, from its inputs: they are known once the corpus checkpoint has decided
     the kept languages."""
-    summarised = [n for n in EVALUATED if any(f.startswith(f"results/eval/{n}/") for f in input.results)]
-    return mcfg.to_json(mcfg.eval_summary_options(config, EVAL_FAMILIES, summarised, kept_languages()))
+    given = list(input.results) + list(input.adapted)
+    summarised = [n for n in EVALUATED if any(f.startswith(f"results/eval/{n}/") for f in given)]
+    not_evaluated = untrained_adapted_models() if ADAPT_TARGETS else {}
+    return mcfg.to_json(
+        mcfg.eval_summary_options(config, EVAL_FAMILIES, summarised, kept_languages(), not_evaluated=not_evaluated)
+    )
 
 
 # --- report ----------------------------------------------------------------------------------------

@@ -63,6 +63,8 @@ if EVAL_MODEL_OUTPUTS:
 rule eval_summary:
     input:
         results=eval_outputs,
+        # the adapted models whose method was trained (known once each target's select_adapt has run)
+        adapted=adapted_eval_outputs if ADAPT_TARGETS else [],
         tasks="results/eval/tasks",
         # the expansion's runs table (new experts, trainable fractions), only when the stage runs
         expand_runs=["results/expand/runs.parquet"] if mcfg.expand_variants(config) else [],
