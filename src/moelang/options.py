@@ -492,6 +492,10 @@ class AllocationOptions(StageOptions):
     uniform_per_layer: int | None = None
     """The ``uniform`` plan's new experts in every layer (MoE-LPR's own budget, the LayerMoE paper's
     baseline); None: LayerMoE's total spread evenly (a comparison at equal budget)."""
+    mola_budget: str = "authors"
+    """The ``mola`` plan's budget: ``authors``, MoLA as the LayerMoE authors run it (1, 3, 5, 7 new
+    experts per quarter of depth, on any base); ``layermoe_total``, the 2, 4, 6, 8 shape scaled to
+    LayerMoE's total (ours: a comparison at equal budget)."""
     model: str | None = None
     """The similarity table's model (chooses the specialisation rows)."""
     checkpoint_step: int | None = None
