@@ -207,6 +207,17 @@ def test_adaptation_trains_without_load_balancing_unless_asked():
     assert cfg.validate(base)["model"]["cpt"]["train"]["aux_loss_coef"] == 0.01  # pre-training keeps its own
 
 
+def test_full_ft_trains_with_the_authors_recipe(adapted):
+    """The full-ft runs' logs: balancing and z-loss terms in every step, the expert methods' none; the
+    rate rising linearly from 0.59 x lr to lr over the run (adapt.full_ft's defaults)."""
+    out, _ = adapted
+    full = pl.read_parquet(out / "adapt" / "ca" / "full-ft" / "lr-0.02" / "train_log.parquet")
+    assert full["aux_loss"].is_finite().all() and (full["z_loss"] > 0).all()
+    assert full["lr"].to_list() == pytest.approx([0.02 * (0.59 + 0.41 * (step + 1) / 4) for step in range(4)])
+    ssft = pl.read_parquet(out / "adapt" / "ca" / "ssft" / "lr-0.02" / "train_log.parquet")
+    assert ssft["aux_loss"].is_nan().all() and "z_loss" not in ssft.columns
+
+
 def test_default_config_builds_the_adaptation_jobs(repo):
     config = cfg.load(repo / "config" / "config.yaml")
     from moelang import registry
@@ -217,6 +228,8 @@ def test_default_config_builds_the_adaptation_jobs(repo):
         options = cfg.adapt_options(config, lang)
         assert options.lang == lang and options.parent == config["languages"]["targets"][lang]
         assert options.train.aux_loss_coef == 0.0 and options.final_layers == config["routing"]["final_layers"]
+        full_ft = adapt.full_ft_settings(options.train, options.full_ft)  # the authors' Full-FT by default
+        assert (full_ft.aux_loss_coef, full_ft.z_loss_coef, full_ft.decay_norms_and_biases) == (0.01, 0.001, True)
         assert {f"adapt-{lang}-{m}" for m in options.methods} <= set(adapted)
 
 

@@ -464,12 +464,16 @@ def test_the_paper_configs_expansion(repo, monkeypatch):
     options = cfg.expand_options(config, "layermoe")
     assert (options.start, options.ref, options.old, options.new) == ("base", "Qwen/Qwen1.5-1.8B", ["en", "zh", "es"],
                                                                       ["el", "hu", "tr"])
-    for stage, seq_len in ((options.stage1, 1024), (options.stage2, 512)):
-        assert stage.micro_batch_size * stage.grad_accum == 512 and stage.seq_len == seq_len
+    # sequences per step of the authors' scripts: stage1-6B-layermoe-g1.sh 8 x 8 x 8 GPUs of 1,024 tokens,
+    # stage2-6B-layermoe-g1.sh 24 x 4 x 8 GPUs of 512; stage 1 one epoch of 3 x 2e9 tokens
+    for stage, seq_len, sequences in ((options.stage1, 1024, 8 * 8 * 8), (options.stage2, 512, 24 * 4 * 8)):
+        assert stage.micro_batch_size * stage.grad_accum == sequences and stage.seq_len == seq_len
         assert (stage.lr, stage.betas, stage.weight_decay, stage.warmup_steps, stage.min_lr_ratio, stage.dtype) == (
             5e-5, (0.9, 0.999), 0.0, 0, 0.0, "bf16")
+    assert options.stage1.steps == 3 * 2_000_000_000 // (512 * 1024)
     assert config["allocation"]["new_experts"] == 48
     assert config["allocation"]["classifier_layers"] == [5, 6, 10, 11, 12, 13, 23]
+    assert (config["allocation"]["uniform_per_layer"], config["allocation"]["mola_budget"]) == (5, "authors")
     assert cfg.rule_resources(config, "expand_stage1")["gpu"] == 1
     m7 = cfg.load(repo / "config" / "olmoe-m7.yaml")
     assert cfg.expand_options(m7, "uniform").stage1.lr == 5e-5 and len(cfg.expand_variants(m7)) == 5

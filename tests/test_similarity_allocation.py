@@ -178,7 +178,7 @@ def test_uniform_per_layer_is_moe_lprs_own_budget_and_the_other_baselines_keep_l
     assert sum(result.plans["layermoe"].new) == sum(result.plans["mola"].new) == result.total == 9
     # with a delta budget whose LayerMoE plan fails, the uniform plan still has its own budget
     failed = al.allocate(cross_script(), OLD, NEW, delta=10, nonpositive="error", uniform_per_layer=2)
-    assert list(failed.plans) == ["uniform"] and list(failed.plans["uniform"].new) == [2, 2, 2]
+    assert list(failed.plans) == ["uniform", "mola"] and list(failed.plans["uniform"].new) == [2, 2, 2]
     three_layers().write_parquet(tmp_path / "sim.parquet")
     assert allocate_cli("--similarity", tmp_path / "sim.parquet", "--old", "en,es", "--new", "el,hu", "--new-experts", 9,
                         "--uniform-per-layer", 4, "--out", tmp_path / "plan") == 0
@@ -200,7 +200,7 @@ def test_moe_base_counts_only_new_experts_and_routing_variant():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(delta=3), "no method gives a plan: layermoe: delta 3 gives layers \\[1, 2\\] no new expert; raise allocation.delta"),
+    (dict(delta=3, mola_budget="layermoe_total"), "no method gives a plan: layermoe: delta 3 gives layers \\[1, 2\\] no new expert; raise allocation.delta"),
     (dict(new_experts=2), "set allocation.new_experts \\(--new-experts\\) to at least 3"),
     (dict(delta=5, new_experts=4), "exactly one budget, allocation.delta or allocation.new_experts"),
     (dict(), "exactly one budget"),
@@ -259,15 +259,19 @@ def test_a_failing_method_does_not_lose_the_others():
     assert set(result.plans) == {"uniform", "mola", "increasing", "routing"}
     assert "S_i <= 0 at layers [1]" in result.failed["layermoe"]
     assert "set allocation.nonpositive: shift" in result.failed["layermoe"]
-    assert [sum(p.new) for p in result.plans.values()] == [6, 6, 6, 6]
+    assert [sum(p.new) for name, p in result.plans.items() if name != "mola"] == [6, 6, 6]
+    assert list(result.plans["mola"].new) == [1, 3, 5]  # the authors' MoLA has its own budget
     mixed = al.allocate(cross_script(), OLD, NEW, new_experts=6, nonpositive="error", specialization=spec,
                         routing_weight=0.5)
     assert set(mixed.failed) == {"layermoe", "routing"} and "allocation.routing_weight 0.5" in mixed.failed["routing"]
     missing = al.allocate(three_layers(), OLD, NEW, new_experts=6, specialization={0: 0.1, 1: 0.2})
     assert set(missing.plans) == set(al.METHODS) - {"routing"} and "layers [2]" in missing.failed["routing"]
-    # a delta budget takes its total from LayerMoE: without that plan no method has a total
+    # a delta budget takes its total from LayerMoE: without that plan no method at equal budget has a
+    # total; the authors' MoLA, with its own budget, still has a plan
+    alone = al.allocate(cross_script(), OLD, NEW, delta=10, nonpositive="error")
+    assert list(alone.plans) == ["mola"] and "the budget is allocation.delta" in alone.failed["uniform"]
     with pytest.raises(MoelangError, match="no method gives a plan: layermoe: .*; uniform, mola, increasing, routing: the budget is allocation.delta"):
-        al.allocate(cross_script(), OLD, NEW, delta=10, nonpositive="error")
+        al.allocate(cross_script(), OLD, NEW, delta=10, nonpositive="error", mola_budget="layermoe_total")
 
 
 def test_failures_and_agreement_are_written_into_the_plan(tmp_path, caplog):
@@ -275,7 +279,8 @@ def test_failures_and_agreement_are_written_into_the_plan(tmp_path, caplog):
     cross_script(experts=8).write_parquet(tmp_path / "in" / "sim.parquet")
     with caplog.at_level("WARNING", logger="moelang"):
         al.run_allocation(tmp_path / "in" / "sim.parquet", {"old": OLD, "new": NEW, "new_experts": 3,
-                                                           "nonpositive": "error"}, tmp_path / "a")
+                                                           "nonpositive": "error", "mola_budget": "layermoe_total"},
+                          tmp_path / "a")
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())
     assert set(plan) == {"uniform", "mola", "increasing", "_meta"}
     meta = plan["_meta"]
@@ -454,10 +459,45 @@ def test_mola_step_shape_by_hand():
 
 def test_mola_plan_has_the_layermoe_total():
     sims = sim_table({layer: pairs(0.2 + 0.05 * layer, 0.3) for layer in range(8)})
-    result = al.allocate(sims, OLD, NEW, new_experts=40)
+    result = al.allocate(sims, OLD, NEW, new_experts=40, mola_budget="layermoe_total")
     assert sum(result.plans["layermoe"].new) == 40
     assert list(result.plans["mola"].new) == [2, 2, 4, 4, 6, 6, 8, 8]
     assert list(result.plans["mola"].experts) == [3, 3, 5, 5, 7, 7, 9, 9]  # dense: N_i counts the original FFN
+
+
+def test_mola_is_the_authors_shape_and_budget_on_a_24_layer_dense_table():
+    """stage1+2-6B-mola-g2.sh, line 31: --ada_moe_num_experts_list 2 x6, 4 x6, 6 x6, 8 x6 on the 24
+    dense layers of Qwen1.5-1.8B, the FFN counted: 1, 3, 5, 7 new experts per quarter, 96 in all,
+    whatever LayerMoE's total (48 here, as the authors' group 1)."""
+    authors = [2] * 6 + [4] * 6 + [6] * 6 + [8] * 6  # their list, written out
+    sims = sim_table({layer: pairs(0.2 + 0.01 * layer, 0.3) for layer in range(24)})
+    result = al.allocate(sims, OLD, NEW, new_experts=48)
+    assert sum(result.plans["layermoe"].new) == 48
+    mola = result.plans["mola"]
+    assert list(mola.experts) == authors
+    assert list(mola.new) == [count - 1 for count in authors] == [1] * 6 + [3] * 6 + [5] * 6 + [7] * 6
+    assert int(mola.new.sum()) == 96
+    # the same through the stage, budget read from the options, the table dense by its experts column
+    assert AllocationOptions().mola_budget == "authors"
+    for total in (24, 200):  # LayerMoE's total does not move it
+        assert list(al.allocate(sims, OLD, NEW, new_experts=total).plans["mola"].new) == list(mola.new)
+
+
+def test_mola_on_an_moe_base_adds_the_same_new_experts_per_quarter(tmp_path):
+    """An MoE base of 8 experts per layer gets the authors' 1, 3, 5, 7 new experts per quarter (not
+    a count scaled by its 8 experts); depth not divisible by 4: layer i in quarter floor(4 i / n)."""
+    sims = sim_table({layer: pairs(0.2 + 0.05 * layer, 0.3) for layer in range(4)}, experts=8)
+    sims.write_parquet(tmp_path / "sim.parquet")
+    result = al.run_allocation(tmp_path / "sim.parquet", {"old": OLD, "new": NEW, "new_experts": 8}, tmp_path / "a")
+    assert list(result.plans["mola"].new) == [1, 3, 5, 7]  # the default config's 4 MoE layers: 16 new
+    assert list(result.plans["mola"].experts) == [1, 3, 5, 7]  # an MoE: N_i counts new experts only
+    counted = al.run_allocation(tmp_path / "sim.parquet", {"old": OLD, "new": NEW, "new_experts": 8,
+                                                           "counts_existing": True}, tmp_path / "b")
+    assert list(counted.plans["mola"].new) == [1, 3, 5, 7] and list(counted.plans["mola"].experts) == [9, 11, 13, 15]
+    six = sim_table({layer: pairs(0.2 + 0.05 * layer, 0.3) for layer in range(6)})
+    assert list(al.allocate(six, OLD, NEW, new_experts=12).plans["mola"].new) == [1, 1, 3, 5, 5, 7]
+    with pytest.raises(MoelangError, match="mola_budget is 'scaled'"):
+        al.allocate(six, OLD, NEW, new_experts=12, mola_budget="scaled")
 
 
 def test_explicit_classifier_layers_are_taken_as_given():
@@ -509,9 +549,9 @@ def test_existing_experts_of_layers_with_different_counts(tmp_path):
     counted = al.run_allocation(tmp_path / "sim.parquet", {"old": OLD, "new": NEW, "new_experts": 30,
                                                            "counts_existing": True}, tmp_path / "b")
     assert "layermoe" in counted.plans and "mola" in counted.plans
-    for plan in counted.plans.values():
+    for name, plan in counted.plans.items():
         assert list(plan.experts - plan.new) == sizes
-        assert (plan.new >= 1).all() and plan.new.sum() == 30
+        assert (plan.new >= 1).all() and plan.new.sum() == (16 if name == "mola" else 30)  # MoLA: 1, 3, 5, 7
 
 
 # ---------------------------------------------------------------------------------------------------

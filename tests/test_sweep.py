@@ -298,7 +298,26 @@ def test_the_log_reports_each_runs_loss(token_files, tmp_path, caplog):
     plan = [r.getMessage() for r in caplog.records if "share one pass" in r.getMessage()]
     assert plan and "decoder layers 0-1 (of 4)" in plan[0] and "layers 2-3" in plan[0]
     last = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"sweep: step {STEPS}/{STEPS}")]
-    assert last and "lr-1e-4 " in last[0] and "lr-4e-3 " in last[0]
+    assert last and "lr-1e-4 " in last[0] and "lr-4e-3 " in last[0]  # two runs: the best and the worst
+
+
+def test_the_progress_line_is_compact_whatever_the_number_of_runs():
+    """The step, the run count, the best and the worst run with their losses, the rate, the time left:
+    one short line with 14 runs (the per-run numbers stay in the train logs)."""
+    from moelang.sweep import best_and_worst, progress_line
+
+    losses = [(f"{m}/lr-{lr:g}", 4.0 + i * 0.1) for i, (m, lr) in enumerate(
+        (m, lr) for m in ("ssft", "seft", "seft_top4", "random", "random_hr", "aeft", "lora") for lr in (1e-3, 4e-3))]
+    losses[5] = ("random/lr-0.004", 3.25)
+    losses[9] = ("aeft/lr-0.004", 7.5)
+    line = progress_line(12, 30, losses, 1234.5, 42.4)
+    assert line == ("sweep: step 12/30, 14 runs, best random/lr-0.004 3.250, worst aeft/lr-0.004 7.500, "
+                    "1,234 tokens/s each, about 42 s left")
+    assert len(line) < 160 and line.count("/lr-") == 2
+    # a diverged run (NaN) is the worst; ties go to the first; one run names itself
+    assert best_and_worst([("a", 2.0), ("b", float("nan")), ("c", 2.0)]) == "best a 2.000, worst b nan"
+    assert best_and_worst([("a", 2.0), ("c", 2.0)]) == "best a 2.000, worst a 2.000"
+    assert best_and_worst([("a", 2.5)]) == "a 2.500"
 
 
 @pytest.fixture

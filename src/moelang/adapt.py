@@ -9,8 +9,14 @@ a name -> builder registry; a new method is one :func:`adapt_method` entry):
   ``results/routing/selected_experts.json`` (the routing metrics chose them on the parent language),
   in each of the final K MoE layers, plus the whole router of each of those layers (the authors do;
   weight decay then also shrinks the rows of the experts that are not trained);
-* ``aeft``: every expert of the final K layers, plus their routers;
-* ``full-ft``: every parameter;
+* ``aeft``: every expert of the final K layers, plus their routers, and in a family with always-on
+  shared experts (Qwen2-MoE's ``shared_expert`` with its ``shared_expert_gate``, DeepSeek-V3's
+  ``shared_experts``) those layers' shared experts too: they are experts of the final layers;
+* ``full-ft``: every parameter, with its own training settings (``adapt.full_ft``,
+  :func:`full_ft_settings`): by default the authors' Full-FT (paper A's OLMo trainer: load balancing
+  0.01, z-loss 0.001, weight decay on every parameter, norms, biases and embeddings too, and a rate
+  still in its warm-up, rising linearly over the run from 0.59 x lr to lr as theirs from 1e-5 to
+  1.7e-5); ``recipe: expert_methods`` trains it with ``adapt.train`` as the expert methods (ours);
 * ``lora``: PEFT LoRA on the final K layers' fused expert tensors and routers
   (:mod:`moelang.models.lora`), merged into the weights before saving.
 
@@ -64,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -168,10 +175,11 @@ def trains_final_layers_only(name: str) -> bool:
     return name != "full-ft"
 
 
-def _expert_subset(ctx: AdaptContext, experts: dict[int, list[int]]):
+def _expert_subset(ctx: AdaptContext, experts: dict[int, list[int]], shared: bool = False):
     from moelang.models.methods import ExpertSubset
 
-    return ExpertSubset(experts=experts, routers=list(ctx.layers), mask_router=ctx.options.mask_router)
+    return ExpertSubset(experts=experts, routers=list(ctx.layers), shared=list(ctx.layers) if shared else [],
+                        mask_router=ctx.options.mask_router)
 
 
 for _name in EXPERT_SET_METHODS:
@@ -181,7 +189,7 @@ for _name in EXPERT_SET_METHODS:
 @adapt_method("aeft")
 def _aeft(ctx: AdaptContext):
     counts = ctx.adapter.experts_per_layer
-    return _expert_subset(ctx, {layer: list(range(counts[layer])) for layer in ctx.layers})
+    return _expert_subset(ctx, {layer: list(range(counts[layer])) for layer in ctx.layers}, shared=True)
 
 
 @adapt_method("full-ft")
@@ -193,12 +201,24 @@ def _full_ft(ctx: AdaptContext):
 
 @adapt_method("lora")
 def _lora(ctx: AdaptContext):
-    from moelang.models.lora import LoRASettings, LoRATraining
+    from moelang.models.lora import LoRASettings, LoRATraining, expected_lora_parameters
 
     spec = ctx.options.lora
     settings = LoRASettings(rank=spec["rank"], alpha=float(spec["alpha"]), targets=tuple(spec["targets"]),
                             layers=len(ctx.layers), seed=ctx.options.seed)
     settings.check("adapt.lora")
+    match, rule = spec.get("match"), spec.get("match_rule", "at_least")
+    if match is not None:
+        if match != "ssft" or rule not in LORA_MATCH_RULES:
+            raise ConfigError(f"config key 'adapt.lora': match {match!r}, match_rule {rule!r}; give match ssft (or "
+                              f"null) and match_rule one of {', '.join(LORA_MATCH_RULES)}")
+        budget = ssft_trainable_parameters(ctx)
+        per_rank = expected_lora_parameters(ctx.adapter.model, dataclasses.replace(settings, rank=1))
+        rank = matched_lora_rank(per_rank, budget, rule)
+        settings = dataclasses.replace(settings, rank=rank)
+        log.info("adapt %s: lora rank %d (%s trainable parameters, %s per rank) for ssft's %s (adapt.lora.match_rule: "
+                 "%s; alpha %g)", ctx.options.lang, rank, f"{rank * per_rank:,}", f"{per_rank:,}", f"{budget:,}", rule,
+                 settings.alpha)
     return LoRATraining(settings)
 
 
@@ -215,6 +235,65 @@ def not_run_reason(name: str, ctx: AdaptContext) -> str | None:
         return None
     return (f"its expert set is empty in every adapted layer ({', '.join(map(str, ctx.layers))}) of "
             f"results/routing/selected_experts.json; {set_setting(name)} decides the set")
+
+
+LORA_MATCH_RULES = ("at_least", "nearest")
+
+
+def ssft_trainable_parameters(ctx: AdaptContext) -> int:
+    """What the ``ssft`` run of ``ctx``'s target trains, counted from the start model's tensor shapes
+    (no copy of the model): in each adapted layer, its chosen experts' tensors and the whole router,
+    as :class:`~moelang.models.methods.ExpertSubset` trains them."""
+    sets = ctx.expert_set("ssft")
+    total = 0
+    for index in ctx.layers:
+        layer = ctx.adapter.moe_layer(index)
+        tensors = sum(getattr(layer.experts, n).numel() for n in layer.expert_tensor_names(ctx.adapter.spec))
+        total += tensors // layer.num_experts * len(set(sets[index]))
+        total += sum(p.numel() for p in layer.router.parameters())
+    return total
+
+
+def matched_lora_rank(per_rank: int, budget: int, rule: str) -> int:
+    """The LoRA rank for a budget of ``budget`` trainable parameters when each unit of rank costs
+    ``per_rank`` (LoRA's count is linear in the rank): ``at_least``, the smallest rank whose count is
+    >= the budget; ``nearest``, the rank whose count is closest to it (ties to the larger). At least 1."""
+    at_least = max(1, math.ceil(budget / per_rank))
+    if rule == "at_least" or at_least == 1:
+        return at_least
+    below = at_least - 1
+    return below if budget - below * per_rank < at_least * per_rank - budget else at_least
+
+
+FULL_FT_RECIPES = ("authors", "expert_methods")
+
+
+def full_ft_settings(train, spec: dict | None):
+    """The ``full-ft`` runs' settings: ``train`` (a run's :class:`~moelang.options.TrainSettings`) with
+    ``spec`` (``adapt.full_ft``; keys left out take the authors' values) applied. ``recipe:
+    expert_methods`` leaves ``train`` as it is; ``authors`` sets the load-balancing and z-loss weights,
+    weight decay on every parameter (``weight_decay_all``: the 1-D norms and biases too; the
+    embeddings are matrices and always decayed) and the warm-up: linear from ``warmup_start_ratio`` x
+    lr over ``warmup_steps`` (null: every step, so the rate reaches lr at the last step and never
+    decays, as the authors' run, which ended inside the CPT's warm-up)."""
+    from moelang.options import FULL_FT_AUTHORS
+
+    spec = dict(FULL_FT_AUTHORS) | dict(spec or {})
+    unknown = sorted(set(spec) - set(FULL_FT_AUTHORS))
+    if unknown:
+        raise ConfigError(f"config key 'adapt.full_ft': unknown keys {unknown}; use {', '.join(FULL_FT_AUTHORS)}")
+    if spec["recipe"] not in FULL_FT_RECIPES:
+        raise ConfigError(f"config key 'adapt.full_ft.recipe': {spec['recipe']!r}; use one of {', '.join(FULL_FT_RECIPES)}")
+    if spec["recipe"] == "expert_methods":
+        return train
+    warmup = train.steps if spec["warmup_steps"] is None else int(spec["warmup_steps"])
+    if not 0 <= warmup <= train.steps or not 0 <= spec["warmup_start_ratio"] <= 1:
+        raise ConfigError(f"config key 'adapt.full_ft': warmup_steps {spec['warmup_steps']} and warmup_start_ratio "
+                          f"{spec['warmup_start_ratio']}; give 0..adapt.train.steps ({train.steps}, or null: the whole "
+                          f"run) and a ratio from 0 to 1")
+    return train.replace(aux_loss_coef=float(spec["aux_loss_coef"]), z_loss_coef=float(spec["z_loss_coef"]),
+                         decay_norms_and_biases=bool(spec["weight_decay_all"]), warmup_steps=warmup,
+                         warmup_start_ratio=float(spec["warmup_start_ratio"]))
 
 
 def trained_experts(name: str, ctx: AdaptContext) -> list[int]:
@@ -264,6 +343,8 @@ def adapt_target(token_file: str | Path, selected_path: str | Path, options: Ada
     lang = options.lang
     for name in options.methods:
         method_builder(name)  # an unknown method stops before anything loads
+    if "full-ft" in options.methods:
+        full_ft_settings(options.train, options.full_ft)  # so does a bad adapt.full_ft
     expert_sets = read_expert_sets(selected_path, lang)
     state_root = Path(state_root) / lang
     state_root.mkdir(parents=True, exist_ok=True)
@@ -342,6 +423,8 @@ def _train_runs(start, tokenizer, token_file, ctx: AdaptContext, methods: dict, 
             log.info("adapt %s: %s lr %g already trained (staged in %s)", options.lang, name, lr,
                      _run_state(state_root, name, lr))
     settings = {run: options.train.replace(lr=run[1], seed=options.seed, mixture={options.lang: 1.0}) for run in todo}
+    settings = {run: full_ft_settings(value, options.full_ft) if run[0] == "full-ft" else value
+                for run, value in settings.items()}
 
     def stream():
         first = next(iter(settings.values()))

@@ -24,19 +24,28 @@ From the similarity table of one model (:mod:`moelang.similarity`):
   or a number m, for **our rule**: the m layers with the highest ``S`` (null: m = as many as the layers
   that receive the method's smallest count).
 
-Baselines with the same total of new experts: ``uniform`` (MoE-LPR: the same number in every layer,
-a remainder spread evenly over depth; or, with ``uniform_per_layer``, MoE-LPR's own budget of that many
-new experts in every layer, as the LayerMoE paper compares with: 5 per layer, 120 new experts, against
-LayerMoE's 48 on Qwen1.5-1.8B); ``mola`` (MoLA's step shape: 2, 4, 6, 8 experts in the first,
-second, third and last quarter of depth, layer i in quarter ``floor(4 i / n)``, scaled to the total by
-largest remainders, ties to the earlier layer, and a layer left at 0 raised to 1 by taking one from
-the largest count, the earliest on ties); and ``increasing`` (ours, kept for older plans: proportional
-to depth, ``i + 1``, with at least one per layer).
+Baselines: ``uniform`` (MoE-LPR: the same number in every layer, a remainder spread evenly over
+depth, at LayerMoE's total; or, with ``uniform_per_layer``, MoE-LPR's own budget of that many new
+experts in every layer, as the LayerMoE paper compares with: 5 per layer, 120 new experts, against
+LayerMoE's 48 on Qwen1.5-1.8B); ``mola`` (MoLA as the LayerMoE authors run it,
+``stage1+2-6B-mola-g2.sh`` line 31: 2, 4, 6, 8 experts per layer in the first, second, third and last
+quarter of depth, counting the FFN of their dense base, so 1, 3, 5, 7 **new** experts per layer, 96
+in 24 layers: a fixed shape and budget (``mola_budget: authors``, the default). On an MoE base the
+same 1, 3, 5, 7 new experts per quarter are added, whatever the base's experts (the budget is
+MoLA's new experts, the unit LayerMoE's budget is given in on an MoE; scaling by a 64-expert
+base's experts would add 64 to 448 new experts per layer). Layer i of n is in quarter
+``floor(4 i / n)``, so when n is not divisible by 4 the quarters differ by at most one layer (n = 6:
+1, 1, 3, 5, 5, 7). ``mola_budget: layermoe_total``: the shape 2, 4, 6, 8 scaled to LayerMoE's total
+by largest remainders, ties to the earlier layer, and a layer left at 0 raised to 1 by taking one
+from the largest count, the earliest on ties (ours: a comparison at equal budget); and
+``increasing`` (ours, kept for older plans: proportional to depth, ``i + 1``, with at least one per
+layer, at LayerMoE's total).
 Beyond both papers, ``routing``: weights proportional to the routing stage's language-specialisation
 score of the layer (more specialised layers get more new experts), optionally mixed with LayerMoE's
 inverse-similarity weights (``routing_weight`` 1 = routing only, 0.5 = half each), rounded by largest
-remainders with at least one new expert per layer. The baselines take LayerMoE's total; without a
-LayerMoE plan, ``new_experts`` (with a ``delta`` budget they then have no total and fail too).
+remainders with at least one new expert per layer. The baselines at LayerMoE's total take it; without
+a LayerMoE plan, ``new_experts`` (with a ``delta`` budget they then have no total and fail too; the
+authors' MoLA and ``uniform_per_layer`` have budgets of their own and do not).
 
 Each method stands alone: one that cannot be computed (its reason: non-positive scores under
 ``nonpositive: error``, a delta too small for it, no specialisation scores) is left out of the plan,
@@ -66,7 +75,8 @@ from moelang.io import atomic_path, log, pyplot, save_figure, write_json
 from moelang.options import AllocationOptions
 
 METHODS = ("layermoe", "uniform", "mola", "increasing", "routing")
-MOLA_STEPS = (2, 4, 6, 8)  # MoLA's experts per quarter of depth
+MOLA_STEPS = (2, 4, 6, 8)  # MoLA's experts per quarter of depth, counting a dense base's FFN (stage1+2-6B-mola-g2.sh)
+MOLA_BUDGETS = ("authors", "layermoe_total")
 NONPOSITIVE = ("shift", "clip", "error")
 # what allocation reads from its input tables: column -> the kind of dtype it must have
 SIMILARITY_COLUMNS = {"layer": "integer", "lang_a": "string", "lang_b": "string", "similarity": "number",
@@ -287,6 +297,12 @@ def mola_shape(n_layers: int) -> np.ndarray:
     return np.array([MOLA_STEPS[4 * i // n_layers] for i in range(n_layers)], dtype=np.int64)
 
 
+def mola_new(n_layers: int) -> np.ndarray:
+    """The authors' MoLA budget in new experts: their 2, 4, 6, 8 experts per quarter count the dense
+    base's FFN, so 1, 3, 5, 7 new experts per layer (96 in 24 layers), on any base."""
+    return mola_shape(n_layers) - 1
+
+
 def scale_shape(shape: np.ndarray, total: int) -> np.ndarray:
     """``shape`` scaled to ``total`` by largest remainders (ties to the earlier entry), then every 0
     raised to 1 with one taken from the largest count (the first on ties, so that a rising shape stays
@@ -359,7 +375,8 @@ def allocate(similarity: pl.DataFrame, old: list[str], new: list[str], *, delta:
              new_experts: int | None = None, existing: int | Mapping[int, int] = 1, counts_existing: bool = True,
              classifier: int | list[int] | None = None, specialization: dict[int, float] | None = None,
              routing_weight: float = 1.0, nonpositive: str = "shift",
-             no_specialization: str = NO_SPECIALIZATION, uniform_per_layer: int | None = None) -> Allocation:
+             no_specialization: str = NO_SPECIALIZATION, uniform_per_layer: int | None = None,
+             mola_budget: str = "authors") -> Allocation:
     """Every allocation method for one similarity table (see the module docstring). Problems of the
     input as a whole raise; a method that cannot be computed is recorded in ``failed``."""
     if (delta is None) == (new_experts is None):
@@ -367,6 +384,8 @@ def allocate(similarity: pl.DataFrame, old: list[str], new: list[str], *, delta:
                            "(by hand: --delta or --new-experts)")
     if nonpositive not in NONPOSITIVE:
         raise MoelangError(f"allocation: allocation.nonpositive is '{nonpositive}'; use one of {', '.join(NONPOSITIVE)}")
+    if mola_budget not in MOLA_BUDGETS:
+        raise MoelangError(f"allocation: allocation.mola_budget is '{mola_budget}'; use one of {', '.join(MOLA_BUDGETS)}")
     if not 0 <= routing_weight <= 1:
         raise MoelangError(f"allocation: allocation.routing_weight (--routing-weight) is {routing_weight}; use a "
                            f"number from 0 to 1")
@@ -442,10 +461,12 @@ def allocate(similarity: pl.DataFrame, old: list[str], new: list[str], *, delta:
             log.warning("allocation: no %s plan: %s", name, exc)
 
     attempt("layermoe", layermoe)
-    # the baselines share LayerMoE's total (comparable plans); without it, the asked-for total
+    # the baselines at equal budget share LayerMoE's total (comparable plans); without it, the asked-for total
     result.total = int(result.plans["layermoe"].new.sum()) if "layermoe" in result.plans else new_experts
     if uniform_per_layer is not None:  # MoE-LPR's own budget: the same count in every layer, whatever the total
         attempt("uniform", lambda: plan("uniform", np.full(n, uniform_per_layer, dtype=np.int64)))
+    if mola_budget == "authors":  # MoLA's own fixed shape and budget, whatever LayerMoE's total
+        attempt("mola", lambda: plan("mola", mola_new(n)))
     if result.total is None:
         for name in [m for m in METHODS[1:] if m not in result.plans]:
             result.failed[name] = ("the budget is allocation.delta, whose total of new experts comes from the layermoe "
@@ -454,9 +475,11 @@ def allocate(similarity: pl.DataFrame, old: list[str], new: list[str], *, delta:
     else:
         if uniform_per_layer is None:
             attempt("uniform", lambda: plan("uniform", uniform(n, result.total)))
-        attempt("mola", lambda: plan("mola", scale_shape(mola_shape(n), result.total)))
+        if mola_budget == "layermoe_total":
+            attempt("mola", lambda: plan("mola", scale_shape(mola_shape(n), result.total)))
         attempt("increasing", lambda: plan("increasing", spread(np.arange(1, n + 1), result.total)))
         attempt("routing", lambda: routing(result.total))
+    result.plans = {name: result.plans[name] for name in METHODS if name in result.plans}  # one order, however made
     if not result.plans:
         by_reason: dict[str, list[str]] = {}
         for name, reason in result.failed.items():
@@ -574,7 +597,7 @@ def run_allocation(similarity_path: str | Path, options: AllocationOptions | dic
                       classifier=options.classifier_layers, specialization=specialization,
                       routing_weight=float(options.routing_weight), nonpositive=nonpositive,
                       no_specialization=no_specialization or NO_SPECIALIZATION,
-                      uniform_per_layer=options.uniform_per_layer)
+                      uniform_per_layer=options.uniform_per_layer, mola_budget=options.mola_budget)
     meta = {"old": list(options.old), "new": list(options.new),
             "existing_experts_per_layer": [existing[layer] for layer in result.layers], "counts_existing": counts_existing,
             "nonpositive": nonpositive, "similarity": str(similarity_path),

@@ -214,7 +214,7 @@ ALLOCATE_FLAGS = {"old": "--old", "new": "--new", "delta": "--delta", "new_exper
                   "existing": "--existing", "counts_existing": "--new-only/--counts-existing",
                   "classifier_layers": "--classifier-layers", "routing_weight": "--routing-weight",
                   "nonpositive": "--nonpositive", "checkpoint_step": "--checkpoint-step",
-                  "uniform_per_layer": "--uniform-per-layer"}
+                  "uniform_per_layer": "--uniform-per-layer", "mola_budget": "--mola-budget"}
 
 
 def _classifier_layers(text: str) -> int | list[int]:
@@ -574,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uniform-per-layer", type=int, default=None,
                    help="the uniform plan's new experts in every layer (MoE-LPR's own budget; default: LayerMoE's "
                         "total spread evenly)")
+    p.add_argument("--mola-budget", choices=["authors", "layermoe_total"], default=None,
+                   help="the mola plan's budget: authors (1, 3, 5, 7 new experts per quarter of depth; the default) "
+                        "or layermoe_total (the 2, 4, 6, 8 shape scaled to LayerMoE's total)")
     p.add_argument("--out", required=True, help="directory receiving plan.json, plan.parquet, plan.png")
     p.set_defaults(func=cmd_allocate)
 

@@ -492,6 +492,10 @@ class AllocationOptions(StageOptions):
     uniform_per_layer: int | None = None
     """The ``uniform`` plan's new experts in every layer (MoE-LPR's own budget, the LayerMoE paper's
     baseline); None: LayerMoE's total spread evenly (a comparison at equal budget)."""
+    mola_budget: str = "authors"
+    """The ``mola`` plan's budget: ``authors``, MoLA as the LayerMoE authors run it (1, 3, 5, 7 new
+    experts per quarter of depth, on any base); ``layermoe_total``, the 2, 4, 6, 8 shape scaled to
+    LayerMoE's total (ours: a comparison at equal budget)."""
     model: str | None = None
     """The similarity table's model (chooses the specialisation rows)."""
     checkpoint_step: int | None = None
@@ -503,6 +507,13 @@ class AllocationOptions(StageOptions):
 # --------------------------------------------------------------------------------------------------
 # Adaptation
 # --------------------------------------------------------------------------------------------------
+
+# Paper A's Full-FT (the OLMo trainer from the CPT model, authors-code.md): load balancing 0.01, z-loss
+# 0.001, weight decay on every parameter, and a learning rate still in the CPT's warm-up, rising from about
+# 1e-5 to 1.7e-5 over the run (0.59 of its end); the swept lr plays their 1.7e-5
+FULL_FT_AUTHORS = {"recipe": "authors", "aux_loss_coef": 0.01, "z_loss_coef": 0.001, "weight_decay_all": True,
+                   "warmup_start_ratio": 0.59, "warmup_steps": None}
+
 
 @dataclass(frozen=True)
 class AdaptOptions(LoadOptions):
@@ -530,6 +541,11 @@ class AdaptOptions(LoadOptions):
     """K: the final K MoE layers are adapted (``routing.final_layers``: where the expert sets were chosen)."""
     mask_router: bool = True
     """Expert methods: while training, route each token of the K layers among the chosen experts only."""
+    full_ft: dict = field(default_factory=lambda: dict(FULL_FT_AUTHORS))
+    """The ``full-ft`` method's own training settings over ``train`` (:func:`moelang.adapt.full_ft_settings`):
+    ``recipe`` ``authors`` (paper A's Full-FT, the OLMo trainer: ``aux_loss_coef``, ``z_loss_coef``,
+    ``weight_decay_all``, a warm-up from ``warmup_start_ratio`` x lr over ``warmup_steps``, null: the
+    whole run) or ``expert_methods`` (ours: ``train`` as the expert methods have it)."""
     lora: dict = field(default_factory=lambda: {"rank": 8, "alpha": 16.0, "targets": ["experts", "router"]})
     """The ``lora`` method's settings (``moelang.models.lora.LoRASettings``: rank, alpha, targets)."""
     share_frozen_pass: bool = True

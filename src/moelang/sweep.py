@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import random
 import time
@@ -354,12 +355,37 @@ class _Run:
         return self.spec.settings
 
 
+def best_and_worst(losses: list[tuple[str, float]]) -> str:
+    """``best LABEL LOSS, worst LABEL LOSS`` of (run label, loss) pairs (a non-finite loss is the worst;
+    ties go to the first run); one run: ``LABEL LOSS``."""
+    def key(item):
+        return item[1] if math.isfinite(item[1]) else math.inf
+
+    if len(losses) == 1:
+        return f"{losses[0][0]} {losses[0][1]:.3f}"
+    best = min(losses, key=key)
+    worst = max(losses, key=key)  # max and min keep the first of equal ones
+    return f"best {best[0]} {best[1]:.3f}, worst {worst[0]} {worst[1]:.3f}"
+
+
+def progress_line(done: int, steps: int, losses: list[tuple[str, float]], tokens_per_s: float,
+                  seconds_left: float) -> str:
+    """The sweep's progress log line: the step, the best and worst run with their losses, the rate
+    (tokens/s of each run) and the time left; one line of bounded length whatever the number of runs
+    (each run's numbers are in its ``train_log.parquet``)."""
+    return (f"sweep: step {done}/{steps}, {len(losses)} runs, {best_and_worst(losses)}, "
+            f"{tokens_per_s:,.0f} tokens/s each, about {seconds_left:.0f} s left")
+
+
 class _Sweep:
     def __init__(self, model, stream: PackedStream, specs: list[SweepRun], loss_fn: LossFn | None):
         self.model, self.stream, self.specs, self.loss_fn = model, stream, specs, loss_fn
         self.settings = specs[0].settings  # the shared ones (SHARED_SETTINGS)
         names = [Path(spec.state_dir).name for spec in specs]
-        self.labels = [n if names.count(n) == 1 else f"{i}:{n}" for i, n in enumerate(names)]
+        # the adaptation's state dirs are {method}/lr-{lr}: name the method too when the rates repeat
+        longer = [f"{Path(spec.state_dir).parent.name}/{n}" for spec, n in zip(specs, names)]
+        self.labels = [n if names.count(n) == 1 else long if longer.count(long) == 1 else f"{i}:{n}"
+                       for i, (n, long) in enumerate(zip(names, longer))]
 
     def train(self, stop_after: int | None) -> list[TrainResult]:
         model = self.model
@@ -468,13 +494,11 @@ class _Sweep:
                 for run in active:
                     self._optimizer_step(run, step, step_tokens, elapsed)
                 bar.update(1)
-                bar.set_postfix({run.label: f"{run.rows[-1]['loss']:.3f}" for run in active})
+                losses = [(run.label, run.rows[-1]["loss"]) for run in active]
+                bar.set_postfix({"loss": best_and_worst(losses)})
                 if done % log_every == 0 or done == steps:
                     rate = (done - start) / (time.perf_counter() - started)
-                    losses = ", ".join(f"{run.label} {run.rows[-1]['loss']:.3f} (lr {run.rows[-1]['lr']:.2e})"
-                                       for run in active)
-                    log.info("sweep: step %d/%d, loss %s, %.0f tokens/s for each of %d runs, about %.0f s left", done,
-                             steps, losses, step_tokens / elapsed, len(active), (steps - done) / rate)
+                    log.info("%s", progress_line(done, steps, losses, step_tokens / elapsed, (steps - done) / rate))
                 for run in active:
                     self._after_step(run, done)
                 if stop_after is not None and done >= stop_after:
