@@ -117,6 +117,35 @@ def expand_profile(wildcards=None):
     return []
 
 
+_EXPAND_SHARING = {}
+
+
+def expand_sharing(wildcards=None):
+    """Variant -> {"stage1": the variant whose stage 0 and 1 it uses, "model": the variant whose trained
+    stage-2 model it is} (moelang.expand.shared_training), from the plan table, which exists once the
+    allocation checkpoint has run. The first time the plans are known, one line names the variants
+    whose plans and classifier setting coincide: at start-up when the allocation is done, else as soon
+    as its job has written the plan."""
+    from moelang.expand import sharing_note, shared_training
+
+    path = checkpoints.allocate_experts.get().output.plan
+    stamp = os.stat(path).st_mtime_ns
+    if _EXPAND_SHARING.get("stamp") != stamp:
+        with open(path, encoding="utf-8") as f:
+            plan = json.load(f)
+        sharing = shared_training(EXPAND_VARIANTS, plan)
+        note = sharing_note(sharing, plan, EXPAND_VARIANTS)
+        if note and workflow.is_main_process and note != _EXPAND_SHARING.get("note"):
+            sys.stderr.write(f"moelang: note: {note}\n")
+        _EXPAND_SHARING.update(stamp=stamp, sharing=sharing, note=note)
+    return _EXPAND_SHARING["sharing"]
+
+
+def expand_trained_variants(wildcards=None):
+    """The variants whose stage-2 model is trained (and evaluated): one per distinct (plan, classifier)."""
+    return list(dict.fromkeys(shared["model"] for shared in expand_sharing().values()))
+
+
 # --- evaluation -----------------------------------------------------------------------------------
 
 
@@ -125,9 +154,17 @@ def evaluated_model_input(wildcards):
 
 
 def evaluated_names(wildcards=None):
-    """The evaluated models of this run: an adapted model only when the corpus kept its target."""
+    """The evaluated models of this run: an adapted model only when the corpus kept its target, an
+    expanded model once per distinct trained model (the variants that share it are not evaluated again)."""
     kept = set(kept_languages())
-    return [name for name, entry in EVALUATED.items() if entry.target is None or entry.target in kept]
+    trained = set(expand_trained_variants()) if EXPAND_VARIANTS else set()
+    return [name for name, entry in EVALUATED.items()
+            if (entry.target is None or entry.target in kept) and (entry.variant is None or entry.variant in trained)]
+
+
+def expand_eval_outputs(wildcards=None):
+    """Each trained expansion model's evaluation files (``rule all``)."""
+    return [f"results/eval/expand-{v}/{name}" for v in expand_trained_variants() for name in EVAL_MODEL_OUTPUTS]
 
 
 def eval_outputs(wildcards=None):
