@@ -158,8 +158,11 @@ def evaluated_names(wildcards=None):
     expanded model once per distinct trained model (the variants that share it are not evaluated again)."""
     kept = set(kept_languages())
     trained = set(expand_trained_variants()) if EXPAND_VARIANTS else set()
-    return [name for name, entry in EVALUATED.items()
-            if (entry.target is None or entry.target in kept) and (entry.variant is None or entry.variant in trained)]
+    return [
+        name
+        for name, entry in EVALUATED.items()
+        if (entry.target is None or entry.target in kept) and (entry.variant is None or entry.variant in trained)
+    ]
 
 
 def expand_eval_outputs(wildcards=None):
