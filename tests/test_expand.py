@@ -383,3 +383,17 @@ def test_gather_runs_gives_the_variants_sharing_a_model_its_row(tmp_path):
     # a shared model whose directory is not given stops with one line
     with pytest.raises(MoelangError, match="trained as 'uniform', whose stage-2 directory is not among --runs"):
         expand.gather_runs(dirs[:1], tmp_path / "bad.parquet", DEFAULT_VARIANTS, plan)
+
+
+def test_a_budget_of_one_new_expert_per_layer_forces_the_plans_before_the_allocation_runs():
+    plan = expand.forced_plan(4, 4, None)
+    assert {m: e["new_experts_per_layer"] for m, e in plan.items()} == {
+        m: [1, 1, 1, 1] for m in ("layermoe", "uniform", "mola", "increasing", "routing")}
+    sharing = expand.shared_training(DEFAULT_VARIANTS, plan)
+    assert expand.coinciding_variants(sharing) == [["layermoe", "routing-informed"],
+                                                   ["uniform", "mola", "layermoe-no-classifier"]]
+    # uniform's own per-layer budget keeps it apart; the others still coincide
+    apart = expand.shared_training(DEFAULT_VARIANTS, expand.forced_plan(4, 4, 3))
+    assert expand.coinciding_variants(apart) == [["layermoe", "routing-informed"], ["mola", "layermoe-no-classifier"]]
+    # a larger budget, or a layer count not known before a model is read, forces nothing
+    assert expand.forced_plan(8, 4, None) is None and expand.forced_plan(4, None, None) is None

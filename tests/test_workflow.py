@@ -240,6 +240,29 @@ def expand_dag(work, plan: dict) -> dict[str, list[dict]]:
     return by_rule, proc
 
 
+def test_a_budget_that_forces_identical_plans_is_named_at_start_up(tmp_path):
+    """Before the allocation has run, a budget of one new expert per layer (4 on the default's 4 layers)
+    already makes every plan [1, 1, 1, 1]: one line says which variants will share a model."""
+    copy_test_config("expand-dag", tmp_path)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["allocation"] = {"new_experts": 4, "uniform_per_layer": None}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path, "--dry-run", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("moelang: note: allocation.new_experts")]
+    assert notes == ["moelang: note: allocation.new_experts 4 on 4 layers: expansion variants with identical plans "
+                     "share one trained and evaluated model: layermoe, routing-informed (new experts per layer "
+                     "[1, 1, 1, 1], classifier yes: trained once as layermoe); uniform, mola, layermoe-no-classifier "
+                     "(new experts per layer [1, 1, 1, 1], classifier no: trained once as uniform); they are one model "
+                     "in the results, not a comparison (change allocation.new_experts or expand.variants to compare "
+                     "different plans)"]
+    # the default budget forces nothing
+    config["allocation"] = {"new_experts": 8}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path, "--dry-run", timeout=300)
+    assert proc.returncode == 0 and "identical plans" not in proc.stderr, proc.stderr[-3000:]
+
+
 def plan_entry(new: list[int], classifier_layers: list[int]) -> dict:
     return {"experts_per_layer": [8 + n for n in new], "new_experts_per_layer": new,
             "classifier_layers": classifier_layers}

@@ -169,6 +169,23 @@ def sharing_note(sharing: dict[str, dict[str, str]], plan: dict, variants: dict[
               "expand.variants to compare different plans)")
 
 
+def forced_plan(new_experts: int | None, layers: int | None, uniform_per_layer: int | None) -> dict | None:
+    """The plans a budget forces before the allocation has run (``plan.json``'s shape, for
+    :func:`shared_training`): ``allocation.new_experts`` equal to the layer count gives every method one
+    new expert per layer (each gives every layer at least one; fewer is rejected), and, with them all
+    alike, the same classifier layers; ``uniform`` with ``uniform_per_layer`` has its own budget. None
+    when the budget forces nothing, or the layer count is not known before a model is read."""
+    if not new_experts or new_experts != layers:
+        return None
+    from moelang.allocation import METHODS
+
+    ones = {"new_experts_per_layer": [1] * layers, "classifier_layers": []}
+    plan = {method: ones for method in METHODS}
+    if uniform_per_layer:
+        plan["uniform"] = {"new_experts_per_layer": [uniform_per_layer] * layers, "classifier_layers": []}
+    return plan
+
+
 def parent_expert_counts(profile_dir: str | Path, parents: list[str]) -> dict[int, np.ndarray]:
     """Per layer, how often the ``parents``' held-out tokens used each expert (summed over the
     parents), from a routing profile directory (``results/routing/{model}``)."""

@@ -141,6 +141,23 @@ def expand_sharing(wildcards=None):
     return _EXPAND_SHARING["sharing"]
 
 
+def expand_forced_sharing_note():
+    """Before the allocation has run: the line naming the variants that share a model whatever the
+    similarities, when the budget forces it (allocation.new_experts equal to the layer count of a trained
+    base, whose layer count the config gives; moelang.expand.forced_plan), else None."""
+    from moelang.expand import forced_plan, sharing_note, shared_training
+
+    base = config["model"]["base"]
+    layers = base.get("architecture", {}).get("num_hidden_layers") if base["type"] == "train" else None
+    allocation = config["allocation"]
+    plan = forced_plan(allocation.get("new_experts"), layers, allocation.get("uniform_per_layer"))
+    if plan is None:
+        return None
+    note = sharing_note(shared_training(EXPAND_VARIANTS, plan), plan, EXPAND_VARIANTS)
+    _EXPAND_SHARING["note"] = note
+    return note and f"allocation.new_experts {allocation['new_experts']} on {layers} layers: {note}"
+
+
 def expand_trained_variants(wildcards=None):
     """The variants whose stage-2 model is trained (and evaluated): one per distinct (plan, classifier)."""
     return list(dict.fromkeys(shared["model"] for shared in expand_sharing().values()))

@@ -10,6 +10,13 @@
 EXPAND_VARIANTS = mcfg.expand_variants(config)
 EXPAND_START = mcfg.expand_start(config) if EXPAND_VARIANTS else None
 
+# Which variants share a model is known once the allocation has run (expand_sharing() says so then);
+# before it, only what the budget forces.
+if EXPAND_VARIANTS and workflow.is_main_process and not os.path.exists("results/allocation/plan.json"):
+    forced_note = expand_forced_sharing_note()
+    if forced_note:
+        sys.stderr.write(f"moelang: note: {forced_note}\n")
+
 
 if EXPAND_VARIANTS:
 
