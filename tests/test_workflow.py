@@ -170,10 +170,11 @@ def test_sharded_jobs_give_what_one_job_gives(tiny_run, tmp_path, monkeypatch):
 
 
 def test_rerun_has_nothing_to_do(tiny_run):
+    """A finished run is a fixed point (test_workflow_dense.py checks it with the expansion stage too)."""
     work, _ = tiny_run
     proc = snakemake(work, "--dry-run")
-    assert proc.returncode == 0
-    assert "Nothing to be done" in proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Nothing to be done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
 
 
 def test_bad_config_stops_before_any_job(tmp_path):

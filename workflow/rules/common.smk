@@ -32,6 +32,18 @@ def kept_languages(wildcards=None):
         return json.load(f)["kept"]
 
 
+def corpus_checkpoint(wildcards=None):
+    """The corpus checkpoint's summary, as the input of a rule whose params need the kept languages (and
+    whose inputs do not already read the checkpoint). Read through the checkpoint, not named as a plain
+    path: until the checkpoint's outcome is known (Snakemake's first pass over the DAG, on every run),
+    the job is then marked as depending on it, and Snakemake leaves its params unchecked. Named as a
+    path, the job's params are "to be determined" in that pass, compare as changed against the last
+    run's, and the job and everything after it are marked to rerun; a job after it that Snakemake does
+    not rebuild once the checkpoint is known keeps that mark ("input files updated by another job"), so
+    a finished run was never a fixed point (tests/test_workflow.py: a rerun has nothing to do)."""
+    return checkpoints.corpus_summary.get().output.table
+
+
 def kept_tokens(wildcards=None):
     return expand("results/tokens/{lang}.parquet", lang=kept_languages())
 

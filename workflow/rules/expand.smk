@@ -25,7 +25,7 @@ if EXPAND_VARIANTS:
             start=model_registry.workflow_inputs(EXPAND_START),
             plan="results/allocation/plan.json",
             profile=expand_profile(),
-            corpus_summary="results/corpus/summary.parquet",  # the checkpoint that decides the languages
+            corpus_summary=corpus_checkpoint,  # the checkpoint that decides the languages (params need them)
         output:
             directory("results/expand/{variant}/stage0"),
         log:

@@ -42,7 +42,7 @@ checkpoint allocate_experts:
         similarity=f"results/similarity/{SIMILARITY_MODEL}.{SIMILARITY_METHOD}.parquet",
         # the routing plan's specialisation scores (none without the routing stage: no routing plan)
         specialization=["results/routing/metrics/specialization.parquet"] if config["routing"]["enabled"] else [],
-        corpus_summary="results/corpus/summary.parquet",  # the checkpoint that decides the languages
+        corpus_summary=corpus_checkpoint,  # the checkpoint that decides the languages (params need them)
     output:
         plan="results/allocation/plan.json",
         table="results/allocation/plan.parquet",
