@@ -40,7 +40,8 @@ def corpus_checkpoint(wildcards=None):
     path, the job's params are "to be determined" in that pass, compare as changed against the last
     run's, and the job and everything after it are marked to rerun; a job after it that Snakemake does
     not rebuild once the checkpoint is known keeps that mark ("input files updated by another job"), so
-    a finished run was never a fixed point (tests/test_workflow.py: a rerun has nothing to do)."""
+    a finished run was never a fixed point (the expansion's gather, the summary and the report ran
+    again on every call; tests/test_workflow_dense.py: a finished run's dry run has nothing to do)."""
     return checkpoints.corpus_summary.get().output.table
 
 
