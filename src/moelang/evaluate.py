@@ -863,8 +863,8 @@ def expansion_table(table: pl.DataFrame, models: dict[str, dict], tasks: dict, o
     # each expanded model under its variant, then under the variants that share it (their plans and
     # classifier coincide: the runs table's trained_as names the model's variant)
     expanded = [(name, entry, variant) for name, entry in models.items() if entry.get("variant")
-                for variant in [entry["variant"]] + [v for v, r in runs.items()
-                                                     if v != entry["variant"] and r.get("trained_as") == entry["variant"]]]
+                for variant in [entry["variant"]] + [v for v, r in runs.items() if v != entry["variant"]
+                                                     and r.get("trained_as") == entry["variant"]]]
     for name, entry, variant in expanded:
         start, run = entry.get("start"), runs.get(variant, {})
         stage2 = run.get("stage2_trainable_fraction")
@@ -914,8 +914,8 @@ def expansion_markdown(expansion: pl.DataFrame, evaluated: list[str], old: list[
         by = {(r["family"], r["metric"]): r for r in part.iter_rows(named=True)}
         first = part.row(0, named=True)
         experts = first["new_experts"]
-        shared = f" (shares {owners[model]}'s model: same plan and classifier)" if owners[model] != variant else ""
-        lines.append(f"| {variant}{shared} | {model} | {first['start'] or '-'} | {experts if experts is not None else '-'} | "
+        variant += f" (shares {owners[model]}'s model: same plan and classifier)" if owners[model] != variant else ""
+        lines.append(f"| {variant} | {model} | {first['start'] or '-'} | {experts if experts is not None else '-'} | "
                      f"{fraction(first['stage1_trainable_fraction'])} / {fraction(first['stage2_trainable_fraction'])} | "
                      + " | ".join(_comparison_cell(by[c]["new_gain"] if c in by else None, c[1]) for c in columns) + " | "
                      + " | ".join(_comparison_cell(by[c]["old_change"] if c in by else None, c[1]) for c in columns) + " |")

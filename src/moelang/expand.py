@@ -43,8 +43,8 @@ Outputs
     the registry's run record.
 ``results/expand/runs.parquet`` (:func:`gather_runs`), one row per variant, :data:`RUNS_SCHEMA`:
     ``variant``, ``plan``, ``base`` (the model expanded), ``trained_as`` (the variant whose stage-2
-    model it is: itself, or the earlier variant it shares the model with), ``classifier`` bool, ``experts_per_layer``
-    list<int32>, ``new_experts`` int64, ``classifier_layers`` list<int32>, ``total_params`` int64,
+    model it is: itself, or the earlier variant it shares the model with), ``classifier`` bool,
+    ``experts_per_layer`` list<int32>, ``new_experts`` int64, ``classifier_layers`` list<int32>, ``total_params`` int64,
     ``stage1_trainable_params`` / ``stage2_trainable_params`` int64, ``stage1_trainable_fraction`` /
     ``stage2_trainable_fraction`` float64, ``stage1_loss`` / ``stage1_aux_loss`` (last step),
     ``stage2_loss``, ``stage2_lpr_loss``, ``stage2_classifier_loss``, ``stage2_classifier_accuracy``

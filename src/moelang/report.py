@@ -735,7 +735,8 @@ def plot_expansion(expansion: pl.DataFrame, path) -> None:
     family = "perplexity" if "perplexity" in families else families[0]  # evaluation.perplexity may be off
     ppl = expansion.filter(pl.col("family") == family)
     owners = dict(ppl.select("model", "variant").unique("model", keep="first", maintain_order=True).rows())
-    variants = [v if owners[m] == v else f"{v}\n(= {owners[m]}'s model)" for v, m in ppl.select("variant", "model").rows()]
+    variants = [v if owners[m] == v else f"{v}\n(= {owners[m]}'s model)"
+                for v, m in ppl.select("variant", "model").rows()]
     y = np.arange(len(variants))
     fig, axes = plt.subplots(1, 3, figsize=(14, max(3.2, 0.45 * len(variants) + 1.6)))
     if family == "perplexity":
@@ -1012,8 +1013,9 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
             by = {r["family"]: r for r in part.iter_rows(named=True)}
             run = runs.get(variant, {})
             ppl = by.get("perplexity", {})
-            shared = run.get("trained_as") not in (None, variant)
-            row = [f"{variant} (shares {run['trained_as']}'s model)" if shared else variant, run.get("plan", "-"), "yes" if run.get("classifier") else "no", part["new_experts"][0],
+            if run.get("trained_as") not in (None, variant):  # its plan and classifier coincide with another's
+                variant += f" (shares {run['trained_as']}'s model)"
+            row = [variant, run.get("plan", "-"), "yes" if run.get("classifier") else "no", part["new_experts"][0],
                    _pct(part["stage1_trainable_fraction"][0]), _pct(part["stage2_trainable_fraction"][0], 3),
                    _ratio(ppl.get("new_gain")), _ratio(ppl.get("old_change"))]
             for family in fams:
