@@ -441,8 +441,6 @@ def test_expand_options_of_each_variant():
                                   expand={"enabled": True, "lpr_form": "logits", "replay_fraction": 0.25}, seed=3))
     assert list(cfg.expand_variants(config)) == ["layermoe", "uniform", "mola", "routing-informed",
                                                  "layermoe-no-classifier"]
-    assert [cfg.expand_stage1_owner(config, v) for v in cfg.expand_variants(config)] == \
-        ["layermoe", "uniform", "mola", "routing-informed", "layermoe"]
     # the corpus stage dropped uk and ru: the allocation's languages, as the allocation resolves them
     options = cfg.expand_options(config, "layermoe-no-classifier", ["en", "es", "ca"])
     assert (options.variant, options.plan, options.classifier) == ("layermoe-no-classifier", "layermoe", False)

@@ -610,6 +610,38 @@ def test_expanded_models_get_their_new_language_gain_and_old_language_forgetting
     assert "## Adaptation" in summary  # the adapted model keeps its own section
 
 
+def test_variants_sharing_a_model_repeat_its_numbers_under_their_names_and_are_marked(tmp_path):
+    """Coinciding plans: only expand-layermoe and expand-uniform were trained and evaluated; the runs
+    table's trained_as gives mola and routing-informed their model."""
+    old, new = ["en", "es"], ["ca"]
+    start = "cpt-step800"
+    models = {start: {"method": "cpt"},
+              **{f"expand-{v}": {"method": v, "variant": v, "start": start, "trainable_fraction": 0.001,
+                                 "ref": str(tmp_path / "no-record")} for v in ("layermoe", "uniform")}}
+    _, ppl = _fake_adaptation_eval(tmp_path, models, old + new, np.random.default_rng(3))
+    runs = tmp_path / "runs.parquet"
+    pl.DataFrame({"variant": ["layermoe", "uniform", "mola", "routing-informed"],
+                  "trained_as": ["layermoe", "uniform", "uniform", "layermoe"], "new_experts": [4] * 4,
+                  "stage1_trainable_fraction": [0.3] * 4, "stage2_trainable_fraction": [0.002, 0.001, 0.001, 0.002]}
+                 ).write_parquet(runs)
+    ev.summarize(tmp_path, models, tmp_path / "tasks", ["synthetic_blimp", "synthetic_belebele"], old, new,
+                 start, expand_old=old, expand_new=new, expand_runs=runs)
+    table = pl.read_parquet(tmp_path / "expansion.parquet")
+    assert table.select("variant", "model").unique(maintain_order=True).rows() == [
+        ("layermoe", "expand-layermoe"), ("routing-informed", "expand-layermoe"), ("uniform", "expand-uniform"),
+        ("mola", "expand-uniform")]
+    ppl_rows = {r["variant"]: r for r in table.filter(pl.col("family") == "perplexity").iter_rows(named=True)}
+    for variant, model in (("mola", "expand-uniform"), ("routing-informed", "expand-layermoe")):
+        assert ppl_rows[variant]["new_gain"] == pytest.approx(ppl[model]["ca"] / ppl[start]["ca"], rel=1e-12)
+        others = [c for c in table.columns if c != "variant"]
+        assert table.filter(pl.col("variant") == variant).select(others).equals(
+            table.filter(pl.col("variant") == model.removeprefix("expand-")).select(others))
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| mola (shares uniform's model: same plan and classifier) | expand-uniform |" in summary
+    assert "| routing-informed (shares layermoe's model: same plan and classifier) | expand-layermoe |" in summary
+    assert "| uniform | expand-uniform |" in summary
+
+
 def test_without_expanded_models_the_expansion_table_is_empty_and_the_summary_has_no_section(tmp_path):
     models = {"cpt-step0": {"method": "base"}, "cpt-step800": {"method": "cpt"}}
     _fake_adaptation_eval(tmp_path, models, ["es", "ca"], np.random.default_rng(8))

@@ -371,3 +371,99 @@ def test_a_leftover_finished_state_from_other_inputs_is_trained_again(setup, sta
     assert json.loads(record["made_from"]["options"])["stage1"]["lr"] == 5e-3
     assert not torch.equal(weights(tmp_path / "a")["model.layers.0.mlp.experts.down_proj"],
                            weights(tmp_path / "b")["model.layers.0.mlp.experts.down_proj"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants whose plans coincide share one trained model
+# --------------------------------------------------------------------------------------------------
+
+DEFAULT_VARIANTS = {"layermoe": {"plan": "layermoe", "classifier": True},
+                    "uniform": {"plan": "uniform", "classifier": False},
+                    "mola": {"plan": "mola", "classifier": False},
+                    "routing-informed": {"plan": "routing", "classifier": True},
+                    "layermoe-no-classifier": {"plan": "layermoe", "classifier": False}}
+
+
+def all_ones_plan(layers: int = 4) -> dict:
+    """A budget of one new expert per layer: every method's plan is all ones (as plan.json has it)."""
+    entry = {"experts_per_layer": [9] * layers, "new_experts_per_layer": [1] * layers,
+             "classifier_layers": list(range(layers))}
+    return {method: dict(entry) for method in ("layermoe", "uniform", "mola", "routing")} | {"_meta": {}}
+
+
+def test_variants_with_identical_plans_share_one_model_per_classifier_setting():
+    sharing = expand.shared_training(DEFAULT_VARIANTS, all_ones_plan())
+    # one expansion and stage 1 for all five, one stage 2 per classifier setting
+    assert {v: s["stage1"] for v, s in sharing.items()} == dict.fromkeys(DEFAULT_VARIANTS, "layermoe")
+    assert {v: s["model"] for v, s in sharing.items()} == {
+        "layermoe": "layermoe", "uniform": "uniform", "mola": "uniform", "routing-informed": "layermoe",
+        "layermoe-no-classifier": "uniform"}
+    assert expand.coinciding_variants(sharing) == [["layermoe", "routing-informed"],
+                                                   ["uniform", "mola", "layermoe-no-classifier"]]
+    note = expand.sharing_note(sharing, all_ones_plan(), DEFAULT_VARIANTS)
+    assert "layermoe, routing-informed (new experts per layer [1, 1, 1, 1], classifier yes: trained once as " \
+           "layermoe)" in note
+    assert "uniform, mola, layermoe-no-classifier (new experts per layer [1, 1, 1, 1], classifier no" in note
+    assert "\n" not in note
+
+
+def test_variants_with_different_plans_or_classifier_layers_share_only_what_they_have_in_common():
+    plan = all_ones_plan()
+    plan["uniform"] = plan["uniform"] | {"new_experts_per_layer": [2, 2, 2, 2]}
+    plan["routing"] = plan["routing"] | {"classifier_layers": [3]}  # same numbers, other classifier layers
+    sharing = expand.shared_training(DEFAULT_VARIANTS, plan)
+    assert {v: s["stage1"] for v, s in sharing.items()} == {
+        "layermoe": "layermoe", "uniform": "uniform", "mola": "layermoe", "routing-informed": "layermoe",
+        "layermoe-no-classifier": "layermoe"}
+    assert {v: s["model"] for v, s in sharing.items()} == {
+        "layermoe": "layermoe", "uniform": "uniform", "mola": "mola", "routing-informed": "routing-informed",
+        "layermoe-no-classifier": "mola"}
+    # the default-like case: every plan different, the ablation shares layermoe's stage 1 only
+    distinct = {m: {"new_experts_per_layer": [i + 1, 1, 1, 1], "classifier_layers": [1]}
+                for i, m in enumerate(("layermoe", "uniform", "mola", "routing"))}
+    sharing = expand.shared_training(DEFAULT_VARIANTS, distinct)
+    assert sharing["layermoe-no-classifier"] == {"stage1": "layermoe", "model": "layermoe-no-classifier"}
+    assert all(s == {"stage1": v, "model": v} for v, s in sharing.items() if v != "layermoe-no-classifier")
+    assert expand.sharing_note(sharing, distinct, DEFAULT_VARIANTS) is None
+    # a method the allocation left out shares nothing (its own job stops with read_plan's line)
+    missing = {k: v for k, v in all_ones_plan().items() if k != "mola"}
+    assert expand.shared_training(DEFAULT_VARIANTS, missing)["mola"] == {"stage1": "mola", "model": "mola"}
+
+
+def test_gather_runs_gives_the_variants_sharing_a_model_its_row(tmp_path):
+    plan = all_ones_plan()
+    dirs = []
+    for owner, classifier, loss in (("layermoe", True, 2.5), ("uniform", False, 3.5)):
+        directory = tmp_path / owner / "stage2"
+        directory.mkdir(parents=True)
+        run = {"variant": owner, "plan": owner, "base": "cpt-step800", "classifier": classifier,
+               "experts_per_layer": [9] * 4, "new_experts": 4, "classifier_layers": [0, 1, 2, 3] if classifier else [],
+               "total_params": 1000, "stage2_loss": loss}
+        (directory / expand.RUN_FILE).write_text(json.dumps(run))
+        dirs.append(directory)
+    table = expand.gather_runs(dirs, tmp_path / "runs.parquet", DEFAULT_VARIANTS, plan)
+    assert pq.read_schema(tmp_path / "runs.parquet") == expand.RUNS_SCHEMA
+    assert table.select("variant", "plan", "trained_as", "classifier", "stage2_loss").rows() == [
+        ("layermoe", "layermoe", "layermoe", True, 2.5), ("uniform", "uniform", "uniform", False, 3.5),
+        ("mola", "mola", "uniform", False, 3.5), ("routing-informed", "routing", "layermoe", True, 2.5),
+        ("layermoe-no-classifier", "layermoe", "uniform", False, 3.5)]
+    # without the variants: one row per directory, each its own model
+    alone = expand.gather_runs(dirs, tmp_path / "alone.parquet")
+    assert alone.select("variant", "trained_as").rows() == [("layermoe", "layermoe"), ("uniform", "uniform")]
+    # a shared model whose directory is not given stops with one line
+    with pytest.raises(MoelangError, match="trained as 'uniform', whose stage-2 directory is not among --runs"):
+        expand.gather_runs(dirs[:1], tmp_path / "bad.parquet", DEFAULT_VARIANTS, plan)
+
+
+def test_a_budget_of_one_new_expert_per_layer_forces_the_plans_before_the_allocation_runs():
+    plan = expand.forced_plan(4, 4, None)
+    assert {m: e["new_experts_per_layer"] for m, e in plan.items()} == {
+        m: [1, 1, 1, 1] for m in ("layermoe", "uniform", "mola", "increasing", "routing")}
+    sharing = expand.shared_training(DEFAULT_VARIANTS, plan)
+    assert expand.coinciding_variants(sharing) == [["layermoe", "routing-informed"],
+                                                   ["uniform", "mola", "layermoe-no-classifier"]]
+    # uniform's own per-layer budget keeps it apart; the others still coincide
+    apart = expand.shared_training(DEFAULT_VARIANTS, expand.forced_plan(4, 4, 3))
+    assert expand.coinciding_variants(apart) == [["layermoe", "routing-informed"], ["mola", "layermoe-no-classifier"]]
+    # a larger budget, or a layer count not known before a model is read, forces nothing
+    assert expand.forced_plan(8, 4, None) is None and expand.forced_plan(4, None, None) is None

@@ -359,3 +359,25 @@ def test_figures_draw_without_perplexity_and_without_a_selection(tmp_path):
     plot_evaluation(results, ["m"], ["en"], ["ca"], tmp_path / "evaluation.png")  # no perplexity rows
     for name in ("experts", "expansion", "evaluation"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_names_the_variants_that_share_one_model(tmp_path):
+    from moelang.report import plot_expansion, shared_model_lines
+
+    runs = {"layermoe": {"trained_as": "layermoe"}, "uniform": {"trained_as": "uniform"},
+            "mola": {"trained_as": "uniform"}, "routing-informed": {"trained_as": "layermoe"},
+            "layermoe-no-classifier": {"trained_as": "uniform"}}
+    lines = shared_model_lines(runs)
+    assert len(lines) == 2
+    assert lines[0].startswith("layermoe, routing-informed: their plans give the same new experts per layer")
+    assert "one trained model (layermoe's)" in lines[0]
+    assert lines[1].startswith("uniform, mola, layermoe-no-classifier: ") and "(uniform's)" in lines[1]
+    # a runs table without sharing (or from before trained_as existed) has nothing to say
+    assert shared_model_lines({"layermoe": {"trained_as": "layermoe"}, "uniform": {}}) == []
+    # the figure draws the shared rows (same model under two variant names)
+    expansion, _ = expansion_tables({"layermoe": 60.0, "uniform": 59.5}, {"layermoe": 1.1, "uniform": 1.2},
+                                    {"layermoe": 4, "uniform": 4})
+    shared = pl.concat([expansion, expansion.filter(pl.col("variant") == "uniform").with_columns(
+        pl.lit("mola").alias("variant"))])
+    plot_expansion(shared, tmp_path / "expansion.png")
+    assert (tmp_path / "expansion.png").read_bytes()[:4] == b"\x89PNG"

@@ -173,10 +173,11 @@ def test_sharded_jobs_give_what_one_job_gives(tiny_run, tmp_path, monkeypatch):
 
 
 def test_rerun_has_nothing_to_do(tiny_run):
+    """A finished run is a fixed point (test_workflow_dense.py checks it with the expansion stage too)."""
     work, _ = tiny_run
     proc = snakemake(work, "--dry-run")
-    assert proc.returncode == 0
-    assert "Nothing to be done" in proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Nothing to be done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
@@ -199,21 +200,77 @@ def _dry_run_jobs(log: str) -> list[dict]:
     return jobs
 
 
-def test_the_dag_expands_every_variant_and_trains_stage1_once_per_plan(tmp_path):
-    """Dry run (no job runs): the corpus checkpoint's outputs are laid down so that the DAG after it is known."""
-    copy_test_config("expand-dag", tmp_path)
-    corpus_dir = tmp_path / "results" / "corpus"
-    corpus_dir.mkdir(parents=True)
+EXPAND_DAG_RULES = ["corpus_summary", "allocate_experts", "expand", "expand_stage1", "expand_stage2", "gather_expand",
+                    "evaluate", "eval_summary"]
+
+
+def expand_dag(work, plan: dict) -> dict[str, list[dict]]:
+    """The dry run's jobs by rule from the allocation on, of .test/config-expand-dag.yaml with the
+    allocation plan ``plan``. The allocation is a checkpoint (the plans decide which variants share a
+    model), so the stages before it are laid down as files and only the rules from the corpus and
+    allocation checkpoints on are allowed; no job runs."""
+    import os
+
+    from moelang import config as cfg
+    from moelang import registry
+
+    copy_test_config("expand-dag", work)
+    config = cfg.validate(yaml.safe_load((work / "config.yaml").read_text()))
+    res = work / "results"
+    for path in ("corpus", "tokens", "similarity", "routing/metrics", "allocation", "eval/tasks"):
+        (res / path).mkdir(parents=True, exist_ok=True)
     for lang in ("en", "es", "ca"):
-        (corpus_dir / f"{lang}.stats.json").write_text("{}")
-    (corpus_dir / "languages.json").write_text(json.dumps({"kept": ["en", "es", "ca"], "dropped": {}}))
-    (corpus_dir / "summary.parquet").write_bytes(b"")
+        (res / "corpus" / f"{lang}.stats.json").write_text("{}")
+        (res / "tokens" / f"{lang}.parquet").write_bytes(b"")
+    (res / "corpus" / "languages.json").write_text(json.dumps({"kept": ["en", "es", "ca"], "dropped": {}}))
+    (res / "corpus" / "summary.parquet").write_bytes(b"")
+    models = [e.ref for e in registry.evaluated(config).values() if e.variant is None and e.ref.startswith("results/")]
+    start = cfg.expand_start(config)
+    for ref in models + [start.ref, f"results/routing/{start.name}"]:
+        (work / ref).mkdir(parents=True, exist_ok=True)
+    (res / "similarity" / f"{start.name}.tokens.parquet").write_bytes(b"")
+    (res / "routing" / "metrics" / "specialization.parquet").write_bytes(b"")
+    later = os.stat(res / "corpus" / "summary.parquet").st_mtime + 10  # the plan is newer than its inputs
+    for name, text in (("plan.json", json.dumps(plan)), ("plan.parquet", ""), ("plan.png", "")):
+        (res / "allocation" / name).write_text(text)
+        os.utime(res / "allocation" / name, (later, later))
+    proc = snakemake(work, "--dry-run", "--allowed-rules", *EXPAND_DAG_RULES, "--", "results/eval/results.parquet",
+                     timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_rule = {}
+    for job in _dry_run_jobs(proc.stdout):
+        by_rule.setdefault(job["rule"], []).append(job)
+    assert "allocate_experts" not in by_rule, "the laid-down plan must be up to date"
+    return by_rule, proc
+
+
+def test_a_budget_that_forces_identical_plans_is_named_at_start_up(tmp_path):
+    """Before the allocation has run, a budget of one new expert per layer (4 on the default's 4 layers)
+    already makes every plan [1, 1, 1, 1]: one line says which variants will share a model."""
+    copy_test_config("expand-dag", tmp_path)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["allocation"] = {"new_experts": 4, "uniform_per_layer": None}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     proc = snakemake(tmp_path, "--dry-run", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = _dry_run_jobs(proc.stdout)
-    by_rule = {}
-    for job in jobs:
-        by_rule.setdefault(job["rule"], []).append(job)
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("moelang: note: allocation.new_experts")]
+    assert notes == ["moelang: note: allocation.new_experts 4 on 4 layers: expansion variants with identical plans "
+                     "share one trained and evaluated model: layermoe, routing-informed (new experts per layer "
+                     "[1, 1, 1, 1], classifier yes: trained once as layermoe); uniform, mola, layermoe-no-classifier "
+                     "(new experts per layer [1, 1, 1, 1], classifier no: trained once as uniform); they are one model "
+                     "in the results, not a comparison (change allocation.new_experts or expand.variants to compare "
+                     "different plans)"]
+
+
+def plan_entry(new: list[int], classifier_layers: list[int]) -> dict:
+    return {"experts_per_layer": [8 + n for n in new], "new_experts_per_layer": new,
+            "classifier_layers": classifier_layers}
+
+
+def test_the_dag_expands_every_variant_and_trains_stage1_once_per_plan(tmp_path):
+    plan = {"layermoe": plan_entry([1, 1, 0, 1], [2]), "uniform": plan_entry([1, 1, 1, 0], []),
+            "mola": plan_entry([0, 1, 1, 1], []), "routing": plan_entry([1, 0, 1, 1], [1]), "_meta": {}}
+    by_rule, _ = expand_dag(tmp_path, plan)
     variants = ["layermoe", "uniform", "mola", "routing-informed", "layermoe-no-classifier"]
     # stage 0 and stage 1 once per distinct plan, under the first variant with that plan
     owners = ["layermoe", "uniform", "mola", "routing-informed"]
@@ -231,10 +288,35 @@ def test_the_dag_expands_every_variant_and_trains_stage1_once_per_plan(tmp_path)
                for j in by_rule["expand"])
     (gather,) = by_rule["gather_expand"]
     assert gather["output"] == "results/expand/runs.parquet"
-    assert gather["input"] == ", ".join(f"results/expand/{v}/stage2" for v in variants)
+    assert gather["input"] == ", ".join([f"results/expand/{v}/stage2" for v in variants]
+                                        + ["results/allocation/plan.json"])
     # every stage-2 model is evaluated and summarised, with the runs table as an input of the summary
     evaluated = {j["wildcards"].removeprefix("model=") for j in by_rule["evaluate"]}
     assert {f"expand-{v}" for v in variants} <= evaluated
     (summary,) = by_rule["eval_summary"]
     assert "results/expand/runs.parquet" in summary["input"] and "results/eval/expansion.parquet" in summary["output"]
     assert "log" in by_rule["expand_stage2"][0] and by_rule["expand_stage2"][0]["log"].startswith("results/logs/expand/")
+
+
+def test_variants_whose_plans_coincide_are_trained_and_evaluated_once_per_plan_and_classifier(tmp_path):
+    """A budget of one new expert per layer: every plan is [1, 1, 1, 1] (the classifier layers too are
+    the same), so the five default variants are two models: with a classifier and without."""
+    ones = plan_entry([1, 1, 1, 1], [0, 1, 2, 3])
+    by_rule, proc = expand_dag(tmp_path, {m: ones for m in ("layermoe", "uniform", "mola", "routing")} | {"_meta": {}})
+    assert [j["output"] for j in by_rule["expand"]] == ["results/expand/layermoe/stage0"]
+    assert [j["output"] for j in by_rule["expand_stage1"]] == ["results/expand/layermoe/stage1"]
+    stage2 = {j["wildcards"].removeprefix("variant="): j for j in by_rule["expand_stage2"]}
+    assert sorted(stage2) == ["layermoe", "uniform"]
+    assert all(j["input"].startswith("results/expand/layermoe/stage1, ") for j in stage2.values())
+    evaluated = {j["wildcards"].removeprefix("model=") for j in by_rule["evaluate"]}
+    assert {m for m in evaluated if m.startswith("expand-")} == {"expand-layermoe", "expand-uniform"}
+    (summary,) = by_rule["eval_summary"]
+    assert "results/eval/expand-mola/" not in summary["input"] and "results/eval/expand-uniform/" in summary["input"]
+    (gather,) = by_rule["gather_expand"]
+    assert gather["input"] == "results/expand/layermoe/stage2, results/expand/uniform/stage2, " \
+                              "results/allocation/plan.json"
+    # one line says so, naming the variants that coincide
+    notes = [line for line in proc.stderr.splitlines() if "expansion variants with identical plans" in line]
+    assert len(notes) == 1, proc.stderr[-3000:]
+    assert "layermoe, routing-informed (new experts per layer [1, 1, 1, 1], classifier yes" in notes[0]
+    assert "uniform, mola, layermoe-no-classifier (new experts per layer [1, 1, 1, 1], classifier no" in notes[0]

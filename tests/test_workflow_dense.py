@@ -61,3 +61,13 @@ def test_a_dense_base_is_upcycled_trained_and_evaluated(dense_run):
     assert {f"expand-{v}" for v in VARIANTS} <= evaluated
     expansion = pl.read_parquet(results / "eval" / "expansion.parquet")
     assert set(expansion["variant"]) == set(VARIANTS)
+
+
+def test_a_finished_run_with_the_expansion_has_nothing_to_do(dense_run):
+    """A finished run is a fixed point, the stages after the corpus and allocation checkpoints included:
+    the expansion's gather, the summary and the report once ran again on every call (a job whose params
+    read a checkpoint, with the checkpoint named as a plain path among its inputs, was marked changed in
+    Snakemake's first pass, and the jobs after it kept the mark; common.smk's corpus_checkpoint)."""
+    proc = snakemake(dense_run, "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Nothing to be done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]

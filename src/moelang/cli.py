@@ -304,7 +304,14 @@ def cmd_expand_train(args) -> None:
 def cmd_expand_gather(args) -> None:
     from moelang.expand import gather_runs
 
-    gather_runs(_existing(args.runs, "expand-gather", "expand_stage2"), args.out)
+    variants = plan = None
+    if args.variants is not None:  # the variants that share a trained model get its row under their name
+        if args.plan is None or not Path(args.plan).is_file():
+            raise MoelangError("expand-gather: --variants needs --plan, the allocation's plan.json (which variants' "
+                               "plans coincide); run the allocation stage first")
+        variants = json.loads(args.variants)
+        plan = json.loads(Path(args.plan).read_text(encoding="utf-8"))
+    gather_runs(_existing(args.runs, "expand-gather", "expand_stage2"), args.out, variants, plan)
 
 
 def cmd_allocate(args) -> None:
@@ -541,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("expand-gather", help="LayerMoE: every variant's stages in one table")
     p.add_argument("--runs", nargs="+", required=True, help="results/expand/<variant>/stage2 directories")
+    p.add_argument("--variants", help="expand.variants as JSON (name -> {plan, classifier}): one row per variant, "
+                                      "those sharing a trained model (coinciding plans) with its row")
+    p.add_argument("--plan", help="results/allocation/plan.json (with --variants)")
     p.add_argument("--out", required=True, help="results/expand/runs.parquet")
     p.set_defaults(func=cmd_expand_gather)
 

@@ -722,14 +722,6 @@ def expand_variants(config: dict) -> dict[str, dict]:
     return {name: dict(variant) for name, variant in config["expand"]["variants"].items()}
 
 
-def expand_stage1_owner(config: dict, variant: str) -> str:
-    """The variant whose name stage 1 of ``variant`` is trained under: the first variant in config order
-    with the same plan (stage 0 and stage 1 depend on the plan alone; only stage 2 differs)."""
-    variants = config["expand"]["variants"]
-    plan = variants[variant]["plan"]
-    return next(name for name, v in variants.items() if v["plan"] == plan)
-
-
 def expand_start(config: dict) -> registry.ModelEntry:
     """The model the variants expand: ``expand.model``, a registered model's name, a directory or a hub
     id (default: the similarity stage's model, the one the plan was made on). A directory or hub id

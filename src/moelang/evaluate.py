@@ -856,17 +856,21 @@ def expansion_table(table: pl.DataFrame, models: dict[str, dict], tasks: dict, o
     accuracy falls or perplexity rises); ``start_*`` / ``value_*`` are the two models' means over the
     languages both were scored on (``n_new``, ``n_old``; geometric means for perplexity). New experts
     and the stages' trainable fractions come from the runs table (``runs``: variant -> row), the
-    stage-2 fraction otherwise from the model's run record. Rows in the order of ``models``; a start
-    model that was not evaluated leaves the comparisons null."""
+    stage-2 fraction otherwise from the model's run record. A variant that shares an evaluated model
+    (its runs row's ``trained_as`` names that model's variant: their plans and classifier coincide)
+    gets the same numbers under its own name, with that ``model``. Rows in the order of ``models``; a
+    start model that was not evaluated leaves the comparisons null."""
     runs = runs or {}
     scores = _headline_scores(table, tasks)
     present = sorted({(f, m) for _, f, m in scores if f != "perplexity"}) + \
         sorted({(f, m) for _, f, m in scores if f == "perplexity"})
     rows = []
-    for name, entry in models.items():
-        variant = entry.get("variant")
-        if not variant:
-            continue
+    # each expanded model under its variant, then under the variants that share it (their plans and
+    # classifier coincide: the runs table's trained_as names the model's variant)
+    expanded = [(name, entry, variant) for name, entry in models.items() if entry.get("variant")
+                for variant in [entry["variant"]] + [v for v, r in runs.items() if v != entry["variant"]
+                                                     and r.get("trained_as") == entry["variant"]]]
+    for name, entry, variant in expanded:
         start, run = entry.get("start"), runs.get(variant, {})
         stage2 = run.get("stage2_trainable_fraction")
         stage2 = stage2 if stage2 is not None and not math.isnan(stage2) else entry.get("trainable_fraction")
@@ -910,10 +914,12 @@ def expansion_markdown(expansion: pl.DataFrame, evaluated: list[str], old: list[
     def fraction(value):
         return f"{value:.3g}" if value is not None and not np.isnan(value) else "-"
 
+    owners = dict(expansion.select("model", "variant").unique("model", keep="first", maintain_order=True).rows())
     for (variant, model), part in expansion.group_by(["variant", "model"], maintain_order=True):
         by = {(r["family"], r["metric"]): r for r in part.iter_rows(named=True)}
         first = part.row(0, named=True)
         experts = first["new_experts"]
+        variant += f" (shares {owners[model]}'s model: same plan and classifier)" if owners[model] != variant else ""
         lines.append(f"| {variant} | {model} | {first['start'] or '-'} | {experts if experts is not None else '-'} | "
                      f"{fraction(first['stage1_trainable_fraction'])} / {fraction(first['stage2_trainable_fraction'])} | "
                      + " | ".join(_comparison_cell(by[c]["new_gain"] if c in by else None, c[1]) for c in columns) + " | "

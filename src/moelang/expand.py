@@ -20,7 +20,9 @@ experts per layer and the classifier layers of a method: ``layermoe``, ``uniform
    ones (``replay_fraction`` of the sequences), with the loss of :func:`stage2_loss`: LM +
    ``lpr_weight`` x routing prior + ``classifier_weight`` x classifier cross-entropy, no balance loss.
 
-Variants with the same plan share steps 1 and 2 (the workflow trains stage 1 once). Every training
+Variants whose plans give the same new experts per layer share steps 1 and 2, and those that also
+have the same classifier setting share step 3 (:func:`shared_training`; the workflow trains each once,
+under the first such variant's name, and evaluates each distinct model once). Every training
 step runs through the one engine (:func:`moelang.train.train`): resumable, bit-identical on resume,
 each loss term a column of the train log.
 
@@ -40,8 +42,9 @@ Outputs
     ``train_log.parquet`` (trained stages, :data:`moelang.train.LOG_SCHEMA` plus the loss terms) and
     the registry's run record.
 ``results/expand/runs.parquet`` (:func:`gather_runs`), one row per variant, :data:`RUNS_SCHEMA`:
-    ``variant``, ``plan``, ``base`` (the model expanded), ``classifier`` bool, ``experts_per_layer``
-    list<int32>, ``new_experts`` int64, ``classifier_layers`` list<int32>, ``total_params`` int64,
+    ``variant``, ``plan``, ``base`` (the model expanded), ``trained_as`` (the variant whose stage-2
+    model it is: itself, or the earlier variant it shares the model with), ``classifier`` bool,
+    ``experts_per_layer`` list<int32>, ``new_experts`` int64, ``classifier_layers`` list<int32>, ``total_params`` int64,
     ``stage1_trainable_params`` / ``stage2_trainable_params`` int64, ``stage1_trainable_fraction`` /
     ``stage2_trainable_fraction`` float64, ``stage1_loss`` / ``stage1_aux_loss`` (last step),
     ``stage2_loss``, ``stage2_lpr_loss``, ``stage2_classifier_loss``, ``stage2_classifier_accuracy``
@@ -80,6 +83,7 @@ RUNS_SCHEMA = pa.schema([
     ("variant", pa.string()),
     ("plan", pa.string()),
     ("base", pa.string()),
+    ("trained_as", pa.string()),
     ("classifier", pa.bool_()),
     ("experts_per_layer", pa.list_(pa.int32())),
     ("new_experts", pa.int64()),
@@ -127,6 +131,72 @@ def read_plan(plan_path: str | Path, method: str) -> dict:
         raise MoelangError(f"expansion: plan '{path}' method '{method}' has no valid new_experts_per_layer; remake it "
                            f"with the allocation stage")
     return entry
+
+
+def shared_training(variants: dict[str, dict], plan: dict) -> dict[str, dict[str, str]]:
+    """Which variants train the same model, from the allocation's ``plan`` (``plan.json`` read) and
+    ``variants`` (``expand.variants``: name -> {plan, classifier}, in config order): variant ->
+    ``{"stage1": the variant whose stage 0 and stage 1 it uses, "model": the variant whose stage-2
+    model it is}``, each the first variant in config order with the same key. Stage 0 and 1 depend on
+    the plan's new experts per layer alone; stage 2 also on the classifier (and, with one, on the
+    plan's classifier layers). Different plan methods can give the same numbers (a budget of one new
+    expert per layer makes every plan all ones), so the key is the numbers, not the method's name.
+    A variant whose method is not in the plan (the allocation left it out) shares nothing: its own
+    jobs stop with :func:`read_plan`'s message."""
+    def numbers(variant: dict) -> tuple:
+        entry = plan.get(variant["plan"])
+        new = entry.get("new_experts_per_layer") if isinstance(entry, dict) else None
+        return ("plan", tuple(new)) if isinstance(new, list) else ("no plan", variant["plan"])
+
+    def model_key(variant: dict) -> tuple:
+        entry = plan.get(variant["plan"])
+        layers = (entry.get("classifier_layers") or []) if variant["classifier"] and isinstance(entry, dict) else []
+        return numbers(variant), bool(variant["classifier"]), tuple(layers)
+
+    stage1_owner: dict[tuple, str] = {}
+    model_owner: dict[tuple, str] = {}
+    return {name: {"stage1": stage1_owner.setdefault(numbers(v), name),
+                   "model": model_owner.setdefault(model_key(v), name)} for name, v in variants.items()}
+
+
+def coinciding_variants(sharing: dict[str, dict[str, str]]) -> list[list[str]]:
+    """The groups of variants (two or more, the owner first) that share one trained model."""
+    groups: dict[str, list[str]] = {}
+    for name, shared in sharing.items():
+        groups.setdefault(shared["model"], []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def sharing_note(sharing: dict[str, dict[str, str]], plan: dict, variants: dict[str, dict]) -> str | None:
+    """One line naming the variants whose plans and classifier setting coincide (None if none do)."""
+    groups = coinciding_variants(sharing)
+    if not groups:
+        return None
+    parts = []
+    for names in groups:
+        new = (plan.get(variants[names[0]]["plan"]) or {}).get("new_experts_per_layer")
+        parts.append(f"{', '.join(names)} (new experts per layer {new}, classifier "
+                     f"{'yes' if variants[names[0]]['classifier'] else 'no'}: trained once as {names[0]})")
+    return ("expansion variants with identical plans share one trained and evaluated model: " + "; ".join(parts)
+            + "; they are one model in the results, not a comparison (change allocation.new_experts or "
+              "expand.variants to compare different plans)")
+
+
+def forced_plan(new_experts: int | None, layers: int | None, uniform_per_layer: int | None) -> dict | None:
+    """The plans a budget forces before the allocation has run (``plan.json``'s shape, for
+    :func:`shared_training`): ``allocation.new_experts`` equal to the layer count gives every method one
+    new expert per layer (each gives every layer at least one; fewer is rejected), and, with them all
+    alike, the same classifier layers; ``uniform`` with ``uniform_per_layer`` has its own budget. None
+    when the budget forces nothing, or the layer count is not known before a model is read."""
+    if not new_experts or new_experts != layers:
+        return None
+    from moelang.allocation import METHODS
+
+    ones = {"new_experts_per_layer": [1] * layers, "classifier_layers": []}
+    plan = {method: ones for method in METHODS}
+    if uniform_per_layer:
+        plan["uniform"] = {"new_experts_per_layer": [uniform_per_layer] * layers, "classifier_layers": []}
+    return plan
 
 
 def parent_expert_counts(profile_dir: str | Path, parents: list[str]) -> dict[int, np.ndarray]:
@@ -505,17 +575,34 @@ def classifier_heldout_accuracy(model_dir: str | Path, token_files: dict[str, st
 # The runs table
 # --------------------------------------------------------------------------------------------------
 
-def gather_runs(stage2_dirs: list[str | Path], out_table: str | Path) -> pl.DataFrame:
-    """``results/expand/runs.parquet``: one row per variant, from its stage-2 directory."""
-    rows = []
+def gather_runs(stage2_dirs: list[str | Path], out_table: str | Path, variants: dict[str, dict] | None = None,
+                plan: dict | None = None) -> pl.DataFrame:
+    """``results/expand/runs.parquet``: one row per variant, from the stage-2 directories. With
+    ``variants`` (``expand.variants``) and ``plan`` (``plan.json`` read), a variant that shares an
+    earlier variant's trained model (:func:`shared_training`) gets that model's row under its own name
+    and plan, ``trained_as`` naming the variant the model was trained as; without them, one row per
+    directory, each its own model."""
+    runs = {}
     for directory in map(Path, stage2_dirs):
         path = directory / RUN_FILE
         if not path.is_file():
             raise MoelangError(f"expand-gather: '{directory}' has no {RUN_FILE}; it is not a finished stage-2 "
                                f"model (rerun its expand_stage2 job)")
         run = json.loads(path.read_text(encoding="utf-8"))
-        rows.append({name: run.get(name, math.nan if pa.types.is_floating(RUNS_SCHEMA.field(name).type) else None)
-                     for name in RUNS_SCHEMA.names})
+        runs[run["variant"]] = run
+    if variants is None:
+        named = {name: (name, run["plan"]) for name, run in runs.items()}
+    else:
+        sharing = shared_training(variants, plan or {})
+        named = {name: (sharing[name]["model"], spec["plan"]) for name, spec in variants.items()}
+    rows = []
+    for name, (trained_as, plan_name) in named.items():
+        if trained_as not in runs:
+            raise MoelangError(f"expand-gather: variant '{name}' is trained as '{trained_as}', whose stage-2 "
+                               f"directory is not among --runs; pass results/expand/{trained_as}/stage2")
+        run = runs[trained_as] | {"variant": name, "plan": plan_name, "trained_as": trained_as}
+        rows.append({field: run.get(field, math.nan if pa.types.is_floating(RUNS_SCHEMA.field(field).type) else None)
+                     for field in RUNS_SCHEMA.names})
     table = pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
     write_table(table, out_table)
     return pl.from_arrow(table)

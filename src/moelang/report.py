@@ -843,6 +843,18 @@ def plot_adaptation(adaptation: pl.DataFrame, path) -> None:
     save_figure(fig, path)
 
 
+def shared_model_lines(runs: dict[str, dict]) -> list[str]:
+    """One line per group of expansion variants that share one trained model (``runs``: variant -> its
+    row of ``results/expand/runs.parquet``, whose ``trained_as`` names the variant the model was
+    trained as): their plans and classifier setting coincide, so their rows are not a comparison."""
+    groups: dict[str, list[str]] = {}
+    for name, run in runs.items():
+        groups.setdefault(run.get("trained_as") or name, []).append(name)
+    return [f"{', '.join(names)}: their plans give the same new experts per layer and they have the same classifier "
+            f"setting, so they are one trained model ({owner}'s), evaluated once: their rows are that model's "
+            f"numbers, not a comparison." for owner, names in groups.items() if len(names) > 1]
+
+
 def plot_expansion(expansion: pl.DataFrame, path) -> None:
     """Per expansion variant: the new-language perplexity ratio, the old-language one (forgetting)
     and the new experts it added."""
@@ -850,7 +862,9 @@ def plot_expansion(expansion: pl.DataFrame, path) -> None:
     families = expansion["family"].unique(maintain_order=True).to_list()
     family = "perplexity" if "perplexity" in families else families[0]  # evaluation.perplexity may be off
     ppl = expansion.filter(pl.col("family") == family)
-    variants = ppl["variant"].to_list()
+    owners = dict(ppl.select("model", "variant").unique("model", keep="first", maintain_order=True).rows())
+    variants = [v if owners[m] == v else f"{v}\n(= {owners[m]}'s model)"
+                for v, m in ppl.select("variant", "model").rows()]
     y = np.arange(len(variants))
     fig, axes = plt.subplots(1, 3, figsize=(14, max(3.2, 0.45 * len(variants) + 1.6)))
     if family == "perplexity":
@@ -1134,6 +1148,8 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
             by = {r["family"]: r for r in part.iter_rows(named=True)}
             run = runs.get(variant, {})
             ppl = by.get("perplexity", {})
+            if run.get("trained_as") not in (None, variant):  # its plan and classifier coincide with another's
+                variant += f" (shares {run['trained_as']}'s model)"
             classifier = "no"
             if run.get("classifier"):
                 accuracy = run.get("classifier_heldout_accuracy") or []
@@ -1150,6 +1166,8 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
         for family in fams:
             head += [f"new {family}", f"old {family}"]
         doc.table(head, rows)
+        for line in shared_model_lines(runs):
+            doc.text(line)
         fig("expansion")
     return doc
 

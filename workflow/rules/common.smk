@@ -32,6 +32,19 @@ def kept_languages(wildcards=None):
         return json.load(f)["kept"]
 
 
+def corpus_checkpoint(wildcards=None):
+    """The corpus checkpoint's summary, as the input of a rule whose params need the kept languages (and
+    whose inputs do not already read the checkpoint). Read through the checkpoint, not named as a plain
+    path: until the checkpoint's outcome is known (Snakemake's first pass over the DAG, on every run),
+    the job is then marked as depending on it, and Snakemake leaves its params unchecked. Named as a
+    path, the job's params are "to be determined" in that pass, compare as changed against the last
+    run's, and the job and everything after it are marked to rerun; a job after it that Snakemake does
+    not rebuild once the checkpoint is known keeps that mark ("input files updated by another job"), so
+    a finished run was never a fixed point (the expansion's gather, the summary and the report ran
+    again on every call; tests/test_workflow_dense.py: a finished run's dry run has nothing to do)."""
+    return checkpoints.corpus_summary.get().output.table
+
+
 def kept_tokens(wildcards=None):
     return expand("results/tokens/{lang}.parquet", lang=kept_languages())
 
@@ -117,6 +130,52 @@ def expand_profile(wildcards=None):
     return []
 
 
+_EXPAND_SHARING = {}
+
+
+def expand_sharing(wildcards=None):
+    """Variant -> {"stage1": the variant whose stage 0 and 1 it uses, "model": the variant whose trained
+    stage-2 model it is} (moelang.expand.shared_training), from the plan table, which exists once the
+    allocation checkpoint has run. The first time the plans are known, one line names the variants
+    whose plans and classifier setting coincide: at start-up when the allocation is done, else as soon
+    as its job has written the plan."""
+    from moelang.expand import sharing_note, shared_training
+
+    path = checkpoints.allocate_experts.get().output.plan
+    stamp = os.stat(path).st_mtime_ns
+    if _EXPAND_SHARING.get("stamp") != stamp:
+        with open(path, encoding="utf-8") as f:
+            plan = json.load(f)
+        sharing = shared_training(EXPAND_VARIANTS, plan)
+        note = sharing_note(sharing, plan, EXPAND_VARIANTS)
+        if note and workflow.is_main_process and note != _EXPAND_SHARING.get("note"):
+            sys.stderr.write(f"moelang: note: {note}\n")
+        _EXPAND_SHARING.update(stamp=stamp, sharing=sharing, note=note)
+    return _EXPAND_SHARING["sharing"]
+
+
+def expand_forced_sharing_note():
+    """Before the allocation has run: the line naming the variants that share a model whatever the
+    similarities, when the budget forces it (allocation.new_experts equal to the layer count of a trained
+    base, whose layer count the config gives; moelang.expand.forced_plan), else None."""
+    from moelang.expand import forced_plan, sharing_note, shared_training
+
+    base = config["model"]["base"]
+    layers = base.get("architecture", {}).get("num_hidden_layers") if base["type"] == "train" else None
+    allocation = config["allocation"]
+    plan = forced_plan(allocation.get("new_experts"), layers, allocation.get("uniform_per_layer"))
+    if plan is None:
+        return None
+    note = sharing_note(shared_training(EXPAND_VARIANTS, plan), plan, EXPAND_VARIANTS)
+    _EXPAND_SHARING["note"] = note
+    return note and f"allocation.new_experts {allocation['new_experts']} on {layers} layers: {note}"
+
+
+def expand_trained_variants(wildcards=None):
+    """The variants whose stage-2 model is trained (and evaluated): one per distinct (plan, classifier)."""
+    return list(dict.fromkeys(shared["model"] for shared in expand_sharing().values()))
+
+
 # --- evaluation -----------------------------------------------------------------------------------
 
 
@@ -125,8 +184,14 @@ def evaluated_model_input(wildcards):
 
 
 def evaluated_names(wildcards=None):
-    """The evaluated models of this run other than the adapted ones (adapted_eval_names)."""
-    return [name for name, entry in EVALUATED.items() if entry.target is None]
+    """The evaluated models of this run other than the adapted ones (adapted_eval_names): an expanded
+    model once per distinct trained model (the variants that share it are not evaluated again)."""
+    trained = set(expand_trained_variants()) if EXPAND_VARIANTS else set()
+    return [
+        name
+        for name, entry in EVALUATED.items()
+        if entry.target is None and (entry.variant is None or entry.variant in trained)
+    ]
 
 
 def untrained_adapted_models(wildcards=None):
@@ -146,6 +211,11 @@ def adapted_eval_names(wildcards=None):
     kept = set(kept_languages())
     skipped = untrained_adapted_models()
     return [name for name, e in EVALUATED.items() if e.target in kept and name not in skipped]
+
+
+def expand_eval_outputs(wildcards=None):
+    """Each trained expansion model's evaluation files (``rule all``)."""
+    return [f"results/eval/expand-{v}/{name}" for v in expand_trained_variants() for name in EVAL_MODEL_OUTPUTS]
 
 
 def eval_outputs(wildcards=None):

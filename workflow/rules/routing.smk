@@ -77,7 +77,7 @@ rule routing_metrics:
     input:
         profiles=lambda w: expand("results/routing/{model}", model=list(PROFILED)),
         overlap="results/overlap/overlap.parquet",
-        corpus_summary="results/corpus/summary.parquet",  # the checkpoint that decides the languages
+        corpus_summary=corpus_checkpoint,  # the checkpoint that decides the languages (params need them)
     output:
         tables=expand(
             "results/routing/metrics/{name}.parquet",

@@ -35,12 +35,14 @@ rule layer_similarity:
         " {params.parallel} --out {output.table:q} --plot {output.plot:q} 2>&1 | tee {log:q}"
 
 
-rule allocate_experts:
+# A checkpoint: the plans decide which expansion variants share a trained model (expand.smk), and the
+# plans are known only once this job has run.
+checkpoint allocate_experts:
     input:
         similarity=f"results/similarity/{SIMILARITY_MODEL}.{SIMILARITY_METHOD}.parquet",
         # the routing plan's specialisation scores (none without the routing stage: no routing plan)
         specialization=["results/routing/metrics/specialization.parquet"] if config["routing"]["enabled"] else [],
-        corpus_summary="results/corpus/summary.parquet",  # the checkpoint that decides the languages
+        corpus_summary=corpus_checkpoint,  # the checkpoint that decides the languages (params need them)
     output:
         plan="results/allocation/plan.json",
         table="results/allocation/plan.parquet",
