@@ -25,16 +25,19 @@ Every (method, learning rate) of the job is one run with its own training state
 (``results/state/adapt/{lang}/{method}/lr-{lr}``, resumable like any training job). Runs whose trainable
 parameters all lie in the final K layers share one pass of the frozen layers below them
 (``adapt.share_frozen_pass``, :mod:`moelang.sweep`); ``full-ft`` trains alone. After training, each
-run's held-out perplexity on the target is measured; it selects the learning rate per (target, method)
-(:func:`select_runs`).
+run's perplexity on the target is measured on two disjoint sets of documents (:mod:`moelang.splits`):
+the dev split, which selects the learning rate per (target, method) (:func:`select_runs`), and the test
+split, which is reported (the evaluation stage measures the selected model on it again, with the other
+languages). Selection never reads the test perplexity.
 
 Outputs
 -------
 ``results/adapt/{lang}/{method}/lr-{lr}/``
     the adapted model (a plain ``save_pretrained`` checkpoint of the start model's architecture, with
     its tokenizer), ``train_log.parquet`` (the engine's log), ``moelang_run.json`` (method, parameter
-    counts, steps, tokens) and ``heldout.json`` (``lang``, ``perplexity``, ``tokens``: the target's
-    held-out perplexity, ``experts``: the trained experts per layer, ``lr``).
+    counts, steps, tokens) and ``perplexity.json`` (``lang``, ``method``, ``lr``, ``layers``,
+    ``experts_per_layer``, ``final_loss``, and ``dev`` and ``test``: each ``n_tokens``, ``nll``,
+    ``perplexity`` on the target's dev and test split).
 ``results/adapt/{lang}/{method}/selected/``
     the selected run's files (hard links: no second copy), the model the evaluation stage sees.
 ``results/adapt/{lang}/runs.parquet``, ``results/adapt/runs.parquet`` (:data:`RUNS_SCHEMA`)
@@ -42,8 +45,9 @@ Outputs
     ``experts_per_layer`` list<int32> (experts trained in each of them; every expert for aeft, full-ft
     and lora), ``trainable_params`` int64, ``total_params`` int64, ``trainable_fraction`` float64,
     ``steps`` int64, ``tokens`` int64, ``final_loss`` float64 (the training loss of the last step),
-    ``heldout_perplexity`` float64, ``selected`` bool (the lowest perplexity of its (lang, method);
-    ties go to the smaller rate).
+    ``dev_perplexity`` float64 (on the target's dev split: what selects), ``test_perplexity`` float64
+    (on its test split, disjoint documents: what is reported), ``selected`` bool (the lowest dev
+    perplexity of its (lang, method); ties go to the smaller rate).
 
 Our schedule differs from the authors' (authors-code.md): their cosine horizon runs past the end of
 training, so their rate stays near its peak; ours (``adapt.train``) decays to ``min_lr_ratio`` x lr
@@ -80,10 +84,11 @@ RUNS_SCHEMA = pa.schema([
     ("steps", pa.int64()),
     ("tokens", pa.int64()),
     ("final_loss", pa.float64()),
-    ("heldout_perplexity", pa.float64()),
+    ("dev_perplexity", pa.float64()),
+    ("test_perplexity", pa.float64()),
     ("selected", pa.bool_()),
 ])
-HELDOUT_FILE = "heldout.json"
+PERPLEXITY_FILE = "perplexity.json"
 SELECTED_DIR = "selected"
 EXPERT_SET_METHODS = ("ssft", "seft", "random", "random_hr")  # and seft_top{N}: sets in selected_experts.json
 
@@ -258,7 +263,7 @@ def adapt_target(token_file: str | Path, selected_path: str | Path, options: Ada
         results = []
         for name, lr in runs:
             staged = _staged(state_root, name, lr)
-            results.append(json.loads((staged / HELDOUT_FILE).read_text()))
+            results.append(json.loads((staged / PERPLEXITY_FILE).read_text()))
         from moelang.train import publish
 
         for name, lr in runs:
@@ -282,7 +287,7 @@ def _staged(state_root: Path, name: str, lr: float) -> Path:
 
 
 def _finished(staged: Path) -> bool:
-    return (staged / HELDOUT_FILE).is_file()
+    return (staged / PERPLEXITY_FILE).is_file()
 
 
 def _train_runs(start, tokenizer, token_file, ctx: AdaptContext, methods: dict, runs: list[tuple[str, float]],
@@ -355,12 +360,13 @@ def _exports(tokenizer, state_root: Path, name: str, lr: float, settings) -> dic
 
 def _finish_run(result, ctx: AdaptContext, name: str, lr: float, settings, state_root: Path, token_file,
                 tokenizer) -> None:
-    """After a run: its log, run record and held-out perplexity on the target, staged with its model."""
+    """After a run: its log, run record and dev and test perplexity on the target, staged with its model."""
     from moelang.models import load_model
     from moelang.models.loading import resolve_device
     from moelang.options import EvaluationOptions
     from moelang.perplexity import perplexity
     from moelang.registry import write_run_record
+    from moelang.splits import DEV, TEST
 
     staged = _staged(state_root, name, lr)
     write_table(result.log_table(), staged / "train_log.parquet")
@@ -369,13 +375,15 @@ def _finish_run(result, ctx: AdaptContext, name: str, lr: float, settings, state
     model = load_model(staged, dtype=ctx.options.dtype, device=resolve_device(ctx.options.device)).eval()
     heldout = EvaluationOptions(**ctx.options.heldout)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    measured = perplexity(model, token_file, eos, heldout)
+    # Dev selects the rate; test (disjoint documents) is what is reported. Both are measured on every run:
+    # a pass over tokens_per_language tokens is small next to training.
+    measured = {split: perplexity(model, token_file, eos, heldout, split) for split in (DEV, TEST)}
     record = {"lang": ctx.options.lang, "method": name, "lr": lr, "layers": ctx.layers,
               "experts_per_layer": trained_experts(name, ctx), "final_loss": result.final_loss, **measured}
-    write_json(record, staged / HELDOUT_FILE)  # last: its presence marks the run finished
-    log.info("adapt %s: %s lr %g: loss %.3f, held-out perplexity %.2f, %s trainable (%.3f%%)", ctx.options.lang,
-             name, lr, result.final_loss, measured["perplexity"], f"{result.parameters['trainable']:,}",
-             100 * result.parameters["trainable_fraction"])
+    write_json(record, staged / PERPLEXITY_FILE)  # last: its presence marks the run finished
+    log.info("adapt %s: %s lr %g: loss %.3f, perplexity dev %.2f test %.2f, %s trainable (%.3f%%)", ctx.options.lang,
+             name, lr, result.final_loss, measured[DEV]["perplexity"], measured[TEST]["perplexity"],
+             f"{result.parameters['trainable']:,}", 100 * result.parameters["trainable_fraction"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,28 +396,29 @@ def runs_table(run_dirs: list[str | Path]) -> pl.DataFrame:
 
     rows = []
     for directory in map(Path, run_dirs):
-        heldout_file = directory / HELDOUT_FILE
-        if not heldout_file.is_file():
-            raise MoelangError(f"adapt: '{directory}' has no {HELDOUT_FILE}; it is not a finished adaptation run "
+        result_file = directory / PERPLEXITY_FILE
+        if not result_file.is_file():
+            raise MoelangError(f"adapt: '{directory}' has no {PERPLEXITY_FILE}; it is not a finished adaptation run "
                                f"(rerun the adapt job)")
-        heldout = json.loads(heldout_file.read_text(encoding="utf-8"))
+        measured = json.loads(result_file.read_text(encoding="utf-8"))
         record = read_run_record(directory)
         if record is None:
             raise MoelangError(f"adapt: '{directory}' has no run record; rerun the adapt job")
-        rows.append({"lang": heldout["lang"], "method": heldout["method"], "lr": float(heldout["lr"]),
-                     "layers": heldout["layers"], "experts_per_layer": heldout["experts_per_layer"],
+        rows.append({"lang": measured["lang"], "method": measured["method"], "lr": float(measured["lr"]),
+                     "layers": measured["layers"], "experts_per_layer": measured["experts_per_layer"],
                      "trainable_params": record["trainable_parameters"], "total_params": record["total_parameters"],
                      "trainable_fraction": record["trainable_fraction"], "steps": record["steps"],
-                     "tokens": record["tokens"], "final_loss": heldout["final_loss"],
-                     "heldout_perplexity": heldout["perplexity"], "selected": False})
+                     "tokens": record["tokens"], "final_loss": measured["final_loss"],
+                     "dev_perplexity": measured["dev"]["perplexity"],
+                     "test_perplexity": measured["test"]["perplexity"], "selected": False})
     return pl.from_arrow(pa.Table.from_pylist(rows, schema=RUNS_SCHEMA))
 
 
 def select_runs(table: pl.DataFrame) -> pl.DataFrame:
-    """Mark, per (lang, method), the run with the lowest held-out perplexity (ties: the smaller rate;
-    a non-finite perplexity is never chosen over a finite one)."""
+    """Mark, per (lang, method), the run with the lowest dev perplexity (ties: the smaller rate; a
+    non-finite perplexity is never chosen over a finite one). The test perplexity plays no part."""
     ranked = table.with_columns(
-        pl.when(pl.col("heldout_perplexity").is_finite()).then(pl.col("heldout_perplexity"))
+        pl.when(pl.col("dev_perplexity").is_finite()).then(pl.col("dev_perplexity"))
         .otherwise(float("inf")).alias("_ppl"))
     best = ranked.sort(["lang", "method", "_ppl", "lr"]).group_by(["lang", "method"], maintain_order=True).first()
     chosen = set(zip(best["lang"], best["method"], best["lr"]))
@@ -439,8 +448,8 @@ def select_target(lang: str, method_dirs: dict[str, list[str | Path]], out_table
         source = Path(selected_root) / row["method"] / lr_name(row["lr"])
         with atomic_dir(Path(selected_root) / row["method"] / SELECTED_DIR) as tmp:
             _link_tree(source, tmp)
-        log.info("adapt %s: %s selects lr %g (held-out perplexity %.2f)", lang, row["method"], row["lr"],
-                 row["heldout_perplexity"])
+        log.info("adapt %s: %s selects lr %g (dev perplexity %.2f; reported: test perplexity %.2f)", lang,
+                 row["method"], row["lr"], row["dev_perplexity"], row["test_perplexity"])
     write_table(table.to_arrow().cast(RUNS_SCHEMA), out_table)
     return table
 

@@ -31,7 +31,7 @@ off). A tiny CPU run may fail some; the report says so plainly and shows the num
    sized for its small model), on the final layers of that config (OLMoE-1B-7B, built on the meta
    device: no weights) with those layers' routers, counted by the adaptation stage's own method
    (:class:`~moelang.models.methods.ExpertSubset`); the largest fraction over the targets is below
-   ``report.ssft_max_fraction``; (b) per adapted target, SSFT's held-out perplexity gain as a share of
+   ``report.ssft_max_fraction``; (b) per adapted target, SSFT's test perplexity gain as a share of
    AEFT's, in log perplexity (``log(ssft / start) / log(aeft / start)``), averaged over the targets, is
    at least ``report.ssft_min_gain_share``.
 4. *LayerMoE's allocation uses fewer new experts than the uniform one for equal or better new-language
@@ -116,7 +116,7 @@ FIGURES = (
     Figure("allocation", "4. Similarity and allocation", "always",
            "New experts per layer of every allocation method, with the layer score S."),
     Figure("evaluation", "5. Results", "always",
-           "Every evaluated model: held-out perplexity and task scores on high-resource and target languages."),
+           "Every evaluated model: test perplexity and task scores on high-resource and target languages."),
     Figure("adaptation", "5. Results", "adapt",
            "Target-language gain against the trainable fraction, per adaptation method and target."),
     Figure("expansion", "5. Results", "expand",
@@ -399,7 +399,7 @@ def finding_ssft(selected: dict | None, experts_per_layer: dict[int, int] | None
                        {})
     ppl = adaptation.filter(pl.col("family") == "perplexity")
     if ppl.height == 0:
-        return Finding(3, NOT_COMPUTED, "Not computed: the gain is measured in held-out perplexity, and "
+        return Finding(3, NOT_COMPUTED, "Not computed: the gain is measured in test perplexity, and "
                                         "evaluation.perplexity is off.", {})
     methods = set(ppl["method"])
     if not {"ssft", "aeft"} <= methods:
@@ -454,8 +454,8 @@ def finding_ssft(selected: dict | None, experts_per_layer: dict[int, int] | None
                  f"({'under' if fraction_ok else 'not under'} {_pct(options.ssft_max_fraction, 0)}: {sizes}; "
                  f"in this run's own model {_pct(max(v['ssft_fraction_run'] or 0 for v in per_target.values()))}); "
                  f"it recovers {'an undefined share' if mean_share is None else f'{100 * mean_share:.0f}%'} of "
-                 f"AEFT's held-out perplexity gain in log perplexity (the held-out set that also chose each "
-                 f"method's learning rate), averaged over {len(per_target)} target(s) "
+                 f"AEFT's test perplexity gain in log perplexity (each method's learning rate chosen on the "
+                 f"dev split, other documents), averaged over {len(per_target)} target(s) "
                  f"({gains}); {'at least' if share_ok else 'below'} {100 * options.ssft_min_gain_share:.0f}%.")
     evidence = {"reference_model": options.reference_model, "max_fraction_at_scale": worst_fraction,
                 "mean_gain_share": mean_share, "targets": per_target}
@@ -517,7 +517,7 @@ def plot_corpus(corpus: pl.DataFrame, tokens: pl.DataFrame, path, high_resource:
     fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.75 * len(langs) * 2), 4.4))
     kept = dict(zip(corpus["lang"], corpus["kept"]))
     for ax, (column, label) in zip(axes, (("docs", "documents"), ("tokens", "tokens"))):
-        for offset, split, color in ((-0.2, "train", "tab:blue"), (0.2, "heldout", "tab:orange")):
+        for offset, split, color in ((-0.27, "train", "tab:blue"), (0, "dev", "tab:green"), (0.27, "test", "tab:orange")):
             values = []
             for lang in langs:
                 if column == "docs":
@@ -527,7 +527,7 @@ def plot_corpus(corpus: pl.DataFrame, tokens: pl.DataFrame, path, high_resource:
                     row = tokens.filter((pl.col("lang") == lang) & (pl.col("split") == split))
                     values.append(int(row["n_tokens"][0]) if row.height else 0)
             colors = [color if kept[lang] else "lightgrey" for lang in langs]
-            ax.bar(x + offset, values, 0.4, color=colors, label=f"{split} split")
+            ax.bar(x + offset, values, 0.27, color=colors, label=f"{split} split")
         ax.set_xticks(x, [f"{lang}{'*' if lang in high_resource else ''}{'' if kept[lang] else chr(10) + '(dropped)'}"
                           for lang in langs])
         ax.set_xlabel("language (* high-resource; grey: dropped)")
@@ -626,7 +626,7 @@ def plot_similarity_groups(similarity: pl.DataFrame, old: list[str], new: list[s
 
 def plot_evaluation(results: pl.DataFrame, models: list[str], high_resource: list[str], targets: list[str],
                     path) -> None:
-    """Every evaluated model's held-out perplexity (geometric mean) and headline task scores (mean)
+    """Every evaluated model's test perplexity (geometric mean) and headline task scores (mean)
     over the high-resource and the target languages."""
     from moelang.evaluate import HEADLINE
 
@@ -643,7 +643,7 @@ def plot_evaluation(results: pl.DataFrame, models: list[str], high_resource: lis
         ax.set_yticks(y, models, fontsize=7)
         if family == "perplexity":
             ax.set_xscale("log")
-            ax.set_xlabel("held-out perplexity\n(geometric mean, log scale; lower is better)")
+            ax.set_xlabel("test perplexity\n(geometric mean, log scale; lower is better)")
         else:
             from moelang.evaluate import CHANCE
 
@@ -672,7 +672,7 @@ def _family_mean(results: pl.DataFrame, model: str, family: str, langs: list[str
 
 
 def plot_adaptation(adaptation: pl.DataFrame, path) -> None:
-    """Target gain against trainable fraction (log scale), a point per (target, method): held-out
+    """Target gain against trainable fraction (log scale), a point per (target, method): test
     perplexity (ratio to the start model) and each task family (accuracy change)."""
     from matplotlib.ticker import FuncFormatter
 
@@ -702,7 +702,7 @@ def plot_adaptation(adaptation: pl.DataFrame, path) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * x:g}%"))
         ax.set_xlabel("trainable fraction of the parameters (log scale)")
         if family == "perplexity":
-            ax.set_ylabel("target held-out perplexity / start model's (lower is better)")
+            ax.set_ylabel("target test perplexity / start model's (lower is better)")
             ax.axhline(1.0, color="grey", linestyle=":")
         else:
             ax.set_ylabel(f"target {part['metric'][0] if part.height else 'accuracy'} change (higher is better)")
@@ -891,11 +891,11 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
 
     doc.heading(2, "1. Data")
     tok = {(lang, split): n for split, n, lang in tokens.iter_rows()}
-    doc.table(["language", "source", "documents (train / held-out)", "characters", "tokens (train / held-out)",
+    doc.table(["language", "source", "documents (train / dev / test)", "characters", "tokens (train / dev / test)",
                "kept", "why dropped"],
               [[r["lang"] + (" (HR)" if r["lang"] in options.high_resource else ""), r["source"],
-                f"{r['n_train']:,} / {r['n_heldout']:,}", r["n_chars"],
-                f"{tok.get((r['lang'], 'train'), 0):,} / {tok.get((r['lang'], 'heldout'), 0):,}" if r["kept"] else "-",
+                f"{r['n_train']:,} / {r['n_dev']:,} / {r['n_test']:,}", r["n_chars"],
+                " / ".join(f"{tok.get((r['lang'], split), 0):,}" for split in ("train", "dev", "test")) if r["kept"] else "-",
                 "yes" if r["kept"] else "no", r["reason"] or ""] for r in corpus.iter_rows(named=True)])
     fig("corpus")
     fig("overlap")
@@ -956,7 +956,7 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
     for family in families:
         header += [f"{family} ({HEADLINE[family]}) HR", f"{family} targets"]
     header += ["perplexity HR", "perplexity targets"]
-    doc.text("Every evaluated model: the headline task metric (mean) and held-out perplexity (geometric mean) over "
+    doc.text("Every evaluated model: the headline task metric (mean) and test perplexity (geometric mean) over "
              "the high-resource (HR) and target languages (results/eval/summary.md has every language and the "
              "chance tests).")
     doc.table(header, [[model] + [_family_mean(results, model, family, langs) for family in families + ["perplexity"]
@@ -964,7 +964,7 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
     fig("evaluation")
     if adaptation is not None and adaptation.height:
         doc.heading(3, "Final-layer expert fine-tuning")
-        doc.text("Per target and method (the selected learning rate): the trainable fraction, the target's held-out "
+        doc.text("Per target and method (the selected learning rate): the trainable fraction, the target's test "
                  "perplexity and task scores with their change against the start model, and the change on the other "
                  "high-resource languages (perplexity above x1, accuracy below 0: forgetting).")
         fams = [f for f in adaptation["family"].unique(maintain_order=True).to_list() if f != "perplexity"]
