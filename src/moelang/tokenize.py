@@ -19,7 +19,7 @@ Outputs
 ``results/tokens/{lang}.parquet``
     ``doc_id`` string, ``split`` string, ``input_ids`` list<int32>, ``n_tokens`` int32.
 ``results/tokens/{lang}.freq.parquet``
-    ``token_id`` int32, ``count`` int64: occurrences over both splits, only types that occur,
+    ``token_id`` int32, ``count`` int64: occurrences over all three splits, only types that occur,
     sorted by ``token_id``.
 ``results/tokenizer/``
     ``save_pretrained`` directory; ``training_mix.json`` records the documents and characters per
