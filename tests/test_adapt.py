@@ -169,7 +169,8 @@ def test_the_selected_rate_follows_dev_where_test_disagrees(start, adapted, tmp_
         assert (root / method / "selected" / "model.safetensors").samefile(root / method / f"lr-{best:g}" /
                                                                            "model.safetensors")
     gathered = adapt.gather_runs([tmp_path / "runs.parquet"], tmp_path / "all.parquet")
-    assert gathered.select("dev_perplexity", "test_perplexity").equals(table.select("dev_perplexity", "test_perplexity"))
+    columns = ["dev_perplexity", "test_perplexity"]
+    assert gathered.select(columns).equals(table.select(columns))
 
 
 def test_docs_list_the_runs_table_columns_with_their_types():

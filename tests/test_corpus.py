@@ -96,7 +96,8 @@ def test_split_helpers_give_exactly_one_splits_documents_in_file_order(tmp_path)
     with pytest.raises(MoelangError, match="'heldout' is not a corpus split"):
         split_documents(path, "heldout")
     only_train = tmp_path / "train.parquet"
-    pq.write_table(pa.table({"doc_id": ["a"], "split": ["train"], "input_ids": pa.array([[1, 2]], type=pa.list_(pa.int32())),
+    pq.write_table(pa.table({"doc_id": ["a"], "split": ["train"],
+                             "input_ids": pa.array([[1, 2]], type=pa.list_(pa.int32())),
                              "n_tokens": pa.array([2], type=pa.int32())}), only_train)
     with pytest.raises(MoelangError, match="no 'test' documents"):
         split_documents(only_train, "test")

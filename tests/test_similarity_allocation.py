@@ -618,8 +618,8 @@ def test_default_context_keeps_the_chunked_numbers(tmp_path):
     files = {lang: write_token_file(tmp_path / f"{lang}.parquet", [rng.integers(3, 90, n).tolist() for n in (9, 14, 6)])
              for lang in ("en", "es")}
     table = token_similarity(ModelAdapter(model), files, {"seq_len": 8, "batch_tokens": 32, "tokens_per_language": 20}, "m")
-    means = {lang: token_unit_means(ModelAdapter(model), length_batches(heldout_chunks(path, 8, 20, split="dev"), 32, 0), lang)[0]
-             for lang, path in files.items()}
+    means = {lang: token_unit_means(ModelAdapter(model), length_batches(heldout_chunks(path, 8, 20, split="dev"), 32, 0),
+                                    lang)[0] for lang, path in files.items()}
     cross = table.filter((pl.col("lang_a") == "en") & (pl.col("lang_b") == "es")).sort("layer")
     assert cross["similarity"].to_list() == pytest.approx((means["en"] * means["es"]).sum(-1).tolist(), rel=1e-12)
 

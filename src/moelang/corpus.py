@@ -548,11 +548,12 @@ def _print_summary(records: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="corpus size per language")
-    for name in ("lang", "source", "docs", "train", "dev", "test", "chars", "words", "status"):
-        table.add_column(name, justify="right" if name in ("docs", "train", "dev", "test", "chars", "words") else "left")
+    numbers = ("docs", "train", "dev", "test", "chars", "words")
+    for name in ("lang", "source", *numbers, "status"):
+        table.add_column(name, justify="right" if name in numbers else "left")
     for r in records:
-        table.add_row(r["lang"], r["source"], f"{r['n_docs']:,}", f"{r['n_train']:,}", f"{r['n_dev']:,}", f"{r['n_test']:,}",
-                      f"{r['n_chars']:,}", f"{r['n_words']:,}", "kept" if r["kept"] else f"dropped: {r['reason']}")
+        table.add_row(r["lang"], r["source"], *(f"{r[f'n_{name}']:,}" for name in numbers),
+                      "kept" if r["kept"] else f"dropped: {r['reason']}")
     Console(stderr=True, width=160).print(table)
 
 

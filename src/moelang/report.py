@@ -517,7 +517,8 @@ def plot_corpus(corpus: pl.DataFrame, tokens: pl.DataFrame, path, high_resource:
     fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.75 * len(langs) * 2), 4.4))
     kept = dict(zip(corpus["lang"], corpus["kept"]))
     for ax, (column, label) in zip(axes, (("docs", "documents"), ("tokens", "tokens"))):
-        for offset, split, color in ((-0.27, "train", "tab:blue"), (0, "dev", "tab:green"), (0.27, "test", "tab:orange")):
+        for offset, split, color in ((-0.27, "train", "tab:blue"), (0, "dev", "tab:green"),
+                                     (0.27, "test", "tab:orange")):
             values = []
             for lang in langs:
                 if column == "docs":
@@ -895,7 +896,7 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
                "kept", "why dropped"],
               [[r["lang"] + (" (HR)" if r["lang"] in options.high_resource else ""), r["source"],
                 f"{r['n_train']:,} / {r['n_dev']:,} / {r['n_test']:,}", r["n_chars"],
-                " / ".join(f"{tok.get((r['lang'], split), 0):,}" for split in ("train", "dev", "test")) if r["kept"] else "-",
+                " / ".join(f"{tok.get((r['lang'], s), 0):,}" for s in ("train", "dev", "test")) if r["kept"] else "-",
                 "yes" if r["kept"] else "no", r["reason"] or ""] for r in corpus.iter_rows(named=True)])
     fig("corpus")
     fig("overlap")
