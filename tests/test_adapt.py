@@ -5,6 +5,7 @@ import math
 import re
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -21,11 +22,14 @@ SETS = {"ssft": {"0": [1, 2, 5], "1": [0, 3, 6]}, "seft": {"0": [1, 2], "1": [3]
         "random": {"0": [4, 7], "1": [2]}, "seft_top3": {"0": [1, 2, 6], "1": [3, 4, 5]}}
 
 
+SPLITS = ["train"] * 48 + ["dev", "test"] * 6  # dev and test documents interleaved in the file
+
+
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapt")
     make_base(root / "start")
-    write_tokens(root / "ca.parquet", patterned_docs(60, seed=3), splits=["train"] * 48 + ["heldout"] * 12)
+    write_tokens(root / "ca.parquet", patterned_docs(60, seed=3), splits=SPLITS)
     (root / "selected.json").write_text(json.dumps({"ca": SETS}))
     return root
 
@@ -77,6 +81,9 @@ def test_runs_are_plain_checkpoints_with_their_records(start, adapted):
 
     out, results = adapted
     assert len(results) == 8
+    docs = patterned_docs(60, seed=3)
+    split_tokens = {split: sum(len(d) for d, s in zip(docs, SPLITS) if s == split) for split in ("dev", "test")}
+    assert all(0 < n < 400 for n in split_tokens.values())
     for method in ("ssft", "aeft", "full-ft", "lora"):
         for lr in ("lr-0.001", "lr-0.02"):
             run = out / "adapt" / "ca" / method / lr
@@ -85,8 +92,14 @@ def test_runs_are_plain_checkpoints_with_their_records(start, adapted):
             assert not (run / "adapter_config.json").exists()
             record = json.loads((run / "moelang_run.json").read_text())
             assert record["method"] == method and record["steps"] == 4
-            heldout = json.loads((run / "heldout.json").read_text())
-            assert heldout["lang"] == "ca" and math.isfinite(heldout["perplexity"])
+            measured = json.loads((run / "perplexity.json").read_text())
+            assert measured["lang"] == "ca" and measured["lr"] == float(lr[3:])
+            # dev and test perplexity come from their own documents: every token of each split is
+            # scored (fewer than tokens_per_language), counted here from the fixture's documents
+            for split in ("dev", "test"):
+                assert measured[split]["n_tokens"] == split_tokens[split]
+                assert math.isfinite(measured[split]["perplexity"])
+            assert measured["dev"]["perplexity"] != measured["test"]["perplexity"]
             assert pq.read_table(run / "train_log.parquet").num_rows == 4
     # trainable counts from the configuration, computed here: an expert is gate_up (2 x 16 x 32) +
     # down (32 x 16) = 1536 parameters, a router 8 x 32
@@ -98,18 +111,22 @@ def test_runs_are_plain_checkpoints_with_their_records(start, adapted):
     assert not (out / "state" / "ca" / "ssft").exists()  # published: the training state is gone
 
 
-def test_selection_picks_the_lowest_heldout_perplexity(start, adapted, tmp_path):
+def test_selection_picks_the_lowest_dev_perplexity(start, adapted, tmp_path):
     out, _ = adapted
     root = out / "adapt" / "ca"
     runs = [root / m / lr for m in ("ssft", "aeft", "full-ft", "lora") for lr in ("lr-0.001", "lr-0.02")]
     table = adapt.select_target("ca", {"runs": runs}, tmp_path / "runs.parquet", root)
     assert pq.read_schema(tmp_path / "runs.parquet") == adapt.RUNS_SCHEMA
     for method in ("ssft", "aeft", "full-ft", "lora"):
-        ppl = {lr: json.loads((root / method / f"lr-{lr:g}" / "heldout.json").read_text())["perplexity"]
-               for lr in (1e-3, 2e-2)}
-        best = min(ppl, key=lambda lr: (ppl[lr], lr))
+        measured = {lr: json.loads((root / method / f"lr-{lr:g}" / "perplexity.json").read_text())
+                    for lr in (1e-3, 2e-2)}
+        best = min(measured, key=lambda lr: (measured[lr]["dev"]["perplexity"], lr))
         rows = table.filter(pl.col("method") == method)
         assert rows.filter(pl.col("selected"))["lr"].to_list() == [best]
+        for lr, values in measured.items():
+            row = rows.filter(pl.col("lr") == lr).row(0, named=True)
+            assert (row["dev_perplexity"], row["test_perplexity"]) == (values["dev"]["perplexity"],
+                                                                       values["test"]["perplexity"])
         chosen = root / method / "selected"
         assert (chosen / "model.safetensors").samefile(root / method / f"lr-{best:g}" / "model.safetensors")
     ssft = table.filter((pl.col("method") == "ssft") & (pl.col("lr") == 1e-3)).row(0, named=True)
@@ -121,9 +138,51 @@ def test_selection_picks_the_lowest_heldout_perplexity(start, adapted, tmp_path)
 
 def test_ties_and_nan_in_selection():
     table = pl.DataFrame({"lang": ["ca"] * 4, "method": ["ssft"] * 3 + ["seft"], "lr": [1e-3, 1e-4, 4e-3, 1e-3],
-                          "heldout_perplexity": [5.0, 5.0, float("nan"), float("nan")], "selected": [False] * 4})
+                          "dev_perplexity": [5.0, 5.0, float("nan"), float("nan")],
+                          "test_perplexity": [1.0, 9.0, 0.5, 2.0], "selected": [False] * 4})
     chosen = adapt.select_runs(table)
     assert chosen["selected"].to_list() == [False, True, False, True]
+
+
+def test_the_selected_rate_follows_dev_where_test_disagrees(start, adapted, tmp_path):
+    """Runs whose dev perplexity favours one rate and whose test perplexity favours the other: the
+    selection job picks (and links) the dev choice, and its table reports both numbers."""
+    import shutil
+
+    out, _ = adapted
+    root = tmp_path / "ca"
+    dev_best = {"ssft": 2e-2, "aeft": 1e-3}
+    for method, best in dev_best.items():
+        for lr in (1e-3, 2e-2):
+            run = root / method / f"lr-{lr:g}"
+            shutil.copytree(out / "adapt" / "ca" / method / f"lr-{lr:g}", run)
+            measured = json.loads((run / "perplexity.json").read_text())
+            measured["dev"]["perplexity"] = 10.0 if lr == best else 20.0
+            measured["test"]["perplexity"] = 30.0 if lr == best else 15.0  # test prefers the other rate
+            (run / "perplexity.json").write_text(json.dumps(measured))
+    runs = [root / m / f"lr-{lr:g}" for m in dev_best for lr in (1e-3, 2e-2)]
+    table = adapt.select_target("ca", {"runs": runs}, tmp_path / "runs.parquet", root)
+    chosen = table.filter(pl.col("selected"))
+    assert dict(zip(chosen["method"], chosen["lr"])) == dev_best
+    assert chosen["dev_perplexity"].to_list() == [10.0, 10.0] and chosen["test_perplexity"].to_list() == [30.0, 30.0]
+    for method, best in dev_best.items():
+        assert (root / method / "selected" / "model.safetensors").samefile(root / method / f"lr-{best:g}" /
+                                                                           "model.safetensors")
+    gathered = adapt.gather_runs([tmp_path / "runs.parquet"], tmp_path / "all.parquet")
+    columns = ["dev_perplexity", "test_perplexity"]
+    assert gathered.select(columns).equals(table.select(columns))
+
+
+def test_docs_list_the_runs_table_columns_with_their_types():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "outputs.md").read_text()
+    section = text[text.index("`runs.parquet`: `lang`"):]
+    section = section[:section.index("\n\n")]
+    documented = re.findall(r"`(\w+)`\s+(string|float64|int64|bool|list<int32>)", section)
+    names = {pa.string(): "string", pa.float64(): "float64", pa.int64(): "int64", pa.bool_(): "bool",
+             pa.list_(pa.int32()): "list<int32>"}
+    assert documented == [(field.name, names[field.type]) for field in adapt.RUNS_SCHEMA]
 
 
 def test_a_killed_job_resumes_to_the_same_models(start, adapted, tmp_path, monkeypatch):

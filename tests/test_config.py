@@ -21,7 +21,7 @@ def test_defaults_are_filled_from_the_schema():
     config = cfg.validate(minimal())
     assert config["seed"] == 0
     assert config["languages"]["base"] == "en"
-    assert config["corpus"]["heldout_fraction"] == 0.1
+    assert config["corpus"]["dev_fraction"] == 0.1 and config["corpus"]["test_fraction"] == 0.1
     assert config["corpus"]["default_source"] == {"type": "builtin"}
     assert config["corpus"]["parallel"]["min_languages"] == 2
     assert config["tokenizer"]["type"] == "train"
@@ -47,7 +47,13 @@ def test_embedded_default_config_is_valid(repo):
 @pytest.mark.parametrize(
     "config, key, words",
     [
-        (minimal(corpus={"heldout_fraction": 0.9}), "corpus.heldout_fraction", "maximum"),
+        (minimal(corpus={"test_fraction": 0.9}), "corpus.test_fraction", "maximum"),
+        (minimal(corpus={"dev_fraction": 0}), "corpus.dev_fraction", "less than or equal to the minimum"),
+        (minimal(corpus={"dev_fraction": 0.3, "test_fraction": 0.3}), "corpus.test_fraction", "at least half"),
+        # an old config's single held-out split: one line naming the two keys that replace it
+        (minimal(corpus={"heldout_fraction": 0.1}), "corpus.heldout_fraction", "corpus.dev_fraction (model selection) "
+         "and corpus.test_fraction (reported results); for the same train split set both so that they add up to it "
+         "(e.g. 0.05 each)"),
         (minimal(corpus={"sources": {"es": {"type": "ftp"}}}), "corpus.sources.es.type", "ftp"),
         (minimal(corpus={"sources": {"es": {"type": "local"}}}), "corpus.sources.es", "path"),
         (minimal(corpus={"sources": {"es": {"type": "local", "path": "a", "colum": "t"}}}), "corpus.sources.es", "colum"),

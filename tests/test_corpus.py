@@ -28,17 +28,79 @@ def build(tmp_path, source, lang="es", **overrides):
     return result, (pq.read_table(out) if out.exists() else None), stats
 
 
-def test_split_is_a_pure_function_of_doc_id_and_salt():
+def independent_split(doc_id, salt, dev, test):
+    """The split rule written out again, from the hash up: the score in [0, 1) of blake2b-64 over
+    salt NUL doc_id; test below ``test``, dev below ``test + dev``, else train."""
+    import hashlib
+
+    score = int(hashlib.blake2b((salt + "\0" + doc_id).encode(), digest_size=8).hexdigest(), 16) / 2 ** 64
+    return "test" if score < test else "dev" if score < test + dev else "train"
+
+
+def test_three_way_split_matches_an_independent_hash_and_its_fractions():
     ids = [f"doc-{i}" for i in range(20000)]
-    splits = [corpus.assign_split(d, "s", 0.1) for d in ids]
-    assert splits == [corpus.assign_split(d, "s", 0.1) for d in reversed(ids)][::-1]
-    share = splits.count("heldout") / len(ids)
-    assert 0.09 < share < 0.11  # binomial sd is 0.002
-    other_salt = [corpus.assign_split(d, "t", 0.1) for d in ids]
+    splits = [corpus.assign_split(d, "s", 0.1, 0.15) for d in ids]
+    assert splits == [independent_split(d, "s", 0.1, 0.15) for d in ids]
+    assert splits == [corpus.assign_split(d, "s", 0.1, 0.15) for d in reversed(ids)][::-1]
+    for name, fraction in (("dev", 0.1), ("test", 0.15), ("train", 0.75)):
+        assert abs(splits.count(name) / len(ids) - fraction) < 0.01  # binomial sd <= 0.0031
+    other_salt = [corpus.assign_split(d, "t", 0.1, 0.15) for d in ids]
     assert other_salt != splits
-    # growing the fraction only moves documents from train to heldout
-    bigger = [corpus.assign_split(d, "s", 0.3) for d in ids]
-    assert all(b == "heldout" for a, b in zip(splits, bigger) if a == "heldout")
+    # growing dev only moves documents from train to dev, and never moves a test document
+    bigger_dev = [corpus.assign_split(d, "s", 0.3, 0.15) for d in ids]
+    assert all(b == a or (a, b) == ("train", "dev") for a, b in zip(splits, bigger_dev))
+    assert [a == "test" for a in splits] == [b == "test" for b in bigger_dev]
+    # the test split of a fraction f is the former single held-out split of heldout_fraction f
+    # (score < f, the same hash), so reported numbers stay comparable with older runs
+    old_heldout = [independent_split(d, "s", 0.0, 0.15) == "test" for d in ids]
+    assert [a == "test" for a in splits] == old_heldout
+
+
+def test_dev_and_test_documents_are_disjoint_and_sized_in_a_corpus(tmp_path):
+    lines = sentences(3000, seed=7)
+    path = write_lines(tmp_path / "src" / "es.txt", lines)
+    stats, table, _ = build(tmp_path, {"type": "local", "path": str(path)}, dedup=False, dev_fraction=0.2,
+                            test_fraction=0.1)
+    ids, got = table.column("doc_id").to_pylist(), table.column("split").to_pylist()
+    assert got == [independent_split(d, "moelang", 0.2, 0.1) for d in ids]
+    by_split = {name: {d for d, s in zip(ids, got) if s == name} for name in ("train", "dev", "test")}
+    assert not by_split["dev"] & by_split["test"] and not by_split["train"] & (by_split["dev"] | by_split["test"])
+    assert (stats.n_train, stats.n_dev, stats.n_test) == tuple(len(by_split[n]) for n in ("train", "dev", "test"))
+    assert abs(stats.n_dev / stats.n_docs - 0.2) < 0.03 and abs(stats.n_test / stats.n_docs - 0.1) < 0.025
+
+
+def test_a_language_with_an_empty_split_is_dropped_naming_the_keys(tmp_path):
+    path = write_lines(tmp_path / "src" / "es.txt", sentences(200, seed=2))
+    stats, _, _ = build(tmp_path, {"type": "local", "path": str(path)}, dev_fraction=1e-9)
+    assert not stats.kept and stats.n_dev == 0
+    assert "dev 0" in stats.reason and "corpus.dev_fraction" in stats.reason
+
+
+def test_split_helpers_give_exactly_one_splits_documents_in_file_order(tmp_path):
+    from moelang.splits import split_documents, split_texts, split_token_ids
+
+    docs = [[i, i + 1, i + 2][: 1 + i % 3] for i in range(30)]
+    names = ["train", "dev", "test", "train", "test"] * 6
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(30)], "split": names,
+                             "input_ids": pa.array(docs, type=pa.list_(pa.int32())),
+                             "n_tokens": pa.array([len(d) for d in docs], type=pa.int32())}), path)
+    for name in ("train", "dev", "test"):
+        want = [d for d, s in zip(docs, names) if s == name]
+        assert [a.tolist() for a in split_documents(path, name)] == want
+        assert split_token_ids(path, name).to_pylist() == want
+    corpus_file = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(30)], "lang": ["es"] * 30,
+                             "text": [f"text {i}" for i in range(30)], "split": names}), corpus_file)
+    assert split_texts(corpus_file, "dev") == [(f"d{i}", f"text {i}") for i in range(30) if names[i] == "dev"]
+    with pytest.raises(MoelangError, match="'heldout' is not a corpus split"):
+        split_documents(path, "heldout")
+    only_train = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"doc_id": ["a"], "split": ["train"],
+                             "input_ids": pa.array([[1, 2]], type=pa.list_(pa.int32())),
+                             "n_tokens": pa.array([2], type=pa.int32())}), only_train)
+    with pytest.raises(MoelangError, match="no 'test' documents"):
+        split_documents(only_train, "test")
 
 
 def test_txt_lines_schema_dedup_and_short_docs(tmp_path):
@@ -49,10 +111,10 @@ def test_txt_lines_schema_dedup_and_short_docs(tmp_path):
     texts = table.column("text").to_pylist()
     assert len(texts) == len(set(texts)) == stats.n_docs
     assert stats.n_too_short == 2 and stats.n_duplicates == 300 - len(set(lines[:300])) + 1
-    assert set(table.column("split").to_pylist()) == {"train", "heldout"}
+    assert set(table.column("split").to_pylist()) == {"train", "dev", "test"}
     assert set(table.column("lang").to_pylist()) == {"es"}
     assert stats.kept and json.loads(stats_path.read_text())["n_docs"] == stats.n_docs
-    assert stats.n_chars == sum(map(len, texts)) and stats.n_train + stats.n_heldout == stats.n_docs
+    assert stats.n_chars == sum(map(len, texts)) and stats.n_train + stats.n_dev + stats.n_test == stats.n_docs
 
 
 def test_split_of_a_document_does_not_depend_on_the_rest(tmp_path):

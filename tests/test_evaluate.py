@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     docs = [" ".join(rng.choice(WORDS, rng.integers(4, 14))) for _ in range(120)]
     pl.DataFrame({"doc_id": [f"d{i}" for i in range(120)], "lang": ["es"] * 120, "text": docs,
-                  "split": ["heldout"] * 120}).write_parquet(root / "es.parquet")
+                  "split": ["test"] * 120}).write_parquet(root / "es.parquet")
     options = {"tasks": ["synthetic_blimp", "synthetic_belebele"], "belebele_shots": 1, "max_items": 30,
                "min_items": 5}
     tasks = ev.build_tasks({"es": root / "es.parquet"}, options, root / "tasks")
@@ -54,6 +54,26 @@ def test_synthetic_tasks_have_the_original_columns(setup):
     row = bele.row(0, named=True)
     assert row[f"mc_answer{row['correct_answer_num']}"] not in (None, "")
     assert tasks["moelang_synthetic_blimp_es"]["synthetic"] is True
+
+
+def test_synthetic_tasks_are_built_from_the_test_split_only(tmp_path):
+    rng = np.random.default_rng(6)
+    splits = [("train", "dev", "test")[i % 3] for i in range(180)]
+    # each split's documents use their own words, so an item shows which split it came from
+    vocab = {name: [f"{name}{k}" for k in range(12)] for name in ("train", "dev", "test")}
+    docs = [" ".join(rng.choice(vocab[split], rng.integers(6, 14))) for split in splits]
+    pl.DataFrame({"doc_id": [f"d{i}" for i in range(180)], "lang": ["es"] * 180, "text": docs,
+                  "split": splits}).write_parquet(tmp_path / "es.parquet")
+    ev.build_tasks({"es": tmp_path / "es.parquet"}, {"tasks": ["synthetic_blimp", "synthetic_belebele"],
+                                                     "max_items": 40, "min_items": 5}, tmp_path / "tasks")
+    blimp = pl.read_parquet(tmp_path / "tasks" / "data" / "moelang_synthetic_blimp_es.parquet")
+    bele = pl.read_parquet(tmp_path / "tasks" / "data" / "moelang_synthetic_belebele_es.parquet")
+    assert blimp.height == bele.height == 40
+    words = {w for column in (blimp["sen"], bele["flores_passage"], bele["mc_answer1"]) for text in column
+             for w in text.split()}
+    assert words and all(w.startswith("test") for w in words)
+    test_docs = {text for text, split in zip(docs, splits) if split == "test"}
+    assert set(blimp["sen"]) <= test_docs
 
 
 def test_generated_yamls_load_and_keep_the_shipped_templates(setup):
@@ -127,8 +147,12 @@ def test_synthetic_belebele_mutual_information_equals_the_models_own_forward(set
 def test_perplexity_equals_an_independent_computation(tmp_path):
     model = tiny_model("olmoe", seed=2).eval()
     docs = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
-    path = write_tokens(tmp_path / "t.parquet", docs, splits=["heldout"] * 3)
-    got = ev.perplexity(model, path, eos_id=2, options={"seq_len": 4, "batch_tokens": 8, "tokens_per_language": None})
+    # a dev document between the test ones, and a train one: perplexity on "test" reads the test ones only
+    path = write_tokens(tmp_path / "t.parquet", docs[:1] + [[40, 41, 42, 43]] + docs[1:] + [[50, 51]],
+                        splits=["test", "dev", "test", "test", "train"])
+    options = {"seq_len": 4, "batch_tokens": 8, "tokens_per_language": None}
+    got = ev.perplexity(model, path, eos_id=2, options=options, split="test")
+    assert ev.perplexity(model, path, eos_id=2, options=options, split="dev")["n_tokens"] == 4
     nll, n = 0.0, 0
     with torch.no_grad():
         for doc in docs:
@@ -142,7 +166,7 @@ def test_perplexity_equals_an_independent_computation(tmp_path):
 
 
 def test_missing_mirror_names_the_dataset_and_the_path(tmp_path):
-    pl.DataFrame({"doc_id": ["a"], "lang": ["ca"], "text": ["x y z"], "split": ["heldout"]}).write_parquet(tmp_path / "ca.parquet")
+    pl.DataFrame({"doc_id": ["a"], "lang": ["ca"], "text": ["x y z"], "split": ["test"]}).write_parquet(tmp_path / "ca.parquet")
     options = {"tasks": ["belebele"], "belebele_shots": 4, "max_items": 5, "min_items": 1, "mirror": str(tmp_path / "m")}
     with pytest.raises(MoelangError) as info:
         ev.build_tasks({"ca": tmp_path / "ca.parquet"}, options, tmp_path / "tasks")
@@ -154,7 +178,7 @@ def test_missing_mirror_names_the_dataset_and_the_path(tmp_path):
 def test_mirrored_real_task_includes_the_shipped_template(tmp_path):
     from lm_eval.tasks import TaskManager
 
-    pl.DataFrame({"doc_id": ["a"], "lang": ["ca"], "text": ["x y z"], "split": ["heldout"]}).write_parquet(tmp_path / "ca.parquet")
+    pl.DataFrame({"doc_id": ["a"], "lang": ["ca"], "text": ["x y z"], "split": ["test"]}).write_parquet(tmp_path / "ca.parquet")
     (tmp_path / "m" / "multiblimp").mkdir(parents=True)
     pl.DataFrame({c: ["x"] for c in ev.BLIMP_COLUMNS}).write_parquet(tmp_path / "m" / "multiblimp" / "cat.parquet")
     options = {"tasks": ["multiblimp"], "belebele_shots": 4, "max_items": 5, "min_items": 1, "mirror": str(tmp_path / "m")}
@@ -195,7 +219,7 @@ def test_task_yamls_survive_a_directory_with_a_yaml_comment_in_its_name(tmp_path
     rng = np.random.default_rng(1)
     docs = [" ".join(rng.choice(WORDS, rng.integers(6, 14))) for _ in range(40)]
     pl.DataFrame({"doc_id": [f"d{i}" for i in range(40)], "lang": ["es"] * 40, "text": docs,
-                  "split": ["heldout"] * 40}).write_parquet(root / "es.parquet")
+                  "split": ["test"] * 40}).write_parquet(root / "es.parquet")
     options = {"tasks": ["synthetic_blimp", "synthetic_belebele"], "belebele_shots": 1, "max_items": 20, "min_items": 4}
     tasks = ev.build_tasks({"es": root / "es.parquet"}, options, root / "tasks")
     loaded = TaskManager(include_path=str(root / "tasks" / "yaml")).load(list(tasks))["tasks"]
@@ -214,7 +238,7 @@ def _mirrored_belebele(tmp_path, passage_lengths):
              "correct_answer_num": str(1 + i % 4), "dialect": "cat_Latn", "ds": "x"} for i, n in enumerate(passage_lengths)]
     pl.DataFrame(rows, schema={c: pl.String for c in ev.BELEBELE_COLUMNS}).write_parquet(
         tmp_path / "m" / "belebele" / "cat_Latn.parquet")
-    pl.DataFrame({"doc_id": ["a"], "lang": ["ca"], "text": ["x y z"], "split": ["heldout"]}).write_parquet(tmp_path / "ca.parquet")
+    pl.DataFrame({"doc_id": ["a"], "lang": ["ca"], "text": ["x y z"], "split": ["test"]}).write_parquet(tmp_path / "ca.parquet")
     return rows
 
 
@@ -272,7 +296,7 @@ def test_one_job_per_model_writes_what_the_per_family_jobs_wrote(tmp_path, monke
     rng = np.random.default_rng(2)
     docs = [" ".join(rng.choice(WORDS, rng.integers(6, 14))) for _ in range(80)]
     pl.DataFrame({"doc_id": [f"d{i}" for i in range(80)], "lang": ["ca"] * 80, "text": docs,
-                  "split": ["heldout"] * 80}).write_parquet(tmp_path / "ca.parquet")
+                  "split": ["test"] * 80}).write_parquet(tmp_path / "ca.parquet")
     families = ["synthetic_blimp", "synthetic_belebele", "belebele"]
     tasks = ev.build_tasks({"ca": tmp_path / "ca.parquet"}, {"tasks": families, "belebele_shots": 1, "max_items": 16,
                                                             "min_items": 4, "mirror": str(tmp_path / "m")},
@@ -282,7 +306,8 @@ def test_one_job_per_model_writes_what_the_per_family_jobs_wrote(tmp_path, monke
     model.config.eos_token_id = model.config.bos_token_id = 2
     model.save_pretrained(tmp_path / "model")
     word_tokenizer().save_pretrained(tmp_path / "model")
-    tokens = {"ca": write_tokens(tmp_path / "tokens.parquet", [[5, 6, 7, 8, 9, 10], [11, 12, 13]], ["heldout"] * 2)}
+    tokens = {"ca": write_tokens(tmp_path / "tokens.parquet", [[5, 6, 7, 8, 9, 10], [20, 21], [11, 12, 13]],
+                                 ["test", "dev", "test"])}
     options = {"batch_size": 4, "seed": 0, "bootstrap_iters": 50, "tokens_per_language": None, "seq_len": 4,
                "batch_tokens": 8}
     indexed = []
@@ -309,7 +334,7 @@ def test_one_job_per_model_writes_what_the_per_family_jobs_wrote(tmp_path, monke
         assert one == apart
     assert json.loads((tmp_path / "one" / "belebele.json").read_text())["n-shot"] == {"moelang_belebele_cat_Latn": 1}
     one, apart = (pl.read_parquet(tmp_path / d / "perplexity.parquet") for d in ("one", "apart"))
-    assert one.equals(apart) and one["n_tokens"].to_list() == [9]  # every held-out token is predicted
+    assert one.equals(apart) and one["n_tokens"].to_list() == [9]  # every test token is predicted, no dev one
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted([f"{f}.json" for f in families]
                                                                          + ["perplexity.parquet"])
 

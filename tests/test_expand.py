@@ -35,7 +35,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("expand")
     make_base(root / "start")
     for i, lang in enumerate(NEW + OLD):
-        write_tokens(root / f"{lang}.parquet", patterned_docs(60, seed=10 + i), splits=["train"] * 40 + ["dev"] * 10 + ["test"] * 10)
+        write_tokens(root / f"{lang}.parquet", patterned_docs(60, seed=10 + i),
+                     splits=["train"] * 40 + ["dev"] * 10 + ["test"] * 10)
     (root / "plan.json").write_text(json.dumps(PLAN))
     (root / "profile").mkdir()
     # parents es and ru: summed, layer 0 ranks 5, 3, ...; layer 1 ranks 7 first

@@ -555,7 +555,7 @@ def test_routing_profile_of_a_saved_expanded_model_counts_its_new_experts(tmp_pa
     expanded.save_pretrained(tmp_path / "m")
     rng = np.random.default_rng(0)
     docs = [rng.integers(3, 97, rng.integers(4, 15)).tolist() for _ in range(12)]
-    tokens = {"xx": write_tokens(tmp_path / "xx.parquet", docs, splits=["heldout"] * len(docs))}
+    tokens = {"xx": write_tokens(tmp_path / "xx.parquet", docs, splits=["dev"] * len(docs))}
     options = {"seq_len": 16, "batch_tokens": 64, "tokens_per_language": None, "device": "cpu"}
     profile_model(tmp_path / "m", tokens, options, tmp_path / "routing", "m", 0)
     import pyarrow.parquet as pq

@@ -134,10 +134,12 @@ def test_weight_sums_are_the_router_probability_mass():
 
 
 def test_chunks_respect_the_budget_and_the_split(tmp_path):
-    path = write_tokens(tmp_path / "t.parquet", [[5] * 10, [6] * 3, [7] * 8], splits=["heldout", "train", "heldout"])
-    chunks = heldout_chunks(path, seq_len=4, token_budget=None)
+    path = write_tokens(tmp_path / "t.parquet", [[5] * 10, [6] * 3, [7] * 8, [8] * 5],
+                        splits=["dev", "train", "dev", "test"])
+    chunks = heldout_chunks(path, seq_len=4, token_budget=None, split="dev")
     assert [c.tolist() for c in chunks] == [[5] * 4, [5] * 4, [5] * 2, [7] * 4, [7] * 4]
-    assert sum(map(len, heldout_chunks(path, seq_len=4, token_budget=11))) == 11
+    assert [c.tolist() for c in heldout_chunks(path, seq_len=4, token_budget=None, split="test")] == [[8] * 4, [8]]
+    assert sum(map(len, heldout_chunks(path, seq_len=4, token_budget=11, split="dev"))) == 11
     batches = length_batches(chunks, batch_tokens=8, pad_id=0)
     assert sum(int(mask.sum()) for _, mask in batches) == 18
     assert all(ids.numel() <= 8 for ids, _ in batches)
@@ -184,7 +186,7 @@ def test_profiler_and_metrics_find_planted_language_structure(tmp_path):
     docs = {"en": [rng.integers(3, 50, rng.integers(5, 40)).tolist() for _ in range(80)],
             "es": [rng.integers(50, 97, rng.integers(5, 40)).tolist() for _ in range(80)],
             "ca": [rng.integers(50, 97, rng.integers(5, 40)).tolist() for _ in range(20)]}  # a target, via its parent
-    files = {lang: write_tokens(tmp_path / f"{lang}.parquet", d, splits=["heldout"] * len(d)) for lang, d in docs.items()}
+    files = {lang: write_tokens(tmp_path / f"{lang}.parquet", d, splits=["dev"] * len(d)) for lang, d in docs.items()}
     options = {"seq_len": 16, "batch_tokens": 64, "tokens_per_language": None, "device": "cpu", "token_layers": [1]}
     profile_model(tmp_path / "planted", files, options, tmp_path / "routing", "planted", 7)
     profiles = [tmp_path / "routing" / f"{lang}.parquet" for lang in ("en", "es", "ca")]
@@ -231,7 +233,7 @@ def test_sharded_profiles_add_up_to_the_whole(tmp_path):
     rng = np.random.default_rng(3)
     tokens = {lang: write_tokens(tmp_path / f"{lang}.parquet",
                                  [rng.integers(3, 97, rng.integers(5, 60)).tolist() for _ in range(40)],
-                                 splits=["heldout"] * 40) for lang in ("es", "ca")}
+                                 splits=["dev"] * 40) for lang in ("es", "ca")}
     base = {"seq_len": 16, "batch_tokens": 64, "tokens_per_language": 700, "device": "cpu", "token_layers": [1]}
     profile_model(tmp_path / "m", tokens, base, tmp_path / "whole", "m", 0)
     for i in range(3):
@@ -266,29 +268,29 @@ def test_stream_windows_equal_an_independent_concatenation_and_cut(tmp_path):
 
     rng = np.random.default_rng(5)
     docs = [rng.integers(3, 90, rng.integers(1, 30)).tolist() for _ in range(25)]
-    splits = ["heldout" if i % 3 else "train" for i in range(25)]
+    splits = [("train", "dev", "test")[i % 3] for i in range(25)]
     path = write_tokens(tmp_path / "t.parquet", docs, splits=splits)
     eos = 2
-    stream = []  # independent: plain Python, in file order, each held-out document followed by EOS
+    stream = []  # independent: plain Python, in file order, each dev document followed by EOS (routing reads dev)
     for doc, split in zip(docs, splits):
-        if split == "heldout":
+        if split == "dev":
             stream += doc + [eos]
     for window, budget in ((7, None), (16, None), (7, 100), (16, 40)):
         usable = stream[: budget] if budget is not None else stream
         expect = [usable[i:i + window] for i in range(0, len(usable) - window + 1, window)]
-        got = heldout_windows(path, window, budget, eos)
+        got = heldout_windows(path, window, budget, eos, split="dev")
         assert [w.tolist() for w in got] == expect
         assert all(len(w) == window for w in got)  # no padding, the tail dropped
         assert len(expect) == len(usable) // window
-        parts = [heldout_windows(path, window, budget, eos, shard=(i, 3)) for i in range(3)]
+        parts = [heldout_windows(path, window, budget, eos, split="dev", shard=(i, 3)) for i in range(3)]
         assert sorted(w.tolist() for part in parts for w in part) == sorted(expect)
         options = {"windowing": "stream", "seq_len": window, "tokens_per_language": budget}
         assert [w.tolist() for w in routing_sequences(path, options, eos)] == expect
     # the default keeps today's per-document chunks
     assert [c.tolist() for c in routing_sequences(path, {"seq_len": 7, "tokens_per_language": None}, eos)] == \
-        [c.tolist() for c in heldout_chunks(path, 7, None)]
+        [c.tolist() for c in heldout_chunks(path, 7, None, split="dev")]
     with pytest.raises(MoelangError, match="routing.seq_len"):
-        heldout_windows(path, len(stream) + 1, None, eos)
+        heldout_windows(path, len(stream) + 1, None, eos, split="dev")
     with pytest.raises(MoelangError, match="eos_token_id"):
         routing_sequences(path, {"windowing": "stream", "seq_len": 7}, None)
 
@@ -298,7 +300,7 @@ def test_stream_profile_counts_whole_windows(tmp_path):
     model.save_pretrained(tmp_path / "m")
     rng = np.random.default_rng(4)
     docs = [rng.integers(3, 97, rng.integers(5, 40)).tolist() for _ in range(30)]
-    tokens = {"es": write_tokens(tmp_path / "es.parquet", docs, splits=["heldout"] * 30)}
+    tokens = {"es": write_tokens(tmp_path / "es.parquet", docs, splits=["dev"] * 30)}
     options = {"windowing": "stream", "seq_len": 32, "batch_tokens": 128, "tokens_per_language": 500, "device": "cpu"}
     profile_model(tmp_path / "m", tokens, options, tmp_path / "out", "m", 0)
     table = pq.read_table(tmp_path / "out" / "es.parquet").to_pylist()

@@ -95,7 +95,7 @@ def test_token_similarity_table_records_the_experts_of_every_layer(tmp_path, fam
     for lang in ("en", "es"):
         docs = [rng.integers(3, 90, n).tolist() for n in (9, 14, 6)]
         files[lang] = tmp_path / f"{lang}.parquet"
-        pq.write_table(pa.table({"split": ["heldout"] * 3, "input_ids": docs}), files[lang])
+        pq.write_table(pa.table({"split": ["dev"] * 3, "input_ids": docs}), files[lang])
     table = token_similarity(adapter, files, {"seq_len": 8, "batch_tokens": 32, "tokens_per_language": None}, "m")
     assert table.schema == pl.Schema(SIMILARITY_SCHEMA)
     assert table.height == adapter.num_layers * 3  # en-en, en-es, es-es
@@ -562,16 +562,17 @@ def write_token_file(path, docs, splits=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"split": splits or ["heldout"] * len(docs), "input_ids": docs}), path)
+    pq.write_table(pa.table({"split": splits or ["dev"] * len(docs), "input_ids": docs}), path)
     return path
 
 
 def test_context_sequences_by_hand(tmp_path):
-    from moelang.similarity import context_sequences, heldout_documents
+    from moelang.similarity import context_sequences
+    from moelang.splits import split_documents
 
-    path = write_token_file(tmp_path / "t.parquet", [[5] * 10, [9] * 4, [6] * 3, [7] * 8],
-                            splits=["heldout", "train", "heldout", "heldout"])
-    docs = heldout_documents(path)
+    path = write_token_file(tmp_path / "t.parquet", [[5] * 10, [9] * 4, [6] * 3, [8] * 2, [7] * 8],
+                            splits=["dev", "train", "dev", "test", "dev"])
+    docs = split_documents(path, "dev")  # what token_similarity reads: neither train nor test
     assert [d.tolist() for d in docs] == [[5] * 10, [6] * 3, [7] * 8]
 
     def seqs(*args, **kwargs):
@@ -615,7 +616,9 @@ def test_similarity_context_and_bos_match_an_independent_computation(tmp_path, c
     rng = np.random.default_rng(3)
     docs = {lang: [rng.integers(3, 90, n).tolist() for n in lengths]
             for lang, lengths in (("en", (9, 14, 6)), ("es", (5, 17, 11)))}
-    files = {lang: write_token_file(tmp_path / f"{lang}.parquet", d) for lang, d in docs.items()}
+    # a test and a train document around the dev ones: the similarity must read the dev split only
+    files = {lang: write_token_file(tmp_path / f"{lang}.parquet", [[95] * 7] + d + [[96] * 5],
+                                    splits=["test"] + ["dev"] * len(d) + ["train"]) for lang, d in docs.items()}
     seq_len, budget = 8, 25
     expected_sequences = {}
     for lang, doc_list in docs.items():  # the sequences, written out plainly for each context
@@ -655,8 +658,8 @@ def test_default_context_keeps_the_chunked_numbers(tmp_path):
     files = {lang: write_token_file(tmp_path / f"{lang}.parquet", [rng.integers(3, 90, n).tolist() for n in (9, 14, 6)])
              for lang in ("en", "es")}
     table = token_similarity(ModelAdapter(model), files, {"seq_len": 8, "batch_tokens": 32, "tokens_per_language": 20}, "m")
-    means = {lang: token_unit_means(ModelAdapter(model), length_batches(heldout_chunks(path, 8, 20), 32, 0), lang)[0]
-             for lang, path in files.items()}
+    means = {lang: token_unit_means(ModelAdapter(model), length_batches(heldout_chunks(path, 8, 20, split="dev"), 32, 0),
+                                    lang)[0] for lang, path in files.items()}
     cross = table.filter((pl.col("lang_a") == "en") & (pl.col("lang_b") == "es")).sort("layer")
     assert cross["similarity"].to_list() == pytest.approx((means["en"] * means["es"]).sum(-1).tolist(), rel=1e-12)
 

@@ -57,7 +57,7 @@ def token_files(tmp_path):
 
 def test_packed_windows_equal_a_plain_python_packing(tmp_path):
     docs = [[5, 6, 7], [8], [9, 10, 11, 12], [13, 14]]
-    path = write_tokens(tmp_path / "t.parquet", docs + [[99, 98]], splits=["train"] * 4 + ["heldout"])
+    path = write_tokens(tmp_path / "t.parquet", docs + [[99, 98], [97, 96]], splits=["train"] * 4 + ["dev", "test"])
     windows = packed_windows(path, seq_len=3, eos_id=EOS, seed=4)
     # independent: the same seeded order, then a plain loop
     from moelang.train import _seed_for
@@ -66,7 +66,7 @@ def test_packed_windows_equal_a_plain_python_packing(tmp_path):
     stream = [t for i in order for t in docs[i] + [EOS]]
     expect = [stream[k:k + 3] for k in range(0, len(stream) - len(stream) % 3, 3)]
     assert windows.tolist() == expect
-    assert 99 not in windows  # held-out documents never enter training
+    assert 99 not in windows and 97 not in windows  # dev and test documents never enter training
 
 
 def test_lr_schedule_warmup_then_cosine_to_the_floor():

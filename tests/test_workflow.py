@@ -70,6 +70,9 @@ def test_routing_profiles_metrics_and_selection(tiny_run):
     profile = pq.read_table(res / "cpt-step6" / "es.parquet")
     assert profile.schema.equals(PROFILE_SCHEMA)
     assert set(profile.column("checkpoint_step").to_pylist()) == {6} and profile.num_rows == 2 * 4  # layers x experts
+    # the profile reads the dev split, all of it (under routing.tokens_per_language), and nothing else
+    tokens = pl.read_parquet(work / "results" / "tokens" / "es.parquet")
+    assert set(profile.column("n_tokens").to_pylist()) == {tokens.filter(pl.col("split") == "dev")["n_tokens"].sum()}
     assert not (res / "cpt-step6" / "gl.parquet").exists()  # dropped language
     spec = pl.read_parquet(res / "metrics" / "specialization.parquet")
     assert spec.height == 3 * 2 and spec["score"].is_between(0, 1).all()
@@ -136,6 +139,18 @@ def test_adaptation_runs_and_selection(tiny_run):
         assert (run / "selected" / "model.safetensors").samefile(run / lr / "model.safetensors")
         record = json.loads((run / "selected" / "moelang_run.json").read_text())
         assert record["method"] == row["method"] and record["trainable_parameters"] == row["trainable_params"]
+        # the reported test perplexity is the evaluation stage's own number for the selected model on the
+        # target (the same split and settings); the dev perplexity that chose it comes from other documents
+        evaluated = pl.read_parquet(work / "results" / "eval" / f"adapt-ca-{row['method']}" / "perplexity.parquet")
+        assert row["test_perplexity"] == pytest.approx(evaluated.filter(pl.col("lang") == "ca")["perplexity"][0],
+                                                       rel=1e-5)
+        assert row["dev_perplexity"] != row["test_perplexity"]
+    best = runs.sort("dev_perplexity", "lr").group_by("method", maintain_order=True).first()
+    chosen = runs.filter(pl.col("selected"))
+    assert set(zip(best["method"], best["lr"])) == set(zip(chosen["method"], chosen["lr"]))
+    tokens = pl.read_parquet(work / "results" / "tokens" / "ca.parquet")
+    dev = set(tokens.filter(pl.col("split") == "dev")["doc_id"])
+    assert dev and not dev & set(tokens.filter(pl.col("split") == "test")["doc_id"])
     selected = json.loads((work / "results" / "routing" / "selected_experts.json").read_text())
     ssft = runs.filter(pl.col("method") == "ssft").row(0, named=True)
     assert ssft["experts_per_layer"] == [len(selected["ca"]["ssft"][str(l)]) for l in ssft["layers"]]

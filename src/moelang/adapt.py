@@ -31,8 +31,10 @@ Every (method, learning rate) of the job is one run with its own training state
 (``results/state/adapt/{lang}/{method}/lr-{lr}``, resumable like any training job). Runs whose trainable
 parameters all lie in the final K layers share one pass of the frozen layers below them
 (``adapt.share_frozen_pass``, :mod:`moelang.sweep`); ``full-ft`` trains alone. After training, each
-run's held-out perplexity on the target is measured; it selects the learning rate per (target, method)
-(:func:`select_runs`).
+run's perplexity on the target is measured on two disjoint sets of documents (:mod:`moelang.splits`):
+the dev split, which selects the learning rate per (target, method) (:func:`select_runs`), and the test
+split, which is reported (the evaluation stage measures the selected model on it again, with the other
+languages). Selection never reads the test perplexity.
 
 A method whose expert set is empty in every adapted layer (the selection thresholds left the parent no
 specific expert, say) is not trained: it would train the routers alone, which no paper method does.
@@ -45,8 +47,9 @@ Outputs
 ``results/adapt/{lang}/{method}/lr-{lr}/``
     the adapted model (a plain ``save_pretrained`` checkpoint of the start model's architecture, with
     its tokenizer), ``train_log.parquet`` (the engine's log), ``moelang_run.json`` (method, parameter
-    counts, steps, tokens) and ``heldout.json`` (``lang``, ``perplexity``, ``tokens``: the target's
-    held-out perplexity, ``experts``: the trained experts per layer, ``lr``); a method that is not
+    counts, steps, tokens) and ``perplexity.json`` (``lang``, ``method``, ``lr``, ``layers``,
+    ``experts_per_layer``, ``final_loss``, and ``dev`` and ``test``: each ``n_tokens``, ``nll``,
+    ``perplexity`` on the target's dev and test split); a method that is not
     trained: :data:`NOT_RUN_FILE` alone (``lang``, ``method``, ``lr``, ``layers``, ``experts_per_layer``,
     ``reason``).
 ``results/adapt/{lang}/{method}/selected/``
@@ -57,8 +60,9 @@ Outputs
     ``experts_per_layer`` list<int32> (experts trained in each of them; every expert for aeft, full-ft
     and lora), ``trainable_params`` int64, ``total_params`` int64, ``trainable_fraction`` float64,
     ``steps`` int64, ``tokens`` int64, ``final_loss`` float64 (the training loss of the last step),
-    ``heldout_perplexity`` float64, ``selected`` bool (the lowest perplexity of its (lang, method);
-    ties go to the smaller rate), ``trained`` bool (false: not run, its measured columns null),
+    ``dev_perplexity`` float64 (on the target's dev split: what selects), ``test_perplexity`` float64
+    (on its test split, disjoint documents: what is reported), ``selected`` bool (the lowest dev
+    perplexity of its (lang, method); ties go to the smaller rate), ``trained`` bool (false: not run, its measured columns null),
     ``not_run_reason`` string (why; null for a trained run).
 
 Our schedule differs from the authors' (authors-code.md): their cosine horizon runs past the end of
@@ -97,12 +101,13 @@ RUNS_SCHEMA = pa.schema([
     ("steps", pa.int64()),
     ("tokens", pa.int64()),
     ("final_loss", pa.float64()),
-    ("heldout_perplexity", pa.float64()),
+    ("dev_perplexity", pa.float64()),
+    ("test_perplexity", pa.float64()),
     ("selected", pa.bool_()),
     ("trained", pa.bool_()),
     ("not_run_reason", pa.string()),
 ])
-HELDOUT_FILE = "heldout.json"
+PERPLEXITY_FILE = "perplexity.json"
 NOT_RUN_FILE = "not_run.json"  # in a run directory (and selected/) of a method that was not trained
 SELECTED_DIR = "selected"
 EXPERT_SET_METHODS = ("ssft", "seft", "random", "random_hr")  # and seft_top{N}: sets in selected_experts.json
@@ -371,7 +376,7 @@ def adapt_target(token_file: str | Path, selected_path: str | Path, options: Ada
         results = []
         for name, lr in runs:
             staged = _staged(state_root, name, lr)
-            results.append(json.loads((staged / HELDOUT_FILE).read_text()))
+            results.append(json.loads((staged / PERPLEXITY_FILE).read_text()))
         from moelang.train import publish
 
         for name, lr in runs:
@@ -407,7 +412,7 @@ def _staged(state_root: Path, name: str, lr: float) -> Path:
 
 
 def _finished(staged: Path) -> bool:
-    return (staged / HELDOUT_FILE).is_file()
+    return (staged / PERPLEXITY_FILE).is_file()
 
 
 def _train_runs(start, tokenizer, token_file, ctx: AdaptContext, methods: dict, runs: list[tuple[str, float]],
@@ -482,12 +487,13 @@ def _exports(tokenizer, state_root: Path, name: str, lr: float, settings) -> dic
 
 def _finish_run(result, ctx: AdaptContext, name: str, lr: float, settings, state_root: Path, token_file,
                 tokenizer) -> None:
-    """After a run: its log, run record and held-out perplexity on the target, staged with its model."""
+    """After a run: its log, run record and dev and test perplexity on the target, staged with its model."""
     from moelang.models import load_model
     from moelang.models.loading import resolve_device
     from moelang.options import EvaluationOptions
     from moelang.perplexity import perplexity
     from moelang.registry import write_run_record
+    from moelang.splits import DEV, TEST
 
     staged = _staged(state_root, name, lr)
     write_table(result.log_table(), staged / "train_log.parquet")
@@ -496,13 +502,15 @@ def _finish_run(result, ctx: AdaptContext, name: str, lr: float, settings, state
     model = load_model(staged, dtype=ctx.options.dtype, device=resolve_device(ctx.options.device)).eval()
     heldout = EvaluationOptions(**ctx.options.heldout)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    measured = perplexity(model, token_file, eos, heldout)
+    # Dev selects the rate; test (disjoint documents) is what is reported. Both are measured on every run:
+    # a pass over tokens_per_language tokens is small next to training.
+    measured = {split: perplexity(model, token_file, eos, heldout, split) for split in (DEV, TEST)}
     record = {"lang": ctx.options.lang, "method": name, "lr": lr, "layers": ctx.layers,
               "experts_per_layer": trained_experts(name, ctx), "final_loss": result.final_loss, **measured}
-    write_json(record, staged / HELDOUT_FILE)  # last: its presence marks the run finished
-    log.info("adapt %s: %s lr %g: loss %.3f, held-out perplexity %.2f, %s trainable (%.3f%%)", ctx.options.lang,
-             name, lr, result.final_loss, measured["perplexity"], f"{result.parameters['trainable']:,}",
-             100 * result.parameters["trainable_fraction"])
+    write_json(record, staged / PERPLEXITY_FILE)  # last: its presence marks the run finished
+    log.info("adapt %s: %s lr %g: loss %.3f, perplexity dev %.2f test %.2f, %s trainable (%.3f%%)", ctx.options.lang,
+             name, lr, result.final_loss, measured[DEV]["perplexity"], measured[TEST]["perplexity"],
+             f"{result.parameters['trainable']:,}", 100 * result.parameters["trainable_fraction"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,20 +526,21 @@ def runs_table(run_dirs: list[str | Path]) -> pl.DataFrame:
         if (directory / NOT_RUN_FILE).is_file():
             rows.append(_not_run_row(directory))
             continue
-        heldout_file = directory / HELDOUT_FILE
-        if not heldout_file.is_file():
-            raise MoelangError(f"adapt: '{directory}' has no {HELDOUT_FILE}; it is not a finished adaptation run "
+        result_file = directory / PERPLEXITY_FILE
+        if not result_file.is_file():
+            raise MoelangError(f"adapt: '{directory}' has no {PERPLEXITY_FILE}; it is not a finished adaptation run "
                                f"(rerun the adapt job)")
-        heldout = json.loads(heldout_file.read_text(encoding="utf-8"))
+        measured = json.loads(result_file.read_text(encoding="utf-8"))
         record = read_run_record(directory)
         if record is None:
             raise MoelangError(f"adapt: '{directory}' has no run record; rerun the adapt job")
-        rows.append({"lang": heldout["lang"], "method": heldout["method"], "lr": float(heldout["lr"]),
-                     "layers": heldout["layers"], "experts_per_layer": heldout["experts_per_layer"],
+        rows.append({"lang": measured["lang"], "method": measured["method"], "lr": float(measured["lr"]),
+                     "layers": measured["layers"], "experts_per_layer": measured["experts_per_layer"],
                      "trainable_params": record["trainable_parameters"], "total_params": record["total_parameters"],
                      "trainable_fraction": record["trainable_fraction"], "steps": record["steps"],
-                     "tokens": record["tokens"], "final_loss": heldout["final_loss"],
-                     "heldout_perplexity": heldout["perplexity"], "selected": False, "trained": True,
+                     "tokens": record["tokens"], "final_loss": measured["final_loss"],
+                     "dev_perplexity": measured["dev"]["perplexity"],
+                     "test_perplexity": measured["test"]["perplexity"], "selected": False, "trained": True,
                      "not_run_reason": None})
     return pl.from_arrow(pa.Table.from_pylist(rows, schema=RUNS_SCHEMA))
 
@@ -543,15 +552,16 @@ def _not_run_row(directory: Path) -> dict:
     return {"lang": record["lang"], "method": record["method"], "lr": float(record["lr"]), "layers": record["layers"],
             "experts_per_layer": record["experts_per_layer"], "trainable_params": None, "total_params": None,
             "trainable_fraction": None, "steps": None, "tokens": None, "final_loss": None,
-            "heldout_perplexity": None, "selected": False, "trained": False, "not_run_reason": record["reason"]}
+            "dev_perplexity": None, "test_perplexity": None, "selected": False, "trained": False,
+            "not_run_reason": record["reason"]}
 
 
 def select_runs(table: pl.DataFrame) -> pl.DataFrame:
-    """Mark, per (lang, method), the run with the lowest held-out perplexity (ties: the smaller rate;
-    a non-finite perplexity is never chosen over a finite one). A run that was not trained (``trained``
-    false) is never selected."""
+    """Mark, per (lang, method), the run with the lowest dev perplexity (ties: the smaller rate; a
+    non-finite perplexity is never chosen over a finite one). The test perplexity plays no part. A run that
+    was not trained (``trained`` false) is never selected."""
     ranked = table.with_columns(
-        pl.when(pl.col("heldout_perplexity").is_finite()).then(pl.col("heldout_perplexity"))
+        pl.when(pl.col("dev_perplexity").is_finite()).then(pl.col("dev_perplexity"))
         .otherwise(float("inf")).alias("_ppl"))
     if "trained" in table.columns:
         ranked = ranked.filter(pl.col("trained"))
@@ -583,8 +593,8 @@ def select_target(lang: str, method_dirs: dict[str, list[str | Path]], out_table
         source = Path(selected_root) / row["method"] / lr_name(row["lr"])
         with atomic_dir(Path(selected_root) / row["method"] / SELECTED_DIR) as tmp:
             _link_tree(source, tmp)
-        log.info("adapt %s: %s selects lr %g (held-out perplexity %.2f)", lang, row["method"], row["lr"],
-                 row["heldout_perplexity"])
+        log.info("adapt %s: %s selects lr %g (dev perplexity %.2f; reported: test perplexity %.2f)", lang,
+                 row["method"], row["lr"], row["dev_perplexity"], row["test_perplexity"])
     not_run = table.filter(~pl.col("trained")).group_by("method", maintain_order=True).first()
     for row in not_run.iter_rows(named=True):  # selected/ holds the marker alone: no model to evaluate
         source = Path(selected_root) / row["method"] / lr_name(row["lr"])  # its NOT_RUN_FILE alone

@@ -8,7 +8,7 @@ straight from site-packages; nothing is copied into the repository. The packages
 
 A message is identified by its context and English message id, the same in every language, so the
 translations of one message share one document id (``msg-<hash>``). That id makes the parallel
-table and keeps a held-out message held out in every language.
+table and keeps a dev or test message in that split in every language.
 
 Cleaning: HTML entities decoded, tags removed, fuzzy and untranslated entries (empty, or a copy of the
 English) skipped; a message must contain a letter. Format placeholders (``%(name)s``, ``{count}``)

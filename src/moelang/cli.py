@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
-    p = sub.add_parser("corpus", help="one language's corpus with its train/heldout split")
+    p = sub.add_parser("corpus", help="one language's corpus with its train/dev/test split")
     p.add_argument("--lang", required=True)
     _add_option_source(p)
     p.add_argument("--out", required=True, help="results/corpus/<lang>.parquet")
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", required=True, help="training states for resuming (removed on success)")
     p.set_defaults(func=cmd_adapt)
 
-    p = sub.add_parser("adapt-select", help="select each method's learning rate by held-out perplexity")
+    p = sub.add_parser("adapt-select", help="select each method's learning rate by dev-split perplexity")
     p.add_argument("--lang", required=True)
     p.add_argument("--runs", nargs="+", required=True, help="results/adapt/<lang>/<method>/lr-<lr> directories")
     p.add_argument("--root", required=True, help="results/adapt (selected runs go to <root>/<lang>/<method>/selected)")

@@ -75,6 +75,7 @@ def validate(config: dict) -> dict:
     """
     if not isinstance(config, dict):
         raise ConfigError("the config must be a YAML mapping (key: value); see config/config.yaml")
+    _check_old_split(config)
     adapt_train = (config.get("adapt") or {}).get("train") if isinstance(config.get("adapt"), dict) else None
     if isinstance(adapt_train, dict):
         # adaptation trains without a load-balancing loss unless asked (the authors use none); the
@@ -96,8 +97,24 @@ def validate(config: dict) -> dict:
     return config
 
 
+def _check_old_split(config: dict) -> None:
+    """The single held-out split (``corpus.heldout_fraction``) became two: dev selects, test reports."""
+    corpus = config.get("corpus")
+    if isinstance(corpus, dict) and "heldout_fraction" in corpus:
+        f = corpus["heldout_fraction"]
+        half = f / 2 if isinstance(f, (int, float)) and not isinstance(f, bool) else "f/2"
+        raise ConfigError(f"config key 'corpus.heldout_fraction': replaced by corpus.dev_fraction (model selection) "
+                          f"and corpus.test_fraction (reported results); for the same train split set both so that "
+                          f"they add up to it (e.g. {half} each), and remove heldout_fraction (see config/README.md)")
+
+
 def _check_semantics(config: dict) -> None:
     """Rules that a JSON schema cannot express."""
+    corpus = config["corpus"]
+    if corpus["dev_fraction"] + corpus["test_fraction"] > 0.5:
+        raise ConfigError(f"config key 'corpus.test_fraction': dev_fraction {corpus['dev_fraction']} + test_fraction "
+                          f"{corpus['test_fraction']} exceed 0.5; keep at least half of the documents for training "
+                          f"(lower one of them)")
     langs = config["languages"]
     hr = langs["high_resource"]
     for target, parent in langs["targets"].items():
@@ -538,7 +555,8 @@ def corpus_options(config: dict, lang: str) -> opts.CorpusOptions:
     corpus = config["corpus"]
     return opts.CorpusOptions(
         source=source_for(config, lang),
-        heldout_fraction=corpus["heldout_fraction"],
+        dev_fraction=corpus["dev_fraction"],
+        test_fraction=corpus["test_fraction"],
         split_salt=corpus["split_salt"],
         min_chars=corpus["min_chars"],
         min_doc_chars=corpus["min_doc_chars"],

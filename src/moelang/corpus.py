@@ -1,4 +1,4 @@
-"""Stage 1, corpus: monolingual text per language, a deterministic train/held-out split, and a
+"""Stage 1, corpus: monolingual text per language, a deterministic train/dev/test split, and a
 parallel table.
 
 Sources (``corpus.default_source`` / ``corpus.sources.<lang>`` in the config):
@@ -18,20 +18,22 @@ Sources (``corpus.default_source`` / ``corpus.sources.<lang>`` in the config):
     documents or characters (for example ``uonlp/CulturaX`` or ``HuggingFaceFW/fineweb-2``).
 
 Every document is stripped; documents shorter than ``min_doc_chars`` are skipped and exact duplicates
-(``dedup``) are kept once. The split is a hash of the document id and the salt, so it does not depend
-on order, on the other documents or on the machine; parallel items share their id across languages,
-so a held-out message is held out in every language.
+(``dedup``) are kept once. The split (train, dev or test; :mod:`moelang.splits` says which stage reads
+which) is a hash of the document id and the salt, so it does not depend on order, on the other
+documents or on the machine; parallel items share their id across languages, so a dev or test message
+is dev or test in every language.
 
-A language whose corpus has fewer than ``min_chars`` characters, or no document in either split, is
+A language whose corpus has fewer than ``min_chars`` characters, or no document in one of the splits, is
 reported and **dropped** (``kept = false`` in its stats): its text stays in its Parquet file for
 inspection, and later stages leave it out. Nothing is ever padded.
 
 Outputs
 -------
 ``results/corpus/{lang}.parquet``
-    ``doc_id`` string, ``lang`` string, ``text`` string, ``split`` string (``train`` | ``heldout``).
+    ``doc_id`` string, ``lang`` string, ``text`` string, ``split`` string (``train`` | ``dev`` |
+    ``test``: training; model selection; everything reported).
 ``results/corpus/{lang}.stats.json``
-    ``lang, source, n_docs, n_train, n_heldout, n_chars, n_words, n_duplicates, n_too_short, kept, reason``.
+    ``lang, source, n_docs, n_train, n_dev, n_test, n_chars, n_words, n_duplicates, n_too_short, kept, reason``.
 ``results/corpus/summary.parquet`` (rule ``corpus_summary``)
     One row per configured language with the stats columns above.
 ``results/corpus/languages.json``
@@ -71,6 +73,7 @@ from moelang.config import check_lang, local_format, local_source_files
 from moelang.errors import MoelangError
 from moelang.io import atomic_path, log, progress, write_json, write_table
 from moelang.options import CorpusOptions, ParallelOptions
+from moelang.splits import SPLITS, assign_split  # noqa: F401  (SPLITS: part of this stage's schema)
 
 CORPUS_SCHEMA = pa.schema(
     [
@@ -83,25 +86,10 @@ CORPUS_SCHEMA = pa.schema(
 # A corpus shard keeps each document's position in the source, so the gather restores source order,
 # and the hash of its text (null without dedup), so the gather deduplicates without hashing again.
 SHARD_SCHEMA = CORPUS_SCHEMA.append(pa.field("position", pa.int64())).append(pa.field("text_key", pa.binary(16)))
-SPLITS = ("train", "heldout")
 WRITE_BATCH = 8192
 
 Shard = tuple[int, int]  # (index, count): the index-th of count parts of a source
 Document = tuple[int, str, str]  # (position in the source, doc_id, raw text)
-
-
-# --------------------------------------------------------------------------------------------------
-# Split
-# --------------------------------------------------------------------------------------------------
-
-def heldout_score(doc_id: str, salt: str) -> float:
-    """A number in [0, 1) fixed by (salt, doc_id): the document is held out if it is below the fraction."""
-    digest = hashlib.blake2b(f"{salt}\x00{doc_id}".encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64
-
-
-def assign_split(doc_id: str, salt: str, heldout_fraction: float) -> str:
-    return "heldout" if heldout_score(doc_id, salt) < heldout_fraction else "train"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,7 +282,8 @@ class CorpusStats:
     source: str
     n_docs: int = 0
     n_train: int = 0
-    n_heldout: int = 0
+    n_dev: int = 0
+    n_test: int = 0
     n_chars: int = 0
     n_words: int = 0
     n_duplicates: int = 0
@@ -309,7 +298,8 @@ STATS_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("n_docs", pa.int64()),
         ("n_train", pa.int64()),
-        ("n_heldout", pa.int64()),
+        ("n_dev", pa.int64()),
+        ("n_test", pa.int64()),
         ("n_chars", pa.int64()),
         ("n_words", pa.int64()),
         ("n_duplicates", pa.int64()),
@@ -358,16 +348,13 @@ def _count(stats: CorpusStats, text: str, split: str, sign: int = 1) -> None:
     stats.n_docs += sign
     stats.n_chars += sign * len(text)
     stats.n_words += sign * len(text.split())
-    if split == "train":
-        stats.n_train += sign
-    else:
-        stats.n_heldout += sign
+    setattr(stats, f"n_{split}", getattr(stats, f"n_{split}") + sign)
 
 
 def _kept_documents(docs: Iterable[Document], options: CorpusOptions, stats: CorpusStats, caps: tuple) -> Iterator[tuple]:
     """Normalised, long enough and (``dedup``) first-seen documents as ``(doc_id, lang, text, split,
     position, text_key)`` rows, counted into ``stats``, until a cap is reached."""
-    salt, fraction = options.split_salt, options.heldout_fraction
+    salt, dev, test = options.split_salt, options.dev_fraction, options.test_fraction
     seen: set[bytes] = set()
     for position, doc_id, raw in progress(docs, desc=f"corpus {stats.lang}", unit=" docs"):
         text = normalise(raw)
@@ -381,7 +368,7 @@ def _kept_documents(docs: Iterable[Document], options: CorpusOptions, stats: Cor
                 stats.n_duplicates += 1
                 continue
             seen.add(key)
-        split = assign_split(doc_id, salt, fraction)
+        split = assign_split(doc_id, salt, dev, test)
         _count(stats, text, split)
         yield doc_id, stats.lang, text, split, position, key
         if (caps[0] and stats.n_docs >= caps[0]) or (caps[1] and stats.n_chars >= caps[1]):
@@ -412,13 +399,14 @@ def _finish(stats: CorpusStats, options: CorpusOptions, stats_path: str | Path) 
         stats.reason = "no text: the source gave no document"
     elif stats.n_chars < options.min_chars:
         stats.reason = f"too little text: {stats.n_chars} characters < min_chars {options.min_chars}"
-    elif stats.n_train == 0 or stats.n_heldout == 0:
-        stats.reason = f"a split is empty (train {stats.n_train}, heldout {stats.n_heldout}); add text or change heldout_fraction"
+    elif 0 in (stats.n_train, stats.n_dev, stats.n_test):
+        stats.reason = (f"a split is empty (train {stats.n_train}, dev {stats.n_dev}, test {stats.n_test}); add text "
+                        f"or change corpus.dev_fraction / corpus.test_fraction")
     else:
         stats.kept = True
     if stats.kept:
-        log.info("corpus %s: %d docs (%d train, %d heldout), %d chars, %d words", stats.lang, stats.n_docs,
-                 stats.n_train, stats.n_heldout, stats.n_chars, stats.n_words)
+        log.info("corpus %s: %d docs (%d train, %d dev, %d test), %d chars, %d words", stats.lang, stats.n_docs,
+                 stats.n_train, stats.n_dev, stats.n_test, stats.n_chars, stats.n_words)
     else:
         log.warning("corpus %s: DROPPED, %s", stats.lang, stats.reason)
     write_json(asdict(stats), stats_path)
@@ -507,7 +495,7 @@ def gather_corpus(lang: str, options: CorpusOptions | dict, shard_paths: list[st
     stats = CorpusStats(lang=lang, source=_describe_source(options.source))
     for path in shard_stats:
         part = json.loads(Path(path).read_text(encoding="utf-8"))
-        for name in ("n_docs", "n_train", "n_heldout", "n_chars", "n_words", "n_duplicates", "n_too_short"):
+        for name in ("n_docs", "n_train", "n_dev", "n_test", "n_chars", "n_words", "n_duplicates", "n_too_short"):
             setattr(stats, name, getattr(stats, name) + part[name])
     seen: set[bytes] = set()
     paths = [Path(p) for p in shard_paths]
@@ -560,11 +548,12 @@ def _print_summary(records: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="corpus size per language")
-    for name in ("lang", "source", "docs", "train", "heldout", "chars", "words", "status"):
-        table.add_column(name, justify="right" if name in ("docs", "train", "heldout", "chars", "words") else "left")
+    numbers = ("docs", "train", "dev", "test", "chars", "words")
+    for name in ("lang", "source", *numbers, "status"):
+        table.add_column(name, justify="right" if name in numbers else "left")
     for r in records:
-        table.add_row(r["lang"], r["source"], f"{r['n_docs']:,}", f"{r['n_train']:,}", f"{r['n_heldout']:,}",
-                      f"{r['n_chars']:,}", f"{r['n_words']:,}", "kept" if r["kept"] else f"dropped: {r['reason']}")
+        table.add_row(r["lang"], r["source"], *(f"{r[f'n_{name}']:,}" for name in numbers),
+                      "kept" if r["kept"] else f"dropped: {r['reason']}")
     Console(stderr=True, width=160).print(table)
 
 

@@ -1,4 +1,7 @@
-"""Stage: evaluation. lm-evaluation-harness tasks, held-out perplexity, one results table.
+"""Stage: evaluation. lm-evaluation-harness tasks, test-split perplexity, one results table.
+
+Everything here is reported, so everything reads each language's **test** split (:mod:`moelang.splits`),
+never the dev split that chose learning rates, experts and plans.
 
 Task families (``evaluation.tasks``):
 
@@ -9,10 +12,10 @@ Task families (``evaluation.tasks``):
     mirror the stage writes task YAMLs that ``include`` the shipped templates and override only the
     dataset path, files and splits, so prompts and metrics stay the harness's own.
 ``synthetic_blimp`` / ``synthetic_belebele`` (the embedded default; offline)
-    two small tasks **labelled synthetic**, built by the pipeline from each language's held-out
-    corpus in the formats of the real ones and run through the shipped templates: a MultiBLiMP-format
-    minimal pair (a held-out sentence vs the same sentence with two adjacent words swapped) and a
-    Belebele-format multiple choice (the first half of a held-out document as the passage; which of
+    two small tasks **labelled synthetic**, built by the pipeline from each language's test split
+    in the formats of the real ones and run through the shipped templates: a MultiBLiMP-format
+    minimal pair (a test sentence vs the same sentence with two adjacent words swapped) and a
+    Belebele-format multiple choice (the first half of a test document as the passage; which of
     four second halves continues it?). The Belebele-format items come in groups of four documents that
     share their four choices, so a model that ignores the passage scores exactly 1/4, and they are
     scored as a cloze (each choice's log-likelihood after the passage, no shots) rather than through the
@@ -27,7 +30,7 @@ from the left and score what is left. A task drops shots while fewer than nine i
 counted. Scoring is the harness's
 (``lm_eval.simple_evaluate`` with a ``TaskManager``), never re-implemented. Its per-request warnings
 are counted and summarised once per kind at the end of the job (``repeated_warnings``). Perplexity is
-computed here: every held-out chunk is preceded by the end-of-text token and all of its tokens are
+computed here: every test chunk is preceded by the end-of-text token and all of its tokens are
 predicted; ``exp(total NLL / tokens)`` per language.
 
 One job per model (:func:`evaluate_model`): the model, its tokenizer and the harness's model wrapper
@@ -84,6 +87,7 @@ from moelang.io import atomic_dir, atomic_path, log, progress, write_json
 from moelang.registry import trainable_fraction
 from moelang.options import EvaluationOptions
 from moelang.perplexity import perplexity  # noqa: F401  (part of this stage; the adapt stage uses it too)
+from moelang.splits import TEST, split_texts
 
 # ISO 639-1/3 code of a language -> Belebele's FLORES code and MultiBLiMP's ISO 639-3 code.
 BELEBELE_CODES = {"en": "eng_Latn", "ar": "arb_Arab", "cs": "ces_Latn", "es": "spa_Latn", "fi": "fin_Latn",
@@ -131,11 +135,11 @@ def _rng(*parts) -> np.random.Generator:
 
 
 # --------------------------------------------------------------------------------------------------
-# Synthetic local tasks from the held-out corpus
+# Synthetic local tasks from the test split
 # --------------------------------------------------------------------------------------------------
 
 def synthetic_blimp(lang: str, docs: list[tuple[str, str]], max_items: int, max_words: int = 40) -> pl.DataFrame:
-    """Minimal pairs: a held-out sentence and the same sentence with two adjacent (different) words swapped."""
+    """Minimal pairs: a test-split sentence and the same sentence with two adjacent (different) words swapped."""
     rows = []
     for doc_id, text in docs:
         words = text.split()
@@ -153,7 +157,7 @@ def synthetic_blimp(lang: str, docs: list[tuple[str, str]], max_items: int, max_
 
 def synthetic_belebele(lang: str, docs: list[tuple[str, str]], max_items: int, max_words: int = 40,
                        min_words: int = 6) -> pl.DataFrame:
-    """Multiple choice: which of four texts continues the passage (the first half of a held-out document)?
+    """Multiple choice: which of four texts continues the passage (the first half of a test-split document)?
 
     Items come in groups of four documents. Each document's first half is the passage of one item and
     the four items of a group share the same four choices (the group's second halves, in one shuffled
@@ -252,8 +256,7 @@ def build_tasks(corpus_files: dict[str, str | Path], options: EvaluationOptions 
         for lang, path in corpus_files.items():
             docs = []
             if any(f.startswith("synthetic") for f in families):
-                frame = pl.read_parquet(path).filter(pl.col("split") == "heldout")
-                docs = list(zip(frame["doc_id"].to_list(), frame["text"].to_list()))
+                docs = split_texts(path, TEST)
             for family in families:
                 if family in ("synthetic_blimp", "synthetic_belebele"):
                     table = (synthetic_blimp if family == "synthetic_blimp" else synthetic_belebele)(
@@ -547,7 +550,7 @@ def family_output(result: dict, names: list[str]) -> dict:
 def write_perplexity(model, tokenizer, token_files: dict[str, str | Path], options: EvaluationOptions,
                      out_path: str | Path) -> None:
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    rows = [{"lang": lang, **perplexity(model, path, eos, options)} for lang, path in token_files.items()]
+    rows = [{"lang": lang, **perplexity(model, path, eos, options, TEST)} for lang, path in token_files.items()]
     with atomic_path(out_path) as tmp:
         pl.DataFrame(rows, schema={"lang": pl.String, "n_tokens": pl.Int64, "nll": pl.Float64,
                                    "perplexity": pl.Float64}).write_parquet(tmp)
@@ -692,7 +695,7 @@ def _flags(rows: pl.DataFrame) -> list[str]:
 def summary_markdown(table: pl.DataFrame, models: dict[str, dict], high_resource: list[str], targets: list[str],
                      base_model: str | None, adaptation: pl.DataFrame | None = None) -> str:
     lines = ["# Evaluation summary", "",
-             "Tasks named `moelang_synthetic_*` are synthetic, built from the held-out corpus (see "
+             "Tasks named `moelang_synthetic_*` are synthetic, built from the test split of the corpus (see "
              "`src/moelang/evaluate.py`); they are not the published benchmarks. Accuracy columns are means over "
              "languages, perplexity columns geometric means. The last column compares each model with the base "
              "model on the old (high-resource) languages: a difference of accuracy, a ratio of perplexity. "

@@ -200,7 +200,7 @@ def forced_plan(new_experts: int | None, layers: int | None, uniform_per_layer: 
 
 
 def parent_expert_counts(profile_dir: str | Path, parents: list[str]) -> dict[int, np.ndarray]:
-    """Per layer, how often the ``parents``' held-out tokens used each expert (summed over the
+    """Per layer, how often the ``parents``' dev-split tokens used each expert (summed over the
     parents), from a routing profile directory (``results/routing/{model}``)."""
     frames = []
     for lang in sorted(set(parents)):

@@ -193,10 +193,12 @@ class CorpusOptions(StageOptions):
     source: dict = field(default_factory=lambda: {"type": "builtin"})
     """This language's source: its entry in ``corpus.sources``, else ``corpus.default_source``
     (``type``: builtin, local or hf, with that type's keys; the schema defines them)."""
-    heldout_fraction: float = 0.1
-    """Fraction of documents held out (by a salted hash of the document id)."""
+    dev_fraction: float = 0.1
+    """Fraction of documents in the dev split (model selection; by a salted hash of the document id)."""
+    test_fraction: float = 0.1
+    """Fraction of documents in the test split (everything reported; by the same hash)."""
     split_salt: str = "moelang"
-    """Salt of the held-out hash; another salt gives another split."""
+    """Salt of the split hash; another salt gives another split."""
     min_chars: int = 20000
     """A language with fewer characters in total is dropped (and reported)."""
     min_doc_chars: int = 1
@@ -214,8 +216,8 @@ class ParallelOptions(StageOptions):
 
     SECTION: ClassVar[str] = "corpus"
     DERIVED: ClassVar[frozenset[str]] = frozenset({"languages", "sources"})
-    NOT_OPTIONS: ClassVar[frozenset[str]] = frozenset({"default_source", "heldout_fraction", "split_salt", "min_chars",
-                                                      "min_doc_chars", "dedup", "shards"})
+    NOT_OPTIONS: ClassVar[frozenset[str]] = frozenset({"default_source", "dev_fraction", "test_fraction", "split_salt",
+                                                      "min_chars", "min_doc_chars", "dedup", "shards"})
 
     languages: list[str] = field(default_factory=list)
     """Every language of the run, high-resource first."""
@@ -387,7 +389,7 @@ class RoutingOptions(LoadOptions):
     checkpoint_step: int = 0
     """The tables' ``checkpoint_step`` column."""
     tokens_per_language: int | None = 100000
-    """Held-out tokens profiled per language (None: all)."""
+    """Dev-split tokens profiled per language (None: all)."""
     windowing: str = "document"
     """``document``: chunks within documents; ``stream``: fixed windows across documents (the authors')."""
     seq_len: int = 512
@@ -452,7 +454,7 @@ class SimilarityOptions(LoadOptions):
     method: str = "tokens"
     """``tokens`` (mean hidden state per language) or ``parallel`` (translated sentences)."""
     tokens_per_language: int | None = 100000
-    """Held-out tokens per language (``tokens``)."""
+    """Dev-split tokens per language (``tokens``)."""
     context: str = "chunks"
     """``chunks`` of at most ``seq_len`` tokens, or whole ``documents`` cut at ``seq_len``."""
     bos: bool = False
@@ -554,8 +556,8 @@ class AdaptOptions(LoadOptions):
     seed: int = 0
     """The run's seed (data order; every run of a target sees the same batches)."""
     heldout: dict = field(default_factory=lambda: {"tokens_per_language": 100000, "seq_len": 512, "batch_tokens": 8192})
-    """Held-out perplexity of each run on the target, which selects the learning rate
-    (``evaluation.tokens_per_language``, ``seq_len``, ``batch_tokens``)."""
+    """How each run's perplexity on the target is measured, on its dev split (selects the learning
+    rate) and on its test split (reported) (``evaluation.tokens_per_language``, ``seq_len``, ``batch_tokens``)."""
 
 
 @dataclass(frozen=True)
@@ -641,7 +643,7 @@ class EvaluationOptions(LoadOptions):
     tasks: list[str] = field(default_factory=lambda: ["synthetic_blimp", "synthetic_belebele"])
     """Task families to build and run."""
     perplexity: bool = True
-    """Also held-out perplexity per language."""
+    """Also test-split perplexity per language."""
     belebele_shots: int = 4
     """Few-shot examples of Belebele-style tasks."""
     max_items: int = 200
@@ -663,7 +665,7 @@ class EvaluationOptions(LoadOptions):
     bootstrap_iters: int = 1000
     """lm-eval's bootstrap iterations for standard errors (0: none)."""
     tokens_per_language: int | None = 100000
-    """Held-out tokens per language for perplexity."""
+    """Tokens of the split per language for perplexity (test in evaluation; dev and test in adaptation)."""
     seq_len: int = 512
     """Tokens per perplexity window."""
     batch_tokens: int = 8192

@@ -1,8 +1,9 @@
-"""Held-out perplexity of a causal LM on one language's token file: the evaluation stage's
-``perplexity.parquet`` and the adaptation stage's learning-rate selection (a module of its own so that
-the model image, which has no lm-eval, can import it).
+"""Perplexity of a causal LM on one split of one language's token file: the evaluation stage's
+``perplexity.parquet`` (the test split) and the adaptation stage's learning-rate selection (the dev
+split) and reported test perplexity (a module of its own so that the model image, which has no lm-eval,
+can import it).
 
-Every held-out chunk (at most ``seq_len`` - 1 tokens, within documents, up to ``tokens_per_language``)
+Every chunk of the split (at most ``seq_len`` - 1 tokens, within documents, up to ``tokens_per_language``)
 is preceded by the EOS token, so that every real token is predicted from a context; padding is never
 scored. Returns ``n_tokens`` (tokens scored), ``nll`` (mean negative log-likelihood, nats) and
 ``perplexity`` (exp of it).
@@ -21,12 +22,13 @@ from moelang.options import EvaluationOptions
 
 
 @torch.no_grad()
-def perplexity(model, token_file: str | Path, eos_id: int, options: EvaluationOptions | dict) -> dict:
+def perplexity(model, token_file: str | Path, eos_id: int, options: EvaluationOptions | dict, split: str) -> dict:
+    """Perplexity on the ``split`` documents (``dev`` or ``test``, :mod:`moelang.splits`) of ``token_file``."""
     options = EvaluationOptions.coerce(options)
     from moelang.routing import heldout_chunks, length_batches
 
     device = next(model.parameters()).device
-    chunks = heldout_chunks(token_file, options.seq_len - 1, options.tokens_per_language)
+    chunks = heldout_chunks(token_file, options.seq_len - 1, options.tokens_per_language, split=split)
     chunks = [np.concatenate([[eos_id], c]) for c in chunks]  # every real token gets a context
     total_nll, total = 0.0, 0
     for ids, mask in progress(length_batches(chunks, options.batch_tokens, eos_id), desc="perplexity", unit=" batches"):

@@ -36,7 +36,7 @@ off). A tiny CPU run may fail some; the report says so plainly and shows the num
    shared experts (the paper's k = 5; the run's own ``shared_k`` is sized for its small model). Beside it,
    the authors' own SSFT (11 + 11 experts in layers 14 and 15 of OLMoE-1B-7B, :data:`AUTHORS_SSFT_EXPERTS`)
    by the same count (2.004 %). (b) For each task family evaluated (``synthetic_blimp`` and
-   ``synthetic_belebele`` in the default, ``multiblimp`` and ``belebele`` on a cluster) and for held-out
+   ``synthetic_belebele`` in the default, ``multiblimp`` and ``belebele`` on a cluster) and for test-split
    perplexity: SSFT's mean gain over the adapted targets as a share of AEFT's (:func:`gain_recovery`;
    accuracy gain ``value - start``, perplexity gain ``log(start / value)``; undefined when AEFT's mean
    gain is not positive), at least ``report.ssft_min_gain_share``. The claim is on task scores: every
@@ -129,7 +129,7 @@ FIGURES = (
     Figure("allocation", "4. Similarity and allocation", "always",
            "New experts per layer of every allocation method, with the layer score S."),
     Figure("evaluation", "5. Results", "always",
-           "Every evaluated model: held-out perplexity and task scores on high-resource and target languages."),
+           "Every evaluated model: test perplexity and task scores on high-resource and target languages."),
     Figure("adaptation", "5. Results", "adapt",
            "Target-language gain against the trainable fraction, per adaptation method and target."),
     Figure("expansion", "5. Results", "expand",
@@ -536,7 +536,7 @@ def finding_ssft(selected: dict | None, experts_per_layer: dict[int, int] | None
                       f"{_pct(max(v['ssft_fraction_run'] or 0 for v in per_target.values()))}).")
 
     def recovery_words(quantity: str, r: dict) -> str:
-        what = "held-out perplexity (log)" if quantity == "perplexity" else f"{quantity} ({r['metric']})"
+        what = "test perplexity (log)" if quantity == "perplexity" else f"{quantity} ({r['metric']})"
         gains = ", ".join(f"{t} SSFT {v['ssft_gain']:+.3f} / AEFT {v['aeft_gain']:+.3f}" for t, v in r["targets"].items())
         share = ("undefined (AEFT did not improve it)" if r["recovery"] is None
                  else f"{100 * r['recovery']:.0f}% ({'passed' if r['passed'] else 'failed'})")
@@ -548,8 +548,8 @@ def finding_ssft(selected: dict | None, experts_per_layer: dict[int, int] | None
                  + f". The status is decided by {' and '.join(decided_by)}"
                  + (" (the paper's claim is on task scores; perplexity is shown beside them)" if families else
                     " (no task family was evaluated; the paper's claim is on task scores)")
-                 + ("; the held-out set of perplexity also chose each method's learning rate." if "perplexity" in recovery
-                    else "."))
+                 + "; each method's learning rate was chosen on the dev split (other documents than the test "
+                   "split every gain here is measured on).")
     evidence = {"reference_model": options.reference_model, "max_fraction_at_scale": worst_fraction,
                 "fraction_extrapolated": extrapolated, "fraction_passed": fraction_ok,
                 "authors_fraction": authors["fraction"], "authors_experts_per_layer": authors["experts_per_layer"],
@@ -645,7 +645,8 @@ def plot_corpus(corpus: pl.DataFrame, tokens: pl.DataFrame, path, high_resource:
     fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.75 * len(langs) * 2), 4.4))
     kept = dict(zip(corpus["lang"], corpus["kept"]))
     for ax, (column, label) in zip(axes, (("docs", "documents"), ("tokens", "tokens"))):
-        for offset, split, color in ((-0.2, "train", "tab:blue"), (0.2, "heldout", "tab:orange")):
+        for offset, split, color in ((-0.27, "train", "tab:blue"), (0, "dev", "tab:green"),
+                                     (0.27, "test", "tab:orange")):
             values = []
             for lang in langs:
                 if column == "docs":
@@ -655,7 +656,7 @@ def plot_corpus(corpus: pl.DataFrame, tokens: pl.DataFrame, path, high_resource:
                     row = tokens.filter((pl.col("lang") == lang) & (pl.col("split") == split))
                     values.append(int(row["n_tokens"][0]) if row.height else 0)
             colors = [color if kept[lang] else "lightgrey" for lang in langs]
-            ax.bar(x + offset, values, 0.4, color=colors, label=f"{split} split")
+            ax.bar(x + offset, values, 0.27, color=colors, label=f"{split} split")
         ax.set_xticks(x, [f"{lang}{'*' if lang in high_resource else ''}{'' if kept[lang] else chr(10) + '(dropped)'}"
                           for lang in langs])
         ax.set_xlabel("language (* high-resource; grey: dropped)")
@@ -754,7 +755,7 @@ def plot_similarity_groups(similarity: pl.DataFrame, old: list[str], new: list[s
 
 def plot_evaluation(results: pl.DataFrame, models: list[str], high_resource: list[str], targets: list[str],
                     path) -> None:
-    """Every evaluated model's held-out perplexity (geometric mean) and headline task scores (mean)
+    """Every evaluated model's test perplexity (geometric mean) and headline task scores (mean)
     over the high-resource and the target languages."""
     from moelang.evaluate import HEADLINE
 
@@ -771,7 +772,7 @@ def plot_evaluation(results: pl.DataFrame, models: list[str], high_resource: lis
         ax.set_yticks(y, models, fontsize=7)
         if family == "perplexity":
             ax.set_xscale("log")
-            ax.set_xlabel("held-out perplexity\n(geometric mean, log scale; lower is better)")
+            ax.set_xlabel("test perplexity\n(geometric mean, log scale; lower is better)")
         else:
             from moelang.evaluate import CHANCE
 
@@ -800,7 +801,7 @@ def _family_mean(results: pl.DataFrame, model: str, family: str, langs: list[str
 
 
 def plot_adaptation(adaptation: pl.DataFrame, path) -> None:
-    """Target gain against trainable fraction (log scale), a point per (target, method): held-out
+    """Target gain against trainable fraction (log scale), a point per (target, method): test
     perplexity (ratio to the start model) and each task family (accuracy change)."""
     from matplotlib.ticker import FuncFormatter
 
@@ -830,7 +831,7 @@ def plot_adaptation(adaptation: pl.DataFrame, path) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * x:g}%"))
         ax.set_xlabel("trainable fraction of the parameters (log scale)")
         if family == "perplexity":
-            ax.set_ylabel("target held-out perplexity / start model's (lower is better)")
+            ax.set_ylabel("target test perplexity / start model's (lower is better)")
             ax.axhline(1.0, color="grey", linestyle=":")
         else:
             ax.set_ylabel(f"target {part['metric'][0] if part.height else 'accuracy'} change (higher is better)")
@@ -1033,11 +1034,11 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
 
     doc.heading(2, "1. Data")
     tok = {(lang, split): n for split, n, lang in tokens.iter_rows()}
-    doc.table(["language", "source", "documents (train / held-out)", "characters", "tokens (train / held-out)",
+    doc.table(["language", "source", "documents (train / dev / test)", "characters", "tokens (train / dev / test)",
                "kept", "why dropped"],
               [[r["lang"] + (" (HR)" if r["lang"] in options.high_resource else ""), r["source"],
-                f"{r['n_train']:,} / {r['n_heldout']:,}", r["n_chars"],
-                f"{tok.get((r['lang'], 'train'), 0):,} / {tok.get((r['lang'], 'heldout'), 0):,}" if r["kept"] else "-",
+                f"{r['n_train']:,} / {r['n_dev']:,} / {r['n_test']:,}", r["n_chars"],
+                " / ".join(f"{tok.get((r['lang'], s), 0):,}" for s in ("train", "dev", "test")) if r["kept"] else "-",
                 "yes" if r["kept"] else "no", r["reason"] or ""] for r in corpus.iter_rows(named=True)])
     fig("corpus")
     fig("overlap")
@@ -1098,7 +1099,7 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
     for family in families:
         header += [f"{family} ({HEADLINE[family]}) HR", f"{family} targets"]
     header += ["perplexity HR", "perplexity targets"]
-    doc.text("Every evaluated model: the headline task metric (mean) and held-out perplexity (geometric mean) over "
+    doc.text("Every evaluated model: the headline task metric (mean) and test perplexity (geometric mean) over "
              "the high-resource (HR) and target languages (results/eval/summary.md has every language and the "
              "chance tests).")
     doc.table(header, [[model] + [_family_mean(results, model, family, langs) for family in families + ["perplexity"]
@@ -1106,7 +1107,7 @@ def _document(findings, corpus, tokens, metrics, selected, similarity, plan, res
     fig("evaluation")
     if adaptation is not None and adaptation.height:
         doc.heading(3, "Final-layer expert fine-tuning")
-        doc.text("Per target and method (the selected learning rate): the trainable fraction, the target's held-out "
+        doc.text("Per target and method (the selected learning rate): the trainable fraction, the target's test "
                  "perplexity and task scores with their change against the start model, and the change on the other "
                  "high-resource languages (perplexity above x1, accuracy below 0: forgetting).")
         fams = [f for f in adaptation["family"].unique(maintain_order=True).to_list() if f != "perplexity"]

@@ -1,10 +1,12 @@
 """Stage: routing profiles. Which experts each language's tokens use, per layer and checkpoint.
 
-For a model and each language, the held-out token ids are cut into sequences (``routing.windowing``):
+For a model and each language, the token ids of the dev split are cut into sequences (``routing.windowing``);
+the profiles choose the experts adaptation trains and inform the allocation, so they are model selection
+and read dev, never the test split the results are reported on (:mod:`moelang.splits`):
 
 * ``document`` (default): each document cut into chunks of at most ``seq_len`` tokens, never across
   documents; a short document is a short sequence;
-* ``stream`` (the authors' way): the held-out documents in file order, each followed by the EOS
+* ``stream`` (the authors' way): the dev documents in file order, each followed by the EOS
   token, concatenated into one stream cut into non-overlapping windows of exactly ``seq_len`` tokens
   (2,048 in the paper) across document boundaries; the incomplete tail is dropped, so there is no
   padding. Routing depends on the context, so the two give different counts.
@@ -34,7 +36,7 @@ Outputs
     ``model``, ``checkpoint_step``, ``lang``, ``layer``, ``token_id`` int32, ``expert`` int32,
     ``count`` int64; only non-zero counts.
 ``results/routing/shards/{model}/{i}/`` (``routing.shards`` > 1)
-    the same files for every N-th held-out chunk (or window) from the i-th; the merge job adds them up per row,
+    the same files for every N-th dev chunk (or window) from the i-th; the merge job adds them up per row,
     giving exactly the unsharded counts (weight sums up to float addition order).
 """
 
@@ -45,13 +47,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from moelang.errors import MoelangError
 from moelang.io import atomic_dir, log, progress, write_table
 from moelang.options import RoutingOptions
+from moelang.splits import DEV, split_token_ids
 
 PROFILE_SCHEMA = pa.schema(
     [
@@ -79,7 +80,7 @@ TOKEN_SCHEMA = pa.schema(
 
 
 # --------------------------------------------------------------------------------------------------
-# Input: held-out chunks, batched by length
+# Input: chunks of a held-out split (dev or test), batched by length
 # --------------------------------------------------------------------------------------------------
 
 def _split_documents(token_file: str | Path, split: str, shard: tuple[int, int]):
@@ -87,14 +88,10 @@ def _split_documents(token_file: str | Path, split: str, shard: tuple[int, int])
     index, count = shard
     if not 0 <= index < count:
         raise MoelangError(f"routing: shard {index}/{count} does not exist; use i/n with 0 <= i < n")
-    table = pq.read_table(token_file, columns=["split", "input_ids"])
-    ids = table.column("input_ids").filter(pc.equal(table.column("split"), split)).combine_chunks()
-    if len(ids) == 0:
-        raise MoelangError(f"routing: '{token_file}' has no '{split}' documents; check the corpus split")
-    return ids
+    return split_token_ids(token_file, split)
 
 
-def heldout_chunks(token_file: str | Path, seq_len: int, token_budget: int | None, split: str = "heldout",
+def heldout_chunks(token_file: str | Path, seq_len: int, token_budget: int | None, *, split: str,
                    shard: tuple[int, int] = (0, 1)) -> list[np.ndarray]:
     """The ``split`` documents of a token file cut into chunks of at most ``seq_len`` tokens, in file
     order, until ``token_budget`` tokens (the last chunk is cut to fit). ``shard = (i, n)`` keeps every
@@ -118,8 +115,8 @@ def heldout_chunks(token_file: str | Path, seq_len: int, token_budget: int | Non
     return chunks[index::count]
 
 
-def heldout_windows(token_file: str | Path, window: int, token_budget: int | None, eos_id: int,
-                    split: str = "heldout", shard: tuple[int, int] = (0, 1)) -> list[np.ndarray]:
+def heldout_windows(token_file: str | Path, window: int, token_budget: int | None, eos_id: int, *,
+                    split: str, shard: tuple[int, int] = (0, 1)) -> list[np.ndarray]:
     """The ``split`` documents of a token file in file order, each followed by ``eos_id``, as one stream
     cut into non-overlapping windows of exactly ``window`` tokens (the authors' routing windows: across
     document boundaries, the incomplete tail dropped, no padding). At most ``token_budget`` tokens:
@@ -139,7 +136,7 @@ def heldout_windows(token_file: str | Path, window: int, token_budget: int | Non
     usable = len(stream) if token_budget is None else min(len(stream), token_budget)
     n_windows = usable // window
     if n_windows == 0:
-        raise MoelangError(f"routing: '{token_file}' gives {usable} held-out tokens (EOS included, within "
+        raise MoelangError(f"routing: '{token_file}' gives {usable} {split} tokens (EOS included, within "
                            f"routing.tokens_per_language), fewer than one window of routing.seq_len = {window} with "
                            f"routing.windowing: stream; lower routing.seq_len or use routing.windowing: document")
     windows = stream[: n_windows * window].reshape(n_windows, window)
@@ -148,16 +145,17 @@ def heldout_windows(token_file: str | Path, window: int, token_budget: int | Non
 
 def routing_sequences(token_file: str | Path, options: RoutingOptions | dict, eos_id: int | None,
                       shard: tuple[int, int] = (0, 1)) -> list[np.ndarray]:
-    """The sequences one language is profiled on, by ``options.windowing`` (default ``document``)."""
+    """The sequences one language is profiled on (its dev split), by ``options.windowing`` (default ``document``)."""
     options = RoutingOptions.coerce(options)
     windowing = options.windowing
     if windowing == "document":
-        return heldout_chunks(token_file, options.seq_len, options.tokens_per_language, shard=shard)
+        return heldout_chunks(token_file, options.seq_len, options.tokens_per_language, split=DEV, shard=shard)
     if windowing == "stream":
         if eos_id is None:
             raise MoelangError("routing.windowing: stream needs the model's eos_token_id (config.json) to separate "
                                "documents; set it in the model config or use routing.windowing: document")
-        return heldout_windows(token_file, options.seq_len, options.tokens_per_language, eos_id, shard=shard)
+        return heldout_windows(token_file, options.seq_len, options.tokens_per_language, eos_id, split=DEV,
+                               shard=shard)
     raise MoelangError(f"routing.windowing '{windowing}' is not known; use 'document' or 'stream'")
 
 

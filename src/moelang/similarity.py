@@ -14,14 +14,18 @@ its norm), for dense and MoE layers alike. Two ways to compare languages:
     layer, the cosine of a sentence and its translation, averaged over the items both languages have.
 
 The ``tokens`` method's context (routing depends on it, and so do hidden states) is an option:
-``similarity.context`` ``chunks`` (the default, ours): each held-out document cut into pieces of at
+``similarity.context`` ``chunks`` (the default, ours): each dev document cut into pieces of at
 most ``seq_len`` tokens, every token used; ``documents`` (LayerMoE's code): each document whole, once,
 truncated to its first ``seq_len`` tokens (theirs: 10,000; the rest of a longer document is not
-used); ``stream``: the held-out documents concatenated in file order, each followed by the model's
+used); ``stream``: the dev documents concatenated in file order, each followed by the model's
 end-of-text token (as the training engine packs them), and cut into windows of ``seq_len`` tokens.
 ``similarity.bos`` prepends the model's BOS token to every sequence (LayerMoE tokenizes with special
 tokens on, so Llama gets one; Qwen's and OLMoE's tokenizers add none); ``seq_len`` includes it, and
 its state counts as a token state, as in their code, which keeps every position.
+
+The text is each language's dev split (:mod:`moelang.splits`): the similarity makes the allocation plans,
+which choose the expanded models, so it is model selection and never reads the test split that the
+expanded models are reported on.
 
 Output ``results/similarity/{model}.{method}.parquet`` (the model's name, e.g. ``cpt-step800``, and
 ``tokens`` or ``parallel``: the two methods' tables of one model live side by side): ``model`` string,
@@ -43,6 +47,7 @@ import torch
 from moelang.errors import MoelangError
 from moelang.io import atomic_path, log, progress, pyplot, save_figure
 from moelang.options import SimilarityOptions
+from moelang.splits import DEV, split_documents
 
 CONTEXTS = ("chunks", "documents", "stream")
 SIMILARITY_SCHEMA = {"model": pl.String, "layer": pl.Int32, "lang_a": pl.String, "lang_b": pl.String,
@@ -134,20 +139,6 @@ def _pairs(languages: list[str]):
             yield a, b
 
 
-def heldout_documents(token_file: str | Path) -> list[np.ndarray]:
-    """The held-out documents of a token file, in file order (token ids without special tokens)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(token_file, columns=["split", "input_ids"])
-    ids = table.column("input_ids").filter(pc.equal(table.column("split"), "heldout")).combine_chunks()
-    if len(ids) == 0:
-        raise MoelangError(f"similarity: '{token_file}' has no 'heldout' documents; check the corpus split")
-    flat = ids.flatten().to_numpy(zero_copy_only=False)
-    offsets = ids.offsets.to_numpy()
-    return [flat[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
-
-
 def context_sequences(documents: list[np.ndarray], context: str, seq_len: int, token_budget: int | None,
                       bos_id: int | None = None, eos_id: int | None = None) -> list[np.ndarray]:
     """The sequences the model sees (see the module docstring): ``documents`` cut by ``context`` into
@@ -213,7 +204,7 @@ def token_similarity(adapter, token_files: dict[str, str | Path], options: Simil
              f", BOS {bos_id} first" if bos_id is not None else "")
     means, counts = {}, {}
     for lang, path in token_files.items():
-        chunks = context_sequences(heldout_documents(path), context, options.seq_len,
+        chunks = context_sequences(split_documents(path, DEV), context, options.seq_len,
                                    options.tokens_per_language, bos_id=bos_id, eos_id=eos_id)
         batches = length_batches(chunks, options.batch_tokens, pad)
         means[lang], counts[lang] = token_unit_means(adapter, batches, f"similarity {model_name} {lang}")

@@ -19,7 +19,7 @@ Outputs
 ``results/tokens/{lang}.parquet``
     ``doc_id`` string, ``split`` string, ``input_ids`` list<int32>, ``n_tokens`` int32.
 ``results/tokens/{lang}.freq.parquet``
-    ``token_id`` int32, ``count`` int64: occurrences over both splits, only types that occur,
+    ``token_id`` int32, ``count`` int64: occurrences over all three splits, only types that occur,
     sorted by ``token_id``.
 ``results/tokenizer/``
     ``save_pretrained`` directory; ``training_mix.json`` records the documents and characters per
@@ -38,10 +38,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moelang.corpus import heldout_score
 from moelang.errors import MoelangError
 from moelang.io import atomic_dir, atomic_path, log, progress, write_json, write_table
 from moelang.options import TokenizerOptions
+from moelang.splits import TRAIN, split_score
 
 TOKENS_SCHEMA = pa.schema(
     [
@@ -70,7 +70,7 @@ def _mix_documents(corpus_paths: dict[str, Path], options: TokenizerOptions, bas
             pfile = pq.ParquetFile(corpus_paths[lang])
             for batch in pfile.iter_batches(columns=["doc_id", "text", "split"], batch_size=8192):
                 for doc_id, text, split in zip(*(batch.column(i).to_pylist() for i in range(3))):
-                    if split == "train" and heldout_score(doc_id, salt) < fraction:
+                    if split == TRAIN and split_score(doc_id, salt) < fraction:
                         n_docs += 1
                         n_chars += len(text)
                         yield text

@@ -30,7 +30,7 @@ if ROUTING_SHARDS == 1:
 
 else:
 
-    # One model's held-out sequences (document chunks or stream windows, by routing.windowing) in N
+    # One model's dev-split sequences (document chunks or stream windows, by routing.windowing) in N
     # jobs (every N-th sequence from the i-th); the merge adds up the counts, exactly the unsharded
     # profile. The parts are temporary.
     rule profile_routing_shard:
