@@ -343,7 +343,8 @@ def test_a_method_with_no_expert_in_any_layer_is_not_trained_and_recorded_with_i
     seft = table.filter(pl.col("method") == "seft")
     assert seft.height == 2 and not seft["trained"].any() and not seft["selected"].any()
     assert seft["experts_per_layer"].to_list() == [[0, 0], [0, 0]] and seft["layers"].to_list() == [[0, 1], [0, 1]]
-    assert seft["heldout_perplexity"].is_null().all() and seft["trainable_params"].is_null().all()
+    assert seft["dev_perplexity"].is_null().all() and seft["test_perplexity"].is_null().all()
+    assert seft["trainable_params"].is_null().all()
     reason = seft["not_run_reason"][0]
     assert "empty in every adapted layer (0, 1)" in reason and "routing.alpha" in reason
     random = table.filter(pl.col("method") == "random")

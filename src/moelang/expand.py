@@ -70,6 +70,7 @@ import pyarrow as pa
 from moelang.errors import MoelangError
 from moelang.io import atomic_path, log, write_json, write_table
 from moelang.options import ExpandOptions
+from moelang.splits import TEST
 
 EXPANSION_FILE = "expansion.json"
 RUN_FILE = "expand_run.json"
@@ -510,7 +511,7 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
 
 # The classifiers' accuracy is measured on documents that neither trained them nor chose anything: the
 # test split of every old and new language.
-CLASSIFIER_EVAL_SPLIT = "test"
+CLASSIFIER_EVAL_SPLIT = TEST
 
 
 def classifier_heldout_accuracy(model_dir: str | Path, token_files: dict[str, str | Path], old: list[str],
