@@ -396,7 +396,7 @@ def test_the_workflow_evaluates_only_the_adapted_models_that_were_trained(tmp_pa
     checkpoints = types.SimpleNamespace(**{name: types.SimpleNamespace(get=f) for name, f in get.items()})
     space = {"checkpoints": checkpoints, "config": config, "mcfg": cfg, "EVALUATED": registry.evaluated(config),
              "ADAPT_TARGETS": cfg.adapt_targets(config), "EVAL_MODEL_OUTPUTS": ["perplexity.parquet"],
-             "EVAL_FAMILIES": [], "os": __import__("os")}
+             "EVAL_FAMILIES": [], "EXPAND_VARIANTS": {}, "os": __import__("os")}
     exec(compile((repo / "workflow" / "rules" / "common.smk").read_text(), "common.smk", "exec"), space)
     adapted = space["adapted_eval_outputs"]()
     assert "results/eval/adapt-ca-random_hr/perplexity.parquet" not in adapted
