@@ -338,7 +338,15 @@ def stage2_loss(old_languages: list[str], originals: list[int], options: ExpandO
             # causal decisions: every position's prefix is classified as its sequence's group (the packed
             # batches have no padding); sequence decisions: one per sequence
             labels = [groups if c.dim() == 2 else groups[:, None].expand(c.shape[:2]) for c in classifier_logits]
-            cls = torch.stack([F.cross_entropy(c.float().flatten(0, -2), y.reshape(-1))
+            if options.classifier_balance:  # each group present counts equally, whatever the replay share
+                weights = torch.zeros(len(langs), device=batch.device)
+                for group in groups.unique():
+                    members = groups == group
+                    weights[members] = 1.0 / (int(members.sum()) * len(groups.unique()))
+            else:
+                weights = torch.full((len(langs),), 1.0 / len(langs), device=batch.device)
+            cls = torch.stack([(F.cross_entropy(c.float().flatten(0, -2), y.reshape(-1), reduction="none")
+                                .view(len(langs), -1).mean(dim=1) * weights).sum()
                                for c, y in zip(classifier_logits, labels)]).mean()
             accuracy = torch.stack([(c.argmax(-1) == y).float().mean()
                                     for c, y in zip(classifier_logits, labels)]).mean()
@@ -465,7 +473,7 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
               "stage": str(stage), "classifier layers": json.dumps(classifier_layers),
               "loss": json.dumps({k: getattr(options, k) for k in ("lpr_weight", "lpr_form", "classifier_weight",
                                                                    "classifier_pooling", "classifier_decision",
-                                                                   "classifier_lr")})
+                                                                   "classifier_balance", "classifier_lr")})
               if stage == 2 else ""}
     expansion = expansion | {"stage": stage}
     if stage == 2:
@@ -514,16 +522,41 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
 CLASSIFIER_EVAL_SPLIT = TEST
 
 
+def _balance_classes(windows: list[np.ndarray], labels: list[int]) -> tuple[list[np.ndarray], list[int]]:
+    """The larger class cut to the smaller one's size, taking its languages' windows in turn (the
+    first window of each language, then the second, ...), so that it stays spread over its languages."""
+    size = min(labels.count(0), labels.count(1))
+    per_lang, group_of, start = [], [], 0
+    for rows in windows:
+        per_lang.append(rows)
+        group_of.append(labels[start])
+        start += len(rows)
+    keep = [0] * len(per_lang)
+    for group in (0, 1):
+        langs = [i for i, g in enumerate(group_of) if g == group]
+        taken = 0
+        for depth in range(max(len(per_lang[i]) for i in langs)):
+            for i in langs:
+                if taken < size and depth < len(per_lang[i]):
+                    keep[i] += 1
+                    taken += 1
+    kept = [rows[:n] for rows, n in zip(per_lang, keep) if n]
+    return kept, [g for g, n in zip(group_of, keep) for _ in range(n)]
+
+
 def classifier_heldout_accuracy(model_dir: str | Path, token_files: dict[str, str | Path], old: list[str],
                                 new: list[str], seq_len: int, sequences: int, seed: int,
-                                split: str = CLASSIFIER_EVAL_SPLIT, micro_batch: int = 8) -> dict:
+                                split: str = CLASSIFIER_EVAL_SPLIT, micro_batch: int = 8,
+                                balanced: bool = True) -> dict:
     """Each router classifier's accuracy on held-out sequences of the old (class 0) and new (class 1)
     languages, as the saved model in ``model_dir`` decides when it scores text: with ``causal``
     decisions every position's decision counts (from its prefix), with ``sequence`` decisions one per
     sequence. Up to ``sequences`` windows of ``seq_len`` tokens per language from its ``split``
-    documents (a language with too little text is left out, with a warning). The majority-class
-    baseline is the share of the larger class among the decisions counted (every window has the same
-    length, so sequences and positions give the same share)."""
+    documents (a language with too little text is left out, with a warning); with ``balanced`` the
+    larger class is then cut to the smaller one's size (spread over its languages), so that the score
+    does not reward a classifier for having learned stage 2's replay share rather than the languages.
+    The majority-class baseline is the share of the larger class among the decisions counted (0.5 when
+    balanced; every window has the same length, so sequences and positions give the same share)."""
     import torch
 
     from moelang.models import load_model
@@ -550,6 +583,9 @@ def classifier_heldout_accuracy(model_dir: str | Path, token_files: dict[str, st
             windows.append(rows)
             labels += [group] * len(rows)
     counts = [labels.count(0), labels.count(1)]
+    if all(counts) and balanced and counts[0] != counts[1]:
+        windows, labels = _balance_classes(windows, labels)
+        counts = [labels.count(0), labels.count(1)]
     if not all(counts):
         raise MoelangError(f"classifier accuracy: no held-out ('{split}') sequence of the "
                            f"{'old' if not counts[0] else 'new'} languages; add text or lower the sequence length")

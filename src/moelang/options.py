@@ -617,6 +617,10 @@ class ExpandOptions(LoadOptions):
     classifier_decision: str = "causal"
     """``causal`` (ours) each position decided from its prefix, so scores never see later tokens;
     ``sequence`` (the authors') one decision from the whole sequence. Training and scoring alike."""
+    classifier_balance: bool = True
+    """Stage 2: the classifier's cross-entropy weighs the old and new sequences of a batch equally
+    (ours; the replay makes about a third of them old, and a classifier that learns that share
+    answers "new" for old text); False: the plain mean over sequences."""
     classifier_lr: float | None = None
     """Stage 2: the router classifiers' own peak learning rate (same schedule; None: the stage's lr,
     the authors' single rate)."""
