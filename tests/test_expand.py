@@ -250,7 +250,7 @@ def stage1_command(setup, opts, out, state):
 
 
 def test_stage1_killed_and_resumed_ends_bit_identical(setup, stages, tmp_path):
-    opts = options(setup, stage1=options(setup).stage1.replace(steps=6, checkpoint_every=2))
+    opts = options(setup, stage1=options(setup).stage1.replace(steps=60, checkpoint_every=2))  # long enough to be killed
     kill_after_first_checkpoint(stage1_command(setup, opts, tmp_path / "a", tmp_path / "sa"), tmp_path / "sa")
     subprocess.run(stage1_command(setup, opts, tmp_path / "a", tmp_path / "sa"), check=True, capture_output=True)
     subprocess.run(stage1_command(setup, opts, tmp_path / "b", tmp_path / "sb"), check=True, capture_output=True)

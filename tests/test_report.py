@@ -146,11 +146,11 @@ def test_ssft_recovery_is_computed_on_each_task_family_and_perplexity_and_the_ta
     assert recovery["synthetic_blimp"]["targets"]["uk"]["aeft_gain"] == pytest.approx(0.10)
     assert finding.evidence["decided_by"] == ["synthetic_blimp", "synthetic_belebele"]
     assert finding.status == FAIL and "synthetic_blimp (acc_norm): 75% (failed)" in finding.statement
-    assert "held-out perplexity (log): 90% (failed)" in finding.statement
+    assert "test perplexity (log): 90% (failed)" in finding.statement
     # at 0.85 perplexity and belebele pass, blimp does not: the tasks decide, so it fails
     lower = finding_ssft(SELECTED, {2: 8, 3: 8}, table, options.replace(ssft_min_gain_share=0.85), SCALE, AUTHORS)
     assert lower.status == FAIL and lower.evidence["recovery"]["perplexity"]["passed"]
-    assert "held-out perplexity (log): 90% (passed)" in lower.statement
+    assert "test perplexity (log): 90% (passed)" in lower.statement
     assert "synthetic_belebele (acc_mutual_info): 89% (passed)" in lower.statement
     assert finding_ssft(SELECTED, {2: 8, 3: 8}, table, options.replace(ssft_min_gain_share=0.7), SCALE,
                         AUTHORS).status == PASS

@@ -68,6 +68,7 @@ rule eval_summary:
         tasks="results/eval/tasks",
         # the expansion's runs table (new experts, trainable fractions), only when the stage runs
         expand_runs=["results/expand/runs.parquet"] if mcfg.expand_variants(config) else [],
+        corpus_summary=corpus_checkpoint,  # the checkpoint that decides the languages (params need them)
     output:
         table="results/eval/results.parquet",
         adaptation="results/eval/adaptation.parquet",
