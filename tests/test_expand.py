@@ -175,6 +175,26 @@ def test_stage2_loss_of_causal_decisions_classifies_every_prefix():
     assert float(loss) == pytest.approx(1.0 + 0.5 * by_hand, rel=1e-6)
 
 
+def test_balanced_classifier_loss_weighs_each_group_equally():
+    classifier = (torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(2)),)
+    outputs = type("Out", (), {"loss": torch.tensor(0.0), "router_logits": (), "classifier_logits": classifier})()
+    langs, groups = ["ca", "es", "ca"], [1, 0, 1]  # two new sequences, one old
+    per_sequence = [np.mean([-torch.log_softmax(classifier[0][b, t].double(), 0)[groups[b]].item() for t in range(4)])
+                    for b in range(3)]
+    for balance, expect in ((True, 0.5 * (per_sequence[0] + per_sequence[2]) / 2 + 0.5 * per_sequence[1]),
+                            (False, np.mean(per_sequence))):
+        opts = ExpandOptions(old=["es"], new=["ca"], lpr_weight=0.0, classifier_balance=balance)
+        _, metrics = expand.stage2_loss(["es"], [], opts)(None, torch.zeros(3, 4, dtype=torch.long), outputs, langs)
+        assert float(metrics["classifier_loss"]) == pytest.approx(expect, rel=1e-6)
+
+
+def test_the_larger_class_is_cut_to_the_smaller_spread_over_its_languages():
+    rows = [np.full((3, 2), 1), np.full((1, 2), 2), np.full((2, 2), 3)]  # old a (3 windows), old b (1), new c (2)
+    kept, labels = expand._balance_classes(rows, [0, 0, 0, 0, 1, 1])
+    assert labels == [0, 0, 1, 1]
+    assert [r[:, 0].tolist() for r in kept] == [[1], [2], [3, 3]]  # a's first and b's first, then c whole
+
+
 def test_held_out_classifier_accuracy_against_a_direct_computation(setup, stages):
     from test_layermoe import mlp_inputs, pooled_by_hand
     from transformers import AutoModelForCausalLM, AutoTokenizer
