@@ -39,7 +39,7 @@ def test_a_dense_base_is_upcycled_trained_and_evaluated(dense_run):
     for row in runs.iter_rows(named=True):
         entry = plan[row["plan"]]
         assert row["experts_per_layer"] == entry["experts_per_layer"]  # LayerMoE counts the original FFN
-        assert row["new_experts"] == sum(entry["new_experts_per_layer"]) == 24
+        assert row["new_experts"] == sum(entry["new_experts_per_layer"]) == 32
         assert row["classifier_layers"] == ([0, 2] if row["variant"] == "layermoe" else [])
     # the ablation's stage 2 starts from layermoe's stage 1 (trained once)
     assert not (results / "expand" / "layermoe-no-classifier" / "stage1").exists()
