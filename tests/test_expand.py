@@ -279,6 +279,26 @@ def test_stage1_killed_and_resumed_ends_bit_identical(setup, stages, tmp_path):
     assert not (tmp_path / "sa").exists()
 
 
+def test_stage2_with_the_classifiers_own_rate_killed_and_resumed_ends_bit_identical(setup, stages, tmp_path):
+    """Stage 2's optimizer has a group per rate (routers at lr, classifiers at classifier_lr): a
+    resumed run restores each group's rate and state."""
+    opts = options(setup, classifier_lr=0.05, stage2=options(setup).stage2.replace(steps=60, checkpoint_every=2))
+
+    def command(out, state):
+        return [sys.executable, "-m", "moelang", "expand-train", "--stage", "2", "--options", opts.to_json(),
+                "--model", str(setup / "out" / "stage1"), "--tokens",
+                *(str(p) for p in tokens(setup, NEW + OLD).values()), "--plan", str(setup / "plan.json"),
+                "--out", str(out), "--state-dir", str(state)]
+
+    kill_after_first_checkpoint(command(tmp_path / "a", tmp_path / "sa"), tmp_path / "sa")
+    subprocess.run(command(tmp_path / "a", tmp_path / "sa"), check=True, capture_output=True)
+    subprocess.run(command(tmp_path / "b", tmp_path / "sb"), check=True, capture_output=True)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    classifier = "model.layers.1.mlp.classifier.weight"
+    assert not torch.equal(a[classifier], weights(setup / "out" / "stage2")[classifier])  # its rate mattered
+
+
 def test_a_dense_llama_upcycles_through_the_whole_stage(setup, tmp_path):
     """The paper's setting: a dense model upcycled (logits unchanged), stage 1 keeps expert 0 (the FFN)
     and everything but the new experts and routers, stage 2 only routers and classifiers."""
