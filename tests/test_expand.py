@@ -190,7 +190,9 @@ def test_balanced_classifier_loss_weighs_each_group_equally():
 
 def test_the_larger_class_is_cut_to_the_smaller_spread_over_its_languages():
     rows = [np.full((3, 2), 1), np.full((1, 2), 2), np.full((2, 2), 3)]  # old a (3 windows), old b (1), new c (2)
-    kept, labels = expand._balance_classes(rows, [0, 0, 0, 0, 1, 1])
+    kept = expand._balance_classes(list(zip([0, 0, 1], rows)))
+    labels = [g for g, r in kept for _ in range(len(r))]
+    kept = [r for _, r in kept]
     assert labels == [0, 0, 1, 1]
     assert [r[:, 0].tolist() for r in kept] == [[1], [2], [3, 3]]  # a's first and b's first, then c whole
 

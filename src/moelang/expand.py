@@ -339,10 +339,8 @@ def stage2_loss(old_languages: list[str], originals: list[int], options: ExpandO
             # batches have no padding); sequence decisions: one per sequence
             labels = [groups if c.dim() == 2 else groups[:, None].expand(c.shape[:2]) for c in classifier_logits]
             if options.classifier_balance:  # each group present counts equally, whatever the replay share
-                weights = torch.zeros(len(langs), device=batch.device)
-                for group in groups.unique():
-                    members = groups == group
-                    weights[members] = 1.0 / (int(members.sum()) * len(groups.unique()))
+                sizes = torch.bincount(groups, minlength=2)
+                weights = 1.0 / (sizes[groups] * int((sizes > 0).sum()))
             else:
                 weights = torch.full((len(langs),), 1.0 / len(langs), device=batch.device)
             cls = torch.stack([(F.cross_entropy(c.float().flatten(0, -2), y.reshape(-1), reduction="none")
@@ -522,26 +520,18 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
 CLASSIFIER_EVAL_SPLIT = TEST
 
 
-def _balance_classes(windows: list[np.ndarray], labels: list[int]) -> tuple[list[np.ndarray], list[int]]:
-    """The larger class cut to the smaller one's size, taking its languages' windows in turn (the
-    first window of each language, then the second, ...), so that it stays spread over its languages."""
-    size = min(labels.count(0), labels.count(1))
-    per_lang, group_of, start = [], [], 0
-    for rows in windows:
-        per_lang.append(rows)
-        group_of.append(labels[start])
-        start += len(rows)
-    keep = [0] * len(per_lang)
+def _balance_classes(windows: list[tuple[int, np.ndarray]]) -> list[tuple[int, np.ndarray]]:
+    """``(group, windows)`` per language with the larger group cut to the smaller one's size, taking its
+    languages' windows in turn (the first of each language, then the second, ...), so that it stays
+    spread over its languages."""
+    size = min(sum(len(rows) for g, rows in windows if g == group) for group in (0, 1))
+    keep = [0] * len(windows)
     for group in (0, 1):
-        langs = [i for i, g in enumerate(group_of) if g == group]
-        taken = 0
-        for depth in range(max(len(per_lang[i]) for i in langs)):
-            for i in langs:
-                if taken < size and depth < len(per_lang[i]):
-                    keep[i] += 1
-                    taken += 1
-    kept = [rows[:n] for rows, n in zip(per_lang, keep) if n]
-    return kept, [g for g, n in zip(group_of, keep) for _ in range(n)]
+        members = [i for i, (g, _) in enumerate(windows) if g == group]
+        order = sorted(((depth, i) for i in members for depth in range(len(windows[i][1]))))
+        for _, i in order[:size]:
+            keep[i] += 1
+    return [(g, rows[:n]) for (g, rows), n in zip(windows, keep) if n]
 
 
 def classifier_heldout_accuracy(model_dir: str | Path, token_files: dict[str, str | Path], old: list[str],
@@ -562,35 +552,30 @@ def classifier_heldout_accuracy(model_dir: str | Path, token_files: dict[str, st
     from moelang.models import load_model
     from moelang.train import packed_windows
 
+    from transformers import AutoTokenizer
+
     model = load_model(model_dir, dtype="float32", device="cpu").eval()
     layers = list(model.config.classifier_layers or [])
     if not layers:
         raise MoelangError(f"classifier accuracy: the model '{model_dir}' has no router classifier")
-    from transformers import AutoTokenizer
-
     eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id
     eos = 0 if eos is None else eos  # the training stream's separator (expand._train)
-    windows, labels = [], []
+    windows = []  # (group, windows) per language
     for group, langs in ((0, old), (1, new)):
-        for lang in langs:
-            if lang not in token_files:
-                continue
+        for lang in (lang for lang in langs if lang in token_files):
             try:
-                rows = packed_windows(token_files[lang], seq_len, eos, seed, split)[:sequences]
+                windows.append((group, packed_windows(token_files[lang], seq_len, eos, seed, split)[:sequences]))
             except MoelangError as exc:
                 log.warning("classifier accuracy: %s left out (%s)", lang, exc)
-                continue
-            windows.append(rows)
-            labels += [group] * len(rows)
-    counts = [labels.count(0), labels.count(1)]
-    if all(counts) and balanced and counts[0] != counts[1]:
-        windows, labels = _balance_classes(windows, labels)
-        counts = [labels.count(0), labels.count(1)]
+    counts = [sum(len(rows) for g, rows in windows if g == group) for group in (0, 1)]
     if not all(counts):
         raise MoelangError(f"classifier accuracy: no held-out ('{split}') sequence of the "
                            f"{'old' if not counts[0] else 'new'} languages; add text or lower the sequence length")
-    ids = torch.from_numpy(np.concatenate(windows).astype(np.int64))
-    target = torch.tensor(labels)
+    if balanced:
+        windows = _balance_classes(windows)
+        counts = [min(counts)] * 2
+    ids = torch.from_numpy(np.concatenate([rows for _, rows in windows]).astype(np.int64))
+    target = torch.tensor([g for g, rows in windows for _ in range(len(rows))])
     correct = torch.zeros(len(layers), dtype=torch.float64)
     decisions = 0
     with torch.no_grad():
