@@ -110,15 +110,14 @@ def main() -> None:
         print(f"harvesting the built-in corpus for {len(languages)} languages ...", flush=True)
         corpus_paths = {}
         for lang in languages:
-            options = cfg.corpus_options(config, lang)
-            options["min_chars"] = 1  # the benchmark times every language, kept or not
+            options = cfg.corpus_options(config, lang).replace(min_chars=1)  # every language timed, kept or not
             build_corpus(lang, options, work / f"{lang}.parquet", work / f"{lang}.stats.json")
             corpus_paths[lang] = work / f"{lang}.parquet"
         texts = {lang: pq.read_table(p, columns=["text"]).column("text").to_pylist() for lang, p in corpus_paths.items()}
         n_docs = sum(map(len, texts.values()))
         n_chars = sum(len(t) for ts in texts.values() for t in ts)
         print("training the tokenizer ...", flush=True)
-        train_tokenizer(corpus_paths, {**cfg.tokenizer_options(config)}, "en", work / "tokenizer")
+        train_tokenizer(corpus_paths, cfg.tokenizer_options(config), "en", work / "tokenizer")
         backend = load_backend(work / "tokenizer")
         hf_tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
 
