@@ -272,7 +272,9 @@ def stage1_command(setup, opts, out, state):
 
 
 def test_stage1_killed_and_resumed_ends_bit_identical(setup, stages, tmp_path):
-    opts = options(setup, stage1=options(setup).stage1.replace(steps=60, checkpoint_every=2))  # long enough to be killed
+    # long enough to be killed; the admission schedule spans the kill, so the resumed run must set it
+    # from the step it resumes at
+    opts = options(setup, stage1=options(setup).stage1.replace(steps=60, checkpoint_every=2), admit_steps=40)
     kill_after_first_checkpoint(stage1_command(setup, opts, tmp_path / "a", tmp_path / "sa"), tmp_path / "sa")
     subprocess.run(stage1_command(setup, opts, tmp_path / "a", tmp_path / "sa"), check=True, capture_output=True)
     subprocess.run(stage1_command(setup, opts, tmp_path / "b", tmp_path / "sb"), check=True, capture_output=True)
@@ -357,6 +359,55 @@ def test_exported_models_carry_no_training_output_flags(stages):
     for stage in ("stage1", "stage2"):
         config = json.loads((out / stage / "config.json").read_text())
         assert config["output_router_logits"] is False and config["output_classifier_logits"] is False
+
+
+def test_an_admitted_expansion_starts_as_its_base_and_stage1_admits_and_trains_the_new_experts(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import moelang.models  # noqa: F401 (registers the expanded classes)
+
+    opts = options(setup, admit_steps=3)
+    record = expand.expand_variant(opts, setup / "plan.json", tmp_path / "stage0", setup / "profile")
+    assert record["admit_steps"] == 3
+    base = AutoModelForCausalLM.from_pretrained(setup / "start").eval()
+    grown = AutoModelForCausalLM.from_pretrained(tmp_path / "stage0").eval()
+    assert grown.config.new_expert_prior == 0.0
+    ids = torch.randint(3, base.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=1e-6)
+        # without the prior the copied router rows tie with their sources and the output moves
+        grown.config.new_expert_prior = 1.0
+        plain = AutoModelForCausalLM.from_config(grown.config).eval()
+        plain.load_state_dict(grown.state_dict())
+        assert not torch.allclose(plain(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-4)
+    expand.train_stage(1, opts, tmp_path / "stage0", tokens(setup, NEW), tmp_path / "stage1", tmp_path / "state")
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "stage1")
+    assert after.config.new_expert_prior == 1.0  # fully admitted: stage 2 and evaluation route without a prior
+    assert all(m.new_expert_prior == 1.0 for m in after.modules() if hasattr(m, "new_expert_prior"))
+    before, trained = weights(tmp_path / "stage0"), weights(tmp_path / "stage1")
+    for layer, first_new in ((0, 8), (1, 8)):
+        key = f"model.layers.{layer}.mlp.experts.down_proj"
+        assert torch.equal(before[key][:first_new], trained[key][:first_new])
+        assert not torch.equal(before[key][first_new:], trained[key][first_new:])  # admitted, so trained
+    with pytest.raises(MoelangError, match="admit_steps: 5; admit the new experts within stage 1 \\(0 to 4 steps"):
+        expand.check_options(opts.replace(admit_steps=5))
+
+
+def test_admission_sets_the_prior_of_each_step_on_every_router():
+    from families import tiny_model
+    from moelang.models.layermoe.admission import AdmittedExpertSubset, admission_prior
+    from moelang.models.layermoe.build import expand_model
+
+    assert [admission_prior(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert admission_prior(0, 0) == 1.0
+    grown, _ = expand_model(tiny_model("olmoe", seed=1), [2, 1], sources={0: [5, 3], 1: [7]})
+    method = AdmittedExpertSubset(experts={0: [8, 9], 1: [8]}, routers=[0, 1], admit_steps=4)
+    for step, prior in ((0, 0.25), (2, 0.75), (7, 1.0)):
+        method.before_step(grown, step)
+        assert [layer.mlp.gate.new_expert_prior for layer in grown.model.layers] == [prior, prior]
+        assert grown.config.new_expert_prior == prior
+    assert "admitted over 4 steps" in method.describe()
+    assert "admitted" not in AdmittedExpertSubset(experts={0: [8]}, routers=[0]).describe()
 
 
 def test_noise_perturbs_only_the_new_experts_of_a_grown_model():

@@ -288,6 +288,41 @@ def test_grown_model_restricted_to_the_original_experts_computes_the_base(family
     torch.testing.assert_close(logits_of(expanded, ids), logits_of(base, ids), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", GROWN)
+def test_a_grown_model_with_no_new_expert_prior_computes_the_base(family, tmp_path):
+    base = tiny_model(family).eval()
+    expanded, _ = expand_model(base, GROWN_NEW, sources=GROWN_SOURCES)
+    expanded.config.new_expert_prior = 0.0
+    expanded.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = token_ids(seed=2)
+    torch.testing.assert_close(logits_of(reloaded, ids), logits_of(base, ids), atol=1e-6, rtol=0)
+    assert all(bool((index < 8).all()) for index, _ in routing_of(reloaded, ids).values())
+
+
+@pytest.mark.parametrize("prior", [0.0, 0.3, 1.0])
+def test_the_new_expert_prior_scales_the_new_experts_softmax_mass(prior):
+    base = tiny_model("olmoe").eval()
+    expanded, _ = expand_model(base, GROWN_NEW, sources=GROWN_SOURCES)
+    router = expanded.model.layers[0].mlp.gate
+    router.new_expert_prior = prior
+    with torch.no_grad():  # copied rows tie with their sources; break the ties so the top-k is unique
+        router.weight[8:] += 0.1 * torch.randn(router.weight[8:].shape, generator=torch.Generator().manual_seed(5))
+    hidden = torch.randn(5, expanded.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, weights, index = router(hidden)
+        raw = (hidden.double() @ router.weight.double().T).exp()
+    # unnormalised probabilities: exp(logit) for the 8 original experts, prior x exp(logit) for the new
+    raw[:, 8:] *= prior
+    probs = raw / raw.sum(dim=-1, keepdim=True)
+    expected_weights, expected_index = probs.topk(router.top_k, dim=-1)
+    if router.norm_topk_prob:
+        expected_weights = expected_weights / expected_weights.sum(dim=-1, keepdim=True)
+    assert torch.equal(index, expected_index)
+    torch.testing.assert_close(weights.double(), expected_weights, atol=1e-6, rtol=0)
+    assert torch.isfinite(logits).all()
+
+
 def test_random_sources_are_seeded_and_inside_the_layer():
     base = tiny_model("olmoe").eval()
     _, first = expand_model(base, [5, 2], seed=7)

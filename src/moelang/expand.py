@@ -10,7 +10,10 @@ experts per layer and the classifier layers of a method: ``layermoe``, ``uniform
    new experts copy its parent languages' most-used experts of that layer (the routing profile of the
    start model, summed over the parents of the new languages; ``init: random`` copies random
    experts). The result is a ``layermoe_<family>`` transformers model, saved with its tokenizer and
-   ``expansion.json``.
+   ``expansion.json``. With ``admit_steps`` (ours) it is saved with the new experts' softmax mass at
+   0, so it computes exactly what the start model computes (a grown MoE's copied router rows would
+   otherwise tie with their sources), and stage 1 raises the mass to full over its first
+   ``admit_steps`` steps (:mod:`moelang.models.layermoe.admission`).
 2. **stage 1** (:func:`train_stage`, ``stage=1``): the new experts and the routers of the expanded
    layers train on the new languages (equal mixture), LM loss + ``stage1.aux_loss_coef`` x load
    balancing (each layer with its own expert count). The original experts, attention, norms and
@@ -233,6 +236,9 @@ def check_options(options: ExpandOptions) -> None:
         raise MoelangError(f"expansion option replay_fraction: {options.replay_fraction}; choose in [0, 1)")
     if not options.new:
         raise MoelangError("expansion: no new language; set allocation.new (or keep a target language)")
+    if not 0 <= options.admit_steps <= options.stage1.steps:
+        raise MoelangError(f"expansion option admit_steps: {options.admit_steps}; admit the new experts within stage 1 "
+                           f"(0 to {options.stage1.steps} steps, stage1.steps), or raise stage1.steps")
     for name in ("aux_loss_coef", "z_loss_coef"):
         if getattr(options.stage2, name):
             raise MoelangError(f"expansion option stage2.{name}: {getattr(options.stage2, name)}; stage 2 trains "
@@ -281,8 +287,12 @@ def expand_variant(options: ExpandOptions | dict, plan_path: str | Path, out_dir
     expanded, record = expand_model(model, new, top_k=options.top_k, sources=sources, noise=options.noise,
                                     seed=options.seed)
     del model
+    if options.admit_steps:
+        from moelang.models.layermoe.admission import set_new_expert_prior
+
+        set_new_expert_prior(expanded, 0.0)  # stage 1 admits the new experts; until then: the base's output
     record.update(variant=options.variant, plan=options.plan, start=options.start, start_ref=options.ref,
-                  init=options.init if grows else "ffn_copies", stage=0,
+                  init=options.init if grows else "ffn_copies", stage=0, admit_steps=options.admit_steps,
                   plan_classifier_layers=list(entry.get("classifier_layers") or []))
     log.info("expansion %s (%s plan): %d new experts, experts per layer %s", options.variant, options.plan,
              record["new_experts"], record["experts_per_layer"])
@@ -435,8 +445,9 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
     from transformers import AutoTokenizer
 
     from moelang.models import ModelAdapter, load_model
+    from moelang.models.layermoe.admission import AdmittedExpertSubset
     from moelang.models.layermoe.build import add_classifiers
-    from moelang.models.methods import ExpertSubset, ModuleSubset
+    from moelang.models.methods import ModuleSubset
     from moelang.registry import write_run_record
     from moelang.train import PackedStream, export_model, train
 
@@ -447,8 +458,9 @@ def _train(stage: int, options: ExpandOptions, model_dir: Path, token_files: dic
     layers = [layer for layer in adapter.moe_layers if layer.num_experts > layer.router.num_original]
     loss_fn = None
     if stage == 1:
-        method = ExpertSubset(experts={m.index: list(range(m.router.num_original, m.num_experts)) for m in layers},
-                              routers=[m.index for m in layers])
+        method = AdmittedExpertSubset(experts={m.index: list(range(m.router.num_original, m.num_experts))
+                                               for m in layers},
+                                      routers=[m.index for m in layers], admit_steps=options.admit_steps)
     else:
         add_classifiers(model, classifier_layers, seed=options.seed, pooling=options.classifier_pooling,
                         decision=options.classifier_decision)

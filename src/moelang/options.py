@@ -594,6 +594,11 @@ class ExpandOptions(LoadOptions):
     random existing experts (``random``). A dense base always copies its FFN."""
     noise: float = 0.0
     """Relative std of Gaussian noise added to the copies (0: exact copies, the authors' way)."""
+    admit_steps: int = 0
+    """Stage 1 admits the new experts over this many steps (ours; 0: the authors' way, they compete
+    from the start): the expanded model starts with the new experts' softmax mass at 0, so it computes
+    exactly what its base computes, and stage 1 raises it linearly to 1
+    (:mod:`moelang.models.layermoe.admission`). At most ``stage1.steps``."""
     stage1: TrainSettings = field(default_factory=lambda: TrainSettings(
         steps=100, lr=5e-5, warmup_steps=0, min_lr_ratio=0.0, betas=(0.9, 0.999), weight_decay=0.0, aux_loss_coef=0.01))
     """Stage 1 (new experts and routers on the new languages): the authors' optimiser as default

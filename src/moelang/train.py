@@ -34,7 +34,7 @@ Causal-LM training on the token Parquet files of the tokenize stage:
   outputs before it removes the state, so a kill at any point loses at most the steps since the last
   checkpoint;
 * **methods and losses**: a training method (:mod:`moelang.models.methods`) decides what trains
-  through hooks (``prepare``, ``step_context``, ``export_state``, ``finalize``); the engine knows no
+  through hooks (``prepare``, ``before_step``, ``step_context``, ``export_state``, ``finalize``); the engine knows no
   trainable-subset mechanism. A loss function (:data:`LossFn`) turns the model's output, the batch
   and each sequence's language into the loss and the metrics of the log;
 * **log**: one row per optimizer step in ``train_log.parquet`` (see :data:`LOG_SCHEMA`, then the loss
@@ -730,6 +730,8 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
             raise MoelangError(f"cannot resume from {checkpoint} ({type(exc).__name__}: {first}); delete {state_dir} "
                                f"to start over") from None
         resumed = start_step
+        if start_step:  # scheduled settings as the last completed step left them (an export may follow)
+            method.before_step(unwrapped, start_step - 1)
         log.info("training: resuming from %s (step %d of %d)", checkpoint, start_step, settings.steps)
     # The lr of step s is a pure function of s, so a resumed run continues the same schedule.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings), last_epoch=start_step - 1)
@@ -746,6 +748,7 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
     step = start_step
     for step in range(start_step, settings.steps):
         step_start = time.perf_counter()
+        method.before_step(unwrapped, step)
         totals: dict[str, float] = {"loss": 0.0, "aux_loss": 0.0}  # the log's columns, in order
         step_tokens = 0
         for micro in range(settings.grad_accum):

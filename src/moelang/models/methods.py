@@ -6,6 +6,9 @@ The engine (:func:`moelang.train.train`) knows nothing of trainable subsets; it 
   experts, add adapters); returns the trainable parameters. Called once, before the optimizer is
   built and before a checkpoint is restored (checkpoints key trainable tensors by parameter name,
   so the prepared model must have the names it had when the checkpoint was written);
+* ``before_step(model, step)``: at the start of every training step (0-based), also the first
+  step after a resume: a setting that follows a schedule (LayerMoE's new-expert admission) is a pure
+  function of the step, so a resumed run sets what the uninterrupted one had;
 * ``step_context()``: a context manager around each training forward and backward, and only
   those (the router mask of expert fine-tuning lives there; evaluation never sees it);
 * ``export_state(model)``: the weights to export under the original architecture's names, or
@@ -52,6 +55,9 @@ class TrainingMethod:
 
     def prepare(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
+
+    def before_step(self, model: nn.Module, step: int) -> None:
+        pass
 
     def step_context(self):
         # expert-rows parametrizations are evaluated once per forward (no-op without them)

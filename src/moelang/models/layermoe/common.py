@@ -15,6 +15,14 @@ in fp32, top-k with ``k = min(num_experts_per_tok, experts)``, the k weights ren
 family's choice). Router logits are returned for every token (``output_router_logits``), also where
 a classifier restricts the choice.
 
+New-expert prior (``new_expert_prior``, alpha in [0, 1], default 1): the new experts' logits get
+``log(alpha)`` added before the softmax, so each new expert's unnormalised probability is alpha times
+its own. At 0 no new expert is ever chosen and its probability is exactly 0, so the layer routes and
+weighs exactly as it did before the expansion (a grown MoE layer computes its base's output; the
+returned logits then carry a finite -1e4, not -inf, so log-probabilities stay finite). Stage 1 of
+the expansion can ramp it from 0 to 1 (:mod:`moelang.models.layermoe.admission`); a trained model
+keeps 1, where the term vanishes.
+
 Router classifier (:class:`RouterClassifier`, on ``classifier_layers``): a bias-free linear layer
 (hidden -> ``classifier_groups``) on a pooled statistic of the layer's MLP input; its argmax is a
 hard decision (in training too). Class 0 (old): each token is routed among the layer's original
@@ -60,6 +68,7 @@ the default where it runs; ``batched_mm``; ``eager``), the upcycled families too
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +97,7 @@ EXPANDED_FIELDS: dict[str, tuple[object, object]] = {
     "output_classifier_logits": (bool, False),
     "router_aux_loss_coef": (float, 0.01),
     "expanded_from": (str | None, None),
+    "new_expert_prior": (float, 1.0),
 }
 
 
@@ -137,10 +147,16 @@ class ExpandedTopKRouter(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.restrict: torch.Tensor | None = None
+        self.new_expert_prior = 1.0
 
     def forward(self, hidden_states: torch.Tensor):
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states, self.weight)
+        if self.new_expert_prior < 1 and self.num_experts > self.num_original:
+            # log(0) as -1e4: exp underflows to exactly 0 in fp32 and log-softmax stays finite
+            offset = math.log(self.new_expert_prior) if self.new_expert_prior > 0 else -1e4
+            router_logits = torch.cat([router_logits[:, : self.num_original],
+                                       router_logits[:, self.num_original:] + offset], dim=-1)
         probs = torch.softmax(router_logits.float(), dim=-1)
         weights, index = torch.topk(probs, self.top_k, dim=-1)
         if self.restrict is not None and bool(self.restrict.any()):
@@ -164,7 +180,8 @@ class ExpandedTopKRouter(nn.Module):
         return weights, index
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, original={self.num_original}, top_k={self.top_k}"
+        prior = f", new_expert_prior={self.new_expert_prior:g}" if self.new_expert_prior != 1 else ""
+        return f"experts={self.num_experts}, original={self.num_original}, top_k={self.top_k}{prior}"
 
 
 CLASSIFIER_POOLINGS = ("mean", "sum")
@@ -269,8 +286,10 @@ class ClassifiedRoutingMixin:
 
 
 def _router_for(config, layer_idx: int) -> ExpandedTopKRouter:
-    return ExpandedTopKRouter(config.hidden_size, layer_counts(config)[layer_idx], config.num_experts_per_tok,
-                              original_counts(config)[layer_idx], bool(config.norm_topk_prob))
+    router = ExpandedTopKRouter(config.hidden_size, layer_counts(config)[layer_idx], config.num_experts_per_tok,
+                                original_counts(config)[layer_idx], bool(config.norm_topk_prob))
+    router.new_expert_prior = float(config.new_expert_prior)
+    return router
 
 
 def _classifier_for(config, layer_idx: int) -> RouterClassifier | None:
