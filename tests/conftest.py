@@ -71,3 +71,14 @@ def tiny_run(tmp_path_factory):
     proc = snakemake(work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work, proc
+
+
+@pytest.fixture
+def bf16_process():
+    """accelerate keeps one mixed-precision setting per process (a job trains in one dtype): the other
+    tests' fp32 state is cleared before this test and after it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()

@@ -320,17 +320,6 @@ def test_the_progress_line_is_compact_whatever_the_number_of_runs():
     assert best_and_worst([("a", 2.5)]) == "a 2.500"
 
 
-@pytest.fixture
-def bf16_process():
-    """accelerate keeps one mixed-precision setting per process (a job trains in one dtype): the other
-    tests' fp32 state is cleared before this test and after it."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-
-
 def test_a_bf16_sweep_ends_as_each_run_alone(token_files, tmp_path, bf16_process):
     # bf16 autocast: the shared pass runs under the same autocast as each run's forward
     run_settings = [settings(steps=3, lr=lr, dtype="bf16", checkpoint_every=0) for lr in LRS[1:]]

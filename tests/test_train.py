@@ -451,3 +451,46 @@ def test_publish_refuses_a_state_without_the_export(tmp_path):
     (tmp_path / "s").mkdir()
     with pytest.raises(MoelangError, match="lacks the staged export\\(s\\) step-4; delete .* to train again"):
         publish(tmp_path / "s", {"step-4": tmp_path / "out"})
+
+
+def test_bf16_weights_train_as_fp32_master_weights_and_export_in_bf16(token_files, tmp_path, bf16_process):
+    """A model loaded in bf16 (the paper configs) trains its weights in fp32: the export equals, after
+    rounding to bf16, the same run on the model made fp32 by hand; stepping the bf16 weights themselves
+    (what AdamW did before) rounds small updates away and ends elsewhere."""
+    settings = TrainSettings(steps=6, seq_len=16, micro_batch_size=4, lr=1e-5, warmup_steps=0, min_lr_ratio=1.0,
+                             dtype="bf16", weight_decay=0.0, aux_loss_coef=0.01)
+
+    def stream():
+        return PackedStream(token_files, {"en": 1.0, "es": 1.0}, settings.seq_len, EOS, seed=0)
+
+    half = tiny_model("olmoe", seed=3).to(torch.bfloat16)
+    exported = {}
+    train(half, stream(), settings, tmp_path / "a",
+          export_steps={settings.steps: lambda m, sd: exported.update(sd or m.state_dict())})
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # given back as it came
+    assert all(t.dtype == torch.bfloat16 for t in exported.values() if t.is_floating_point())
+
+    by_hand = tiny_model("olmoe", seed=3).to(torch.bfloat16).float()  # the same bf16 start, in fp32
+    train(by_hand, stream(), settings, tmp_path / "b")
+    for name, tensor in by_hand.state_dict().items():
+        assert torch.equal(exported[name], tensor.to(torch.bfloat16)), name
+        assert torch.equal(half.state_dict()[name], tensor.to(torch.bfloat16)), name
+
+    # the old way: AdamW on the bf16 tensors themselves
+    pure = tiny_model("olmoe", seed=3).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(pure.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=0.0)
+    batches = stream()
+    for _ in range(settings.steps):
+        batch, _ = batches.next_batch(settings.micro_batch_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pure(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    # at this rate an update is below half a bf16 step of most weights: AdamW on bf16 leaves them
+    # where they were, while the fp32 master weights all move (rounded only when exported)
+    start = tiny_model("olmoe", seed=3).to(torch.bfloat16).state_dict()
+
+    def unmoved(state):
+        return sum(int((state[k].float() == start[k].float()).sum()) for k in start) / sum(t.numel() for t in start.values())
+
+    assert unmoved(pure.state_dict()) > 0.5 and unmoved(by_hand.state_dict()) < 0.05

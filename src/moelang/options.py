@@ -302,7 +302,8 @@ class TrainSettings(StageOptions):
     decay_norms_and_biases: bool = False
     """Weight decay on 1-D tensors too (the OLMo trainer's choice)."""
     dtype: str = "fp32"
-    """fp32 | bf16 (autocast)."""
+    """fp32 | bf16 (autocast). The optimizer steps fp32 weights either way: trainable tensors of a
+    model loaded in half precision train as fp32 master weights (:func:`moelang.train.fp32_master_weights`)."""
     parallelism: str = "ddp"
     """ddp | fsdp: how several processes share the work (one process: neither)."""
     checkpoint_every: int = 0
