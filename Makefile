@@ -2,6 +2,9 @@
 #   make run    create .venv (first time) and run the whole pipeline on the embedded default, offline,
 #               then write Snakemake's HTML report (results/report.html)
 #   make test   create .venv (first time) and run the test suite
+# and, beyond the README's two:
+#   make rehearse   both paper configs at the real models' widths on this machine (README "Paper scale,
+#                   rehearsed"): stand-ins, the whole DAG, a table of each stage's wall time, memory, output
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 PYTHON ?= python3
@@ -12,7 +15,7 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 # The default run and the tests never reach a model or dataset hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: env run test bench figures clean-results
+.PHONY: env run test bench figures clean-results rehearse
 
 $(STAMP): pyproject.toml requirements/catalogs.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +38,23 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/python benchmarks/tokenize_overlap.py
+
+# Each rehearsal runs in rehearsal/<name>/ (its inputs/ are the stand-ins of the paper config, made
+# once; results/ as a run's), then prints its table of jobs (rehearsal/<name>/usage.md). Depth cuts:
+# OLMoE-1B-7B 2 of 16 layers (CPT's fp32 weights, gradients and AdamW moments of 1.05B parameters take
+# 17 GB), Qwen1.5-1.8B 4 of 24 (stage 1 of the uniform plan trains 20 new FFN-width experts).
+REHEARSALS := olmoe:config/olmoe-m7.yaml:2 qwen:config/layermoe-qwen.yaml:4
+rehearse: $(STAMP)
+	for entry in $(REHEARSALS); do \
+	    IFS=: read -r name paper layers <<< "$$entry"; \
+	    mkdir -p rehearsal/$$name; \
+	    ( cd rehearsal/$$name \
+	      && $(OFFLINE) ../../$(VENV)/bin/python -m moelang standins --configfile ../../$$paper --layers $$layers --out inputs \
+	      && $(OFFLINE) MOELANG_USAGE_DIR=results/usage ../../$(VENV)/bin/snakemake --snakefile ../../workflow/Snakefile \
+	           --configfile ../$$name.yaml \
+	      && ../../$(VENV)/bin/python -m moelang usage --dir results/usage --out results/usage.parquet > usage.md ); \
+	    cat rehearsal/$$name/usage.md; \
+	done
 
 clean-results:
 	rm -rf results/* .snakemake

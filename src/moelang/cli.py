@@ -390,6 +390,22 @@ def cmd_report_figures(args) -> None:
     export_figures(args.figures, args.out, args.max_width)
 
 
+def cmd_usage(args) -> None:
+    from moelang.usage import main_usage
+
+    main_usage(args.dir, args.out)
+
+
+def cmd_standins(args) -> None:
+    from moelang.rehearsal import make_standins, read_paper_config
+
+    record = make_standins(read_paper_config(args.configfile), args.out, args.layers, seed=args.seed)
+    model = record["model"]
+    print(f"stand-ins in {args.out}: {model['architecture']} cut to {model['layers']} of {model['of_layers']} layers "
+          f"({model['parameters']:,} parameters, bf16, random), corpus of {len(record['corpus'])} languages, task "
+          f"mirrors {', '.join(f'{t} ({len(c)})' for t, c in record['mirror'].items()) or 'none'}")
+
+
 def cmd_options(args) -> None:
     stages = [args.stage] if args.stage else sorted(opts.STAGE_OPTIONS)
     print("\n\n".join(f"moelang {stage}: {opts.describe(opts.STAGE_OPTIONS[stage])}" for stage in stages))
@@ -638,6 +654,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-width", type=int, default=1000, help="largest width in pixels (default 1000)")
     p.set_defaults(func=cmd_report_figures)
 
+    p = sub.add_parser("standins", help="local stand-ins of a paper config's hub model, corpus and tasks (rehearsals)")
+    p.add_argument("--configfile", required=True, help="the paper config whose inputs to stand in for")
+    p.add_argument("--layers", type=int, required=True, help="decoder layers of the stand-in model (the depth cut)")
+    p.add_argument("--out", required=True, help="directory of the stand-ins (model/, corpus/, mirror/, inputs.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the task items")
+    p.set_defaults(func=cmd_standins)
+
+    p = sub.add_parser("usage", help="per-stage wall time, peak memory and output size of a run's jobs (MOELANG_USAGE_DIR)")
+    p.add_argument("--dir", required=True, help="the directory MOELANG_USAGE_DIR pointed at")
+    p.add_argument("--out", help="also write the per-job table as Parquet here")
+    p.set_defaults(func=cmd_usage)
+
     p = sub.add_parser("options", help="describe a stage's options: fields, types, defaults, what each does")
     p.add_argument("stage", nargs="?", choices=sorted(opts.STAGE_OPTIONS), help="subcommand (default: all)")
     p.set_defaults(func=cmd_options)
@@ -669,7 +697,22 @@ def _unreadable_parquet_input(args) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import time
+
+    from moelang.usage import record_usage
+
+    started = time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    status = 1
+    try:
+        status = _run(args)
+    finally:
+        record_usage(args.stage, argv, started, status == 0)  # with MOELANG_USAGE_DIR only
+    return status
+
+
+def _run(args) -> int:
     from moelang.io import setup_logging
 
     setup_logging(args.verbose)

@@ -177,7 +177,7 @@ class LoadOptions(StageOptions):
 # --------------------------------------------------------------------------------------------------
 
 BUILTIN_DEFAULT = {
-    "packages": ["Django", "Sphinx", "plone.app.locales", "wagtail", "weblate-language-data"],
+    "packages": ["Django", "Sphinx", "plone.app.locales", "wagtail", "weblate"],
     "english_prose": ["pydoc_topics"],
 }
 
