@@ -708,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = _run(args)
     finally:
-        record_usage(args.stage, argv, started, status == 0)  # with MOELANG_USAGE_DIR only
+        subcommand = next(a for a in argv if not a.startswith("-"))  # ("options" has its own "stage")
+        record_usage(subcommand, argv, started, status == 0)  # with MOELANG_USAGE_DIR only
     return status
 
 
