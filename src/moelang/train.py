@@ -22,8 +22,11 @@ Causal-LM training on the token Parquet files of the tokenize stage:
   (``find_unused_parameters``): otherwise it rebuilds the buckets after the first iteration, a resumed
   run's first step would reduce in another order, and with more than 2 processes the weights would
   differ in the last bits (measured: up to 6e-8 after 12 steps with 4 processes). FSDP's reduce-scatter
-  buffers have one layout from the start. Tensors are stored whole and keyed by parameter name, under
-  every parallelism: a checkpoint of one resumes under another (equal up to float summation order);
+  buffers have one layout from the start. Tensors are keyed by parameter name: stored whole by the
+  first process under DDP and with one process, sharded under FSDP (each process writes its own rows,
+  :func:`save_sharded_checkpoint`); the shards join into the whole tensors, so a checkpoint of one
+  parallelism resumes under the other (equal up to float summation order). The newest
+  ``keep_last_states`` checkpoints are kept;
 * **the state directory** belongs to its inputs: :func:`run_fingerprint` (start weights and config,
   trainable-parameter set, token files, the caller's tokenizer and model source) is written into it
   when a run starts, and a state with another fingerprint (or none) is discarded, with its staged
