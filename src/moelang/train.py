@@ -423,10 +423,15 @@ def read_whole_tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:
 
 def _load_own_shards(path: Path, model, optimizer, param_groups: list[dict], rank: int, processes: int) -> None:
     """Each process of an FSDP run puts its own shards of a sharded checkpoint back (same process count)."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
     from torch.distributed.tensor import DTensor
 
-    params = dict(model.named_parameters())
+    # the live parameters under the names the checkpoint was saved with (wrapper prefixes removed)
+    params = get_model_state_dict(model, options=_state_options(False))
 
     def like(key: str, name: str, value: torch.Tensor):
         live = params[name]
