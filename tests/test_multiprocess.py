@@ -7,6 +7,7 @@ single-process run up to float reduction order.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,12 +108,37 @@ def strip(rows):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
 
 
+def assert_sharded_layout(checkpoint, processes=2):
+    """An FSDP checkpoint is written by every process: its own shard of each tensor (FSDP2 cuts along
+    the first dimension as torch.chunk does), and no whole-tensor file."""
+    from families import tiny_model
+
+    from moelang.train import read_whole_tensors, shard_file
+
+    names = sorted(p.name for p in checkpoint.iterdir())
+    shards = [shard_file(kind, rank, processes) for kind in ("optimizer", "trainable") for rank in range(processes)]
+    assert names == sorted(shards + ["rng.safetensors", "state.json", "train_log.parquet"]), names
+    model = dict(tiny_model("olmoe", seed=3).named_parameters())
+    for rank in range(processes):
+        part = load_file(str(checkpoint / shard_file("trainable", rank, processes)))
+        assert part.keys() == model.keys()
+        for name, param in model.items():  # an independent computation of this process's rows
+            assert part[name].shape == torch.chunk(torch.empty(param.shape), processes)[rank].shape, name
+        share = sum(t.numel() for t in part.values()) / sum(p.numel() for p in model.values())
+        assert abs(share - 1 / processes) < 0.02, share
+        moments = load_file(str(checkpoint / shard_file("optimizer", rank, processes)))
+        assert all(moments[f"{name}.exp_avg"].shape == part[name].shape for name in model)
+    whole = read_whole_tensors(checkpoint, "trainable")
+    assert {k: v.shape for k, v in whole.items()} == {k: p.shape for k, p in model.items()}
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
 def test_killed_fsdp_run_resumes_to_bit_identical_weights(fsdp_reference):
     tmp_path, whole, weights = fsdp_reference
     run_engine(tmp_path, "killed", "fsdp", stop_after=7)
-    assert (tmp_path / "state-killed" / "step-5" / "state.json").is_file()
+    assert_sharded_layout(tmp_path / "state-killed" / "step-5")
     assert not (tmp_path / "killed").exists()
+    shutil.copytree(tmp_path / "state-killed", tmp_path / "state-to-ddp")
     resumed = run_engine(tmp_path, "killed", "fsdp")
     assert resumed["resumed_from"] == 5
     again = load_file(str(tmp_path / "killed" / "model.safetensors"))
@@ -120,6 +146,13 @@ def test_killed_fsdp_run_resumes_to_bit_identical_weights(fsdp_reference):
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     assert strip(whole["log"]) == strip(resumed["log"])
     assert not (tmp_path / "state-killed").exists()
+    # the shards join into whole tensors: the same checkpoint resumes under DDP (equal up to the order
+    # of float sums; wrongly joined shards would differ by the size of the weights)
+    to_ddp = run_engine(tmp_path, "to-ddp", "ddp", state="state-to-ddp")
+    assert to_ddp["resumed_from"] == 5
+    under_ddp = load_file(str(tmp_path / "to-ddp" / "model.safetensors"))
+    assert max(float((weights[k] - under_ddp[k]).abs().max()) for k in weights) < 1e-5
+    assert [r["loss"] for r in whole["log"]] == pytest.approx([r["loss"] for r in to_ddp["log"]], rel=1e-5)
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
@@ -152,6 +185,27 @@ def test_four_processes_resume_to_bit_identical_weights(tmp_path, parallelism):
     gap = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert gap == 0.0, gap
     assert strip(whole["log"]) == strip(resumed["log"])
+
+
+@pytest.mark.skipif(not TORCHRUN.exists() or not Path("/proc/self/stat").exists(),
+                    reason="torchrun is not installed, or no /proc to find its workers")
+def test_the_fsdp_rehearsal_survives_a_sigkill_bit_for_bit(tmp_path):
+    # benchmarks/fsdp_rehearsal.py at toy width: config/olmoe-m7.yaml's CPT settings (bf16 weights and
+    # autocast, FSDP, z-loss), a SIGKILL of the torchrun launcher after the checkpoint of step 4 (before
+    # the one of step 2 is pruned), a restart; the script itself checks the sharded layout and fails
+    # unless the final export and the log equal an uninterrupted run's
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fsdp_rehearsal.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--work", str(tmp_path / "work"),
+                           "--json", str(tmp_path / "result.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["bit_identical_weights"] and result["log_identical"] and result["resumed_from"] == 4
+    assert result["states_when_killed"] == ["step-2", "step-4"]
+    assert result["parameter_share_per_rank"] == [0.5, 0.5]
+    # the weights moved (bf16 weights at the paper's rate): equal ends are not equal starts
+    assert result["fraction_of_weights_changed_by_training"] > 0.5
+    # a state is 3 tensors a parameter in bf16: weights and AdamW's two moments
+    assert 6 * result["parameters"] < result["checkpoint_bytes"] < 6 * result["parameters"] + 200_000
 
 
 def children(pid):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from families import COMMON, FAMILY_CONFIGS, tiny_model
-from moelang.errors import MoelangError
+from moelang.errors import ConfigError, MoelangError
 from moelang.models import ModelAdapter, build_config, init_model, train_only
 from moelang.models.methods import ExpertSubset
 from moelang.tokenize import TOKENS_SCHEMA
@@ -195,6 +195,53 @@ def test_killed_run_resumes_to_bit_identical_weights(token_files, tmp_path, part
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
     assert strip(whole_result.log) == strip(resumed_result.log)
     assert not (tmp_path / "b").exists()  # state is removed after success
+
+
+@pytest.mark.parametrize(("keep_killed", "keep_resumed"), [(1, 1), (2, 1), (5, 3)])
+def test_keep_last_states_keeps_the_newest_and_resumes_from_the_last(token_files, tmp_path, keep_killed,
+                                                                    keep_resumed):
+    # checkpoints at steps 2, 4 and 6 of 8; the run is killed after step 7
+    def one(state_dir, keep, stop_after=None):
+        model = tiny_model("olmoe", seed=3)
+        stream = PackedStream(token_files, {"en": 1, "es": 1}, seq_len=16, eos_id=EOS, seed=0)
+        result = train(model, stream, settings(checkpoint_every=2, keep_last_states=keep), state_dir,
+                       stop_after=stop_after)
+        return model, result
+
+    whole, whole_result = one(tmp_path / "whole", 1)
+    one(tmp_path / "s", keep_killed, stop_after=7)
+    kept = sorted(p.name for p in (tmp_path / "s").glob("step-*"))
+    assert kept == ["step-2", "step-4", "step-6"][-keep_killed:]
+    assert all((tmp_path / "s" / name / "state.json").is_file() for name in kept)
+    # keep_last_states may change between a kill and its resume: it changes no result
+    resumed, resumed_result = one(tmp_path / "s", keep_resumed)
+    assert resumed_result.resumed_from == 6
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in whole_result.log] == [r["loss"] for r in resumed_result.log]
+    # the resumed run wrote no state (the last step has none): the killed run's stay until publishing,
+    # which removes them all
+    assert sorted(p.name for p in (tmp_path / "s").glob("step-*")) == kept
+    publish(tmp_path / "s", {})
+    assert not (tmp_path / "s").exists()
+
+
+def test_pruning_removes_older_and_unfinished_checkpoints(tmp_path):
+    from moelang.train import _prune
+
+    for name in ("step-2", "step-4", "step-10"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text("{}")
+    (tmp_path / "step-12").mkdir()  # killed while written (no state.json)
+    (tmp_path / ".step-14.partial").mkdir()  # a sharded checkpoint killed while its processes wrote it
+    (tmp_path / "exports").mkdir()
+    _prune(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "step-10", "step-4"]  # by step, not by name
+
+
+def test_keep_last_states_below_one_is_refused():
+    with pytest.raises(ConfigError, match="keep_last_states: 0 keeps no state"):
+        TrainSettings(steps=4, keep_last_states=0)
 
 
 def test_resume_with_other_settings_is_refused(token_files, tmp_path):

@@ -308,6 +308,11 @@ class TrainSettings(StageOptions):
     """ddp | fsdp: how several processes share the work (one process: neither)."""
     checkpoint_every: int = 0
     """Optimizer steps between training-state checkpoints (0: none in between)."""
+    keep_last_states: int = 1
+    """Training states (checkpoints with optimizer state, to resume from) kept in the state directory
+    while the run goes on: the newest N. Each new one is written whole before the oldest is removed, so
+    the disk holds up to N + 1 while one is written. When the run completes, its exports are published
+    and the state directory is removed with every state in it: only the exports remain (exports only)."""
     seed: int = 0
     """Seed of initialisation, data order and dropout (the run's ``seed``)."""
     mixture: dict[str, float] = field(default_factory=dict)
@@ -319,6 +324,9 @@ class TrainSettings(StageOptions):
                               f"{', '.join(PARALLELISMS)}; fix the value")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"training option dtype: {self.dtype!r} is not fp32 or bf16; fix the value")
+        if self.keep_last_states < 1:
+            raise ConfigError(f"training option keep_last_states: {self.keep_last_states} keeps no state to resume from; "
+                              f"set 1 or more (checkpoint_every: 0 writes none)")
 
 
 PARALLELISMS = ("ddp", "fsdp")

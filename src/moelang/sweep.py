@@ -655,4 +655,4 @@ class _Sweep:
                                 run.rows, settings, processes=1)
             finally:
                 _set_rng_state(saved)
-            _prune(state_dir, keep=done)
+            _prune(state_dir, settings.keep_last_states)

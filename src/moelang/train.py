@@ -25,8 +25,11 @@ Causal-LM training on the token Parquet files of the tokenize stage:
   (``find_unused_parameters``): otherwise it rebuilds the buckets after the first iteration, a resumed
   run's first step would reduce in another order, and with more than 2 processes the weights would
   differ in the last bits (measured: up to 6e-8 after 12 steps with 4 processes). FSDP's reduce-scatter
-  buffers have one layout from the start. Tensors are stored whole and keyed by parameter name, under
-  every parallelism: a checkpoint of one resumes under another (equal up to float summation order);
+  buffers have one layout from the start. Tensors are keyed by parameter name: stored whole by the
+  first process under DDP and with one process, sharded under FSDP (each process writes its own rows,
+  :func:`save_sharded_checkpoint`); the shards join into the whole tensors, so a checkpoint of one
+  parallelism resumes under the other (equal up to float summation order). The newest
+  ``keep_last_states`` checkpoints are kept;
 * **the state directory** belongs to its inputs: :func:`run_fingerprint` (start weights and config,
   trainable-parameter set, token files, the caller's tokenizer and model source) is written into it
   when a run starts, and a state with another fingerprint (or none) is discarded, with its staged
@@ -139,8 +142,8 @@ def lm_loss(aux_loss_coef: float, uses_aux: bool, z_loss_coef: float = 0.0) -> L
 
 
 # Settings a checkpoint may be resumed under with another value: they change neither the result's
-# definition nor the checkpoint's content (tensors are stored whole under every parallelism).
-RESUMABLE_ACROSS = ("checkpoint_every", "parallelism")
+# definition nor the checkpoint's content (a sharded checkpoint's shards join into the whole tensors).
+RESUMABLE_ACROSS = ("checkpoint_every", "parallelism", "keep_last_states")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,31 +305,156 @@ def gather_state(model, optimizer, sharded: bool) -> tuple[dict[str, torch.Tenso
     return tensors, get_optimizer_state_dict(model, optimizer, options=options)
 
 
+def _optimizer_tensors(optim_state: dict) -> dict[str, torch.Tensor]:
+    # "<parameter name>.<state key>": AdamW's keys (step, exp_avg, exp_avg_sq) have no dot
+    return {f"{name}.{key}": value for name, state in optim_state["state"].items()
+            for key, value in state.items() if torch.is_tensor(value)}
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], optim_state: dict, step: int, tokens: int,
                     stream: PackedStream, log_rows: list[dict], settings: TrainSettings, processes: int = 1) -> None:
     """Write what :func:`gather_state` returned, with the rest of the run's state (main process only)."""
     with atomic_dir(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
-        # "<parameter name>.<state key>": AdamW's keys (step, exp_avg, exp_avg_sq) have no dot
-        opt_tensors = {f"{name}.{key}": value.detach().contiguous().cpu() for name, state in optim_state["state"].items()
-                       for key, value in state.items() if torch.is_tensor(value)}
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, state in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda{i}"] = state
-        save_file(rng, str(tmp / "rng.safetensors"))
-        meta = {
-            "step": step,
-            "tokens": tokens,
-            "param_groups": optim_state["param_groups"],  # "params": parameter names
-            "stream": stream.state_dict(),
-            "python_random": _jsonable(random.getstate()),
-            "settings": asdict(settings),
-            "processes": processes,
-        }
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        pq.write_table(pa.Table.from_pylist(log_rows, schema=log_schema(log_rows)), tmp / "train_log.parquet")
+        save_file(_cpu(tensors), str(tmp / "trainable.safetensors"))
+        save_file(_cpu(_optimizer_tensors(optim_state)), str(tmp / "optimizer.safetensors"))
+        _write_run_state(tmp, optim_state["param_groups"], step, tokens, stream, log_rows, settings, processes)
+
+
+def _write_run_state(directory: Path, param_groups: list[dict], step: int, tokens: int, stream: PackedStream,
+                     log_rows: list[dict], settings: TrainSettings, processes: int, **extra) -> None:
+    """A checkpoint's files besides the tensors: RNG states, ``state.json`` (``extra`` joins it), the log."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{i}"] = state
+    save_file(rng, str(directory / "rng.safetensors"))
+    meta = {
+        "step": step,
+        "tokens": tokens,
+        "param_groups": param_groups,  # "params": parameter names
+        "stream": stream.state_dict(),
+        "python_random": _jsonable(random.getstate()),
+        "settings": asdict(settings),
+        "processes": processes,
+    } | extra
+    (directory / "state.json").write_text(json.dumps(meta, indent=1))
+    pq.write_table(pa.Table.from_pylist(log_rows, schema=log_schema(log_rows)), directory / "train_log.parquet")
+
+
+# Under FSDP with several processes each process writes its own shards (FSDP2 cuts every tensor along
+# its first dimension as torch.chunk does): no process ever holds the whole state, and the processes
+# write at once. OLMoE-1B-7B's state (weights and two AdamW moments, 41 GB in bf16) would otherwise
+# be gathered into the first process's memory and written by it alone at every checkpoint.
+SHARD_DIM = 0
+
+
+def shard_file(kind: str, rank: int, processes: int) -> str:
+    """The name of process ``rank``'s file of ``kind`` (``trainable`` or ``optimizer``) in a sharded checkpoint."""
+    return f"{kind}-rank{rank:05d}-of-{processes:05d}.safetensors"
+
+
+def _local_shards(state: dict[str, Any], what: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """This process's part of each tensor of ``state`` and the whole shapes of those that are shards;
+    a plain tensor (AdamW's step count) is the same on every process and stored whole by each."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    local, whole = {}, {}
+    for key, value in state.items():
+        if isinstance(value, DTensor):
+            if tuple(value.placements) != (Shard(SHARD_DIM),):
+                raise MoelangError(f"checkpoint: {what} {key} is placed {value.placements}, not sharded along dimension "
+                                   f"{SHARD_DIM}; this parallelism is not supported by sharded checkpoints")
+            whole[key] = list(value.shape)
+            value = value.to_local()
+        local[key] = value
+    return _cpu(local), whole
+
+
+def save_sharded_checkpoint(path: Path, model, optimizer, step: int, tokens: int, stream: PackedStream,
+                            log_rows: list[dict], settings: TrainSettings, rank: int, processes: int,
+                            barrier: Callable[[], None]) -> None:
+    """Every process of an FSDP run writes its shards of the trainable tensors and of the optimizer
+    state (:func:`shard_file`); the first one also writes the rest of the run's state, with the whole
+    shape of every sharded tensor (``state.json``: ``sharded``). A collective: every process calls it.
+    The files go to a hidden ``.step-N.partial`` directory renamed to ``step-N`` once all are written."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    partial = path.with_name(f".{path.name}.partial")
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # a leftover of a killed run
+        partial.mkdir(parents=True)
+    barrier()
+    options = _state_options(False)
+    trainable, whole = _local_shards(get_model_state_dict(model, options=options), "parameter")
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    moments, whole_moments = _local_shards(_optimizer_tensors(optim_state), "optimizer state")
+    save_file(trainable, str(partial / shard_file("trainable", rank, processes)))
+    save_file(moments, str(partial / shard_file("optimizer", rank, processes)))
+    barrier()
+    if rank == 0:
+        _write_run_state(partial, optim_state["param_groups"], step, tokens, stream, log_rows, settings, processes,
+                         sharded={"dim": SHARD_DIM, "trainable": whole, "optimizer": whole_moments})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(partial, path)
+    barrier()
+
+
+def read_whole_tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    """The whole tensors of a checkpoint's ``kind`` (``trainable`` or ``optimizer``), in either form:
+    one file, or the shards of every process joined along the sharded dimension."""
+    if (path / f"{kind}.safetensors").is_file():
+        return load_file(str(path / f"{kind}.safetensors"))
+    meta = json.loads((path / "state.json").read_text())
+    processes, sharded = meta["processes"], meta["sharded"]
+    parts = [load_file(str(path / shard_file(kind, rank, processes))) for rank in range(processes)]
+    whole = {}
+    for key, value in parts[0].items():
+        if key not in sharded[kind]:
+            whole[key] = value
+            continue
+        whole[key] = torch.cat([part[key] for part in parts], dim=sharded["dim"])
+        if list(whole[key].shape) != sharded[kind][key]:
+            raise MoelangError(f"checkpoint {path}: the shards of {key} join to {list(whole[key].shape)}, not "
+                               f"{sharded[kind][key]}; delete {path.parent} to start over")
+    return whole
+
+
+def _load_own_shards(path: Path, model, optimizer, param_groups: list[dict], rank: int, processes: int) -> None:
+    """Each process of an FSDP run puts its own shards of a sharded checkpoint back (same process count)."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import DTensor
+
+    # the live parameters under the names the checkpoint was saved with (wrapper prefixes removed)
+    params = get_model_state_dict(model, options=_state_options(False))
+
+    def like(key: str, name: str, value: torch.Tensor):
+        live = params[name]
+        if not isinstance(live, DTensor):
+            return value.to(live.device)
+        if tuple(value.shape) != tuple(live.to_local().shape):
+            raise MoelangError(f"checkpoint {path}: this process's shard of {key} is {list(value.shape)}, the model's "
+                               f"is {list(live.to_local().shape)}; delete {path.parent} to start over")
+        return DTensor.from_local(value.to(live.device), live.device_mesh, live.placements, shape=live.shape,
+                                  stride=live.stride(), run_check=False)
+
+    tensors = load_file(str(path / shard_file("trainable", rank, processes)))
+    set_model_state_dict(model, {k: like(k, k, v) for k, v in tensors.items()},
+                         options=_state_options(False, strict=False))
+    state: dict[str, dict] = {}
+    for key, value in load_file(str(path / shard_file("optimizer", rank, processes))).items():
+        name, what = key.rsplit(".", 1)
+        state.setdefault(name, {})[what] = like(key, name, value) if value.ndim else value
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": param_groups},
+                             options=_state_options(False))
 
 
 def _jsonable(obj):
@@ -355,9 +483,11 @@ def latest_checkpoint(state_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, model, optimizer, stream: PackedStream, settings: TrainSettings,
                     sharded: bool = False, processes: int = 1) -> tuple[int, int, list[dict]]:
     """Restore a checkpoint into ``model`` (unwrapped; FSDP-sharded when ``sharded``) and ``optimizer``.
-    Unsharded, every process reads the tensors; sharded, only the first one does (with 8 processes
-    on a node, 8 whole copies of a large model's weights and optimizer state would not fit in memory)
-    and the others receive their shards from it."""
+    A sharded checkpoint (:func:`save_sharded_checkpoint`) into a sharded model: each process reads
+    its own shards. Otherwise the whole tensors (a sharded checkpoint's shards joined): unsharded,
+    every process reads them; sharded, only the first one does (with 8 processes on a node, 8 whole
+    copies of a large model's weights and optimizer state would not fit in memory) and the others
+    receive their shards from it."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
@@ -378,16 +508,20 @@ def load_checkpoint(path: Path, model, optimizer, stream: PackedStream, settings
         # micro_batch_size is per process: another process count would change the global batch mid-run
         raise MoelangError(f"checkpoint {path} was made by {meta.get('processes', 1)} process(es), this run has "
                            f"{processes}; resume with {meta.get('processes', 1)}, or delete {path.parent} to start over")
-    reads = not sharded or dist.get_rank() == 0
-    # strict=False: only the trainable tensors are stored
-    set_model_state_dict(model, load_file(str(path / "trainable.safetensors")) if reads else {},
-                         options=_state_options(sharded, load=True, strict=False))
-    state: dict[str, dict] = {}
-    for key, value in (load_file(str(path / "optimizer.safetensors")) if reads else {}).items():
-        name, what = key.rsplit(".", 1)
-        state.setdefault(name, {})[what] = value
-    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": meta["param_groups"]} if reads else {},
-                             options=_state_options(sharded, load=True))
+    if sharded and "sharded" in meta:  # each process reads its own shards, written by this process count
+        _load_own_shards(path, model, optimizer, meta["param_groups"], dist.get_rank(), processes)
+    else:
+        reads = not sharded or dist.get_rank() == 0
+        # strict=False: only the trainable tensors are stored
+        set_model_state_dict(model, read_whole_tensors(path, "trainable") if reads else {},
+                             options=_state_options(sharded, load=True, strict=False))
+        state: dict[str, dict] = {}
+        for key, value in (read_whole_tensors(path, "optimizer") if reads else {}).items():
+            name, what = key.rsplit(".", 1)
+            state.setdefault(name, {})[what] = value
+        set_optimizer_state_dict(model, optimizer,
+                                 {"state": state, "param_groups": meta["param_groups"]} if reads else {},
+                                 options=_state_options(sharded, load=True))
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
@@ -810,12 +944,15 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
         if done in exports:
             _export(accelerator, unwrapped, exports[done], sharded, method, export_dtype)
         if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
-            if sharded or accelerator.is_main_process:  # the FSDP gather is a collective
+            if sharded:  # every process writes its shards
+                save_sharded_checkpoint(state_dir / f"step-{done}", unwrapped, inner_optimizer, done, tokens, stream,
+                                        rows, settings, rank, world, accelerator.wait_for_everyone)
+            elif accelerator.is_main_process:
                 tensors, optim_state = gather_state(unwrapped, inner_optimizer, sharded)
-            if accelerator.is_main_process:
                 save_checkpoint(state_dir / f"step-{done}", tensors, optim_state, done, tokens, stream, rows, settings,
                                 processes=world)
-                _prune(state_dir, keep=done)
+            if accelerator.is_main_process:
+                _prune(state_dir, settings.keep_last_states)
             accelerator.wait_for_everyone()
         if stop_after is not None and done >= stop_after:
             bar.close()
@@ -954,7 +1091,12 @@ def _inference_outputs(model):
             setattr(config, flag, value)
 
 
-def _prune(state_dir: Path, keep: int) -> None:
-    for path in state_dir.glob("step-*"):
-        if path.name != f"step-{keep}":
+def _prune(state_dir: Path, keep_last: int = 1) -> None:
+    """Keep the ``keep_last`` newest complete checkpoints (``keep_last_states``); remove the older ones
+    and what a killed checkpoint write left (``.step-N.partial``, incomplete ``step-N``)."""
+    complete = sorted((int(p.name.split("-", 1)[1]), p) for p in state_dir.glob("step-*")
+                      if p.name.split("-", 1)[1].isdigit() and (p / "state.json").is_file())
+    kept = {p for _, p in complete[-keep_last:]}
+    for path in [*state_dir.glob("step-*"), *state_dir.glob(".step-*.partial")]:
+        if path not in kept:
             shutil.rmtree(path, ignore_errors=True)
