@@ -309,6 +309,15 @@ def test_shared_frozen_pass_gives_the_models_of_separate_runs(start, adapted, tm
     adapt.adapt_target(start / "ca.parquet", start / "selected.json", options(start, methods=["ssft", "lora"]),
                        tmp_path / "again", tmp_path / "state2")
     assert calls == [4]  # ssft and lora at both rates in one pass
+    # at most 3 runs a pass: ssft's two rates and lora's first, then lora's second alone; the same models
+    adapt.adapt_target(start / "ca.parquet", start / "selected.json",
+                       options(start, methods=["ssft", "lora"], sweep_group_size=3), tmp_path / "grouped",
+                       tmp_path / "state3")
+    assert calls == [4, 3]
+    for method in ("ssft", "lora"):
+        for lr in ("lr-0.001", "lr-0.02"):
+            a, b = weights(out / "adapt" / "ca" / method / lr), weights(tmp_path / "grouped" / "ca" / method / lr)
+            assert all(torch.equal(a[k], b[k]) for k in a), (method, lr)
 
 
 def test_the_config_knows_the_registered_methods():

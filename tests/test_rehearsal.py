@@ -20,7 +20,7 @@ CUTS = {
               "model.cpt.train.grad_accum", "model.cpt.train.checkpoint_every", "routing.tokens_per_language",
               "similarity.tokens_per_language", "allocation.new_experts", "adapt.train.steps",
               "adapt.train.seq_len", "adapt.train.micro_batch_size", "adapt.train.grad_accum",
-              "adapt.train.checkpoint_every", "expand.stage1.steps", "expand.stage1.micro_batch_size",
+              "adapt.train.checkpoint_every", "adapt.sweep_group_size", "expand.stage1.steps", "expand.stage1.micro_batch_size",
               "expand.stage1.grad_accum", "expand.stage1.checkpoint_every", "expand.stage2.steps",
               "expand.stage2.micro_batch_size", "expand.stage2.grad_accum", "expand.classifier_eval_sequences",
               "evaluation.tokens_per_language", "evaluation.mirror", "evaluation.limit", "resources.gpus"),

@@ -438,21 +438,24 @@ def _train_runs(start, tokenizer, token_file, ctx: AdaptContext, methods: dict, 
 
     shared = [run for run in todo if options.share_frozen_pass and trains_final_layers_only(run[0])]
     alone = [run for run in todo if run not in shared]
-    if len(shared) > 1 and _sweep_available():
+    size = options.sweep_group_size or len(shared) or 1
+    groups = [shared[i:i + size] for i in range(0, len(shared), size)]
+    for group in groups:
+        if len(group) < 2 or not _sweep_available():
+            alone = group + alone
+            continue
         from moelang.sweep import SweepRun, train_sweep
 
         sweep_runs = []
-        for name, lr in shared:
+        for name, lr in group:
             sweep_runs.append(SweepRun(settings=settings[(name, lr)], method=copy.deepcopy(methods[name]),
                                        state_dir=_run_state(state_root, name, lr),
                                        export_steps=_exports(tokenizer, state_root, name, lr, settings[(name, lr)]),
                                        inputs=_inputs(options, name)))
-        log.info("adapt %s: %d runs share one pass of the layers below %d", options.lang, len(shared), ctx.layers[0])
+        log.info("adapt %s: %d runs share one pass of the layers below %d", options.lang, len(group), ctx.layers[0])
         results = train_sweep(start, stream(), sweep_runs)
-        for (name, lr), result in zip(shared, results):
+        for (name, lr), result in zip(group, results):
             _finish_run(result, ctx, name, lr, settings[(name, lr)], state_root, token_file, tokenizer)
-    else:
-        alone = shared + alone
     for name, lr in alone:
         from moelang.train import train
 

@@ -562,6 +562,11 @@ class AdaptOptions(LoadOptions):
     share_frozen_pass: bool = True
     """Runs whose trainable parameters all lie in the final K layers share one pass of the frozen layers
     below them (``moelang.sweep``); ``full-ft`` always trains alone."""
+    sweep_group_size: int | None = None
+    """At most this many runs share one frozen pass (None: all of a job's eligible runs). Each run of a
+    shared pass holds its own trainable tensors, fp32 weights, gradients and AdamW moments (16 bytes a
+    parameter), so memory grows with the group: OLMoE-1B-7B's AEFT trains 805M parameters a run, 12.9 GB,
+    and five rates together need 64 GB besides the model. Smaller groups: more passes, less memory."""
     seed: int = 0
     """The run's seed (data order; every run of a target sees the same batches)."""
     heldout: dict = field(default_factory=lambda: {"tokens_per_language": 100000, "seq_len": 512, "batch_tokens": 8192})
