@@ -307,6 +307,10 @@ class TrainSettings(StageOptions):
     """ddp | fsdp: how several processes share the work (one process: neither)."""
     checkpoint_every: int = 0
     """Optimizer steps between training-state checkpoints (0: none in between)."""
+    activation_checkpointing: bool = False
+    """Keep only each decoder layer's input for the backward pass and recompute the layer there
+    (transformers' gradient checkpointing, non-reentrant): activation memory falls to about one layer's
+    plus the logits, for about one more forward pass of compute. Results are the same."""
     seed: int = 0
     """Seed of initialisation, data order and dropout (the run's ``seed``)."""
     mixture: dict[str, float] = field(default_factory=dict)
