@@ -390,6 +390,19 @@ def cmd_report_figures(args) -> None:
     export_figures(args.figures, args.out, args.max_width)
 
 
+def cmd_plan(args) -> None:
+    from moelang.io import write_table
+    from moelang.plan import format_plan, load_config, plan_config, plan_table
+
+    path = args.configfile or args.config
+    if path is None:
+        raise MoelangError("plan: pass --configfile CONFIG.yaml (the workflow's config)")
+    rows = plan_config(load_config(path), gpu=args.gpu, utilisation=args.utilisation)
+    print(format_plan(rows, args.gpu, args.utilisation))
+    if args.out:
+        write_table(plan_table(rows), args.out)
+
+
 def cmd_options(args) -> None:
     stages = [args.stage] if args.stage else sorted(opts.STAGE_OPTIONS)
     print("\n\n".join(f"moelang {stage}: {opts.describe(opts.STAGE_OPTIONS[stage])}" for stage in stages))
@@ -637,6 +650,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/figures", help="where the copies go (default docs/figures)")
     p.add_argument("--max-width", type=int, default=1000, help="largest width in pixels (default 1000)")
     p.set_defaults(func=cmd_report_figures)
+
+    p = sub.add_parser("plan", help="memory per GPU, FLOPs, GPU-hours and disk of every stage of a config, before "
+                                    "anything runs (no weights needed)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--configfile", help="the workflow's config YAML (e.g. config/olmoe-m7.yaml)")
+    source.add_argument("--config", help="the same as --configfile")
+    p.add_argument("--gpu", choices=["h100", "a100", "h200"], default="h100",
+                   help="GPU whose peak FLOP/s the GPU-hours assume (default h100: H100 SXM 80GB)")
+    p.add_argument("--utilisation", type=float, default=0.4,
+                   help="expected model-FLOPs utilisation, the share of the GPU's peak achieved (default 0.4)")
+    p.add_argument("--out", help="also write the plan as Parquet (docs/outputs.md), e.g. plan.parquet")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("options", help="describe a stage's options: fields, types, defaults, what each does")
     p.add_argument("stage", nargs="?", choices=sorted(opts.STAGE_OPTIONS), help="subcommand (default: all)")

@@ -158,7 +158,7 @@ def _check_semantics(config: dict) -> None:
                           f"{', '.join(registry.profiled(config))}")
     selection_model(config)
     _check_adapt(config)
-    unknown = sorted(set(config["resources"]) - set(STAGE_RESOURCES) - {"default", "gpus"})
+    unknown = sorted(set(config["resources"]) - set(STAGE_RESOURCES) - {"default", "gpus", "gpu_memory_gb"})
     if unknown:
         raise ConfigError(f"config key 'resources.{unknown[0]}': not a rule of the workflow; use one of "
                           f"{', '.join(sorted(STAGE_RESOURCES))}, or 'default'")
