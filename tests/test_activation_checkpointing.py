@@ -129,3 +129,25 @@ def test_less_memory_is_kept_between_forward_and_backward():
     # the checkpoints keep each layer's input (2 x 32 tokens x hidden 32 x 4 bytes); the loss's
     # log-softmax output stays (64 x vocab 97 x 4 bytes)
     assert kept_bytes(model) < plain / 3
+
+
+def test_a_sweep_with_it_ends_as_one_without_it(tmp_path):
+    # the sweep's runs checkpoint their own copies of the layers they train (moelang.sweep); the
+    # load-balancing loss reads the router logits of every layer, the recomputed ones included
+    from test_sweep import LRS, deep, exported, settings, ssft, sweep
+    from test_train import patterned_docs, write_tokens
+
+    files = {"en": write_tokens(tmp_path / "en.parquet", patterned_docs(300, 0)),
+             "es": write_tokens(tmp_path / "es.parquet", patterned_docs(200, 1))}
+    results = {}
+    for checkpointing in (False, True):
+        states = [tmp_path / f"{checkpointing}-{lr}" for lr in LRS]
+        runs = sweep(deep(), files, states, [ssft() for _ in LRS],
+                     [settings(lr=lr, activation_checkpointing=checkpointing) for lr in LRS])
+        assert all(row["aux_loss"] > 0 for result in runs for row in result.log)
+        results[checkpointing] = ([r["loss"] for result in runs for r in result.log],
+                                  [exported(state, 6) for state in states])
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+    for plain, checkpointed in zip(results[False][1], results[True][1]):
+        for name, tensor in plain.items():
+            torch.testing.assert_close(checkpointed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

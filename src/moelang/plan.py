@@ -700,7 +700,7 @@ class _Planner:
                        grad_accum=settings.grad_accum, steps=settings.steps, tokens_per_step=tokens_per_step,
                        total_params=shape.total, trainable_params=shape.trainable, active_params=shape.active,
                        flops_per_step=flops_step, settings_key=_train_rule_key(rule))
-        row.disk_exports_gb = exports * shape.total * p.weights / GB
+        row.disk_exports_gb = jobs * exports * shape.total * p.weights / GB
         row.disk_states_gb = jobs * 2 * state_bytes(shape, p, settings) / GB  # the next one is written before the last goes
         self.finish(row, memory, flops_step * settings.steps, settings.dtype == "bf16" or p.weights == 2)
         row.notes = "; ".join((notes or []) + more)
@@ -1033,7 +1033,7 @@ class _Planner:
                    (evaluation["batch_size"] * request, 2 * self.precision(None).matmul)]
         tokens = ppl_tokens + task_tokens
         if others:
-            self.inference_row("evaluate", f"{len(others)} models of the base's shape", len(others), self.base_model(),
+            self.inference_row("evaluate", f"{len(others)} model{'s' if len(others) != 1 else ''} of the base's shape", len(others), self.base_model(),
                                tokens or None, max(evaluation["seq_len"], request), batches, "evaluate",
                                notes=list(notes), settings_key="evaluation.batch_size")
         if expanded:
@@ -1043,7 +1043,7 @@ class _Planner:
             variants = self.mcfg.expand_variants(config)
             biggest = max((plans[variants[e.variant]["plan"]] for e in expanded), key=sum)
             model, _ = expand_model(self.base_model(), biggest, top_k=config["expand"]["top_k"])
-            self.inference_row("evaluate", f"{len(expanded)} expanded models (the largest plan)", len(expanded), model,
+            self.inference_row("evaluate", f"{len(expanded)} expanded model{'s' if len(expanded) != 1 else ''} (the largest plan)", len(expanded), model,
                                tokens or None, max(evaluation["seq_len"], request), batches, "evaluate",
                                notes=notes + more + ["variants with the same plan share one evaluation"],
                                settings_key="evaluation.batch_size")
@@ -1064,7 +1064,10 @@ def plan_config(config: dict, gpu: str = DEFAULT_GPU, utilisation: float = DEFAU
 
 
 def plan_table(rows: list[StagePlan]) -> pa.Table:
-    return pa.Table.from_pylist([dataclasses.asdict(row) for row in rows], schema=PLAN_SCHEMA)
+    floats = {f.name for f in PLAN_SCHEMA if pa.types.is_floating(f.type)}
+    records = [{k: float(v) if k in floats and v is not None else v for k, v in dataclasses.asdict(row).items()}
+               for row in rows]
+    return pa.Table.from_pylist(records, schema=PLAN_SCHEMA)
 
 
 # --------------------------------------------------------------------------------------------------
