@@ -406,6 +406,19 @@ def cmd_standins(args) -> None:
           f"mirrors {', '.join(f'{t} ({len(c)})' for t, c in record['mirror'].items()) or 'none'}")
 
 
+def cmd_plan(args) -> None:
+    from moelang.io import write_table
+    from moelang.plan import format_plan, load_config, plan_config, plan_table
+
+    path = args.configfile or args.config
+    if path is None:
+        raise MoelangError("plan: pass --configfile CONFIG.yaml (the workflow's config)")
+    rows = plan_config(load_config(path), gpu=args.gpu, utilisation=args.utilisation)
+    print(format_plan(rows, args.gpu, args.utilisation))
+    if args.out:
+        write_table(plan_table(rows), args.out)
+
+
 def cmd_options(args) -> None:
     stages = [args.stage] if args.stage else sorted(opts.STAGE_OPTIONS)
     print("\n\n".join(f"moelang {stage}: {opts.describe(opts.STAGE_OPTIONS[stage])}" for stage in stages))
@@ -665,6 +678,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", required=True, help="the directory MOELANG_USAGE_DIR pointed at")
     p.add_argument("--out", help="also write the per-job table as Parquet here")
     p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("plan", help="memory per GPU, FLOPs, GPU-hours and disk of every stage of a config, before "
+                                    "anything runs (no weights needed)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--configfile", help="the workflow's config YAML (e.g. config/olmoe-m7.yaml)")
+    source.add_argument("--config", help="the same as --configfile")
+    p.add_argument("--gpu", choices=["h100", "a100", "h200"], default="h100",
+                   help="GPU whose peak FLOP/s the GPU-hours assume (default h100: H100 SXM 80GB)")
+    p.add_argument("--utilisation", type=float, default=0.4,
+                   help="expected model-FLOPs utilisation, the share of the GPU's peak achieved (default 0.4)")
+    p.add_argument("--out", help="also write the plan as Parquet (docs/outputs.md), e.g. plan.parquet")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("options", help="describe a stage's options: fields, types, defaults, what each does")
     p.add_argument("stage", nargs="?", choices=sorted(opts.STAGE_OPTIONS), help="subcommand (default: all)")

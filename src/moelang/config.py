@@ -158,7 +158,7 @@ def _check_semantics(config: dict) -> None:
                           f"{', '.join(registry.profiled(config))}")
     selection_model(config)
     _check_adapt(config)
-    unknown = sorted(set(config["resources"]) - set(STAGE_RESOURCES) - {"default", "gpus"})
+    unknown = sorted(set(config["resources"]) - set(STAGE_RESOURCES) - {"default", "gpus", "gpu_memory_gb"})
     if unknown:
         raise ConfigError(f"config key 'resources.{unknown[0]}': not a rule of the workflow; use one of "
                           f"{', '.join(sorted(STAGE_RESOURCES))}, or 'default'")
@@ -898,7 +898,8 @@ def rule_resources(config: dict, rule: str) -> dict:
     if not section.get("gpus", False):
         stage.pop("gpu", None)
     merged = {**stage, **section.get("default", {}), **section.get(rule, {})}
-    return {k: v for k, v in merged.items() if v is not None}
+    # gpu_memory_gb is the start-up memory check's (moelang.plan), not a scheduler resource
+    return {k: v for k, v in merged.items() if v is not None and k != "gpu_memory_gb"}
 
 
 def launcher(config: dict, rule: str) -> str:

@@ -313,6 +313,10 @@ class TrainSettings(StageOptions):
     while the run goes on: the newest N. Each new one is written whole before the oldest is removed, so
     the disk holds up to N + 1 while one is written. When the run completes, its exports are published
     and the state directory is removed with every state in it: only the exports remain (exports only)."""
+    activation_checkpointing: bool = False
+    """Keep only each decoder layer's input for the backward pass and recompute the layer there
+    (transformers' gradient checkpointing, non-reentrant): activation memory falls to about one layer's
+    plus the logits, for about one more forward pass of compute. Results are the same."""
     seed: int = 0
     """Seed of initialisation, data order and dropout (the run's ``seed``)."""
     mixture: dict[str, float] = field(default_factory=dict)

@@ -94,6 +94,7 @@ from moelang.train import (
     _check_full_training,
     _export,
     _prune,
+    apply_activation_checkpointing,
     claim_state,
     configure_loss,
     die_with_launcher,
@@ -532,6 +533,7 @@ class _Sweep:
         random.seed(settings.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
         run.loss_fn = configure_loss(model, settings, self.loss_fn)
+        apply_activation_checkpointing(model, settings)
         optimizer = make_optimizer(model, settings)
         run.model, run.optimizer = accelerator.prepare(model, optimizer)
         run.unwrapped, run.inner_optimizer = accelerator.unwrap_model(run.model), run.optimizer.optimizer

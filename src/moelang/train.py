@@ -143,7 +143,7 @@ def lm_loss(aux_loss_coef: float, uses_aux: bool, z_loss_coef: float = 0.0) -> L
 
 # Settings a checkpoint may be resumed under with another value: they change neither the result's
 # definition nor the checkpoint's content (a sharded checkpoint's shards join into the whole tensors).
-RESUMABLE_ACROSS = ("checkpoint_every", "parallelism", "keep_last_states")
+RESUMABLE_ACROSS = ("checkpoint_every", "parallelism", "keep_last_states", "activation_checkpointing")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -824,6 +824,7 @@ def _train(model, stream: PackedStream, settings: TrainSettings, state_dir: Path
     # Before the fingerprint: a selection the model does not have fails here, and the trainable set
     # is the method's. Every process prepares its own copy of the model.
     method.prepare(model)
+    apply_activation_checkpointing(model, settings)
     parameters = count_parameters(model)  # what trains, for the exports' run records
     # before the fingerprint (a state of a run that stepped half-precision weights is not resumed),
     # the optimizer and a checkpoint's tensors: all of them see the fp32 weights
@@ -994,6 +995,22 @@ def configure_loss(model, settings: TrainSettings, loss_fn: LossFn | None = None
             raise MoelangError(f"the training loss needs {flag}, which {type(model).__name__} does not give")
         setattr(config, flag, True)
     return loss_fn or lm_loss(settings.aux_loss_coef, uses_aux, settings.z_loss_coef)
+
+
+def apply_activation_checkpointing(model, settings: TrainSettings) -> None:
+    """With ``settings.activation_checkpointing``, every decoder layer keeps only its input for the
+    backward pass and is recomputed there (transformers' gradient checkpointing, non-reentrant: the
+    recomputation restores the random-number state and autocast, and FSDP's hooks stay outside it)."""
+    if not settings.activation_checkpointing:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise MoelangError(f"training option activation_checkpointing: {type(model).__name__} does not support "
+                           f"gradient checkpointing; set activation_checkpointing: false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _check_full_training(model) -> None:

@@ -18,6 +18,19 @@ def requested_workflow_profile(argv):
     return None
 
 
+def gpu_memory_problems(config):
+    """The stages whose estimated peak memory per GPU exceeds resources.gpu_memory_gb (moelang.plan),
+    one line each; a plan that cannot be made (an architecture unreadable now) is a warning, not a stop."""
+    from moelang.errors import MoelangError
+    from moelang.plan import fit_problems
+
+    try:
+        return fit_problems(config)
+    except MoelangError as error:
+        sys.stderr.write(f"moelang: warning: no GPU memory check at start-up: {error}\n")
+        return []
+
+
 def quoted_option(flag, paths):
     """``flag PATH`` for an optional input (an empty list: nothing), quoted for the shell."""
     return f"{flag} {shlex.quote(paths[0])}" if paths else ""
