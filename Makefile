@@ -42,7 +42,9 @@ bench: $(STAMP)
 # Each rehearsal runs in rehearsal/<name>/ (its inputs/ are the stand-ins of the paper config, made
 # once; results/ as a run's), then prints its table of jobs (rehearsal/<name>/usage.md). Depth cuts:
 # OLMoE-1B-7B 2 of 16 layers (CPT's fp32 weights, gradients and AdamW moments of 1.05B parameters take
-# 17 GB), Qwen1.5-1.8B 4 of 24 (stage 1 of the uniform plan trains 20 new FFN-width experts).
+# 17 GB), Qwen1.5-1.8B 4 of 24 (stage 1 of the uniform plan trains 20 new FFN-width experts). The
+# memory cap makes the rules that ask for more (evaluation, training: config.py's STAGE_RESOURCES) run
+# one at a time: two Qwen-width perplexity jobs (151,936-entry logits) together exceed 24 GB.
 REHEARSALS := olmoe:config/olmoe-m7.yaml:2 qwen:config/layermoe-qwen.yaml:4
 rehearse: $(STAMP)
 	for entry in $(REHEARSALS); do \
@@ -51,7 +53,7 @@ rehearse: $(STAMP)
 	    ( cd rehearsal/$$name \
 	      && $(OFFLINE) ../../$(VENV)/bin/python -m moelang standins --configfile ../../$$paper --layers $$layers --out inputs \
 	      && $(OFFLINE) MOELANG_USAGE_DIR=results/usage ../../$(VENV)/bin/snakemake --snakefile ../../workflow/Snakefile \
-	           --configfile ../$$name.yaml \
+	           --configfile ../$$name.yaml --resources mem_mb=20000 \
 	      && ../../$(VENV)/bin/python -m moelang usage --dir results/usage --out results/usage.parquet > usage.md ); \
 	    cat rehearsal/$$name/usage.md; \
 	done
