@@ -97,6 +97,9 @@ from _results import add_output_arguments, command_line, output_dir, save_result
 from train_step import _rss_mib, write_tokens  # noqa: E402  (the same synthetic data and RSS reading)
 
 THREADS = 2
+# --quick: one torch thread. Its numbers measure nothing, and on cores that other jobs share (where the
+# test suite runs it) two OpenMP threads wait on each other: a toy step then takes 10-300x longer.
+QUICK_THREADS = 1
 CONTENDED_BELOW = 0.8  # a process whose CPU/wall ratio is below this x THREADS shared its cores
 SEED = 0
 ADAPTED_LAYERS = 2  # K: the paper adapts the final 2 of OLMoE's 16 MoE layers
@@ -416,11 +419,14 @@ def run_child(name: str, quick: bool, tmp: Path) -> dict:
 
 
 def main() -> None:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_output_arguments(parser)
     parser.add_argument("--variant", choices=VARIANTS + SWEEP_MODES, help=argparse.SUPPRESS)  # internal: one child
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        THREADS = QUICK_THREADS  # this process and its children (they get --quick too)
     architecture = QUICK_ARCHITECTURE if args.quick else ARCHITECTURE
     settings = QUICK_SETTINGS if args.quick else SETTINGS
 

@@ -58,6 +58,9 @@ from train_step import ARCHITECTURE, QUICK_ARCHITECTURE, _rss_mib, write_tokens 
 
 SEED = 0
 THREADS = 2
+# --quick: one torch thread. Its numbers measure nothing, and on cores that other jobs share (where the
+# test suite runs it) two OpenMP threads wait on each other: a toy step then takes 10-300x longer.
+QUICK_THREADS = 1
 NEW_PER_LAYER = 2
 # (architecture, sequence length, micro-batch, optimizer steps, forward repeats) of each form
 FULL = (ARCHITECTURE, 256, 8, 24, 10)
@@ -186,11 +189,14 @@ def child(kind: str, variant: str, quick: bool) -> dict:
 
 
 def main() -> None:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_output_arguments(parser)
     parser.add_argument("--child", choices=("stage1", "forward"), help=argparse.SUPPRESS)  # internal: one child
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        THREADS = QUICK_THREADS  # this process and its children (they get --quick too)
     form = QUICK if args.quick else FULL
     architecture, seq_len = form[0], form[1]
     if args.child == "stage1":

@@ -114,7 +114,9 @@ def main() -> None:
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
     models = QUICK_MODELS if args.quick else MODELS
-    torch.set_num_threads(os.cpu_count() or 1)
+    # --quick: one thread (its numbers measure nothing; on cores other jobs share, OpenMP threads wait
+    # on each other 10-300x longer)
+    torch.set_num_threads(1 if args.quick else os.cpu_count() or 1)
     rng = np.random.default_rng(0)
     n_windows = max(1, args.tokens // WINDOW)
     windows = [rng.integers(3, VOCAB, WINDOW) for _ in range(n_windows)]

@@ -55,6 +55,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from _results import add_output_arguments, command_line, output_dir, save_results  # noqa: E402
 
 THREADS = 2
+# --quick: one torch thread. Its numbers measure nothing, and on cores that other jobs share (where the
+# test suite runs it) two OpenMP threads wait on each other: a toy step then takes 10-300x longer.
+QUICK_THREADS = 1
 DEFAULT_STEPS = 30
 DEFAULT_WARMUP = 2
 CONTENDED_BELOW = 0.8  # a variant whose CPU/wall ratio is below this x THREADS shared its cores
@@ -221,6 +224,7 @@ def run_variant(variant: str, steps: int, warmup: int, architecture: dict = ARCH
 
 
 def main() -> None:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None,
                         help=f"optimizer steps per variant (default {DEFAULT_STEPS}; --quick {QUICK_STEPS})")
@@ -230,6 +234,8 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one variant, JSON out
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        THREADS = QUICK_THREADS  # this process and its children (they get --quick too)
     if args.steps is None:
         args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
     if args.warmup is None:
