@@ -45,6 +45,7 @@ import json
 import platform
 import statistics
 import subprocess
+from typing import NamedTuple
 import sys
 import tempfile
 import time
@@ -62,9 +63,20 @@ THREADS = 2
 # test suite runs it) two OpenMP threads wait on each other: a toy step then takes 10-300x longer.
 QUICK_THREADS = 1
 NEW_PER_LAYER = 2
-# (architecture, sequence length, micro-batch, optimizer steps, forward repeats) of each form
-FULL = (ARCHITECTURE, 256, 8, 24, 10)
-QUICK = (QUICK_ARCHITECTURE, 32, 2, 4, 2)
+
+
+class Form(NamedTuple):
+    """The sizes of the full form or of ``--quick``."""
+
+    architecture: dict
+    seq_len: int
+    micro_batch: int
+    steps: int  # optimizer steps of each stage-1 variant
+    repeats: int  # timed forward passes of each forward variant
+
+
+FULL = Form(ARCHITECTURE, seq_len=256, micro_batch=8, steps=24, repeats=10)
+QUICK = Form(QUICK_ARCHITECTURE, seq_len=32, micro_batch=2, steps=4, repeats=2)
 TIMED_FROM_STEP = 3  # the first 2 steps (optimizer state allocated, kernels warmed) are left out
 
 
@@ -100,7 +112,7 @@ def stage1_flops_per_token(architecture: dict, seq_len: int, new_slot_fraction: 
     return {"forward": forward, "masked": masked, "split": split, "limit": masked / split}
 
 
-def run_stage1(variant: str, form: tuple, tmp: Path) -> dict:
+def run_stage1(variant: str, form: Form, tmp: Path) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
@@ -108,7 +120,7 @@ def run_stage1(variant: str, form: tuple, tmp: Path) -> dict:
     from moelang.models.methods import ExpertSubset, TrainingMethod
     from moelang.train import PackedStream, TrainSettings, train
 
-    architecture, seq_len, micro_batch, steps, _ = form
+    architecture, seq_len, micro_batch, steps = form.architecture, form.seq_len, form.micro_batch, form.steps
     rss_before = _rss_mib()
     model = grown_model(architecture)
     adapter = ModelAdapter(model)
@@ -147,7 +159,7 @@ def run_stage1(variant: str, form: tuple, tmp: Path) -> dict:
             "new_slot_fraction": routed["new"] / routed["all"]}
 
 
-def run_forward(variant: str, form: tuple) -> dict:
+def run_forward(variant: str, form: Form) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
@@ -156,7 +168,7 @@ def run_forward(variant: str, form: tuple) -> dict:
     from moelang.models import init_model
     from moelang.models.layermoe.build import expand_model
 
-    a, seq_len, micro_batch, _, repeats = form
+    a, seq_len, micro_batch, repeats = form.architecture, form.seq_len, form.micro_batch, form.repeats
     fields = {k: a[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                 "num_attention_heads", "num_key_value_heads", "max_position_embeddings")}
     model = init_model(LlamaConfig(**fields), seed=SEED).eval()
@@ -198,7 +210,7 @@ def main() -> None:
     if args.quick:
         THREADS = QUICK_THREADS  # this process and its children (they get --quick too)
     form = QUICK if args.quick else FULL
-    architecture, seq_len = form[0], form[1]
+    architecture, seq_len = form.architecture, form.seq_len
     if args.child == "stage1":
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(run_stage1(args.variant, form, Path(tmp))))
@@ -224,8 +236,8 @@ def main() -> None:
     save_results("expand_step", result, results_section(result, form), out_dir, indent=1)
 
 
-def results_section(r: dict, form: tuple) -> str:
-    architecture, seq_len, micro_batch, steps, _ = form
+def results_section(r: dict, form: Form) -> str:
+    architecture, seq_len, micro_batch, steps = form.architecture, form.seq_len, form.micro_batch, form.steps
     s, m = r["stage1"]["split"], r["stage1"]["masked"]
     rows = "\n".join(
         f"| {v['variant']} | {v['trained_params']:,} of {v['total_params']:,} | {v['grad_and_adam_mib']:.1f} | "

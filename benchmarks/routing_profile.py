@@ -1,6 +1,7 @@
 """Routing profiler against a bare forward pass and against the field's usual loop, one run.
 
-    .venv/bin/python benchmarks/routing_profile.py [--tokens 16384] [--repeats 3] [--batch-windows 1] [--quick] [--out DIR]
+    .venv/bin/python benchmarks/routing_profile.py [--tokens 16384] [--repeats 3] [--batch-windows 1]
+        [--quick] [--out DIR]
 
 Same model, same tokens for the three ways, on two OLMoE-family models with top-8 of 64 experts
 (about 20M and 50M parameters, random weights: routing cost does not depend on what was learnt):

@@ -14,7 +14,8 @@ tenth of them duplicated so deduplication works across parts) in 8 files. Every 
 The outputs of both ways are checked equal. Wall time is the best of ``--repeats``. On a cluster the
 parts run on different nodes; here they share the machine's cores, so the gain is bounded by them.
 Writes ``benchmarks/results/sharding.json`` and the section of ``benchmarks/RESULTS.md``. ``--quick``:
-2,000 documents (``QUICK_DOCS``) of words from one catalog package (``QUICK_BUILTIN``), 2 repeats, results to ``--out`` or a temporary directory (see ``_results.py``).
+2,000 documents (``QUICK_DOCS``) of words from one catalog package (``QUICK_BUILTIN``), 2 repeats, results
+to ``--out`` or a temporary directory (see ``_results.py``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ from moelang.corpus import build_corpus  # noqa: E402
 from moelang.tokenize import train_tokenizer  # noqa: E402
 
 MOELANG = [sys.executable, "-m", "moelang"]
-ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+# the jobs run this checkout's moelang, as this script does (not whichever one the environment installed)
+ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
 DOCS = 300_000
 QUICK_DOCS = 2_000
 # --quick: the words drawn from the built-in source of one catalog package and the English prose
