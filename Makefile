@@ -39,7 +39,7 @@ test: $(STAMP)
 # Every benchmark's full form, one after the other (two torch processes on 2 cores slow each other
 # 10-80x); each writes benchmarks/results/<name>.json and its section of benchmarks/RESULTS.md. All run,
 # then it fails naming those that failed. tests/test_benchmarks.py runs their quick forms (--quick).
-BENCHMARKS := tokenize_overlap sharding routing_profile train_step adapt_step expand_step
+BENCHMARKS := tokenize_overlap sharding routing_profile train_step adapt_step expand_step plan_memory fsdp_rehearsal
 bench: $(STAMP)
 	failed=""; for name in $(BENCHMARKS); do \
 		echo "== benchmarks/$$name.py"; \
