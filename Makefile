@@ -36,8 +36,16 @@ figures: $(STAMP)
 test: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/python -m pytest
 
+# Every benchmark's full form, one after the other (two torch processes on 2 cores slow each other
+# 10-80x); each writes benchmarks/results/<name>.json and its section of benchmarks/RESULTS.md. All run,
+# then it fails naming those that failed. tests/test_benchmarks.py runs their quick forms (--quick).
+BENCHMARKS := tokenize_overlap sharding routing_profile train_step adapt_step expand_step plan_memory fsdp_rehearsal
 bench: $(STAMP)
-	$(OFFLINE) $(VENV)/bin/python benchmarks/tokenize_overlap.py
+	failed=""; for name in $(BENCHMARKS); do \
+		echo "== benchmarks/$$name.py"; \
+		$(OFFLINE) $(VENV)/bin/python benchmarks/$$name.py || failed="$$failed $$name"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi
 
 # Each rehearsal runs in rehearsal/<name>/ (its inputs/ are the stand-ins of the paper config, made
 # once; results/ as a run's), then prints its table of jobs (rehearsal/<name>/usage.md). Depth cuts:

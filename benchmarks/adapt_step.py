@@ -1,7 +1,7 @@
 """Adaptation step: SSFT, AEFT, LoRA and Full-FT training steps on an OLMoE-family model with the
 paper's depth ratio, the FLOP limit of SSFT's speed-up, and a learning-rate sweep that shares the frozen pass.
 
-    .venv/bin/python benchmarks/adapt_step.py [--quick]
+    .venv/bin/python benchmarks/adapt_step.py [--quick] [--out DIR]
 
 **Model.** ``transformers.OlmoeConfig`` with the paper's shape where it sets the ratio that matters
 (``allenai/OLMoE-1B-7B-0924``: 16 MoE layers, 64 experts, top-8, the final 2 adapted, expert width
@@ -67,7 +67,8 @@ which computes the frozen layers once per batch for every run; each mode in its 
 time is the wall time of the training calls; each run's final loss is compared across the two modes.
 
 Writes ``benchmarks/results/adapt_step.json`` and the section of ``benchmarks/RESULTS.md`` between its
-markers. ``--quick`` (development) runs a much smaller model for a few steps and writes nothing.
+markers. ``--quick`` runs the same depth ratio at a toy width (``QUICK_ARCHITECTURE``) for a few steps
+(``QUICK_SETTINGS``) and writes its results to ``--out`` or a temporary directory (see ``_results.py``).
 """
 
 from __future__ import annotations
@@ -92,10 +93,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from _results import update_results_md  # noqa: E402
+from _results import add_output_arguments, command_line, output_dir, save_results  # noqa: E402
 from train_step import _rss_mib, write_tokens  # noqa: E402  (the same synthetic data and RSS reading)
 
 THREADS = 2
+# --quick: one torch thread. Its numbers measure nothing, and on cores that other jobs share (where the
+# test suite runs it) two OpenMP threads wait on each other: a toy step then takes 10-300x longer.
+QUICK_THREADS = 1
 CONTENDED_BELOW = 0.8  # a process whose CPU/wall ratio is below this x THREADS shared its cores
 SEED = 0
 ADAPTED_LAYERS = 2  # K: the paper adapts the final 2 of OLMoE's 16 MoE layers
@@ -415,11 +419,14 @@ def run_child(name: str, quick: bool, tmp: Path) -> dict:
 
 
 def main() -> None:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a toy model, a few steps, nothing written (development)")
+    add_output_arguments(parser)
     parser.add_argument("--variant", choices=VARIANTS + SWEEP_MODES, help=argparse.SUPPRESS)  # internal: one child
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        THREADS = QUICK_THREADS  # this process and its children (they get --quick too)
     architecture = QUICK_ARCHITECTURE if args.quick else ARCHITECTURE
     settings = QUICK_SETTINGS if args.quick else SETTINGS
 
@@ -429,6 +436,7 @@ def main() -> None:
         Path(args.result_file).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
         return
 
+    out_dir = output_dir(args)
     started = time.perf_counter()
     has_sweep = sweep_available()
     names = VARIANTS + (SWEEP_MODES if has_sweep else ())
@@ -466,7 +474,7 @@ def main() -> None:
     met = {key: None if value is None else
            (value <= TARGETS[key] if key == "sweep_time_vs_separate" else value >= TARGETS[key])
            for key, value in summary.items()}
-    command = ".venv/bin/python benchmarks/adapt_step.py" + (" --quick" if args.quick else "")
+    command = command_line("adapt_step.py")
     result = {
         "command": command,
         **summary,
@@ -495,12 +503,7 @@ def main() -> None:
     print(json.dumps({k: result[k] for k in (*summary, "targets_met", "benchmark_seconds")}, indent=2))
     section = results_section(result)
     print(section)
-    if args.quick:
-        return
-    out = HERE / "results" / "adapt_step.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    update_results_md("adapt_step", section)
+    save_results("adapt_step", result, section, out_dir)
 
 
 def achieved_gflops(result: dict, variant: str) -> float:

@@ -1,7 +1,7 @@
 """Rehearse config/olmoe-m7.yaml's CPT on CPU: FSDP over 2 processes (gloo) at OLMoE-1B-7B's width.
 
     .venv/bin/python benchmarks/fsdp_rehearsal.py [--layers 2] [--seq-len 128] [--steps 6] [--checkpoint-every 2]
-    .venv/bin/python benchmarks/fsdp_rehearsal.py --quick      # toy width, about 30 s (the test suite runs it)
+    .venv/bin/python benchmarks/fsdp_rehearsal.py --quick [--out DIR]  # toy width, about 30 s (the test suite runs it)
 
 The model is OLMoE-1B-7B's architecture (``src/moelang/models/known_configs``: hidden 2,048, 64 experts,
 top-8, expert width 1,024, vocabulary 50,304, 16 heads) with random weights, cut to ``--layers``
@@ -23,7 +23,7 @@ exporting step 0 and the last step and publishing them as the CPT stage does.
 
 Measured: each process's peak RSS, seconds per step, seconds per checkpoint, the checkpoint's and an
 export's size on disk. Writes ``benchmarks/results/fsdp_rehearsal.json`` and the section of
-``benchmarks/RESULTS.md`` (not in ``--quick`` mode). Stops unless the memory it needs is available:
+``benchmarks/RESULTS.md``; ``--quick`` writes them to ``--out`` or a temporary directory (see ``_results.py``). Stops unless the memory it needs is available:
 measured 8.8 GiB per process with 2 layers and 6.1 GiB with 1 (about 3.3 + 2.8 x layers), because
 between micro-batches (``grad_accum`` > 1) FSDP2 keeps every process's gradient unsharded (the whole
 model's, 2.1 GB at 2 layers), on top of its shards of weights, gradients and AdamW state (4.2 GB) and
@@ -50,6 +50,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "src"))
+
+from _results import add_output_arguments, output_dir, save_results  # noqa: E402
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 KNOWN = ROOT / "src/moelang/models/known_configs/allenai--OLMoE-1B-7B-0924.json"
@@ -234,7 +236,7 @@ def directory_bytes(path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="toy width (the test suite's form); records nothing")
+    add_output_arguments(parser)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=1)
@@ -251,6 +253,7 @@ def main() -> None:
         return
     if not 0 < args.kill_at < args.steps or args.kill_at % args.checkpoint_every:
         raise SystemExit("fsdp_rehearsal: --kill-at must be a checkpoint step before the last step")
+    out_dir = output_dir(args)
     if not args.quick and available_gib() < needed_gib(args.layers, args.nproc):
         raise SystemExit(f"fsdp_rehearsal: {available_gib():.1f} GiB of memory available, the OLMoE width with "
                          f"{args.layers} layers needs {needed_gib(args.layers, args.nproc):.0f}; wait for other jobs, "
@@ -336,22 +339,16 @@ def main() -> None:
         if differing or not log_equal:
             raise SystemExit(f"fsdp_rehearsal: the resumed run differs from the uninterrupted one: {differing[:5]}, "
                              f"log equal: {log_equal}")
-        if not args.quick:
-            record(result)
+        save_results("fsdp_rehearsal", result, results_section(result), out_dir, indent=1)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def record(result: dict) -> None:
-    from _results import update_results_md
-
-    out = HERE / "results" / "fsdp_rehearsal.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+def results_section(result: dict) -> str:
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
     arch = result["architecture"]
-    update_results_md("fsdp_rehearsal", f"""
+    return f"""
 ## FSDP CPT rehearsal at OLMoE-1B-7B's width (`benchmarks/fsdp_rehearsal.py`)
 
 Command: `.venv/bin/python {result['command']}` ({result['machine']}).
@@ -373,14 +370,14 @@ with {result['tokens_per_step']} tokens per step, 2 processes (torchrun, gloo).
 | parameter share of each process's shard | {', '.join(f'{s:.4f}' for s in result['parameter_share_per_rank'])} |
 | one export on disk (safetensors, bf16) | {gib(result['export_bytes'])} GiB |
 
-The checkpoint is {result['checkpoint_bytes'] / result['parameters']:.2f} bytes a parameter (bf16 weights and two bf16 AdamW
-moments, the arithmetic of config/README.md's "Disk" section), the export {result['export_bytes'] / result['parameters']:.2f}.
+The checkpoint is {result['checkpoint_bytes'] / result['parameters']:.2f} bytes a parameter (the fp32 master weights and AdamW's
+two fp32 moments: 12, the arithmetic of config/README.md's "Disk" section), the export {result['export_bytes'] / result['parameters']:.2f}.
 The peak RSS of a process is its shards of the weights, gradients and AdamW state (4 x 1/2 of the
 bf16 weights' size) plus, between micro-batches, the whole model's gradient unsharded: with gradient
 sync off (every micro-batch but the last) FSDP2 accumulates gradients unsharded and reduce-scatters
 them once. At OLMoE-1B-7B's 16 layers that buffer is 13.8 GB on every GPU, whatever the GPU count.
 Seconds per step: 2 shared cores, other jobs running.
-""")
+"""
 
 
 if __name__ == "__main__":

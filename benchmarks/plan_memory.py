@@ -1,6 +1,6 @@
 """The resource plan's memory estimate (``moelang.plan``) against one measured training step on the CPU.
 
-    .venv/bin/python benchmarks/plan_memory.py [--quick]
+    .venv/bin/python benchmarks/plan_memory.py [--quick] [--out DIR]
 
 Each case builds a small random model of the OLMoE or Qwen2 family (``moelang.models.init_model``),
 prepares it with the stage's training method (full training, an expert subset with the router mask,
@@ -23,8 +23,9 @@ LoRA, LayerMoE's stage 1 on an upcycled Qwen2), and runs one step of the engine'
 The plan's side is :func:`moelang.plan.training_memory` of the same model built on the meta device and
 prepared by the same method. The issue's tolerances: weights + gradients + optimizer within 15%,
 activations within 30%. Writes ``benchmarks/results/plan_memory.json`` and its section of
-``benchmarks/RESULTS.md``; ``--quick`` runs the smallest shapes only and writes nothing
-(``tests/test_plan_measured.py`` runs the same cases at smaller sizes in-process).
+``benchmarks/RESULTS.md``. ``--quick`` runs the smallest shapes and only the cases ``QUICK_CASES`` (each
+case is a process of its own, about 5 s of imports; ``tests/test_plan_measured.py`` runs seven cases at
+these shapes in-process), results to ``--out`` or a temporary directory (see ``_results.py``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "plan_memory.json"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "src"))
+from _results import add_output_arguments, command_line, output_dir, save_results  # noqa: E402
 
 OLMOE = dict(vocab_size=8000, hidden_size=512, num_attention_heads=8, num_key_value_heads=8, intermediate_size=256,
              num_hidden_layers=4, num_experts=16, num_experts_per_tok=4, max_position_embeddings=1024,
@@ -68,6 +71,9 @@ CASES = {
                                                                        "activation_checkpointing": True}, "full"),
     "qwen2 upcycled, LayerMoE stage 1": ("qwen2", "bfloat16", {"dtype": "bf16", "aux_loss_coef": 0.01}, "stage1"),
 }
+# --quick: the two cases with the most machinery of their own (the heap measurement of a checkpointed
+# step; an upcycled model with LayerMoE's stage-1 method)
+QUICK_CASES = ("olmoe full fp32, activation checkpointing", "qwen2 upcycled, LayerMoE stage 1")
 
 
 class _MallInfo2(ctypes.Structure):
@@ -151,13 +157,14 @@ def measure(family: str, fields: dict, dtype: str, settings_fields: dict, method
     import torch
 
     from moelang.options import TrainSettings
-    from moelang.train import apply_activation_checkpointing, configure_loss, make_optimizer
+    from moelang.train import apply_activation_checkpointing, configure_loss, fp32_master_weights, make_optimizer
 
     torch.manual_seed(0)
     rss_start = _rss_bytes()
     settings = TrainSettings(steps=1, micro_batch_size=micro_batch, seq_len=seq_len, **settings_fields)
     model, chosen = build(family, fields, dtype, method, meta=False)
     apply_activation_checkpointing(model, settings)
+    fp32_master_weights(model, settings)  # as the engine does: the optimizer steps fp32 copies of bf16 weights
     loss_fn = configure_loss(model, settings)
     optimizer = make_optimizer(model, settings)
     model.train()
@@ -227,33 +234,28 @@ def compare(name: str, quick: bool, micro_batch: int, seq_len: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the smallest shapes, nothing written")
+    add_output_arguments(parser)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case in this process (the subprocess)
     args = parser.parse_args()
     micro_batch, seq_len = (2, 64) if args.quick else (4, 256)
     if args.case:
         print(json.dumps(compare(args.case, args.quick, micro_batch, seq_len)))
         return
+    out_dir = output_dir(args)
     if not has_mallinfo2():
         sys.exit("benchmarks/plan_memory.py: needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
     rows = []
-    for name in CASES:  # each case in a fresh process: its peak RSS is its own
+    for name in QUICK_CASES if args.quick else CASES:  # each case in a fresh process: its peak RSS is its own
         done = subprocess.run([sys.executable, __file__, "--case", name] + (["--quick"] if args.quick else []),
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         row = rows[-1]
         print(f"{name:48} state x{row['state_ratio']:.3f}  activations x{row['activation_ratio']:.3f}  "
               f"(measured {row['measured']['activations'] / 1e6:.1f} MB)")
-    if args.quick:
-        return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
-                                   "micro_batch": micro_batch, "seq_len": seq_len, "cases": rows}, indent=1))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _results import update_results_md
-
+    result = {"machine": platform.platform(), "python": platform.python_version(), "micro_batch": micro_batch,
+              "seq_len": seq_len, "cases": rows}
     lines = ["## Resource plan against measured training steps (`benchmarks/plan_memory.py`)", "",
-             f"One training step per case on the CPU ({platform.machine()}), micro-batch {micro_batch} x {seq_len} "
+             f"Command: `{command_line('plan_memory.py')}`. One training step per case on the CPU ({platform.machine()}), micro-batch {micro_batch} x {seq_len} "
              f"tokens; plan / measured (the issue's tolerances: state within 15%, activations within 30%).", "",
              "| case | weights+grads+optimizer, MB measured | plan / measured | activations, MB measured | "
              "plan / measured | plan peak / peak RSS delta |", "|---|---|---|---|---|---|"]
@@ -263,7 +265,7 @@ def main() -> None:
         rss = f"{row['peak_ratio_to_rss']:.2f}" if row["peak_ratio_to_rss"] else "-"
         lines.append(f"| {row['case']} | {state:.1f} | {row['state_ratio']:.3f} | {m['activations'] / 1e6:.1f} | "
                      f"{row['activation_ratio']:.3f} | {rss} |")
-    update_results_md("plan_memory", "\n".join(lines))
+    save_results("plan_memory", result, "\n".join(lines), out_dir, indent=1)
 
 
 if __name__ == "__main__":

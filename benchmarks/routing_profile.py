@@ -1,6 +1,7 @@
 """Routing profiler against a bare forward pass and against the field's usual loop, one run.
 
     .venv/bin/python benchmarks/routing_profile.py [--tokens 16384] [--repeats 3] [--batch-windows 1]
+        [--quick] [--out DIR]
 
 Same model, same tokens for the three ways, on two OLMoE-family models with top-8 of 64 experts
 (about 20M and 50M parameters, random weights: routing cost does not depend on what was learnt):
@@ -16,7 +17,9 @@ Same model, same tokens for the three ways, on two OLMoE-family models with top-
 
 Tokens per second of wall time (best of ``--repeats``, the three ways taking turns); writes ``benchmarks/results/routing_profile.json``
 (``speedup_vs_naive`` and ``fraction_of_forward`` are those of the larger model) and the section of
-``benchmarks/RESULTS.md`` between its markers.
+``benchmarks/RESULTS.md`` between its markers. ``--quick``: two toy models (``QUICK_MODELS``: the same 64
+experts and top-8 at a tiny width), one 2,048-token window, 2 repeats, results to ``--out`` or a temporary
+directory (see ``_results.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from _results import update_results_md  # noqa: E402
+from _results import add_output_arguments, command_line, output_dir, save_results  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -43,16 +46,23 @@ from moelang.models import ModelAdapter, build_config, count_parameters, init_mo
 from moelang.routing import RoutingProfiler, length_batches  # noqa: E402
 
 WINDOW = 2048
+VOCAB = 8000
+NUM_EXPERTS = 64
 MODELS = {
     "olmoe-20m": dict(hidden_size=256, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4),
     "olmoe-50m": dict(hidden_size=384, intermediate_size=96, num_hidden_layers=6, num_attention_heads=6),
 }
+# --quick: the same experts, top-k and window on toy widths (the larger one last, as above)
+QUICK_MODELS = {
+    "olmoe-toy-2layer": dict(hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2),
+    "olmoe-toy-3layer": dict(hidden_size=48, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2),
+}
 
 
-def build(name: str):
-    fields = {"model_type": "olmoe", "vocab_size": 8000, "num_experts": 64, "num_experts_per_tok": 8,
+def build(shape: dict):
+    fields = {"model_type": "olmoe", "vocab_size": VOCAB, "num_experts": NUM_EXPERTS, "num_experts_per_tok": 8,
               "max_position_embeddings": WINDOW, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-              **MODELS[name]}
+              **shape}
     fields["num_key_value_heads"] = fields["num_attention_heads"]
     return init_model(build_config(fields), seed=0).eval()
 
@@ -92,20 +102,30 @@ def naive(model, windows, top_k):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens per model (multiple of 2,048)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per model (multiple of 2,048; default 16,384, --quick 2,048)")
+    parser.add_argument("--repeats", type=int, default=None, help="best of this many (default 3, --quick 2)")
     parser.add_argument("--batch-windows", type=int, default=1,
                         help="2,048-token windows per forward pass of the profiler (1 is fastest on a CPU)")
+    add_output_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    out_dir = output_dir(args)
+    if args.tokens is None:
+        args.tokens = WINDOW if args.quick else 16384
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 3
+    models = QUICK_MODELS if args.quick else MODELS
+    # --quick: one thread (its numbers measure nothing; on cores other jobs share, OpenMP threads wait
+    # on each other 10-300x longer)
+    torch.set_num_threads(1 if args.quick else os.cpu_count() or 1)
     rng = np.random.default_rng(0)
     n_windows = max(1, args.tokens // WINDOW)
-    windows = [rng.integers(3, 8000, WINDOW) for _ in range(n_windows)]
+    windows = [rng.integers(3, VOCAB, WINDOW) for _ in range(n_windows)]
     n_tokens = n_windows * WINDOW
     batches = length_batches(windows, batch_tokens=args.batch_windows * WINDOW, pad_id=0)
     results = {}
-    for name in MODELS:
-        model = build(name)
+    for name, shape in models.items():
+        model = build(shape)
         adapter = ModelAdapter(model)
         params = count_parameters(model)["total"]
         print(f"{name}: {params:,} parameters, {n_tokens:,} tokens", flush=True)
@@ -119,7 +139,7 @@ def main() -> None:
         profiler = RoutingProfiler(adapter)
         profiler.run(batches)
         counts = naive(model, windows, adapter.moe_layers[0].top_k)
-        agree = all(profiler.state.counts[i].tolist() == [counts[i][e] for e in range(64)] for i in counts)
+        agree = all(profiler.state.counts[i].tolist() == [counts[i][e] for e in range(NUM_EXPERTS)] for i in counts)
         results[name] = {
             "parameters": params,
             "tokens": n_tokens,
@@ -130,17 +150,14 @@ def main() -> None:
             "counts_agree": agree,
         }
         print(json.dumps(results[name]["tokens_per_s"]), flush=True)
-    largest = results[list(MODELS)[-1]]
+    largest = results[list(models)[-1]]
     out = {
-        "command": ".venv/bin/python benchmarks/routing_profile.py",
+        "command": command_line("routing_profile.py"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "models": results,
         "speedup_vs_naive": largest["speedup_vs_naive"],
         "fraction_of_forward": largest["fraction_of_forward"],
     }
-    path = HERE / "results" / "routing_profile.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     rows = "\n".join(
         f"| {name} | {r['parameters'] / 1e6:.1f}M | {r['tokens_per_s']['forward']:,.0f} | {r['tokens_per_s']['profiler']:,.0f} "
         f"| {r['tokens_per_s']['naive']:,.0f} | {r['fraction_of_forward']:.2f} | {r['speedup_vs_naive']:.2f}x | {r['counts_agree']} |"
@@ -164,8 +181,8 @@ adds on top of the same forward pass (host copies of the selected ids, `Counter`
 next to it, so no profiler can be 3x faster than it here; the gap opens where the forward pass is
 cheap (a GPU), which this machine cannot measure.
 """
-    update_results_md("routing_profile", section)
     print(section)
+    save_results("routing_profile", out, section, out_dir)
 
 
 if __name__ == "__main__":

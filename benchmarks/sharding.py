@@ -1,6 +1,6 @@
 """Sharded corpus and tokenize jobs against one job per language, in one run.
 
-    .venv/bin/python benchmarks/sharding.py [--docs 300000] [--shards 2] [--repeats 2]
+    .venv/bin/python benchmarks/sharding.py [--docs 300000] [--shards 2] [--repeats 2] [--quick] [--out DIR]
 
 A local corpus of ``--docs`` synthetic sentences (words drawn from the built-in English corpus, a
 tenth of them duplicated so deduplication works across parts) in 8 files. Every job is a separate
@@ -13,7 +13,9 @@ tenth of them duplicated so deduplication works across parts) in 8 files. Every 
 
 The outputs of both ways are checked equal. Wall time is the best of ``--repeats``. On a cluster the
 parts run on different nodes; here they share the machine's cores, so the gain is bounded by them.
-Writes ``benchmarks/results/sharding.json`` and the section of ``benchmarks/RESULTS.md``.
+Writes ``benchmarks/results/sharding.json`` and the section of ``benchmarks/RESULTS.md``. ``--quick``:
+2,000 documents (``QUICK_DOCS``) of words from one catalog package (``QUICK_BUILTIN``), 2 repeats, results
+to ``--out`` or a temporary directory (see ``_results.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ sys.path.insert(0, str(HERE))
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from _results import update_results_md  # noqa: E402
+from _results import add_output_arguments, command_line, output_dir, save_results  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from moelang import config as cfg  # noqa: E402
@@ -42,13 +44,30 @@ from moelang.corpus import build_corpus  # noqa: E402
 from moelang.tokenize import train_tokenizer  # noqa: E402
 
 MOELANG = [sys.executable, "-m", "moelang"]
-ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+# the jobs run this checkout's moelang, as this script does (not whichever one the environment installed)
+ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+DOCS = 300_000
+QUICK_DOCS = 2_000
+# --quick: the words drawn from the built-in source of one catalog package and the English prose
+# (harvesting every package takes longer than the rest of a quick run)
+QUICK_BUILTIN = {"packages": ["Django"], "english_prose": ["pydoc_topics"]}
 
 
-def make_source(work: Path, n_docs: int, seed: int = 0) -> Path:
-    """8 text files of synthetic English-like lines, words from the built-in English corpus."""
-    config = cfg.validate({"languages": {"high_resource": ["en"]}, "allocation": {"new_experts": 1}})
-    build_corpus("en", cfg.corpus_options(config, "en"), work / "builtin.parquet", work / "builtin.json")
+def english_config(corpus: dict | None = None) -> dict:
+    """A valid config whose English corpus options the benchmark uses (a config needs a target
+    language for its expert allocation: Catalan, never read here)."""
+    return cfg.validate({"languages": {"high_resource": ["en"], "targets": {"ca": "en"}},
+                         "allocation": {"new_experts": 1}, **({"corpus": corpus} if corpus else {})})
+
+
+def make_source(work: Path, n_docs: int, builtin: dict | None = None, seed: int = 0) -> Path:
+    """8 text files of synthetic English-like lines, words from the built-in English corpus (``builtin``:
+    its packages, default all of the default's)."""
+    options = cfg.corpus_options(english_config(), "en")
+    if builtin is not None:
+        options = options.replace(builtin=builtin)
+    build_corpus("en", options, work / "builtin.parquet", work / "builtin.json")
     words = " ".join(pq.read_table(work / "builtin.parquet").column("text").to_pylist()).split()
     rng = random.Random(seed)
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(n_docs)]
@@ -116,16 +135,19 @@ def sharded(work: Path, options: str, tokenizer: Path, n: int, cores: int) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--docs", type=int, default=300_000)
+    parser.add_argument("--docs", type=int, default=None, help=f"default {DOCS:,}; --quick {QUICK_DOCS:,}")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    add_output_arguments(parser)
     args = parser.parse_args()
+    out_dir = output_dir(args)
+    if args.docs is None:
+        args.docs = QUICK_DOCS if args.quick else DOCS
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        src = make_source(work, args.docs)
-        config = cfg.validate({"languages": {"high_resource": ["en"]}, "allocation": {"new_experts": 1},
-                               "corpus": {"default_source": {"type": "local", "path": str(src)}}})
+        src = make_source(work, args.docs, QUICK_BUILTIN if args.quick else None)
+        config = english_config({"default_source": {"type": "local", "path": str(src)}})
         options = cfg.to_json(cfg.corpus_options(config, "en"))
         build_corpus("en", cfg.corpus_options(config, "en"), work / "mix.parquet", work / "mix.json")
         tokenizer = work / "tokenizer"
@@ -147,13 +169,14 @@ def main() -> None:
     result = {"docs_in": int(args.docs * 1.1), "docs_kept": n_docs, "tokens": int(n_tokens), "shards": args.shards,
               "cores": cores, "repeats": args.repeats, "machine": platform.machine(), "python": platform.python_version(),
               "best": best}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "sharding.json").write_text(json.dumps(result, indent=1) + "\n")
     one, sh = best["one"], best["sharded"]
+    # the committed full form's command names its size; a run with other settings adds them
+    command = command_line("sharding.py") if sys.argv[1:] else (
+        f".venv/bin/python benchmarks/sharding.py --docs {args.docs} --shards {args.shards}")
     section = f"""
 ## Sharded corpus and tokenize jobs (`benchmarks/sharding.py`)
 
-Command: `.venv/bin/python benchmarks/sharding.py --docs {args.docs} --shards {args.shards}` ({platform.machine()}, {cores} cores,
+Command: `{command}` ({platform.machine()}, {cores} cores,
 Python {platform.python_version()}; best of {args.repeats}). {result['docs_in']:,} local documents in 8 files
 ({n_docs:,} after deduplication, {int(n_tokens):,} tokens); every job a separate `python -m moelang` process; the
 sharded outputs are checked equal to the one-job files.
@@ -169,8 +192,8 @@ hashes the parts stored) is the serial remainder, about a third of one part here
 included. Tokenizing already uses every core in one job (the Rust encoder's threads), so on one
 machine sharding it only adds the gather: its value is spreading a large language over nodes.
 """
-    update_results_md("sharding", section)
     print(section)
+    save_results("sharding", result, section, out_dir, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Tokenize + overlap: moelang's path against the naive way and against raw `encode_batch`, one run.
 
-    .venv/bin/python benchmarks/tokenize_overlap.py [--repeats 3] [--languages en,ar,...]
+    .venv/bin/python benchmarks/tokenize_overlap.py [--repeats 3] [--languages en,ar,...] [--quick] [--out DIR]
 
 Same corpus for all three (the embedded default's built-in corpus, harvested into a temporary
 directory, every language, both splits), same trained byte-level BPE (vocab 8,000):
@@ -15,13 +15,13 @@ directory, every language, both splits), same trained byte-level BPE (vocab 8,00
 
 Throughput is tokens per second of wall time (best of ``--repeats``). Writes
 ``benchmarks/results/tokenize_overlap.json`` and the section of ``benchmarks/RESULTS.md`` between its
-markers.
+markers. ``--quick``: two languages (``QUICK_LANGUAGES``) from one catalog package (``QUICK_BUILTIN``),
+2 repeats, results to ``--out`` or a temporary directory (see ``_results.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,7 +36,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from _results import update_results_md  # noqa: E402
+from _results import add_output_arguments, command_line, output_dir, save_results  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from moelang import config as cfg  # noqa: E402
@@ -45,6 +45,10 @@ from moelang.overlap import run_overlap  # noqa: E402
 from moelang.tokenize import load_backend, tokenize_corpus, train_tokenizer  # noqa: E402
 
 BATCH_SIZE = 4096
+QUICK_LANGUAGES = ["en", "es"]  # the base language (the tokenizer needs it) and one more
+# --quick: the built-in source read from one catalog package and the English prose (a few thousand
+# documents instead of 80,000; harvesting every package is most of a quick run's time otherwise)
+QUICK_BUILTIN = {"packages": ["Django"], "english_prose": ["pydoc_topics"]}
 
 
 def best_of(repeats, fn):
@@ -97,20 +101,30 @@ def raw_encode_batch(texts_by_lang, backend):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--languages", default=None, help="comma-separated (default: the default config's)")
+    parser.add_argument("--repeats", type=int, default=None, help="best of this many (default 3; --quick 2)")
+    parser.add_argument("--languages", default=None,
+                        help=f"comma-separated (default: the default config's; --quick {','.join(QUICK_LANGUAGES)})")
+    add_output_arguments(parser)
     args = parser.parse_args()
+    out_dir = output_dir(args)
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 3
 
     from transformers import AutoTokenizer
 
     config = cfg.load(ROOT / "config" / "config.yaml")
-    languages = args.languages.split(",") if args.languages else cfg.all_languages(config)
+    if args.languages:
+        languages = args.languages.split(",")
+    else:
+        languages = QUICK_LANGUAGES if args.quick else cfg.all_languages(config)
     with tempfile.TemporaryDirectory(prefix="moelang-bench-") as tmp:
         work = Path(tmp)
         print(f"harvesting the built-in corpus for {len(languages)} languages ...", flush=True)
         corpus_paths = {}
         for lang in languages:
             options = cfg.corpus_options(config, lang).replace(min_chars=1)  # every language timed, kept or not
+            if args.quick:
+                options = options.replace(builtin=QUICK_BUILTIN)
             build_corpus(lang, options, work / f"{lang}.parquet", work / f"{lang}.stats.json")
             corpus_paths[lang] = work / f"{lang}.parquet"
         texts = {lang: pq.read_table(p, columns=["text"]).column("text").to_pylist() for lang, p in corpus_paths.items()}
@@ -128,7 +142,7 @@ def main() -> None:
         assert n_raw == n_ours == n_naive, (n_raw, n_ours, n_naive)
 
     result = {
-        "command": ".venv/bin/python benchmarks/tokenize_overlap.py",
+        "command": command_line("tokenize_overlap.py"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "languages": languages,
         "n_docs": n_docs,
@@ -142,15 +156,13 @@ def main() -> None:
         # No path that runs the same BPE can beat encode_batch by much, so this bounds the speedup.
         "naive_over_encode_batch": t_naive / t_raw,
     }
-    out = HERE / "results" / "tokenize_overlap.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     tps = result["tokens_per_s"]
+    corpus_text = "the built-in corpus of one catalog package (--quick)" if args.quick else "the default built-in corpus"
     section = f"""
 ## Tokenize + overlap (`benchmarks/tokenize_overlap.py`)
 
 Command: `{result['command']}` ({result['machine']}; best of {args.repeats}).
-Corpus: the default built-in corpus, {len(languages)} languages, {n_docs:,} documents, {n_chars:,} characters,
+Corpus: {corpus_text}, {len(languages)} languages ({', '.join(languages)}), {n_docs:,} documents, {n_chars:,} characters,
 {n_ours:,} tokens (byte-level BPE, vocab 8,000).
 
 | path | what it does | seconds | tokens/s |
@@ -164,8 +176,8 @@ fraction_of_encode_batch = **{result['fraction_of_encode_batch']:.2f}** (target 
 The naive way is only {result['naive_over_encode_batch']:.1f}x slower than raw `encode_batch` itself: most of its time
 is the Rust BPE that every path runs, so on {os.cpu_count()} cores no path built on it can reach 10x here.
 """
-    update_results_md("tokenize_overlap", section)
     print(section)
+    save_results("tokenize_overlap", result, section, out_dir)
 
 
 if __name__ == "__main__":

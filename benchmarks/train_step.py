@@ -1,7 +1,7 @@
 """Training step: full training against training only two experts of the last two MoE layers, one run;
 and the two ways of training chosen experts (expert-rows parametrization, split experts module).
 
-    .venv/bin/python benchmarks/train_step.py [--steps 30] [--warmup 2]
+    .venv/bin/python benchmarks/train_step.py [--steps 30] [--warmup 2] [--quick] [--out DIR]
 
 A ~18M-parameter OLMoE-family model (``transformers.OlmoeConfig``: vocab 8,000, hidden 256, expert
 intermediate 512, 4 layers, 4 heads, 8 experts, top-2; default experts implementation), randomly
@@ -24,8 +24,10 @@ schedule, load-balancing loss, clipping, fp32), seq_len 256, micro-batch 8, no g
 Throughput is the median of the engine's own per-step ``tokens_per_s`` (its log) after ``--warmup``
 steps. Each variant runs in its own subprocess (the script re-invokes itself with ``--variant``), so
 peak memory is that process's ``ru_maxrss`` (whole process: Python, torch, data, model, optimizer,
-activations); on a GPU also ``torch.cuda.max_memory_allocated``. Writes ``benchmarks/results/train_step.json`` and the section of
-``benchmarks/RESULTS.md`` between its markers.
+activations); on a GPU also ``torch.cuda.max_memory_allocated``. Writes ``benchmarks/results/train_step.json``
+and the section of ``benchmarks/RESULTS.md`` between its markers. ``--quick``: the same layers, experts and
+variants at a toy width (``QUICK_ARCHITECTURE``, ``QUICK_SETTINGS``), 3 steps, results to ``--out`` or a
+temporary directory (see ``_results.py``).
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from _results import update_results_md  # noqa: E402
+from _results import add_output_arguments, command_line, output_dir, save_results  # noqa: E402
 
 THREADS = 2
+# --quick: one torch thread. Its numbers measure nothing, and on cores that other jobs share (where the
+# test suite runs it) two OpenMP threads wait on each other: a toy step then takes 10-300x longer.
+QUICK_THREADS = 1
 DEFAULT_STEPS = 30
 DEFAULT_WARMUP = 2
 CONTENDED_BELOW = 0.8  # a variant whose CPU/wall ratio is below this x THREADS shared its cores
@@ -72,6 +77,11 @@ ARCHITECTURE = {
     "eos_token_id": 2,
 }
 SETTINGS = {"seq_len": 256, "micro_batch_size": 8, "grad_accum": 1, "dtype": "fp32", "seed": SEED}
+# --quick: the same depth, experts and top-k at a toy width, a few steps: checks the script, measures nothing
+QUICK_ARCHITECTURE = ARCHITECTURE | {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 16,
+                                     "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+QUICK_SETTINGS = SETTINGS | {"seq_len": 32, "micro_batch_size": 2}
+QUICK_STEPS, QUICK_WARMUP = 3, 1
 VARIANTS = ("full", "experts", "experts_split", "last2_all")  # last2_all: control, see the module docstring
 TRAINED_EXPERTS = [0, 1]
 
@@ -107,7 +117,8 @@ def write_tokens(path: Path, n_tokens: int, vocab: int, seed: int) -> int:
     return total
 
 
-def run_variant(variant: str, steps: int, warmup: int) -> dict:
+def run_variant(variant: str, steps: int, warmup: int, architecture: dict = ARCHITECTURE,
+                settings: dict = SETTINGS) -> dict:
     """One variant in this process: build, select, train ``steps`` steps; the measurements."""
     import torch
 
@@ -118,7 +129,7 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
     from moelang.models.methods import ExpertSubset
     from moelang.train import PackedStream, TrainSettings, train
 
-    config = OlmoeConfig(**ARCHITECTURE)
+    config = OlmoeConfig(**architecture)
     model = init_model(config, seed=SEED)
     adapter = ModelAdapter(model)
     last_two = [layer.index for layer in adapter.moe_layers[-2:]]
@@ -143,7 +154,7 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
         trainable_names = train_only(adapter, everything=True)
     if method is None:
         counts = count_parameters(model)
-    settings = TrainSettings(steps=steps, **SETTINGS)
+    train_settings = TrainSettings(steps=steps, **settings)
     # Sanity check of the selection: what must stay frozen stays frozen, what trains moves.
     last = adapter.moe_layer(last_two[-1]).experts
     before = {"embeddings": model.get_input_embeddings().weight.detach().clone(),
@@ -153,13 +164,14 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="moelang-train-bench-") as tmp:
         tmp = Path(tmp)
-        need = steps * settings.micro_batch_size * settings.seq_len
-        n_tokens = write_tokens(tmp / "xx.parquet", int(need * 1.2) + 4096, ARCHITECTURE["vocab_size"], SEED)
-        stream = PackedStream({"xx": tmp / "xx.parquet"}, {}, settings.seq_len, ARCHITECTURE["eos_token_id"], SEED)
+        need = steps * train_settings.micro_batch_size * train_settings.seq_len
+        n_tokens = write_tokens(tmp / "xx.parquet", int(need * 1.2) + 4096, architecture["vocab_size"], SEED)
+        stream = PackedStream({"xx": tmp / "xx.parquet"}, {}, train_settings.seq_len, architecture["eos_token_id"],
+                              SEED)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         usage_start, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        result = train(model, stream, settings, state_dir=tmp / "state", method=method)
+        result = train(model, stream, train_settings, state_dir=tmp / "state", method=method)
         seconds = time.perf_counter() - start
         usage_end = resource.getrusage(resource.RUSAGE_SELF)
     cpu_seconds = (usage_end.ru_utime - usage_start.ru_utime) + (usage_end.ru_stime - usage_start.ru_stime)
@@ -191,14 +203,15 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
         "tokens_per_s_warmup": [row["tokens_per_s"] for row in result.log[:warmup]],
         "steps_run": result.steps,
         "steps_timed": len(timed),
-        "tokens_per_step": settings.micro_batch_size * settings.seq_len * settings.grad_accum,
+        "tokens_per_step": train_settings.micro_batch_size * train_settings.seq_len * train_settings.grad_accum,
         "train_seconds": seconds,
         "final_loss": result.final_loss,
         "synthetic_tokens": n_tokens,
         "peak_rss_mib": rss_peak,
         "peak_cuda_mib": cuda_peak,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "step_seconds_median": statistics.median(settings.micro_batch_size * settings.seq_len / t for t in timed),
+        "step_seconds_median": statistics.median(train_settings.micro_batch_size * train_settings.seq_len / t
+                                                 for t in timed),
         "rss_before_training_mib": rss_model,
         "torch_threads": torch.get_num_threads(),
         "experts_updated_in_last_layer": moved_experts,
@@ -211,19 +224,32 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
 
 
 def main() -> None:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per variant")
-    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="first steps left out of the median")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"optimizer steps per variant (default {DEFAULT_STEPS}; --quick {QUICK_STEPS})")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"first steps left out of the median (default {DEFAULT_WARMUP}; --quick {QUICK_WARMUP})")
+    add_output_arguments(parser)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one variant, JSON out
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        THREADS = QUICK_THREADS  # this process and its children (they get --quick too)
+    if args.steps is None:
+        args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
+    if args.warmup is None:
+        args.warmup = QUICK_WARMUP if args.quick else DEFAULT_WARMUP
     if args.steps <= args.warmup:
         parser.error("--steps must be greater than --warmup")
+    architecture = QUICK_ARCHITECTURE if args.quick else ARCHITECTURE
+    settings = QUICK_SETTINGS if args.quick else SETTINGS
 
     if args.variant:
-        out = run_variant(args.variant, args.steps, args.warmup)
+        out = run_variant(args.variant, args.steps, args.warmup, architecture, settings)
         Path(args.result_file).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
         return
+    out_dir = output_dir(args)
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="moelang-train-bench-") as tmp:
@@ -231,7 +257,7 @@ def main() -> None:
             print(f"variant {variant}: {args.steps} steps ...", flush=True)
             result_file = Path(tmp) / f"{variant}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--result-file", str(result_file)]
+                   "--warmup", str(args.warmup), "--result-file", str(result_file)] + (["--quick"] if args.quick else [])
             subprocess.run(cmd, check=True)
             results[variant] = json.loads(result_file.read_text(encoding="utf-8"))
             r = results[variant]
@@ -247,9 +273,7 @@ def main() -> None:
     split = results["experts_split"]
     assert full["total_params"] == experts["total_params"] == control["total_params"] == split["total_params"]
     assert split["trainable_params"] == experts["trainable_params"]
-    command = ".venv/bin/python benchmarks/train_step.py"
-    if args.steps != DEFAULT_STEPS or args.warmup != DEFAULT_WARMUP:
-        command += f" --steps {args.steps} --warmup {args.warmup}"
+    command = command_line("train_step.py")
     per_variant_keys = ("tokens_per_s", "step_seconds_median", "peak_rss_mib", "peak_cuda_mib", "trainable_params",
                         "trainable_fraction", "steps_timed")
     layers = experts["layers_selected"]
@@ -257,10 +281,10 @@ def main() -> None:
         "command": command,
         "machine": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "torch_threads": THREADS},
-        "model": {"family": "olmoe (transformers.OlmoeConfig)", **ARCHITECTURE,
+        "model": {"family": "olmoe (transformers.OlmoeConfig)", **architecture,
                   "experts_implementation": full["experts_implementation"],
                   "total_params": full["total_params"], "per_expert_params": full["per_expert_params"]},
-        "training": {**SETTINGS, "steps": args.steps, "warmup_steps_discarded": args.warmup,
+        "training": {**settings, "steps": args.steps, "warmup_steps_discarded": args.warmup,
                      "tokens_per_step": full["tokens_per_step"],
                      "engine": "moelang.train.train over moelang.train.PackedStream (synthetic tokens)"},
         "full": {"description": "all parameters trainable", **{k: full[k] for k in per_variant_keys}},
@@ -280,14 +304,10 @@ def main() -> None:
                                     if split["peak_cuda_mib"] and experts["peak_cuda_mib"] else None),
         "details": results,
     }
-    out = HERE / "results" / "train_step.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {THREADS} torch threads, Python {platform.python_version()}"
     if full["device"] == "cuda":
         machine += ", on the GPU"
-    a = ARCHITECTURE
+    a = architecture
     model_text = (f"vocab {a['vocab_size']:,}, hidden {a['hidden_size']}, expert intermediate {a['intermediate_size']}, "
                   f"{a['num_hidden_layers']} layers, {a['num_attention_heads']} heads, {a['num_experts']} experts, "
                   f"top-{a['num_experts_per_tok']}, `{full['experts_implementation']}` experts")
@@ -306,7 +326,7 @@ def main() -> None:
 
 Command: `{command}` ({machine}; median of steps {args.warmup + 1}-{args.steps}, the first {args.warmup} left out).
 Model: OLMoE family from `OlmoeConfig`, {model_text}, **{full['total_params']:,}** parameters (`count_parameters`), fp32.
-Each step is `moelang.train.train` on a `PackedStream` of synthetic tokens ({SETTINGS['micro_batch_size']} x {SETTINGS['seq_len']} = {full['tokens_per_step']:,} tokens),
+Each step is `moelang.train.train` on a `PackedStream` of synthetic tokens ({settings['micro_batch_size']} x {settings['seq_len']} = {full['tokens_per_step']:,} tokens),
 AdamW, load-balancing loss. Each variant runs in its own process; peak RSS is that whole process (Python and torch included).
 
 | variant | trains | params trained | fraction | tokens/s (median) | range | peak RSS (MiB) | peak GPU memory (MiB) |
@@ -318,8 +338,8 @@ speedup_experts_vs_full = **{result['speedup_experts_vs_full']:.2f}x**
 Split experts vs the rows parametrization: {result['speedup_split_vs_rows']:.2f}x the tokens/s, peak RSS {result['peak_rss_split_minus_rows_mib']:+,.0f} MiB{split_gpu_text(result)}.
 {explanation(result)}{contention_note(contended)}
 """
-    update_results_md("train_step", section)
     print(section)
+    save_results("train_step", result, section, out_dir)
 
 
 def split_gpu_text(result: dict) -> str:
