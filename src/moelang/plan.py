@@ -496,8 +496,18 @@ def training_memory(shape: ModelShape, settings: TrainSettings, p: Precision, ro
         moe = [layer for layer in shape.layers if layer.experts]
         one_hot = 8 * sum(layer.top_k * layer.experts for layer in moe)
         acts = dataclasses.replace(acts, transient=max(acts.transient, one_hot))
+    if settings.dtype == "bf16" and p.weights == 2:
+        # autocast's bf16 copies of the fp32 master weights of a bf16 model (Precision counts those of an
+        # fp32 model layer by layer), made in the forward pass and kept by autograd
+        # for the backward pass: 2 bytes a trainable parameter, once per step (measured:
+        # benchmarks/plan_memory.py)
+        autocast_copies = 2 * trainable / (processes if fsdp else 1)
+        notes.append("bf16 autocast keeps a bf16 copy of each fp32 trainable weight for the backward pass")
+    else:
+        autocast_copies = 0.0
     memory = Memory(weights=weights, gradients=gradients, optimizer=optimizer,
-                    activations=acts.kept * tokens + acts.fixed, transient=acts.transient * tokens, other=other)
+                    activations=acts.kept * tokens + acts.fixed + autocast_copies, transient=acts.transient * tokens,
+                    other=other)
     lora = [layer for layer in shape.layers if layer.trainable_experts and shape.extra_trainable and not layer.split_experts]
     if shape.extra_trainable and lora:
         # LoRA on fused expert tensors: each forward builds the merged W + BA of the down projection
