@@ -82,3 +82,20 @@ def bf16_process():
     AcceleratorState._reset_state()
     yield
     AcceleratorState._reset_state()
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the scripts import their neighbour ``_results``, so
+    benchmarks/ is on the path while it loads)."""
+    import importlib.util
+    import sys
+
+    folder = str(REPO / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(folder)

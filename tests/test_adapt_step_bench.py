@@ -1,13 +1,13 @@
 """The FLOP formula of ``benchmarks/adapt_step.py`` (the limit of SSFT's speed-up over Full-FT) against
 torch's own FLOP counter on real training steps of a tiny OLMoE-family model."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,14 +19,7 @@ BATCH, SEQ_LEN, ADAPTED = 2, 12, 2
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its neighbour _results
-    try:
-        spec = importlib.util.spec_from_file_location("adapt_step_bench", ROOT / "benchmarks" / "adapt_step.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return load_benchmark("adapt_step")
 
 
 def counted_step_flops(method) -> int:

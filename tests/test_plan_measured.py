@@ -3,24 +3,15 @@
 storages the step holds, activations within 30% of what the forward keeps for the backward pass (the
 issue's tolerances)."""
 
-import importlib.util
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("plan_memory_bench", REPO / "benchmarks" / "plan_memory.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    return load_benchmark("plan_memory")
 
 
 @pytest.mark.parametrize("case", [
