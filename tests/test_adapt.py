@@ -144,6 +144,30 @@ def test_ties_and_nan_in_selection():
     assert chosen["selected"].to_list() == [False, True, False, True]
 
 
+def test_keeping_the_selected_models_only_drops_the_other_runs_weights(start, adapted, tmp_path):
+    """keep_models: selected trains the same runs; the weights of the runs the selection does not
+    choose are gone, their records and perplexities stay, and the selection picks the kept one."""
+    out, _ = adapted
+    adapt.adapt_target(start / "ca.parquet", start / "selected.json",
+                       options(start, methods=["ssft", "lora"], keep_models="selected"), tmp_path / "adapt",
+                       tmp_path / "state")
+    root = tmp_path / "adapt" / "ca"
+    runs = [root / m / lr for m in ("ssft", "lora") for lr in ("lr-0.001", "lr-0.02")]
+    table = adapt.select_target("ca", {"runs": runs}, tmp_path / "runs.parquet", root)
+    everything = adapt.select_runs(adapt.runs_table([out / "adapt" / "ca" / m / lr for m in ("ssft", "lora")
+                                                     for lr in ("lr-0.001", "lr-0.02")]))
+    assert table.drop("selected").equals(everything.drop("selected")) and table["selected"].equals(everything["selected"])
+    for row in table.iter_rows(named=True):
+        run = root / row["method"] / f"lr-{row['lr']:g}"
+        assert (run / "model.safetensors").is_file() == row["selected"]
+        assert (run / adapt.WEIGHTS_NOT_KEPT_FILE).is_file() == (not row["selected"])
+        assert (run / "perplexity.json").is_file() and (run / "config.json").is_file()
+        if row["selected"]:  # the same weights as the run kept with every other
+            a, b = weights(run), weights(out / "adapt" / "ca" / row["method"] / f"lr-{row['lr']:g}")
+            assert all(torch.equal(a[k], b[k]) for k in a)
+            assert (root / row["method"] / "selected" / "model.safetensors").samefile(run / "model.safetensors")
+
+
 def test_the_selected_rate_follows_dev_where_test_disagrees(start, adapted, tmp_path):
     """Runs whose dev perplexity favours one rate and whose test perplexity favours the other: the
     selection job picks (and links) the dev choice, and its table reports both numbers."""

@@ -110,6 +110,7 @@ RUNS_SCHEMA = pa.schema([
 PERPLEXITY_FILE = "perplexity.json"
 NOT_RUN_FILE = "not_run.json"  # in a run directory (and selected/) of a method that was not trained
 SELECTED_DIR = "selected"
+WEIGHTS_NOT_KEPT_FILE = "weights_not_kept.json"  # a run whose model was dropped (adapt.keep_models: selected)
 EXPERT_SET_METHODS = ("ssft", "seft", "random", "random_hr")  # and seft_top{N}: sets in selected_experts.json
 
 
@@ -379,6 +380,8 @@ def adapt_target(token_file: str | Path, selected_path: str | Path, options: Ada
             results.append(json.loads((staged / PERPLEXITY_FILE).read_text()))
         from moelang.train import publish
 
+        if options.keep_models == "selected":
+            _drop_unselected_weights(lang, runs, results, state_root)
         for name, lr in runs:
             publish(_run_state(state_root, name, lr), {"model": Path(out_root) / lang / name / lr_name(lr)})
         for name in methods:
@@ -387,6 +390,27 @@ def adapt_target(token_file: str | Path, selected_path: str | Path, options: Ada
             with contextlib.suppress(OSError):
                 (state_root / name).rmdir()
     return results
+
+
+def _drop_unselected_weights(lang: str, runs: list[tuple[str, float]], results: list[dict], state_root: Path) -> None:
+    """``adapt.keep_models: selected``: the weights of every run but each method's selected one (by
+    :func:`select_runs`, the selection job's rule, on this job's runs: a job holds all rates of its
+    methods) are deleted from the staged exports before they are published; the run keeps its record,
+    log and perplexities, and says so in :data:`WEIGHTS_NOT_KEPT_FILE`."""
+    table = pl.DataFrame({"lang": [lang] * len(runs), "method": [name for name, _ in runs],
+                          "lr": [float(lr) for _, lr in runs],
+                          "dev_perplexity": [float(r["dev"]["perplexity"]) for r in results]})
+    selected = select_runs(table)
+    for (name, lr), keep in zip(runs, selected["selected"]):
+        staged = _staged(state_root, name, lr)
+        if keep or (staged / WEIGHTS_NOT_KEPT_FILE).is_file():
+            continue
+        chosen = selected.filter(pl.col("selected") & (pl.col("method") == name))["lr"].to_list()
+        write_json({"reason": f"adapt.keep_models: selected; {name} selects lr {chosen[0]:g} by dev perplexity"},
+                   staged / WEIGHTS_NOT_KEPT_FILE)
+        for weights in [*staged.glob("*.safetensors"), *staged.glob("*.safetensors.index.json")]:
+            weights.unlink()
+        log.info("adapt %s: %s lr %g: weights not kept (adapt.keep_models: selected)", lang, name, lr)
 
 
 def _write_not_run(out_root: str | Path, ctx: AdaptContext, name: str, reason: str) -> None:

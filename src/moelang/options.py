@@ -566,6 +566,12 @@ class AdaptOptions(LoadOptions):
     share_frozen_pass: bool = True
     """Runs whose trainable parameters all lie in the final K layers share one pass of the frozen layers
     below them (``moelang.sweep``); ``full-ft`` always trains alone."""
+    keep_models: str = "all"
+    """``all``: every (method, rate) run's model stays in its run directory; ``selected``: at the end of
+    the job only each method's run with the lowest dev perplexity (the selection's own rule,
+    :func:`moelang.adapt.select_runs`) keeps its weights, the others keep their records, logs and
+    perplexities (and ``weights_not_kept.json``). At OLMoE-1B-7B scale a run's model is 13.8 GB and
+    olmoe-m7 has 240 runs."""
     sweep_group_size: int | None = None
     """At most this many runs share one frozen pass (None: all of a job's eligible runs). Each run of a
     shared pass holds its own trainable tensors, fp32 weights, gradients and AdamW moments (16 bytes a

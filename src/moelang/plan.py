@@ -933,7 +933,8 @@ class _Planner:
         self.finish(row, memory, flops_step * settings.steps, settings.dtype == "bf16" or p.weights == 2)
         # every run exports a whole model (save_pretrained of the start model's architecture); the
         # selected run's files are hard links; every run has its own training state
-        row.disk_exports_gb = jobs * runs * shape.total * p.weights / GB
+        kept = len(names) if options.keep_models == "selected" else runs  # adapt.keep_models
+        row.disk_exports_gb = jobs * kept * shape.total * p.weights / GB
         # each run's last state stays until the job publishes; one more while a state is written
         row.disk_states_gb = jobs * (runs + 1) * state_bytes(shape, p, settings) / GB
 
