@@ -137,17 +137,23 @@ def test_usage_records_each_job_and_the_table_sums_a_torchrun_jobs_processes(tmp
                           str(tmp_path / "out" / "u.parquet")], env=env, capture_output=True, cwd=tmp_path)
     assert ok.returncode == 0
     # two processes of one torchrun job (same launcher: the parent pid), written as the CLI writes them
-    for rank, rss in ((0, 100.0), (1, 300.0)):
-        record = {"stage": "cpt", "argv": ["cpt", "--out", "model"], "cwd": str(tmp_path), "wall_s": 10.0 + rank,
-                  "peak_rss_mib": rss, "rank": rank, "job_key": "run7", "ok": True, "ended": 1e10 + rank}
-        (usage / f"cpt-{rank}.json").write_text(json.dumps(record))
+    import time
+
     (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "old.bin").write_bytes(b"\0" * 2**19)
+    os.utime(tmp_path / "model" / "old.bin", (time.time() - 3600, time.time() - 3600))  # another job's file
     (tmp_path / "model" / "w.bin").write_bytes(b"\0" * 2**20)
+    now = time.time()
+    for rank, rss in ((0, 100.0), (1, 300.0)):
+        record = {"stage": "cpt", "argv": ["cpt", "--options", "{}", "--out", "model"], "cwd": str(tmp_path),
+                  "wall_s": 10.0 + rank, "peak_rss_mib": rss, "rank": rank, "job_key": "run7", "ok": True,
+                  "ended": now + rank}
+        (usage / f"cpt-{rank}.json").write_text(json.dumps(record))
     table = usage_table(usage)
     assert table.schema == USAGE_SCHEMA
     rows = {r["stage"]: r for r in table.to_pylist()}
     assert rows["options"]["processes"] == 1 and rows["options"]["peak_rss_mib"] > 10 and rows["options"]["ok"]
     assert rows["usage"]["ok"] == (bad.returncode == 0)
-    assert rows["cpt"] == {"stage": "cpt", "job": "model", "processes": 2, "wall_s": 11.0, "peak_rss_mib": 300.0,
+    assert rows["cpt"] == {"stage": "cpt", "job": "--out model", "processes": 2, "wall_s": 11.0, "peak_rss_mib": 300.0,
                            "total_peak_rss_mib": 400.0, "output_mib": 1.0, "ok": True}
     assert "| cpt | 1 | 2 | 11 | 11 | 300 | 1.0 | yes |" in markdown(table)

@@ -4,10 +4,11 @@ With ``MOELANG_USAGE_DIR`` set, every ``moelang`` command writes one JSON record
 (:func:`record_usage`): the subcommand, its arguments, the wall time, the process's peak resident
 memory (the kernel's high-water mark, ``ru_maxrss``: exact, not sampled) and, under torchrun, the
 process's rank. :func:`usage_table` gathers them into a table, one row per job (a torchrun job's
-processes summed), with the size on disk of the paths the job wrote (its ``--out*`` arguments).
+processes summed), with the size on disk of what the job wrote under its ``--out*`` arguments (files
+last written while it ran).
 
 ``usage.parquet``, :data:`USAGE_SCHEMA`: ``stage`` string (the subcommand), ``job`` string (its
-outputs, or its arguments), ``processes`` int64, ``wall_s`` float64, ``peak_rss_mib`` float64 (the
+arguments but the JSON options), ``processes`` int64, ``wall_s`` float64, ``peak_rss_mib`` float64 (the
 largest process's peak), ``total_peak_rss_mib`` float64 (summed over the job's processes), ``output_mib``
 float64, ``ok`` bool (the command's exit status was 0).
 """
@@ -57,12 +58,16 @@ def _outputs(argv: list[str], cwd: str) -> list[Path]:
     return paths
 
 
-def _size_mib(path: Path) -> float:
-    if path.is_file():
-        return path.stat().st_size / 2**20
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
-    return 0.0
+def _size_mib(path: Path, since: float, until: float) -> float:
+    """MiB of the files under ``path`` last written between ``since`` and ``until``: what the job
+    wrote, also where jobs share an output root (the adaptation's ``--out results/adapt``)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+    sizes = []
+    for file in files:
+        stat = file.stat()
+        if since - 1 <= stat.st_mtime <= until + 1:
+            sizes.append(stat.st_size)
+    return sum(sizes) / 2**20
 
 
 def usage_table(directory: str | Path) -> pa.Table:
@@ -76,13 +81,14 @@ def usage_table(directory: str | Path) -> pa.Table:
     for (stage, _), group in sorted(jobs.items(), key=lambda item: max(r["ended"] for r in item[1])):
         first = min(group, key=lambda r: r["rank"])
         outputs = _outputs(first["argv"], first["cwd"])
-        job = " ".join(str(p.relative_to(first["cwd"])) if p.is_relative_to(first["cwd"]) else str(p)
-                       for p in outputs) or " ".join(first["argv"][1:])[:120]
+        # the job's arguments without its JSON options: its language, method, variant, stage and outputs
+        job = " ".join(a for a in first["argv"][1:] if not a.startswith("{") and a != "--options")[:160]
         rows.append({"stage": stage, "job": job, "processes": len(group),
                      "wall_s": max(r["wall_s"] for r in group),
                      "peak_rss_mib": max(r["peak_rss_mib"] for r in group),
                      "total_peak_rss_mib": sum(r["peak_rss_mib"] for r in group),
-                     "output_mib": sum(_size_mib(p) for p in outputs), "ok": all(r["ok"] for r in group)})
+                     "output_mib": sum(_size_mib(p, first["ended"] - first["wall_s"], max(r["ended"] for r in group))
+                                       for p in outputs), "ok": all(r["ok"] for r in group)})
     return pa.Table.from_pylist(rows, schema=USAGE_SCHEMA)
 
 
