@@ -9,9 +9,10 @@ Causal-LM training on the token Parquet files of the tokenize stage:
   norms, biases, or frozen tensors), cosine schedule with linear warm-up down to
   ``min_lr_ratio`` x lr, gradient accumulation, clipping, the MoE load-balancing loss with its weight,
   fp32 or bf16 autocast; the optimizer always steps fp32 weights (:func:`fp32_master_weights`): the
-  paper configs load their models in bf16, and AdamW on bf16 weights rounds away every update below
-  about 1/256 of a weight (measured: at lr 1e-5, 3 steps changed 14% of a tiny model's weights), so
-  trainable half-precision tensors train in fp32 and exports are written in the dtype loaded;
+  paper configs load their models in bf16, and AdamW on bf16 weights rounds away every update smaller
+  than half a bf16 step, about 1/512 of a weight (measured: at lr 1e-5, 6 steps left 85% of a tiny
+  model's weights where they were), so trainable half-precision tensors train in fp32 and exports are
+  written in the dtype loaded;
 * **parallelism** under torchrun (one process per GPU): ``ddp`` (through ``accelerate``) replicates the
   model and averages gradients; ``fsdp`` (PyTorch FSDP2, ``fully_shard`` per decoder layer, then the
   root) shards parameters, gradients and optimizer state across the processes, for full training of
@@ -347,7 +348,7 @@ def _write_run_state(directory: Path, param_groups: list[dict], step: int, token
 
 # Under FSDP with several processes each process writes its own shards (FSDP2 cuts every tensor along
 # its first dimension as torch.chunk does): no process ever holds the whole state, and the processes
-# write at once. OLMoE-1B-7B's state (weights and two AdamW moments, 41 GB in bf16) would otherwise
+# write at once. OLMoE-1B-7B's state (fp32 weights and two AdamW moments, 83 GB) would otherwise
 # be gathered into the first process's memory and written by it alone at every checkpoint.
 SHARD_DIM = 0
 
