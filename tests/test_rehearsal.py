@@ -13,24 +13,22 @@ from moelang.models.loading import KNOWN_CONFIGS
 
 # Keys (dotted prefixes) a rehearsal may set differently from its paper config; each is a cut of
 # depth, data, steps or languages, or a stand-in for a hub input (the YAML says why, line by line).
+# cuts both rehearsals make: languages, their local sources and split sizes, the stand-in model,
+# similarity tokens, the budget with the depth, the expansion's steps and batches, evaluation sizes
+COMMON_CUTS = ("languages.high_resource", "languages.targets", "corpus.default_source", "corpus.sources",
+               "corpus.dev_fraction", "corpus.test_fraction", "corpus.min_chars", "model.base.name_or_path",
+               "similarity.tokens_per_language", "allocation.new_experts", "expand.stage1.steps",
+               "expand.stage1.micro_batch_size", "expand.stage1.grad_accum", "expand.stage1.checkpoint_every",
+               "expand.stage2.steps", "expand.stage2.micro_batch_size", "expand.stage2.grad_accum",
+               "expand.classifier_eval_sequences", "evaluation.tokens_per_language", "evaluation.mirror",
+               "evaluation.limit", "resources.gpus")
 CUTS = {
-    "olmoe": ("languages.high_resource", "languages.targets", "corpus.default_source", "corpus.sources",
-              "corpus.dev_fraction", "corpus.test_fraction", "corpus.min_chars", "model.base.name_or_path",
-              "model.cpt.n_checkpoints", "model.cpt.train.steps", "model.cpt.train.micro_batch_size",
-              "model.cpt.train.grad_accum", "model.cpt.train.checkpoint_every", "routing.tokens_per_language",
-              "similarity.tokens_per_language", "allocation.new_experts", "adapt.train.steps",
-              "adapt.train.seq_len", "adapt.train.micro_batch_size", "adapt.train.grad_accum",
-              "adapt.train.checkpoint_every", "adapt.sweep_group_size", "expand.stage1.steps", "expand.stage1.micro_batch_size",
-              "expand.stage1.grad_accum", "expand.stage1.checkpoint_every", "expand.stage2.steps",
-              "expand.stage2.micro_batch_size", "expand.stage2.grad_accum", "expand.classifier_eval_sequences",
-              "evaluation.tokens_per_language", "evaluation.mirror", "evaluation.limit", "resources.gpus"),
-    "qwen": ("languages.high_resource", "languages.targets", "corpus.default_source", "corpus.sources",
-             "corpus.dev_fraction", "corpus.test_fraction", "corpus.min_chars", "model.base.name_or_path",
-             "similarity.tokens_per_language", "allocation.new_experts", "allocation.classifier_layers",
-             "expand.stage1.steps", "expand.stage1.micro_batch_size", "expand.stage1.grad_accum",
-             "expand.stage1.checkpoint_every", "expand.stage2.steps", "expand.stage2.micro_batch_size",
-             "expand.stage2.grad_accum", "expand.classifier_eval_sequences", "evaluation.tokens_per_language",
-             "evaluation.mirror", "evaluation.limit", "resources.gpus"),
+    "olmoe": COMMON_CUTS + ("model.cpt.n_checkpoints", "model.cpt.train.steps", "model.cpt.train.micro_batch_size",
+                            "model.cpt.train.grad_accum", "model.cpt.train.checkpoint_every",
+                            "routing.tokens_per_language", "adapt.train.steps", "adapt.train.seq_len",
+                            "adapt.train.micro_batch_size", "adapt.train.grad_accum", "adapt.train.checkpoint_every",
+                            "adapt.sweep_group_size"),
+    "qwen": COMMON_CUTS + ("allocation.classifier_layers",),
 }
 PAPER = {"olmoe": "config/olmoe-m7.yaml", "qwen": "config/layermoe-qwen.yaml"}
 

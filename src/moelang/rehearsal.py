@@ -109,24 +109,15 @@ def write_corpus(config: dict, out: Path) -> dict[str, dict]:
 
 
 def train_standin_tokenizer(corpus_dir: Path, languages: list[str], out: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    """The project's byte-level BPE (:func:`moelang.tokenize.byte_level_bpe`) on every stand-in
+    document; no BOS token, like OLMoE's and Qwen1.5's tokenizers."""
+    from moelang.tokenize import byte_level_bpe
 
     def texts():
         for lang in languages:
             yield from pq.read_table(corpus_dir / f"{lang}.parquet", columns=["text"]).column("text").to_pylist()
 
-    tokenizer.train_from_iterator(texts(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|padding|>",
-                                   model_max_length=1_000_000)
-    fast.save_pretrained(out)
+    byte_level_bpe(texts(), vocab_size, bos=False).save_pretrained(out)
 
 
 def standin_config(name_or_path: str, layers: int, tokenizer):

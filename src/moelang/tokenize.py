@@ -77,44 +77,42 @@ def _mix_documents(corpus_paths: dict[str, Path], options: TokenizerOptions, bas
         counts[lang] = {"fraction": fraction, "n_docs": n_docs, "n_chars": n_chars}
 
 
-def train_tokenizer(corpus_paths: dict[str, str | Path], options: TokenizerOptions | dict, base_language: str, out_dir: str | Path) -> dict:
-    """Train a byte-level BPE on the English-heavy mix and save it as a transformers tokenizer."""
-    options = TokenizerOptions.coerce(options)
+def byte_level_bpe(texts, vocab_size: int, min_frequency: int = 2, bos: bool = True):
+    """A byte-level BPE trained on ``texts``, as a transformers tokenizer: end-of-text and padding
+    tokens; ``bos``: the end-of-text token doubles as BOS (never added by the tokenizer itself)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus_paths = {lang: Path(p) for lang, p in corpus_paths.items()}
-    if base_language not in corpus_paths:
-        raise MoelangError(f"tokenizer: the base language '{base_language}' has no corpus (dropped or not configured); "
-                           f"a trained tokenizer needs it, fix languages.base or its corpus source")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=options.vocab_size,
-        min_frequency=options.min_frequency,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=True,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS_TOKEN if bos else None,
+                                   eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, model_max_length=1_000_000)
+
+
+def train_tokenizer(corpus_paths: dict[str, str | Path], options: TokenizerOptions | dict, base_language: str, out_dir: str | Path) -> dict:
+    """Train a byte-level BPE on the English-heavy mix and save it as a transformers tokenizer."""
+    options = TokenizerOptions.coerce(options)
+    corpus_paths = {lang: Path(p) for lang, p in corpus_paths.items()}
+    if base_language not in corpus_paths:
+        raise MoelangError(f"tokenizer: the base language '{base_language}' has no corpus (dropped or not configured); "
+                           f"a trained tokenizer needs it, fix languages.base or its corpus source")
     mix: dict = {}
     log.info("tokenizer: training a byte-level BPE (vocab %d) on %s", options.vocab_size, ", ".join(sorted(corpus_paths)))
-    tokenizer.train_from_iterator(_mix_documents(corpus_paths, options, base_language, mix), trainer=trainer)
+    fast = byte_level_bpe(_mix_documents(corpus_paths, options, base_language, mix), options.vocab_size,
+                          options.min_frequency)
     total = sum(m["n_chars"] for m in mix.values()) or 1
     for m in mix.values():
         m["char_share"] = round(m["n_chars"] / total, 4)
     log.info("tokenizer: mix by characters: %s", ", ".join(f"{l} {m['char_share']:.1%}" for l, m in mix.items()))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=EOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        model_max_length=1_000_000,
-    )
     with atomic_dir(out_dir) as tmp:
         fast.save_pretrained(tmp)
-        write_json({"base_language": base_language, "vocab_size": tokenizer.get_vocab_size(), "languages": mix},
+        write_json({"base_language": base_language, "vocab_size": fast.backend_tokenizer.get_vocab_size(), "languages": mix},
                    Path(tmp) / "training_mix.json")
     return mix
 
