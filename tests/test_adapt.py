@@ -115,8 +115,14 @@ def test_selection_picks_the_lowest_dev_perplexity(start, adapted, tmp_path):
     out, _ = adapted
     root = out / "adapt" / "ca"
     runs = [root / m / lr for m in ("ssft", "aeft", "full-ft", "lora") for lr in ("lr-0.001", "lr-0.02")]
+    for run in runs:  # as Snakemake leaves its directory outputs
+        (run / adapt.SNAKEMAKE_TIMESTAMP).touch()
     table = adapt.select_target("ca", {"runs": runs}, tmp_path / "runs.parquet", root)
     assert pq.read_schema(tmp_path / "runs.parquet") == adapt.RUNS_SCHEMA
+    # selected/ shares the model's files but not the run's timestamp marker: Snakemake touching the
+    # output's marker must not make the input newer than the output
+    for method in ("ssft", "aeft", "full-ft", "lora"):
+        assert not (root / method / "selected" / adapt.SNAKEMAKE_TIMESTAMP).exists()
     for method in ("ssft", "aeft", "full-ft", "lora"):
         measured = {lr: json.loads((root / method / f"lr-{lr:g}" / "perplexity.json").read_text())
                     for lr in (1e-3, 2e-2)}

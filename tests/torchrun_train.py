@@ -12,7 +12,7 @@ from pathlib import Path
 
 from families import tiny_model
 
-from moelang.train import PackedStream, TrainSettings, export_model, publish, staged_path, train
+from moelang.train import PackedStream, TrainSettings, end_distributed, export_model, publish, staged_path, train
 
 EOS = 2
 
@@ -30,6 +30,7 @@ def main(spec_path: str) -> None:
     if PartialState().is_main_process and spec["stop_after"] is None:
         publish(spec["state_dir"], {"model": spec["out"]})
         Path(f"{spec['out']}.json").write_text(json.dumps({"resumed_from": result.resumed_from, "log": result.log}))
+    end_distributed()  # as the CLI does after every command
 
 
 if __name__ == "__main__":

@@ -598,11 +598,18 @@ def select_runs(table: pl.DataFrame) -> pl.DataFrame:
         pl.Series("selected", [(l, m, lr) in chosen for l, m, lr in zip(table["lang"], table["method"], table["lr"])]))
 
 
+# Snakemake's marker in a directory output: the directory's modification time. Never hard-linked: the
+# link would share it with the source run, and Snakemake touching selected/'s marker would make the run
+# (this job's input) newer than the job's output (a failed job, or a rerun on the next invocation).
+SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"
+
+
 def _link_tree(source: Path, dest: Path) -> None:
-    """``dest`` as a tree of hard links to ``source``'s files (a copy where links cannot be made)."""
+    """``dest`` as a tree of hard links to ``source``'s files (a copy where links cannot be made),
+    Snakemake's timestamp marker left out."""
     from moelang.train import _link_or_copy
 
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+    for path in sorted(p for p in source.rglob("*") if p.is_file() and p.name != SNAKEMAKE_TIMESTAMP):
         target = dest / path.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(path, target)

@@ -733,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = _run(args)
     finally:
+        from moelang.train import end_distributed
+
+        end_distributed()
         subcommand = next(a for a in argv if not a.startswith("-"))  # ("options" has its own "stage")
         record_usage(subcommand, argv, started, status == 0)  # with MOELANG_USAGE_DIR only
     return status
