@@ -71,6 +71,32 @@ CASES = {
                                                                        "activation_checkpointing": True}, "full"),
     "qwen2 upcycled, LayerMoE stage 1": ("qwen2", "bfloat16", {"dtype": "bf16", "aux_loss_coef": 0.01}, "stage1"),
 }
+# The paper architectures at their real widths (hidden 2,048, OLMoE's 64 experts of width 1,024 with
+# top-8 and vocabulary 50,304; Qwen1.5-1.8B's FFN 5,504 and vocabulary 151,936), cut to one decoder
+# layer as the rehearsals cut them (rehearsal/*.yaml), one sequence of 256 tokens as the rehearsals'
+# adaptation steps: the plan checked at the shapes the paper configs run. Full runs only (each is a
+# process of 3 to 11 GB).
+REAL_WIDTH = {"olmoe": "allenai/OLMoE-1B-7B-0924", "qwen2": "Qwen/Qwen1.5-1.8B"}
+REAL_WIDTH_CASES = {
+    "OLMoE-1B-7B width, 1 layer: 4 experts, router mask": ("olmoe", "bfloat16", {"dtype": "bf16",
+                                                                                  "aux_loss_coef": 0.0}, "subset"),
+    "OLMoE-1B-7B width, 1 layer: full, checkpointing": ("olmoe", "bfloat16", {"dtype": "bf16", "aux_loss_coef": 0.01,
+                                                                              "activation_checkpointing": True}, "full"),
+    "Qwen1.5-1.8B width, 1 layer: LayerMoE stage 1": ("qwen2", "bfloat16", {"dtype": "bf16", "aux_loss_coef": 0.01,
+                                                                             "activation_checkpointing": True}, "stage1"),
+}
+REAL_WIDTH_BATCH = (1, 256)
+
+
+def real_width_fields(family: str) -> dict:
+    """The shipped config.json of the family's paper architecture, one decoder layer."""
+    from moelang.models.loading import KNOWN_CONFIGS
+
+    shipped = json.loads((KNOWN_CONFIGS / (REAL_WIDTH[family].replace("/", "--") + ".json")).read_text())
+    drop = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "max_window_layers"}
+    return {k: v for k, v in shipped.items() if not k.startswith("_") and k not in drop} | {"num_hidden_layers": 1}
+
+
 # --quick: the two cases with the most machinery of their own (the heap measurement of a checkpointed
 # step; an upcycled model with LayerMoE's stage-1 method)
 QUICK_CASES = ("olmoe full fp32, activation checkpointing", "qwen2 upcycled, LayerMoE stage 1")
@@ -220,10 +246,15 @@ def planned(family: str, fields: dict, dtype: str, settings_fields: dict, method
 
 
 def compare(name: str, quick: bool, micro_batch: int, seq_len: int) -> dict:
-    family, dtype, settings_fields, method = CASES[name]
-    fields = {**(OLMOE if family == "olmoe" else QWEN2), **(QUICK if quick else {})}
-    if family == "qwen2" and quick:
-        fields["intermediate_size"] = 176
+    if name in REAL_WIDTH_CASES:
+        family, dtype, settings_fields, method = REAL_WIDTH_CASES[name]
+        fields = real_width_fields(family)
+        micro_batch, seq_len = REAL_WIDTH_BATCH
+    else:
+        family, dtype, settings_fields, method = CASES[name]
+        fields = {**(OLMOE if family == "olmoe" else QWEN2), **(QUICK if quick else {})}
+        if family == "qwen2" and quick:
+            fields["intermediate_size"] = 176
     measured = measure(family, fields, dtype, settings_fields, method, micro_batch, seq_len)
     plan = planned(family, fields, dtype, settings_fields, method, micro_batch, seq_len)
     state = lambda d: d["weights"] + d["gradients"] + d["optimizer"]  # noqa: E731
@@ -245,7 +276,7 @@ def main() -> None:
     if not has_mallinfo2():
         sys.exit("benchmarks/plan_memory.py: needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
     rows = []
-    for name in QUICK_CASES if args.quick else CASES:  # each case in a fresh process: its peak RSS is its own
+    for name in QUICK_CASES if args.quick else [*CASES, *REAL_WIDTH_CASES]:  # each case in a fresh process: its peak RSS is its own
         done = subprocess.run([sys.executable, __file__, "--case", name] + (["--quick"] if args.quick else []),
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -256,14 +287,16 @@ def main() -> None:
               "seq_len": seq_len, "cases": rows}
     lines = ["## Resource plan against measured training steps (`benchmarks/plan_memory.py`)", "",
              f"Command: `{command_line('plan_memory.py')}`. One training step per case on the CPU ({platform.machine()}), micro-batch {micro_batch} x {seq_len} "
-             f"tokens; plan / measured (the issue's tolerances: state within 15%, activations within 30%).", "",
+             f"tokens (the real-width cases: their own); plan / measured (the issue's tolerances: state within 15%, activations within 30%).", "",
              "| case | weights+grads+optimizer, MB measured | plan / measured | activations, MB measured | "
              "plan / measured | plan peak / peak RSS delta |", "|---|---|---|---|---|---|"]
     for row in rows:
         m = row["measured"]
         state = (m["weights"] + m["gradients"] + m["optimizer"]) / 1e6
         rss = f"{row['peak_ratio_to_rss']:.2f}" if row["peak_ratio_to_rss"] else "-"
-        lines.append(f"| {row['case']} | {state:.1f} | {row['state_ratio']:.3f} | {m['activations'] / 1e6:.1f} | "
+        label = row["case"] + (f" ({row['micro_batch']} x {row['seq_len']} tokens)" if row["case"] in REAL_WIDTH_CASES
+                               else "")
+        lines.append(f"| {label} | {state:.1f} | {row['state_ratio']:.3f} | {m['activations'] / 1e6:.1f} | "
                      f"{row['activation_ratio']:.3f} | {rss} |")
     save_results("plan_memory", result, "\n".join(lines), out_dir, indent=1)
 

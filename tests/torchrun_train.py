@@ -12,7 +12,8 @@ from pathlib import Path
 
 from families import tiny_model
 
-from moelang.train import PackedStream, TrainSettings, end_distributed, export_model, publish, staged_path, train
+from moelang.cli import end_distributed
+from moelang.train import PackedStream, TrainSettings, export_model, publish, staged_path, train
 
 EOS = 2
 

