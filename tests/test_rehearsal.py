@@ -25,7 +25,7 @@ COMMON_CUTS = ("languages.high_resource", "languages.targets", "corpus.default_s
 CUTS = {
     "olmoe": COMMON_CUTS + ("model.cpt.n_checkpoints", "model.cpt.train.steps", "model.cpt.train.micro_batch_size",
                             "model.cpt.train.grad_accum", "model.cpt.train.checkpoint_every",
-                            "routing.tokens_per_language", "adapt.train.steps", "adapt.train.seq_len",
+                            "routing.tokens_per_language", "adapt.learning_rates", "adapt.train.steps", "adapt.train.seq_len",
                             "adapt.train.micro_batch_size", "adapt.train.grad_accum", "adapt.train.checkpoint_every",
                             "adapt.sweep_group_size"),
     "qwen": COMMON_CUTS + ("allocation.classifier_layers",),

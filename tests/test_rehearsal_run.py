@@ -13,6 +13,7 @@ mirrors laid out like the hub datasets.
 """
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -83,7 +84,8 @@ def cut_run(request, tmp_path_factory):
     make_standins(standin_config, work / "inputs", layers=1)
     proc = snakemake(work, "--printshellcmds", *targets, timeout=900)  # (an option ends --configfile's list)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return name, work
+    yield name, work
+    shutil.rmtree(work)  # 5 to 6 GB of models at these widths: not left for pytest's kept temporary dirs
 
 
 def test_the_cut_down_rehearsal_runs_at_the_real_widths(cut_run):
