@@ -141,6 +141,7 @@ def test_usage_records_each_job_and_the_table_sums_a_torchrun_jobs_processes(tmp
     (tmp_path / "model" / "old.bin").write_bytes(b"\0" * 2**19)
     os.utime(tmp_path / "model" / "old.bin", (time.time() - 3600, time.time() - 3600))  # another job's file
     (tmp_path / "model" / "w.bin").write_bytes(b"\0" * 2**20)
+    os.link(tmp_path / "model" / "w.bin", tmp_path / "model" / "w-link.bin")  # a hard link is no second MiB
     now = time.time()
     for rank, rss in ((0, 100.0), (1, 300.0)):
         record = {"stage": "cpt", "argv": ["cpt", "--options", "{}", "--out", "model"], "cwd": str(tmp_path),

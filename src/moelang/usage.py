@@ -62,12 +62,12 @@ def _size_mib(path: Path, since: float, until: float) -> float:
     """MiB of the files under ``path`` last written between ``since`` and ``until``: what the job
     wrote, also where jobs share an output root (the adaptation's ``--out results/adapt``)."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
-    sizes = []
+    sizes = {}  # by inode: the selection's hard links (adapt's selected/) are no second copy on disk
     for file in files:
         stat = file.stat()
         if since - 1 <= stat.st_mtime <= until + 1:
-            sizes.append(stat.st_size)
-    return sum(sizes) / 2**20
+            sizes[stat.st_dev, stat.st_ino] = stat.st_size
+    return sum(sizes.values()) / 2**20
 
 
 def usage_table(directory: str | Path) -> pa.Table:
