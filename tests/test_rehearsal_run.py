@@ -5,10 +5,11 @@ Qwen1.5-1.8B: hidden 2,048, FFN 5,504, vocabulary 151,936; bf16, sharded safeten
 Snakemake up to the stages whose code depends on those shapes. ``make rehearse`` runs the whole DAG
 at two and four layers; this catches a break at these shapes on every CI run.
 
-What each cut-down run must still do, and is checked here: route 2,048-token stream windows over 64
-experts, choose expert sets over 64 experts and train every adaptation method on them from bf16
-weights (fp32 master weights), upcycle the Qwen1.5-width dense layer into a LayerMoE layer and train
-both stages with the router classifier, and score a model with lm-eval on the Belebele and MultiBLiMP
+What each cut-down run must still do, and is checked here: route a 2,048-token stream window over 64
+experts, choose expert sets over 64 experts and train one method of each training path (an expert
+subset with the router mask, every expert of the layer, the whole model, LoRA) from bf16 weights with
+fp32 master weights, upcycle the Qwen1.5-width dense layer into a LayerMoE layer and train both
+stages with the router classifier, and score a model with lm-eval on the Belebele and MultiBLiMP
 mirrors laid out like the hub datasets.
 """
 
@@ -105,7 +106,7 @@ def test_the_cut_down_rehearsal_runs_at_the_real_widths(cut_run):
         assert aeft["experts_per_layer"] == [64] and aeft["trained"]
         full = next(r for r in runs if r["method"] == "full-ft")
         assert full["trainable_params"] == full["total_params"]
-        # the selected model is exported in the loaded dtype (bf16), its experts as the hub saves them
+        # the selected model is exported in the loaded dtype (bf16), not the fp32 of its master weights
         selected = work / "results" / "adapt" / "ca" / "ssft" / "selected"
         dtypes = set()
         for shard in selected.glob("*.safetensors"):
